@@ -1,0 +1,34 @@
+# Two entry points for a fresh machine (see README):  make demo  |  make test
+# Both create the virtual environment on first use (CPU torch pinned by constraints/ci.txt).
+VENV    ?= .venv
+PYTHON  ?= python3
+CORES   ?= 2
+BIN     := $(abspath $(VENV))/bin
+STAMP   := $(VENV)/.installed
+
+$(STAMP): pyproject.toml constraints/ci.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints/ci.txt -e ".[dev]"
+	touch $(STAMP)
+
+.PHONY: install demo test test-fast lint clean
+install: $(STAMP)
+
+## Run the whole pipeline on the embedded synthetic default (outputs in results/).
+demo: $(STAMP)
+	PATH="$(BIN):$$PATH" snakemake --cores $(CORES) --profile profiles/local
+
+## The full test suite, slow end-to-end tests included (what CI runs).
+test: $(STAMP)
+	PATH="$(BIN):$$PATH" python -m pytest
+
+## Everything but the slow end-to-end tests.
+test-fast: $(STAMP)
+	PATH="$(BIN):$$PATH" python -m pytest -m "not slow"
+
+lint: $(STAMP)
+	PATH="$(BIN):$$PATH" snakemake --lint
+
+clean:
+	rm -rf results .snakemake

@@ -1,0 +1,18 @@
+# unet-pipe: the U-Net of Ronneberger et al. (2015) for whole EM stacks.
+# This file only wires; rules live in workflow/rules/, logic in src/unet_pipe/.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/ingest.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

@@ -1,0 +1,97 @@
+"""Ingest benchmark: throughput vs. tifffile.imread and peak memory at 1x and 4x stack size.
+
+The stacks are made by tiling the ISBI 2012 training volume (../shared/data/isbi2012)
+into large slices and written page by page as BigTIFF, so generating them needs no
+more memory than one slice.  Each measurement runs in a fresh subprocess so that its
+peak RSS (ru_maxrss) is its own.
+
+    python benchmarks/ingest.py            # 2 GB and 8 GB stacks
+    python benchmarks/ingest.py --quick    # 256 MB and 1 GB stacks, under 2 minutes
+
+Last line: a JSON object with throughput_vs_tifffile, peak_rss_mb_1x, peak_rss_mb_4x,
+rss_ratio_4x_vs_1x and the raw timings.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+REPO = Path(__file__).resolve().parents[1]
+ISBI = REPO.parent / "shared" / "data" / "isbi2012" / "train-volume.tif"
+
+INGEST = """
+import resource, sys, time
+from unet_pipe.io import ingest_tiff
+t = time.perf_counter()
+ingest_tiff(sys.argv[1], sys.argv[2], chunks=(1, 512, 512), pyramid_levels=2)
+print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+IMREAD = """
+import resource, sys, time, tifffile
+t = time.perf_counter()
+a = tifffile.imread(sys.argv[1])
+print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def make_stack(path: Path, nz: int, edge: int) -> int:
+    """Write a (nz, edge, edge) uint8 BigTIFF tiled from the ISBI slices; return its size in bytes."""
+    source = tifffile.imread(ISBI) if ISBI.exists() else np.random.default_rng(0).integers(0, 256, (30, 512, 512), np.uint8)
+    reps = -(-edge // source.shape[1])
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        for z in range(nz):
+            plane = np.tile(source[z % len(source)], (reps, reps))[:edge, :edge]
+            tw.write(plane, contiguous=True, photometric="minisblack")
+    return path.stat().st_size
+
+
+def run(code: str, *args: str) -> tuple[float, float]:
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
+    seconds, rss_mb = out.stdout.split()
+    return float(seconds), float(rss_mb)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="256 MB and 1 GB stacks")
+    parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    args = parser.parse_args()
+    edge, nz = (2048, 64) if args.quick else (4096, 128)  # 1x: 256 MB quick, 2 GB full (uint8)
+    work = Path(tempfile.mkdtemp(prefix="ingest-bench-", dir=args.workdir))
+    try:
+        small, large = work / "1x.tif", work / "4x.tif"
+        size_1x = make_stack(small, nz, edge)
+        size_4x = make_stack(large, 4 * nz, edge)
+        t_read, rss_read = run(IMREAD, str(small))
+        t_ingest, rss_1x = run(INGEST, str(small), str(work / "1x.ome.zarr"))
+        t_ingest_4x, rss_4x = run(INGEST, str(large), str(work / "4x.ome.zarr"))
+        result = {
+            "stack_mb_1x": round(size_1x / 2**20),
+            "stack_mb_4x": round(size_4x / 2**20),
+            "tifffile_imread_s": round(t_read, 3),
+            "ingest_s_1x": round(t_ingest, 3),
+            "ingest_s_4x": round(t_ingest_4x, 3),
+            "ingest_mb_per_s": round(size_1x / 2**20 / t_ingest, 1),
+            "throughput_vs_tifffile": round(t_read / t_ingest, 3),
+            "tifffile_imread_peak_rss_mb": round(rss_read),
+            "peak_rss_mb_1x": round(rss_1x),
+            "peak_rss_mb_4x": round(rss_4x),
+            "rss_ratio_4x_vs_1x": round(rss_4x / rss_1x, 3),
+            "note": "ingest includes zstd compression and a 2-level pyramid; imread only decodes to memory",
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,608 @@
+"""Command-line interface: thin argparse wrappers around the library.
+
+Each stage is one subcommand (``unet-pipe STAGE --help``).  A user mistake
+(bad file, bad config, foreign checkpoint) is printed as one line
+``unet-pipe: error: <file>: <problem>`` with exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from unet_pipe import __version__
+from unet_pipe.errors import UnetPipeError
+
+log = logging.getLogger("unet_pipe")
+
+
+def _chunks(text: str) -> tuple[int, int, int]:
+    try:
+        parts = tuple(int(p) for p in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"chunks must be Z,Y,X integers, got {text!r}") from None
+    if len(parts) != 3 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"chunks must be three positive integers Z,Y,X, got {text!r}")
+    return parts  # type: ignore[return-value]
+
+
+def _compression(text: str) -> dict:
+    cname, _, level = text.partition(":")
+    if cname not in ("zstd", "lz4", "lz4hc", "zlib", "blosclz") or not level.isdigit() or not 0 <= int(level) <= 9:
+        raise argparse.ArgumentTypeError(f"compression must be CODEC:LEVEL (codec zstd|lz4|lz4hc|zlib|blosclz, level 0-9), got {text!r}")
+    return {"cname": cname, "clevel": int(level)}
+
+
+def _load_config(path: str | None) -> dict | None:
+    if path is None:
+        return None
+    from unet_pipe.config import load_config
+
+    return load_config(path, check_inputs=False)
+
+
+# ------------------------------------------------------------------------ synth
+
+
+def _add_synth(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "synth",
+        help="generate a synthetic EM-like stack with known labels",
+        description="Write raw.tif, labels.tif (0 = membrane, 255 = cell) and instances.tif to OUT_DIR.",
+    )
+    p.add_argument("out_dir", metavar="OUT_DIR", type=Path)
+    p.add_argument("--shape", nargs=3, type=int, metavar=("Z", "Y", "X"), default=[12, 256, 256])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--voxel-size", nargs=3, type=float, metavar=("Z", "Y", "X"), default=[0.05, 0.004, 0.004],
+        help="voxel size in micrometres written to the TIFF metadata (default: ISBI-like 0.05 0.004 0.004)",
+    )
+    p.set_defaults(func=_cmd_synth)
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from unet_pipe.synth import write_synthetic
+
+    if min(args.shape) < 1 or min(args.shape[1:]) < 8:
+        raise UnetPipeError(None, f"--shape must be at least 1 8 8, got {' '.join(map(str, args.shape))}")
+    paths = write_synthetic(args.out_dir, args.shape, args.seed, args.voxel_size)
+    log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+# ----------------------------------------------------------------------- ingest
+
+
+def _add_ingest(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "ingest",
+        help="stream a TIFF stack into OME-Zarr",
+        description=(
+            "Convert SRC (multi-page TIFF, BigTIFF, OME-TIFF or a folder of single-slice TIFFs) into an "
+            "NGFF 0.4 OME-Zarr image DEST, slice by slice, with a 2x pyramid. Values and dtype are kept."
+        ),
+    )
+    p.add_argument("src", metavar="SRC", type=Path)
+    p.add_argument("dest", metavar="DEST.ome.zarr", type=Path)
+    p.add_argument("--chunks", type=_chunks, default=None, help="Z,Y,X chunk shape (default: config or 1,512,512)")
+    p.add_argument("--labels", action="store_true", help="the stack holds labels (integer dtype, nearest pyramid)")
+    p.add_argument("--like", type=Path, metavar="RAW.ome.zarr", help="check that SRC has the shape of this image")
+    p.add_argument("--voxel-size", nargs=3, type=float, metavar=("Z", "Y", "X"), help="micrometres")
+    p.add_argument("--pyramid-levels", type=int, default=None, help="2x (y, x) downsampled levels (default 2)")
+    p.add_argument("--compression", type=_compression, default=None, metavar="CODEC:LEVEL",
+                   help="blosc codec and level, e.g. zstd:5 (default)")
+    p.add_argument("--config", help="take chunks, compression and pyramid levels from this config")
+    p.add_argument("--overwrite", action="store_true", help="replace DEST once the new store is complete")
+    p.set_defaults(func=_cmd_ingest)
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from unet_pipe.io import DEFAULT_CHUNKS, describe, ingest_tiff
+    from unet_pipe.provenance import provenance
+
+    config = _load_config(args.config)
+    section = config["ingest"] if config else {}
+    chunks = args.chunks or tuple(section.get("chunks", DEFAULT_CHUNKS))
+    levels = args.pyramid_levels if args.pyramid_levels is not None else section.get("pyramid_levels", 2)
+    params = {"chunks": list(chunks), "pyramid_levels": levels, "labels": args.labels, "voxel_size": args.voxel_size}
+    ingest_tiff(
+        args.src,
+        args.dest,
+        chunks=chunks,
+        voxel_size=args.voxel_size,
+        pyramid_levels=levels,
+        compression=args.compression or section.get("compression"),
+        kind="labels" if args.labels else "image",
+        like=args.like,
+        overwrite=args.overwrite,
+        provenance=provenance({"source": args.src}, params),
+        progress=_progress_enabled(args),
+    )
+    log.info("wrote %s", describe(args.dest))
+    return 0
+
+
+# ---------------------------------------------------------------------- config
+
+
+def _add_check_config(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check-config", help="validate a config file against the schema")
+    p.add_argument("config", metavar="CONFIG.yaml")
+    p.add_argument("--no-inputs", action="store_true", help="do not check that input TIFF paths exist")
+    p.set_defaults(func=_cmd_check_config)
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    from unet_pipe.config import load_config
+
+    load_config(args.config, check_inputs=not args.no_inputs)
+    log.info("%s: valid", args.config)
+    return 0
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="print shape, dtype, chunks and voxel size of an OME-Zarr image")
+    p.add_argument("path", metavar="IMAGE.ome.zarr", type=Path)
+    p.set_defaults(func=_cmd_info)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from unet_pipe.io import describe
+
+    print(describe(args.path))
+    return 0
+
+
+# ---------------------------------------------------------------- weights
+
+
+def _add_weights(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "weights",
+        help="the paper's loss-weight map w = w_c + w0 exp(-(d1+d2)^2 / 2 sigma^2)",
+        description=(
+            "Write the float32 weight map of LABELS to DEST (OME-Zarr, same chunks and voxel size): "
+            "class balancing w_c = N / (2 N_class) over the whole volume plus the border term of "
+            "Ronneberger et al. (2015, eq. 2) on background pixels, d1/d2 the distances (x pixels) to "
+            "the nearest and second-nearest cell. Computed block by block with a halo; equal to the "
+            "whole-slice result. Settings: flags, else --config's weights section, else the defaults. "
+            "With --preview, also draw one slice like the paper's figure 3 (DEST may then be omitted)."
+        ),
+    )
+    p.add_argument("labels", metavar="LABELS.ome.zarr", type=Path)
+    p.add_argument("dest", metavar="DEST.ome.zarr", type=Path, nargs="?")
+    p.add_argument("--w0", type=float, help="amplitude of the border term (default 10)")
+    p.add_argument("--sigma", type=float, help="width of the border term in pixels (default 5)")
+    p.add_argument(
+        "--tolerance", type=float, help="border term set to 0 below TOLERANCE * w0 (default 1e-6); the error bound"
+    )
+    p.add_argument(
+        "--label-mode", choices=("binary", "instances"),
+        help="binary (default): 0 = membrane, FOREGROUND_VALUE = cell; instances: ids, 0 = background",
+    )
+    p.add_argument("--foreground-value", type=int, help="cell value of binary labels (default 255)")
+    p.add_argument("--mode", choices=("2d", "3d"), help="2d (default): per slice; 3d: volumetric, voxel size")
+    p.add_argument("--config", help="take the settings not given as flags from this config's weights section")
+    p.add_argument("--threads", type=int, default=1, help="Dask threads (default 1)")
+    p.add_argument("--pyramid-levels", type=int, help="default: as many as LABELS")
+    p.add_argument("--preview", type=Path, metavar="PNG", help="draw raw, labels and weights of one slice")
+    p.add_argument("--raw", type=Path, metavar="RAW.ome.zarr", help="raw image shown in the preview")
+    p.add_argument("--slice", type=int, metavar="Z", help="slice of the preview (default: the middle one)")
+    p.add_argument("--overwrite", action="store_true", help="replace DEST once the new store is complete")
+    p.add_argument("--no-resume", action="store_true", help="start over instead of resuming DEST.partial")
+    p.set_defaults(func=_cmd_weights)
+
+
+def _cmd_weights(args: argparse.Namespace) -> int:
+    from unet_pipe.weights import WeightParams, compute_weight_store, write_preview
+
+    if args.dest is None and args.preview is None:
+        raise UnetPipeError(None, "give DEST.ome.zarr, --preview PNG, or both")
+    if args.threads < 1 or (args.pyramid_levels is not None and args.pyramid_levels < 0):
+        raise UnetPipeError(None, "--threads must be >= 1 and --pyramid-levels >= 0")
+    config = _load_config(args.config)
+    params = WeightParams.from_config(
+        config["weights"] if config else None,
+        w0=args.w0,
+        sigma=args.sigma,
+        tolerance=args.tolerance,
+        label_mode=args.label_mode,
+        foreground_value=args.foreground_value,
+        mode=args.mode,
+    )
+    if args.dest is not None:
+        summary = compute_weight_store(
+            args.labels,
+            args.dest,
+            params,
+            threads=args.threads,
+            overwrite=args.overwrite,
+            resume=not args.no_resume,
+            pyramid_levels=args.pyramid_levels,
+            progress=_progress_enabled(args),
+        )
+        log.info("wrote %s (class weights background, cell: %s)", args.dest, summary["class_weights"])
+    if args.preview is not None:
+        write_preview(args.labels, args.preview, params, weights_path=args.dest, raw_path=args.raw, z=args.slice)
+        log.info("wrote %s", args.preview)
+    return 0
+
+
+# ------------------------------------------------------------ postprocess
+
+
+def _add_postprocess(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "postprocess",
+        help="instances from cell probabilities (threshold or seeded watershed), per slice",
+        description=(
+            "Segment each z slice of PROB (cell probability, float or uint8 = p*255) into instances: "
+            "'threshold' labels the 4-connected components of p > THRESHOLD; 'watershed' splits them "
+            "further by a watershed on 1 - p, seeded by the distance-transform maxima (prominence >= "
+            "SEED_PROMINENCE px) of the confident region p > SEED_THRESHOLD. "
+            "Writes uint32 ids unique across the stack (0 = membrane) to DEST as an OME-Zarr label "
+            "image with the chunks of PROB. An interrupted run resumes where it stopped."
+        ),
+    )
+    p.add_argument("probabilities", metavar="PROB.ome.zarr", type=Path)
+    p.add_argument("dest", metavar="DEST.ome.zarr", type=Path)
+    p.add_argument("--method", choices=("threshold", "watershed"), default="threshold")
+    p.add_argument("--threshold", type=float, default=0.5, help="cell where p > THRESHOLD (default 0.5)")
+    p.add_argument(
+        "--seed-threshold", type=float, default=0.9, help="watershed: confident cell region p > this (default 0.9)"
+    )
+    p.add_argument(
+        "--seed-prominence", type=float, default=2.0,
+        help="watershed: pixels a distance maximum must rise above its saddle to seed a cell (default 2)",
+    )
+    p.add_argument("--min-size", type=int, default=0, help="segments smaller than this (pixels) become membrane")
+    p.add_argument("--pyramid-levels", type=int, default=2)
+    p.add_argument("--overwrite", action="store_true", help="replace DEST once the new store is complete")
+    p.add_argument("--no-resume", action="store_true", help="start over instead of resuming DEST.partial")
+    p.set_defaults(func=_cmd_postprocess)
+
+
+def _cmd_postprocess(args: argparse.Namespace) -> int:
+    from unet_pipe.postprocess import postprocess
+
+    if not 0.0 <= args.threshold <= args.seed_threshold <= 1.0:
+        raise UnetPipeError(None, "need 0 <= --threshold <= --seed-threshold <= 1")
+    if args.seed_prominence <= 0:
+        raise UnetPipeError(None, "--seed-prominence must be positive")
+    if args.min_size < 0 or args.pyramid_levels < 0:
+        raise UnetPipeError(None, "--min-size and --pyramid-levels must not be negative")
+    postprocess(
+        args.probabilities,
+        args.dest,
+        method=args.method,
+        threshold=args.threshold,
+        seed_threshold=args.seed_threshold,
+        seed_prominence=args.seed_prominence,
+        min_size=args.min_size,
+        pyramid_levels=args.pyramid_levels,
+        overwrite=args.overwrite,
+        resume=not args.no_resume,
+        progress=_progress_enabled(args),
+    )
+    return 0
+
+
+# --------------------------------------------------------------- evaluate
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="score instances (and probabilities) against ground truth",
+        description=(
+            "Per-slice and summary metrics as in ISBI 2012: pixel error (from --probabilities), "
+            "foreground-restricted Rand error (1 - V_rand) and variation of information (from the "
+            "instances), and foreground IoU. Writes OUT (JSON) and OUT with suffix .csv (one row per slice)."
+        ),
+    )
+    p.add_argument("--prediction", required=True, type=Path, metavar="INST.ome.zarr", help="instances (0 = membrane)")
+    p.add_argument("--truth", required=True, type=Path, metavar="LABELS.ome.zarr")
+    p.add_argument("--out", required=True, type=Path, metavar="metrics.json")
+    p.add_argument("--probabilities", type=Path, metavar="PROB.ome.zarr", help="cell probabilities for the pixel error")
+    p.add_argument("--raw", type=Path, metavar="RAW.ome.zarr", help="raw image, recorded for the report's figures")
+    p.add_argument("--dataset", help="name shown in the report (default: the folder holding --prediction)")
+    p.add_argument("--slices", nargs=2, type=int, metavar=("START", "STOP"), help="evaluate z in [START, STOP) only")
+    p.add_argument("--train", nargs=2, type=int, metavar=("START", "STOP"), help="tag [START, STOP) as training slices")
+    p.add_argument("--val", nargs=2, type=int, metavar=("START", "STOP"), help="tag [START, STOP) as held-out slices")
+    p.add_argument("--threshold", type=float, default=0.5, help="cell where p > THRESHOLD for the pixel error")
+    p.add_argument(
+        "--truth-mode", choices=("binary", "instances"), default="binary",
+        help="binary: 0 = membrane, cells = --foreground-value (default nonzero), instances by connected "
+        "components per slice; instances: truth holds ids (0 = membrane)",
+    )
+    p.add_argument("--foreground-value", type=int, default=None, help="cell value of binary truth (default: nonzero)")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from unet_pipe.evaluate import evaluate
+
+    evaluate(
+        args.prediction,
+        args.truth,
+        args.out,
+        probabilities=args.probabilities,
+        raw=args.raw,
+        dataset=args.dataset,
+        slices=args.slices,
+        train_slices=args.train,
+        val_slices=args.val,
+        threshold=args.threshold,
+        truth_mode=args.truth_mode,
+        foreground_value=args.foreground_value,
+        progress=_progress_enabled(args),
+    )
+    log.info("wrote %s and %s", args.out, args.out.with_suffix(".csv"))
+    return 0
+
+
+# ----------------------------------------------------------------- report
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="Markdown report with metric tables, slice figures and training curves",
+        description=(
+            "Write OUT (Markdown) and its PNG figures in OUT_STEM_figures/ from metrics files of "
+            "`unet-pipe evaluate` (figures read the stores recorded in them) and training log CSVs."
+        ),
+    )
+    p.add_argument("--metrics", nargs="+", required=True, type=Path, metavar="metrics.json")
+    p.add_argument("--out", required=True, type=Path, metavar="report.md")
+    p.add_argument("--training-log", nargs="*", default=[], type=Path, metavar="train.csv")
+    p.add_argument("--figures", type=int, default=3, help="slices shown per dataset (default 3; 0 = none)")
+    p.add_argument("--title", default="unet-pipe evaluation")
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from unet_pipe.report import write_report
+
+    write_report(args.out, args.metrics, training_logs=args.training_log, figures=args.figures, title=args.title)
+    log.info("wrote %s", args.out)
+    return 0
+
+
+# ------------------------------------------------------------------ train
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train the U-Net on raw/labels/weights OME-Zarr stores",
+        description=(
+            "Train the U-Net described by CONFIG (model and train sections) on random tiles of the "
+            "datasets in train.datasets. Stores are given per dataset as NAME=PATH; datasets without "
+            "--raw/--labels/--weights are read from RESULTS/NAME/{raw,labels,weights}.ome.zarr. Writes "
+            "periodic checkpoints to OUT.partial and the final one to OUT (atomically); --resume "
+            "continues an interrupted or finished run exactly (bit-identical on the CPU)."
+        ),
+    )
+    p.add_argument("config", metavar="CONFIG.yaml")
+    for key in ("raw", "labels", "weights"):
+        p.add_argument(
+            f"--{key}", action="append", default=[], metavar="NAME=PATH",
+            help=f"{key} OME-Zarr of dataset NAME (repeatable)",
+        )
+    p.add_argument("--results", type=Path, help="folder of the ingested stores (default: the config's results)")
+    p.add_argument("--out", type=Path, required=True, metavar="CKPT", help="checkpoint to write")
+    p.add_argument("--log", type=Path, metavar="CSV", help="per-step metrics (step, loss, lr, validation errors)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT.partial or OUT when present")
+    p.add_argument("--overwrite", action="store_true", help="start over even if OUT exists")
+    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda[:N]")
+    p.add_argument("--until-step", type=int, metavar="N", help="stop after step N (checkpoint to OUT.partial)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores of this process)")
+    p.add_argument("--tensorboard", type=Path, metavar="DIR", help="also log to TensorBoard (needs tensorboard)")
+    p.set_defaults(func=_cmd_train)
+
+
+def _named_paths(values: list[str], option: str) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise UnetPipeError(None, f"{option} expects NAME=PATH, got {value!r}")
+        out[name] = Path(path)
+    return out
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from unet_pipe.train import train
+
+    config = _load_config(args.config)
+    if args.threads is not None and args.threads < 1:
+        raise UnetPipeError(None, "--threads must be >= 1")
+    given = {key: _named_paths(getattr(args, key), f"--{key}") for key in ("raw", "labels", "weights")}
+    results = args.results if args.results is not None else Path(config["results"])
+    stores: dict[str, dict[str, Path]] = {}
+    for name in config["train"]["datasets"]:
+        explicit = any(name in given[key] for key in given)
+        stores[name] = {}
+        for key in ("raw", "labels", "weights"):
+            if name in given[key]:
+                stores[name][key] = given[key][name]
+            elif not explicit:
+                stores[name][key] = results / name / f"{key}.ome.zarr"
+    summary = train(
+        config,
+        stores,
+        args.out,
+        args.log,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        device=args.device,
+        until_step=args.until_step,
+        threads=args.threads,
+        progress=_progress_enabled(args),
+        tensorboard_dir=args.tensorboard,
+    )
+    log.info(
+        "step %d%s: loss %.4f, validation pixel error %.4f, Rand error %.4f (%.0f s); wrote %s",
+        summary["step"], "" if summary["finished"] else " (stopped early)", summary["loss"],
+        summary["val_pixel_error"], summary["val_rand_error"], summary["seconds"], summary["checkpoint"],
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------- predict
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="overlap-tile inference: probabilities OME-Zarr from a checkpoint and a raw stack",
+        description=(
+            "Predict the foreground (cell) probability of RAW with the U-Net in CHECKPOINT into the OME-Zarr DEST "
+            "(same shape, chunks and voxel size), block by block with Dask. Borders are mirrored; the result does "
+            "not depend on tile, block or worker count. An interrupted run resumes from its finished blocks. "
+            "Sharded (e.g. SLURM) runs: --prepare once, then --shard I N per job, then --finalize."
+        ),
+    )
+    p.add_argument("checkpoint", metavar="CHECKPOINT", type=Path)
+    p.add_argument("raw", metavar="RAW.ome.zarr", type=Path)
+    p.add_argument("dest", metavar="DEST.ome.zarr", type=Path)
+    p.add_argument("--tile", nargs="+", type=int, metavar="N",
+                   help="output tile edge(s): EDGE, Y X (2D) or Z Y X (3D), multiples of the pooling factor "
+                        "(default: largest that fits the free memory)")
+    p.add_argument("--block", nargs=3, type=int, metavar=("Z", "Y", "X"),
+                   help="voxels per Dask task, multiples of the output chunks (default: chosen from the tile)")
+    p.add_argument("--batch", type=int, help="tiles per forward pass (default: as many as fit in memory, <= 16)")
+    p.add_argument("--workers", type=int,
+                   help="parallel workers: CPU workers share the cores (torch threads = cores / workers; default 1); "
+                        "with GPUs one per GPU")
+    p.add_argument("--device", default="auto", help="auto (CUDA if visible), cpu or cuda")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average over the 8 rotations/flips (paper, ISBI 2012)")
+    p.add_argument("--dtype", choices=["float32", "float16", "uint8"], default=None,
+                   help="stored dtype (uint8 = round(255 p); default float32)")
+    p.add_argument("--precision", choices=["auto", "float32"], default="auto",
+                   help="auto: mixed precision on GPU, float32 on CPU")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="run the blocks on this dask.distributed scheduler")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--shard", nargs=2, type=int, metavar=("I", "N"),
+                       help="compute the I-th of N z ranges of a prepared run (0-based); does not publish")
+    where.add_argument("--z-range", nargs=2, type=int, metavar=("A", "B"),
+                       help="compute the blocks starting at z in [A, B) of a prepared run; does not publish")
+    where.add_argument("--prepare", action="store_true", help="create the staging store and plan, compute nothing")
+    where.add_argument("--finalize", action="store_true", help="check every block is done and publish DEST")
+    p.add_argument("--expect-arch", metavar="JSON",
+                   help='fail unless the checkpoint architecture has these values, e.g. \'{"depth": 5}\'')
+    p.add_argument("--pyramid-levels", type=int, default=None, help="2x (y, x) downsampled levels (default 2)")
+    p.add_argument("--config", help="take tile, tta, dtype and the expected architecture from this config")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DEST once the new one is complete")
+    p.set_defaults(func=_cmd_predict)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from unet_pipe.predict import finalize, predict
+
+    config = _load_config(args.config)
+    section = config["predict"] if config else {}
+    expected = dict(config["model"]) if config else None
+    if args.expect_arch:
+        try:
+            expected = {**(expected or {}), **json.loads(args.expect_arch)}
+        except (json.JSONDecodeError, TypeError):
+            raise UnetPipeError(None, f"--expect-arch must be a JSON object, got {args.expect_arch!r}") from None
+    tile = args.tile if args.tile is not None else section.get("tile")
+    options = dict(
+        tile=tile,
+        block=args.block,
+        batch=args.batch,
+        device=args.device,
+        tta=args.tta if args.tta is not None else section.get("tta", False),
+        dtype=args.dtype or section.get("dtype", "float32"),
+        precision=args.precision,
+        pyramid_levels=args.pyramid_levels if args.pyramid_levels is not None
+        else (config["ingest"]["pyramid_levels"] if config else 2),
+        expected_arch=expected,
+    )
+    if args.finalize:
+        finalize(args.checkpoint, args.raw, args.dest, **options)
+        log.info("wrote %s", args.dest)
+        return 0
+    result = predict(
+        args.checkpoint,
+        args.raw,
+        args.dest,
+        workers=args.workers,
+        scheduler=args.scheduler,
+        shard=tuple(args.shard) if args.shard else None,
+        z_range=args.z_range,
+        prepare_only=args.prepare,
+        overwrite=args.overwrite,
+        progress=_progress_enabled(args),
+        **options,
+    )
+    plan = result.plan
+    log.info(
+        "%s: %d of %d blocks computed in %.1f s (%.2f Mvox/s); tile %s, block %s, batch %d%s",
+        args.dest, result.computed, result.total, result.seconds, result.voxels_per_s / 1e6,
+        list(plan.tile), list(plan.block), plan.batch, ", published" if result.committed else "",
+    )  # fmt: skip
+    return 0
+
+
+# ---------------------------------------------------------------------- driver
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_synth,
+    _add_ingest,
+    _add_check_config,
+    _add_info,
+    _add_weights,
+    _add_train,
+    _add_postprocess,
+    _add_evaluate,
+    _add_report,
+    _add_predict,
+]
+
+
+def _progress_enabled(args: argparse.Namespace) -> bool:
+    return not args.quiet and sys.stderr.isatty()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unet-pipe", description="U-Net segmentation of EM stacks (Ronneberger et al. 2015), stage by stage."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only errors; no progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if verbose < 2:  # third-party chatter only at -vv
+        for name in ("distributed", "numcodecs", "matplotlib", "PIL", "asyncio"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    try:
+        return int(args.func(args) or 0)
+    except UnetPipeError as exc:
+        print(f"unet-pipe: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("unet-pipe: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,293 @@
+"""Evaluation of a segmentation against ground truth: per-slice and summary metrics.
+
+Inputs are OME-Zarr images ``(z, y, x)`` of the same shape:
+
+* instances from :mod:`unet_pipe.postprocess` (uint32, 0 = membrane),
+* optionally the cell probabilities they came from (for the pixel error),
+* the truth labels, either binary in the ISBI convention (0 = membrane,
+  ``foreground_value`` or nonzero = cell; truth instances are the 4-connected
+  cell components per slice) or instance ids (0 = membrane).
+
+Every slice is scored in 2D (:mod:`unet_pipe.metrics`); summaries are the mean
+over slices (the ISBI 2012 convention for stacks), except IoU, which pools the
+pixels of all slices.  Slices can be tagged ``train``/``val`` (the ranges
+training used) so that held-out performance is reported separately: metrics
+on training slices flatter the model.
+
+Outputs: ``metrics.json`` (summary per subset, per-slice rows, definitions,
+inputs, provenance) and, next to it, ``metrics.csv`` with one row per slice.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Literal, Sequence
+
+import numpy as np
+
+from unet_pipe.errors import InputError
+from unet_pipe.io import image_metadata, open_image
+from unet_pipe.metrics import (
+    binarize,
+    instances_from_binary,
+    pixel_error,
+    rand_scores,
+    variation_of_information,
+)
+from unet_pipe.postprocess import as_probability, open_probabilities
+from unet_pipe.provenance import provenance
+
+log = logging.getLogger(__name__)
+
+TruthMode = Literal["binary", "instances"]
+SUMMARY_KEYS: tuple[str, ...] = (
+    "pixel_error",
+    "rand_error",
+    "v_rand_split",
+    "v_rand_merge",
+    "vi_split",
+    "vi_merge",
+    "vi",
+    "iou",
+)
+CSV_FIELDS: tuple[str, ...] = (
+    "z",
+    "subset",
+    "pixel_error",
+    "rand_error",
+    "v_rand_split",
+    "v_rand_merge",
+    "vi_split",
+    "vi_merge",
+    "vi",
+    "iou",
+    "truth_segments",
+    "predicted_segments",
+)
+DEFINITIONS: dict[str, str] = {
+    "pixel_error": "fraction of pixels whose class (cell: p > threshold) differs from the truth",
+    "rand_error": "1 - V_rand, foreground-restricted (ISBI 2012; predicted background = singletons), 2D per slice",
+    "v_rand_split": "sum p_ij^2 / sum t_i^2 (1 = no split of true segments)",
+    "v_rand_merge": "sum p_ij^2 / sum s_j^2 (1 = no merge of true segments)",
+    "vi_split": "H(prediction | truth) in bits on the truth foreground (over-segmentation)",
+    "vi_merge": "H(truth | prediction) in bits on the truth foreground (under-segmentation)",
+    "vi": "vi_split + vi_merge",
+    "iou": "intersection over union of cell foreground (instances > 0 vs truth cells), pooled over slices",
+    "summary": "mean over slices (slices without truth foreground excluded from Rand/VI); iou pooled",
+}
+
+
+def _slice_range(spec: Sequence[int] | None, nz: int, what: str, path: Path) -> range | None:
+    if spec is None:
+        return None
+    start, stop = (int(s) for s in spec)
+    if not 0 <= start < stop <= nz:
+        raise InputError(path, f"{what} slice range [{start}, {stop}) outside the stack of {nz} slices")
+    return range(start, stop)
+
+
+def score_slice(
+    instances: np.ndarray,
+    truth_instances: np.ndarray,
+    truth_cells: np.ndarray,
+    prob: np.ndarray | None = None,
+    threshold: float = 0.5,
+) -> dict[str, Any]:
+    """All metrics of one 2D slice (NaN where undefined), plus IoU counts for pooling."""
+    pred_cells = instances != 0
+    row: dict[str, Any] = {
+        "pixel_error": pixel_error(prob, truth_cells, threshold) if prob is not None else math.nan,
+        "truth_segments": int(np.unique(truth_instances[truth_instances != 0]).size),
+        "predicted_segments": int(np.unique(instances[instances != 0]).size),
+        "_intersection": int(np.count_nonzero(pred_cells & truth_cells)),
+        "_union": int(np.count_nonzero(pred_cells | truth_cells)),
+    }
+    row["iou"] = row["_intersection"] / row["_union"] if row["_union"] else 1.0
+    if np.any(truth_instances):
+        rs = rand_scores(instances, truth_instances)
+        split, merge = variation_of_information(instances, truth_instances)
+        row.update(
+            rand_error=rs.error, v_rand_split=rs.v_split, v_rand_merge=rs.v_merge,
+            vi_split=split, vi_merge=merge, vi=split + merge,
+        )
+    else:
+        row.update({k: math.nan for k in ("rand_error", "v_rand_split", "v_rand_merge", "vi_split", "vi_merge", "vi")})
+    return row
+
+
+def summarize(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Summary of per-slice rows: NaN-aware means, IoU pooled over pixels."""
+    rows = list(rows)
+    out: dict[str, Any] = {"slices": len(rows)}
+    for key in SUMMARY_KEYS:
+        if key == "iou":
+            union = sum(r["_union"] for r in rows)
+            out[key] = sum(r["_intersection"] for r in rows) / union if union else (1.0 if rows else math.nan)
+            continue
+        values = np.array([r[key] for r in rows], dtype=np.float64)
+        values = values[np.isfinite(values)]
+        out[key] = float(values.mean()) if values.size else math.nan
+    return out
+
+
+def evaluate(
+    instances: str | Path,
+    truth: str | Path,
+    out_json: str | Path,
+    *,
+    probabilities: str | Path | None = None,
+    raw: str | Path | None = None,
+    dataset: str | None = None,
+    slices: Sequence[int] | None = None,
+    train_slices: Sequence[int] | None = None,
+    val_slices: Sequence[int] | None = None,
+    threshold: float = 0.5,
+    truth_mode: TruthMode = "binary",
+    foreground_value: int | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Score ``instances`` (and ``probabilities``) against ``truth``; write JSON and CSV.
+
+    ``slices``: half-open ``[start, stop)`` z range to evaluate (default all);
+    ``train_slices``/``val_slices``: ranges tagged ``train``/``val`` in the
+    per-slice rows and summarised separately (other slices are ``other``).
+    ``raw`` is only recorded, for the report's figures.  Returns the JSON dict;
+    the CSV goes to ``out_json`` with suffix ``.csv``.
+    """
+    instances, truth, out_json = Path(instances), Path(truth), Path(out_json)
+    if truth_mode not in ("binary", "instances"):
+        raise ValueError(f"truth_mode must be 'binary' or 'instances', got {truth_mode!r}")
+    pred_meta = image_metadata(instances)
+    truth_meta = image_metadata(truth)
+    if truth_meta.shape != pred_meta.shape:
+        raise InputError(truth, f"shape {truth_meta.shape} differs from {pred_meta.shape} of {instances}")
+    if truth_meta.dtype.kind not in "uib":
+        raise InputError(truth, f"truth labels must be integers, found dtype {truth_meta.dtype}")
+    pred_arr = open_image(instances)
+    truth_arr = open_image(truth)
+    prob_arr, scale = None, 1.0
+    if probabilities is not None:
+        probabilities = Path(probabilities)
+        prob_arr, scale = open_probabilities(probabilities)
+        if tuple(prob_arr.shape) != pred_meta.shape:
+            raise InputError(probabilities, f"shape {tuple(prob_arr.shape)} differs from {pred_meta.shape} of {instances}")
+    nz = pred_meta.shape[0]
+    zs = _slice_range(slices, nz, "evaluated", instances) or range(nz)
+    train = _slice_range(train_slices, nz, "train", instances) or range(0)
+    val = _slice_range(val_slices, nz, "val", instances) or range(0)
+
+    rows: list[dict[str, Any]] = []
+    z_iter: Iterable[int] = zs
+    if progress:
+        from tqdm import tqdm
+
+        z_iter = tqdm(zs, unit="slice", desc=f"evaluate {instances.name}")
+    for z in z_iter:
+        t = np.asarray(truth_arr[z])
+        if truth_mode == "binary":
+            cells = t == foreground_value if foreground_value is not None else binarize(t)
+            truth_inst = instances_from_binary(cells)
+        else:
+            cells = t != 0
+            truth_inst = t
+        prob = as_probability(prob_arr[z], scale) if prob_arr is not None else None
+        row = score_slice(np.asarray(pred_arr[z]), truth_inst, cells, prob, threshold)
+        subset = "val" if z in val else "train" if z in train else "other"
+        rows.append({"z": z, "subset": subset, **row})
+
+    summary = {"all": summarize(rows)}
+    for subset in ("train", "val", "other"):
+        chosen = [r for r in rows if r["subset"] == subset]
+        if chosen and len(chosen) < len(rows):
+            summary[subset] = summarize(chosen)
+    inputs = {"instances": instances, "truth": truth}
+    if probabilities is not None:
+        inputs["probabilities"] = probabilities
+    params = {
+        "slices": [zs.start, zs.stop],
+        "train_slices": list(train_slices) if train_slices else None,
+        "val_slices": list(val_slices) if val_slices else None,
+        "threshold": threshold,
+        "truth_mode": truth_mode,
+        "foreground_value": foreground_value,
+    }
+    result = {
+        "dataset": dataset or _dataset_name(instances),
+        "summary": summary,
+        "definitions": DEFINITIONS,
+        "inputs": {**{k: str(v) for k, v in inputs.items()}, "raw": None if raw is None else str(raw)},
+        "params": params,
+        "per_slice": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
+        "provenance": provenance(inputs, params),
+    }
+    write_json_atomic(out_json, result)
+    write_csv_atomic(out_json.with_suffix(".csv"), result["per_slice"], CSV_FIELDS)
+    main = summary.get("val", summary["all"])
+    log.info(
+        "%s: Rand error %.4f, pixel error %.4f, VI %.3f, IoU %.3f (%s)",
+        result["dataset"], main["rand_error"], main["pixel_error"], main["vi"], main["iou"],
+        "val slices" if "val" in summary else "all slices",
+    )
+    return result
+
+
+def _dataset_name(instances: Path) -> str:
+    """``results/<dataset>/instances.ome.zarr`` -> ``<dataset>``."""
+    parent = instances.resolve().parent.name
+    return parent or instances.name
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf -> None: strict JSON has no NaN (and readers like jq reject it)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return _json_safe(value.item())
+    return value
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_csv_atomic(path: str | Path, rows: Sequence[dict[str, Any]], fields: Sequence[str]) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(fields), extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _csv_value(row.get(k)) for k in fields})
+    os.replace(tmp, path)
+
+
+def _csv_value(value: Any) -> Any:
+    if isinstance(value, float):
+        return "" if not math.isfinite(value) else f"{value:.6g}"
+    return "" if value is None else value
+
+
+def read_metrics(path: str | Path) -> dict[str, Any]:
+    """Load a metrics.json written by :func:`evaluate` (InputError if it is not one)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(path, "not found") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(path, f"not readable JSON ({exc})") from None
+    if not isinstance(data, dict) or "summary" not in data or "per_slice" not in data:
+        raise InputError(path, "not a metrics file written by `unet-pipe evaluate`")
+    return data

@@ -1,0 +1,614 @@
+"""TIFF and OME-Zarr input/output.
+
+Conventions
+-----------
+* Arrays are (z, y, x); voxel sizes are (z, y, x) in micrometres.
+* Every store the pipeline writes is an NGFF 0.4 ``multiscales`` image group in
+  zarr format 2 (the most widely readable OME-Zarr flavour: napari, Fiji/MoBIE,
+  neuroglancer): dataset ``"0"`` is full resolution, ``"1"``, ``"2"``, ... are
+  2x-downsampled in y and x (z is kept: EM stacks are anisotropic).
+* Outputs are written into ``DEST.partial`` and renamed to ``DEST`` only once
+  complete, so an interrupted job never leaves a store that looks finished.
+  Block-wise writers record finished blocks in the staging folder, which makes
+  them resumable.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numcodecs
+import numpy as np
+import tifffile
+import zarr
+from natsort import natsorted
+
+from unet_pipe.errors import InputError, OutputError
+
+log = logging.getLogger(__name__)
+
+NGFF_VERSION = "0.4"
+DEFAULT_CHUNKS: tuple[int, int, int] = (1, 512, 512)
+DEFAULT_COMPRESSION: dict[str, Any] = {"cname": "zstd", "clevel": 3}
+TIFF_SUFFIXES = (".tif", ".tiff")
+ATTRS_KEY = "unet_pipe"
+_DONE_DIR = ".unet_pipe_done"
+_STAGING_SUFFIX = ".partial"
+
+
+# --------------------------------------------------------------------------- TIFF
+
+
+@dataclass(frozen=True)
+class TiffSource:
+    """A TIFF stack opened lazily: a multi-page file or a folder of slices."""
+
+    path: Path
+    shape: tuple[int, int, int]
+    dtype: np.dtype
+    files: tuple[Path, ...]  # one file (multi-page) or one per slice
+    voxel_size: tuple[float, float, float] | None = None
+
+    @property
+    def is_folder(self) -> bool:
+        return self.path.is_dir()
+
+    def iter_slices(self) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(z, slice)`` one 2D slice at a time (never the whole stack)."""
+        if self.is_folder:
+            for z, file in enumerate(self.files):
+                with _open_tiff(file) as tif:
+                    page = _read_page(tif, 0, file)
+                _check_slice(page, file, self.shape[1:], self.dtype, what="slice")
+                yield z, page
+            return
+        file = self.files[0]
+        with _open_tiff(file) as tif:
+            series = tif.series[0]
+            for z in range(self.shape[0]):
+                page = _read_series_page(series, z, file)
+                _check_slice(page, file, self.shape[1:], self.dtype, what=f"page {z}")
+                yield z, page
+
+
+def _open_tiff(file: Path) -> tifffile.TiffFile:
+    try:
+        return tifffile.TiffFile(file)
+    except FileNotFoundError:
+        raise InputError(file, "file not found") from None
+    except IsADirectoryError:
+        raise InputError(file, "is a folder, expected a TIFF file") from None
+    except Exception as exc:  # tifffile raises many types for corrupt headers
+        raise InputError(file, f"not a readable TIFF ({type(exc).__name__}: {exc})") from None
+
+
+def _read_page(tif: tifffile.TiffFile, index: int, file: Path) -> np.ndarray:
+    try:
+        data = tif.pages[index].asarray()
+    except Exception as exc:
+        raise InputError(file, f"page {index} is corrupt or truncated ({type(exc).__name__}: {exc})") from None
+    return np.squeeze(data) if data.ndim > 2 else data
+
+
+def _read_series_page(series: Any, z: int, file: Path) -> np.ndarray:
+    try:
+        if series.ndim == 2:
+            return series.asarray()
+        pages = series.pages
+        if len(pages) == series.shape[0]:
+            page = pages[z]
+            data = page.asarray()
+        else:  # pages hold more than one slice (rare: e.g. volumetric tiles); read via zarr view
+            data = np.asarray(zarr.open_array(series.aszarr(), mode="r")[z])
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(file, f"page {z} is corrupt or truncated ({type(exc).__name__}: {exc})") from None
+    return np.squeeze(data) if data.ndim > 2 else data
+
+
+def _check_slice(data: np.ndarray, file: Path, shape: Sequence[int], dtype: np.dtype, what: str) -> None:
+    if data.shape != tuple(shape):
+        raise InputError(file, f"{what} has shape {data.shape}, expected {tuple(shape)} like the first slice")
+    if data.dtype != dtype:
+        raise InputError(file, f"{what} has dtype {data.dtype}, expected {dtype} like the first slice")
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        raise InputError(file, f"{what} contains NaN or infinite values")
+
+
+def _series_geometry(tif: tifffile.TiffFile, file: Path) -> tuple[tuple[int, int, int], np.dtype]:
+    if not tif.series:
+        raise InputError(file, "not a readable TIFF (no image series found)")
+    series = tif.series[0]
+    shape = tuple(int(s) for s in series.shape)
+    axes = series.axes
+    # Drop singleton non-spatial axes (e.g. OME-TIFF 'TCZYX' with T=C=1).
+    kept = [(a, s) for a, s in zip(axes, shape) if not (s == 1 and a not in "YX")]
+    if any(a == "S" for a, _ in kept):
+        raise InputError(file, f"colour/sample axis in TIFF (axes {axes}, shape {shape}); convert to grayscale first")
+    sizes = [s for _, s in kept]
+    if len(sizes) == 2:
+        sizes = [1, *sizes]
+    if len(sizes) != 3:
+        raise InputError(file, f"expected a 2D or 3D grayscale stack, got axes {axes} with shape {shape}")
+    dtype = np.dtype(series.dtype)
+    if dtype.kind not in "uif" and dtype != np.bool_:
+        raise InputError(file, f"unsupported dtype {dtype}")
+    return (sizes[0], sizes[1], sizes[2]), dtype
+
+
+def _tiff_voxel_size(tif: tifffile.TiffFile) -> tuple[float, float, float] | None:
+    """Voxel size (z, y, x) in micrometres from OME or ImageJ metadata, if present."""
+    try:
+        if tif.is_ome and tif.ome_metadata:
+            import xml.etree.ElementTree as ET
+
+            root = ET.fromstring(tif.ome_metadata)
+            pixels = next(el for el in root.iter() if el.tag.endswith("Pixels"))
+            factor = {"nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3}
+            sizes = []
+            for ax in ("Z", "Y", "X"):
+                value = pixels.get(f"PhysicalSize{ax}")
+                unit = pixels.get(f"PhysicalSize{ax}Unit", "µm")
+                if value is None or unit not in factor:
+                    return None
+                sizes.append(float(value) * factor[unit])
+            return (sizes[0], sizes[1], sizes[2])
+        if tif.is_imagej and tif.imagej_metadata:
+            meta = tif.imagej_metadata
+            unit = str(meta.get("unit", "")).replace("\\u00B5", "µ")
+            factor = {"nm": 1e-3, "micron": 1.0, "µm": 1.0, "um": 1.0}.get(unit)
+            page = tif.pages[0]
+            xres = page.tags.get("XResolution")
+            yres = page.tags.get("YResolution")
+            if factor is None or xres is None or yres is None or "spacing" not in meta:
+                return None
+            x = xres.value[1] / xres.value[0] * factor
+            y = yres.value[1] / yres.value[0] * factor
+            return (float(meta["spacing"]) * factor, float(y), float(x))
+    except Exception:  # metadata is optional: a malformed block must not stop ingestion
+        log.warning("ignoring unreadable physical-size metadata in %s", tif.filename)
+    return None
+
+
+def open_tiff_stack(path: str | Path) -> TiffSource:
+    """Open a TIFF stack lazily and check its geometry.
+
+    ``path`` is a multi-page TIFF (classic, BigTIFF or OME-TIFF) or a folder of
+    single-slice TIFFs (sorted naturally: ``2.tif`` before ``10.tif``).
+    Raises :class:`InputError` naming the file and the problem.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "not found")
+    if path.is_dir():
+        files = natsorted(
+            (p for p in path.iterdir() if p.is_file() and p.suffix.lower() in TIFF_SUFFIXES), key=lambda p: p.name
+        )
+        if not files:
+            raise InputError(path, "folder holds no .tif/.tiff slices")
+        with _open_tiff(files[0]) as tif:
+            (nz, ny, nx), dtype = _series_geometry(tif, files[0])
+            voxel_size = _tiff_voxel_size(tif)
+        if nz != 1:
+            raise InputError(files[0], f"expected one 2D slice per file in a folder, found {nz} slices")
+        for file in files[1:]:  # headers only: cheap, and fails before any output is written
+            with _open_tiff(file) as tif:
+                (fz, fy, fx), fdtype = _series_geometry(tif, file)
+            if (fz, fy, fx) != (1, ny, nx):
+                raise InputError(file, f"slice shape {(fy, fx)} differs from {(ny, nx)} of {files[0].name}")
+            if fdtype != dtype:
+                raise InputError(file, f"slice dtype {fdtype} differs from {dtype} of {files[0].name}")
+        return TiffSource(path, (len(files), ny, nx), dtype, tuple(files), voxel_size)
+    with _open_tiff(path) as tif:
+        shape, dtype = _series_geometry(tif, path)
+        voxel_size = _tiff_voxel_size(tif)
+    return TiffSource(path, shape, dtype, (path,), voxel_size)
+
+
+# ----------------------------------------------------------------------- OME-Zarr
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    """What the pipeline needs to know about an OME-Zarr image."""
+
+    path: Path
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunks: tuple[int, ...]
+    voxel_size: tuple[float, float, float]
+    levels: int
+    attrs: dict = field(default_factory=dict)
+
+
+def _compressor(compression: dict[str, Any] | None) -> numcodecs.Blosc:
+    c = {**DEFAULT_COMPRESSION, **(compression or {})}
+    # Byte shuffle: measured 2x faster than bitshuffle on EM data at the same ratio.
+    return numcodecs.Blosc(cname=c["cname"], clevel=int(c["clevel"]), shuffle=numcodecs.Blosc.SHUFFLE)
+
+
+def multiscales_metadata(
+    name: str, voxel_size: Sequence[float], levels: int, kind: str = "image"
+) -> dict[str, Any]:
+    """NGFF 0.4 ``multiscales`` block: level 0 first, each further level 2x coarser in y, x."""
+    vz, vy, vx = (float(v) for v in voxel_size)
+    datasets = [
+        {
+            "path": str(level),
+            "coordinateTransformations": [{"type": "scale", "scale": [vz, vy * 2**level, vx * 2**level]}],
+        }
+        for level in range(levels + 1)
+    ]
+    return {
+        "version": NGFF_VERSION,
+        "name": name,
+        "axes": [{"name": ax, "type": "space", "unit": "micrometer"} for ax in "zyx"],
+        "datasets": datasets,
+        "type": "mean" if kind == "image" else "nearest",
+    }
+
+
+def _staging_path(dest: Path) -> Path:
+    return dest.with_name(dest.name + _STAGING_SUFFIX)
+
+
+class StagedImage:
+    """An OME-Zarr image written in a staging folder and published atomically.
+
+    ``array`` is the writable full-resolution level.  Writers that work block by
+    block call :meth:`mark_done` after each block so that a restarted job
+    (``resume=True`` and the same ``fingerprint``) skips finished blocks.
+    :meth:`commit` builds the pyramid, writes NGFF metadata and provenance and
+    renames the staging folder to ``dest``.
+    """
+
+    def __init__(
+        self,
+        dest: str | Path,
+        *,
+        shape: Sequence[int],
+        dtype: Any,
+        chunks: Sequence[int] = DEFAULT_CHUNKS,
+        voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
+        kind: str = "image",
+        resume: bool = False,
+        fingerprint: str | None = None,
+        overwrite: bool = False,
+        compression: dict[str, Any] | None = None,
+        fill_value: Any = 0,
+    ) -> None:
+        if kind not in ("image", "labels"):
+            raise ValueError(f"kind must be 'image' or 'labels', got {kind!r}")
+        self.dest = Path(dest)
+        self.staging = _staging_path(self.dest)
+        self.kind = kind
+        self.voxel_size = tuple(float(v) for v in voxel_size)
+        self.shape = tuple(int(s) for s in shape)
+        self.chunks = tuple(min(int(c), max(int(s), 1)) for c, s in zip(chunks, self.shape))
+        self.dtype = np.dtype(dtype)
+        self.fingerprint = fingerprint
+        self.compression = {**DEFAULT_COMPRESSION, **(compression or {})}
+        if self.dest.exists() and not overwrite:
+            raise OutputError(self.dest, "already exists; remove it or pass --overwrite")
+        if resume and self._staging_matches():
+            self.group = zarr.open_group(str(self.staging), mode="r+", zarr_format=2)
+            self.array = self.group["0"]
+            log.info("resuming %s: %d blocks already done", self.dest, len(self.done_keys()))
+            return
+        if self.staging.exists():
+            shutil.rmtree(self.staging)
+        self.group = zarr.open_group(str(self.staging), mode="w", zarr_format=2)
+        self.group.attrs[ATTRS_KEY] = {"staging": {"fingerprint": fingerprint, "complete": False}}
+        self.array = self.group.create_array(
+            "0",
+            shape=self.shape,
+            chunks=self.chunks,
+            dtype=self.dtype,
+            compressors=_compressor(self.compression),
+            fill_value=fill_value,
+            chunk_key_encoding={"name": "v2", "separator": "/"},
+        )
+        (self.staging / _DONE_DIR).mkdir()
+
+    def _staging_matches(self) -> bool:
+        if not (self.staging / _DONE_DIR).is_dir():
+            return False
+        try:
+            group = zarr.open_group(str(self.staging), mode="r", zarr_format=2)
+            array = group["0"]
+            recorded = group.attrs.get(ATTRS_KEY, {}).get("staging", {}).get("fingerprint")
+        except Exception:
+            return False
+        return (
+            tuple(array.shape) == self.shape
+            and tuple(array.chunks) == self.chunks
+            and array.dtype == self.dtype
+            and recorded == self.fingerprint
+        )
+
+    # -- block records ---------------------------------------------------------
+    def _done_file(self, key: str) -> Path:
+        safe = hashlib.sha1(key.encode()).hexdigest()
+        return self.staging / _DONE_DIR / safe
+
+    def is_done(self, key: str) -> bool:
+        return self._done_file(key).exists()
+
+    def mark_done(self, key: str) -> None:
+        """Record that the block ``key`` is written (after its data reached the store)."""
+        target = self._done_file(key)
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(key)
+        os.replace(tmp, target)
+
+    def done_keys(self) -> list[str]:
+        folder = self.staging / _DONE_DIR
+        return sorted(p.read_text() for p in folder.iterdir() if not p.name.endswith(".tmp"))
+
+    # -- streaming writes ------------------------------------------------------------
+    def write_slab(self, z0: int, slab: np.ndarray, pyramid_levels: int) -> None:
+        """Write full (y, x) slices ``z0 : z0 + len(slab)`` and their pyramid levels at once.
+
+        Streaming writers (ingest) use this so that the pyramid is computed from
+        the slab in memory instead of re-reading level 0 at commit (measured:
+        the re-read cost as much as the level-0 write).  ``z0`` must be a
+        multiple of the z chunk size.
+        """
+        self.array[z0 : z0 + len(slab)] = slab
+        current = slab
+        for level in range(1, pyramid_levels + 1):
+            ny, nx = current.shape[1] // 2, current.shape[2] // 2
+            if ny < 1 or nx < 1:
+                break
+            if str(level) not in self.group:
+                _create_level(self.group, level, (self.shape[0], ny, nx), self.chunks, self.dtype, self.compression)
+            current = downsample2(current[:, : 2 * ny, : 2 * nx], self.kind)
+            self.group[str(level)][z0 : z0 + len(current)] = current
+        self._streamed_levels = pyramid_levels
+
+    # -- publish -----------------------------------------------------------------
+    def commit(self, pyramid_levels: int = 2, provenance: dict | None = None, extra_attrs: dict | None = None) -> Path:
+        """Build the pyramid, write metadata and rename the staging folder to ``dest``."""
+        if getattr(self, "_streamed_levels", None) == pyramid_levels:
+            levels = _existing_levels(self.group)
+        else:
+            levels = write_pyramid(self.group, pyramid_levels, kind=self.kind, compression=self.compression)
+        attrs = {
+            "multiscales": [multiscales_metadata(self.dest.name, self.voxel_size, levels, self.kind)],
+            ATTRS_KEY: {"kind": self.kind, **(provenance and {"provenance": provenance} or {}), **(extra_attrs or {})},
+        }
+        if self.kind == "labels":
+            attrs["image-label"] = {"version": NGFF_VERSION}
+        self.group.attrs.put(attrs)
+        shutil.rmtree(self.staging / _DONE_DIR, ignore_errors=True)
+        if self.dest.exists():  # only reached with overwrite=True: swap, then delete the old store
+            old = self.dest.with_name(self.dest.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.dest, old)
+            os.replace(self.staging, self.dest)
+            shutil.rmtree(old)
+        else:
+            os.replace(self.staging, self.dest)
+        return self.dest
+
+    def abort(self) -> None:
+        """Remove the staging folder (nothing is published)."""
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def _create_level(
+    group: zarr.Group, level: int, shape: Sequence[int], base_chunks: Sequence[int], dtype: Any, compression: dict | None
+) -> zarr.Array:
+    chunks = (base_chunks[0], min(base_chunks[1], shape[1]), min(base_chunks[2], shape[2]))
+    return group.create_array(
+        str(level),
+        shape=tuple(shape),
+        chunks=chunks,
+        dtype=dtype,
+        compressors=_compressor(compression),
+        fill_value=0,
+        chunk_key_encoding={"name": "v2", "separator": "/"},
+        overwrite=True,
+    )
+
+
+def _existing_levels(group: zarr.Group) -> int:
+    level = 0
+    while str(level + 1) in group:
+        level += 1
+    return level
+
+
+def write_pyramid(group: zarr.Group, levels: int, kind: str = "image", compression: dict | None = None) -> int:
+    """Write ``levels`` 2x (y, x) downsampled arrays "1", "2", ... from array "0".
+
+    Streams one z-chunk slab at a time.  Images are averaged over 2x2 blocks
+    (rounded back to integer dtypes); labels take the top-left pixel of each
+    2x2 block (nearest), which keeps label values valid.  Stops early once a
+    level would be smaller than 1 pixel.  Returns the number of levels written.
+    """
+    base = group["0"]
+    written = 0
+    for level in range(1, levels + 1):
+        prev = group[str(level - 1)]
+        ny, nx = prev.shape[1] // 2, prev.shape[2] // 2
+        if ny < 1 or nx < 1:
+            break
+        out = _create_level(group, level, (prev.shape[0], ny, nx), base.chunks, prev.dtype, compression)
+        step = prev.chunks[0]
+        for z0 in range(0, prev.shape[0], step):
+            slab = prev[z0 : z0 + step, : 2 * ny, : 2 * nx]
+            out[z0 : z0 + step] = downsample2(slab, kind)
+        written = level
+    return written
+
+
+def downsample2(slab: np.ndarray, kind: str) -> np.ndarray:
+    """2x2 (y, x) downsampling of a (z, y, x) slab with even y, x."""
+    if kind == "labels":
+        return slab[:, ::2, ::2]
+    if slab.dtype.kind in "ui" and slab.dtype.itemsize <= 2:
+        # Integer sum with round-half-up: measured 5x faster than a float64 mean.
+        wide = slab.astype(np.int32)
+        total = wide[:, ::2, ::2] + wide[:, 1::2, ::2] + wide[:, ::2, 1::2] + wide[:, 1::2, 1::2]
+        return ((total + 2) >> 2).astype(slab.dtype)
+    z, y, x = slab.shape
+    mean = slab.reshape(z, y // 2, 2, x // 2, 2).mean(axis=(2, 4), dtype=np.float64)
+    if slab.dtype.kind in "ui":
+        return np.floor(mean + 0.5).astype(slab.dtype)
+    return mean.astype(slab.dtype)
+
+
+def _open_group(path: Path) -> zarr.Group:
+    if not path.exists():
+        raise InputError(path, "not found")
+    try:
+        return zarr.open_group(str(path), mode="r")
+    except Exception as exc:
+        raise InputError(path, f"not a zarr group ({type(exc).__name__})") from None
+
+
+def image_metadata(path: str | Path) -> ImageMeta:
+    """Read the NGFF metadata of an OME-Zarr image written by the pipeline (or compatible)."""
+    path = Path(path)
+    group = _open_group(path)
+    attrs = group.attrs.asdict()
+    try:
+        ms = attrs["multiscales"][0]
+        level0 = ms["datasets"][0]
+        scale = next(t["scale"] for t in level0["coordinateTransformations"] if t["type"] == "scale")
+        array = group[level0["path"]]
+    except (KeyError, IndexError, StopIteration, TypeError):
+        raise InputError(path, "not an OME-Zarr image (no valid 'multiscales' metadata)") from None
+    if array.ndim != 3:
+        raise InputError(path, f"expected a 3D (z, y, x) image, found {array.ndim} dimensions")
+    return ImageMeta(
+        path=path,
+        shape=tuple(array.shape),
+        dtype=np.dtype(array.dtype),
+        chunks=tuple(array.chunks),
+        voxel_size=(float(scale[-3]), float(scale[-2]), float(scale[-1])),
+        levels=len(ms["datasets"]) - 1,
+        attrs=attrs,
+    )
+
+
+def open_image(path: str | Path, level: int = 0) -> zarr.Array:
+    """Open one level (0 = full resolution) of an OME-Zarr image read-only."""
+    path = Path(path)
+    image_metadata(path)  # validates
+    group = _open_group(path)
+    ms = group.attrs["multiscales"][0]
+    if not 0 <= level < len(ms["datasets"]):
+        raise InputError(path, f"has no pyramid level {level}")
+    return group[ms["datasets"][level]["path"]]
+
+
+# --------------------------------------------------------------------- ingestion
+
+
+def array_sha256(slices: Iterator[np.ndarray]) -> str:
+    """sha256 of the C-ordered bytes of a stack given slice by slice."""
+    digest = hashlib.sha256()
+    for data in slices:
+        digest.update(np.ascontiguousarray(data).tobytes())
+    return digest.hexdigest()
+
+
+def ingest_tiff(
+    src: str | Path,
+    dest: str | Path,
+    *,
+    chunks: Sequence[int] = DEFAULT_CHUNKS,
+    voxel_size: Sequence[float] | None = None,
+    pyramid_levels: int = 2,
+    compression: dict[str, Any] | None = None,
+    kind: str = "image",
+    like: str | Path | None = None,
+    overwrite: bool = False,
+    provenance: dict | None = None,
+    progress: bool = False,
+) -> Path:
+    """Stream a TIFF stack into an OME-Zarr image.
+
+    Memory is bounded by one z-slab of ``chunks[0]`` slices.  Values and dtype
+    are preserved exactly; the sha256 of the array bytes is stored in the
+    attributes (``unet_pipe.array_sha256``).  ``kind='labels'`` requires an
+    integer dtype and, with ``like``, the same shape as that image.  Voxel
+    size: the argument if given, else TIFF metadata, else 1 µm with a warning.
+    """
+    source = open_tiff_stack(src)
+    dest = Path(dest)
+    if kind == "labels" and source.dtype.kind not in "uib":
+        raise InputError(source.path, f"labels must be integers, found dtype {source.dtype}")
+    if like is not None:
+        ref = image_metadata(like)
+        if tuple(ref.shape) != source.shape:
+            raise InputError(source.path, f"shape {source.shape} differs from {tuple(ref.shape)} of {ref.path}")
+        if voxel_size is None:
+            voxel_size = ref.voxel_size
+    if voxel_size is None:
+        voxel_size = source.voxel_size
+    if voxel_size is None:
+        log.warning("%s: no voxel size in config or TIFF metadata; using 1 µm", source.path)
+        voxel_size = (1.0, 1.0, 1.0)
+    staged = StagedImage(
+        dest,
+        shape=source.shape,
+        dtype=source.dtype,
+        chunks=chunks,
+        voxel_size=voxel_size,
+        kind=kind,
+        overwrite=overwrite,
+        compression=compression,
+    )
+    digest = hashlib.sha256()
+    try:
+        step = staged.array.chunks[0]
+        slab = np.empty((step, *source.shape[1:]), dtype=source.dtype)
+        slices = source.iter_slices()
+        if progress:
+            from tqdm import tqdm
+
+            slices = tqdm(slices, total=source.shape[0], unit="slice", desc=f"ingest {source.path.name}")
+        z0 = 0
+        for z, data in slices:
+            digest.update(np.ascontiguousarray(data).tobytes())
+            slab[z - z0] = data
+            if z - z0 + 1 == step or z == source.shape[0] - 1:
+                staged.write_slab(z0, slab[: z - z0 + 1], pyramid_levels)
+                z0 = z + 1
+        staged.commit(
+            pyramid_levels,
+            provenance=provenance,
+            extra_attrs={
+                "array_sha256": digest.hexdigest(),
+                "source": {"path": str(source.path), "files": len(source.files)},
+            },
+        )
+    except BaseException:
+        staged.abort()
+        raise
+    return dest
+
+
+def describe(path: str | Path) -> str:
+    """A one-line human summary of an OME-Zarr image (used by the CLI)."""
+    meta = image_metadata(path)
+    return json.dumps(
+        {
+            "path": str(meta.path),
+            "shape": meta.shape,
+            "dtype": str(meta.dtype),
+            "chunks": meta.chunks,
+            "voxel_size_um": meta.voxel_size,
+            "levels": meta.levels + 1,
+        }
+    )

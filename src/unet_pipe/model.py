@@ -1,0 +1,399 @@
+"""The U-Net of Ronneberger et al. (2015), its valid-size algebra and checkpoints.
+
+Architecture (paper, Fig. 1): every level has two unpadded ("valid") 3×3
+convolutions with ReLU; the contracting path halves the size with 2×2 max-pool
+stride 2 and doubles the channels; the expansive path doubles the size with a
+2×2 up-convolution (transposed convolution, stride 2) that halves the
+channels, concatenates the centre-cropped feature map of the same level and
+applies two 3×3 convolutions; a 1×1 convolution maps to ``n_classes`` logits.
+Dropout sits at the end of the contracting path (on the bottom level's
+output).  Weights are He-normal, std √(2/N) with N the number of inputs of one
+output unit; biases start at zero.
+
+``dims=3`` gives the 3D U-Net variant (Çiçek et al. 2016 without batch norm):
+the same network with 3×3×3 kernels and 2×2×2 pooling, for isotropic voxels.
+
+Sizes.  With ``L = depth - 1`` poolings and ``b`` the edge at the bottom level,
+
+    input  = 2**L * (b + 8) - 4
+    output = 2**L * (b - 4) + 4
+    margin = (input - output) / 2 = 6 * 2**L - 4      (92 for depth 5)
+
+so a size is a valid input iff ``(input + 4) % 2**L == 0`` and every
+intermediate size stays positive; a valid output satisfies
+``(output - 4) % 2**L == 0``.  The paper's 572 × 572 tile gives 388 × 388.
+"""
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import unet_pipe
+from unet_pipe.errors import CheckpointError
+from unet_pipe.provenance import git_commit
+
+CHECKPOINT_FORMAT = "unet-pipe-checkpoint"
+CHECKPOINT_VERSION = 1
+_REQUIRED_KEYS = ("format", "version", "arch", "model_state")
+
+
+# ---------------------------------------------------------------------------
+# Valid-size algebra (per axis; the same for every spatial axis and for 3D)
+# ---------------------------------------------------------------------------
+
+def _check_depth(depth: int) -> int:
+    if not isinstance(depth, (int, np.integer)) or depth < 1:
+        raise ValueError(f"depth must be an integer >= 1, got {depth!r}")
+    return int(depth)
+
+
+def _level_sizes(input_size: int, depth: int) -> list[int] | None:
+    """Sizes after each step of the network, or None if some step is impossible."""
+    size = int(input_size)
+    sizes = []
+    for level in range(depth):
+        size -= 4                      # two valid 3×3 convolutions
+        sizes.append(size)
+        if size < 1:
+            return None
+        if level < depth - 1:
+            if size % 2:               # 2×2 pooling needs an even size
+                return None
+            size //= 2
+    for _ in range(depth - 1):
+        size = 2 * size - 4            # up-convolution, then two valid convolutions
+        sizes.append(size)
+        if size < 1:
+            return None
+    return sizes
+
+
+def valid_output_size(input_size: int, depth: int) -> int:
+    """Output edge (pixels) of a U-Net of ``depth`` levels for an input edge ``input_size``.
+
+    Raises ``ValueError`` naming the nearest valid sizes when ``input_size``
+    would make a pooling odd or a feature map empty.
+    """
+    depth = _check_depth(depth)
+    sizes = _level_sizes(input_size, depth)
+    if sizes is None:
+        lower = _nearest_valid_or_none(int(input_size), depth)
+        upper = _next_valid_input(int(input_size), depth)
+        hint = f"nearest valid sizes: {lower} and {upper}" if lower else f"smallest valid size: {upper}"
+        raise ValueError(
+            f"input size {input_size} is not valid for a U-Net of depth {depth} "
+            f"(every 2x2 pooling needs an even size and no feature map may be empty); {hint}"
+        )
+    return sizes[-1]
+
+
+def valid_input_size(output_size: int, depth: int) -> int:
+    """Input edge that gives exactly ``output_size`` output pixels.
+
+    ``output_size - 4`` must be a multiple of ``2**(depth-1)`` (e.g. 388 for
+    depth 5: 388 - 4 = 24 * 16) and large enough that no feature map is empty.
+    """
+    depth = _check_depth(depth)
+    factor = 2 ** (depth - 1)
+    if (int(output_size) - 4) % factor:
+        raise ValueError(
+            f"output size {output_size} is not reachable with depth {depth}: "
+            f"output - 4 must be a multiple of {factor}"
+        )
+    bottom = (int(output_size) - 4) // factor + 4
+    size = factor * (bottom + 8) - 4
+    if _level_sizes(size, depth) is None or output_size < 1:
+        raise ValueError(
+            f"output size {output_size} is too small for depth {depth}; the smallest is "
+            f"{valid_output_size(_next_valid_input(0, depth), depth)}"
+        )
+    return size
+
+
+def _nearest_valid_or_none(size: int, depth: int) -> int | None:
+    factor = 2 ** (depth - 1)
+    candidate = ((size + 4) // factor) * factor - 4
+    while candidate >= 1:
+        if _level_sizes(candidate, depth) is not None:
+            return candidate
+        candidate -= factor
+    return None
+
+
+def _next_valid_input(size: int, depth: int) -> int:
+    factor = 2 ** (depth - 1)
+    candidate = max(-(-(size + 4) // factor) * factor - 4, factor - 4)
+    while _level_sizes(candidate, depth) is None:
+        candidate += factor
+    return candidate
+
+
+def nearest_valid_input_size(size: int, depth: int) -> int:
+    """Largest valid input edge ``<= size`` (ValueError if there is none)."""
+    depth = _check_depth(depth)
+    found = _nearest_valid_or_none(int(size), depth)
+    if found is None:
+        raise ValueError(
+            f"no valid input size <= {size} for depth {depth}; "
+            f"the smallest is {_next_valid_input(0, depth)}"
+        )
+    return found
+
+
+def margin(depth: int) -> int:
+    """Context (pixels) lost per side: ``(input - output) / 2`` = 6·2**(depth-1) - 4."""
+    return 6 * 2 ** (_check_depth(depth) - 1) - 4
+
+
+# ---------------------------------------------------------------------------
+# Network
+# ---------------------------------------------------------------------------
+
+def _layers(dims: int) -> tuple[type, type, type, type]:
+    if dims == 2:
+        return nn.Conv2d, nn.MaxPool2d, nn.ConvTranspose2d, nn.Dropout2d
+    if dims == 3:
+        return nn.Conv3d, nn.MaxPool3d, nn.ConvTranspose3d, nn.Dropout3d
+    raise ValueError(f"dims must be 2 or 3, got {dims!r}")
+
+
+class _DoubleConv(nn.Sequential):
+    def __init__(self, conv: type, in_channels: int, out_channels: int) -> None:
+        super().__init__(
+            conv(in_channels, out_channels, 3),
+            nn.ReLU(inplace=True),
+            conv(out_channels, out_channels, 3),
+            nn.ReLU(inplace=True),
+        )
+
+
+def _center_crop(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Crop the trailing spatial axes of ``x`` to ``shape`` around the centre."""
+    slices = [slice(None), slice(None)]
+    for have, want in zip(x.shape[2:], shape):
+        start = (have - want) // 2
+        slices.append(slice(start, start + want))
+    return x[tuple(slices)]
+
+
+class UNet(nn.Module):
+    """U-Net; ``UNet()`` is the paper's network (1 input channel, 2 classes, depth 5, base 64).
+
+    Forward maps ``(N, C, H, W)`` (3D: ``(N, C, D, H, W)``) to logits
+    ``(N, n_classes, H - 2*margin, W - 2*margin)``; each spatial size must be a
+    valid input size (:func:`valid_output_size`).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        n_classes: int = 2,
+        depth: int = 5,
+        base_channels: int = 64,
+        dims: int = 2,
+        dropout: float = 0.5,
+    ) -> None:
+        super().__init__()
+        _check_depth(depth)
+        if in_channels < 1 or n_classes < 1 or base_channels < 1:
+            raise ValueError("in_channels, n_classes and base_channels must be >= 1")
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"dropout must lie in [0, 1], got {dropout}")
+        conv, pool, upconv, drop = _layers(dims)
+        self.arch: dict[str, Any] = {
+            "in_channels": int(in_channels),
+            "n_classes": int(n_classes),
+            "depth": int(depth),
+            "base_channels": int(base_channels),
+            "dims": int(dims),
+            "dropout": float(dropout),
+        }
+        self.depth = int(depth)
+        self.dims = int(dims)
+        self.margin = margin(depth)
+        channels = [base_channels * 2**level for level in range(depth)]
+
+        self.down = nn.ModuleList()
+        previous = in_channels
+        for ch in channels:
+            self.down.append(_DoubleConv(conv, previous, ch))
+            previous = ch
+        self.pool = pool(2, stride=2)
+        self.dropout = drop(dropout)
+        self.upconvs = nn.ModuleList()
+        self.up = nn.ModuleList()
+        for ch in reversed(channels[:-1]):
+            self.upconvs.append(upconv(2 * ch, ch, 2, stride=2))
+            self.up.append(_DoubleConv(conv, 2 * ch, ch))
+        self.head = conv(channels[0], n_classes, 1)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """He-normal init, std √(2/N), N = inputs of one output unit; zero biases.
+
+        For a convolution N = in_channels · kernel volume.  For the 2×2
+        stride-2 up-convolution each output unit sees exactly one kernel tap per
+        input channel, so N = in_channels (torch's ``kaiming_normal_`` would use
+        out_channels · 4 for transposed weights, which is not the paper's N).
+        """
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Conv3d)):
+                fan_in = module.in_channels * math.prod(module.kernel_size)
+            elif isinstance(module, (nn.ConvTranspose2d, nn.ConvTranspose3d)):
+                fan_in = module.in_channels
+            else:
+                continue
+            nn.init.normal_(module.weight, mean=0.0, std=math.sqrt(2.0 / fan_in))
+            nn.init.zeros_(module.bias)
+
+    def output_size(self, input_size: int) -> int:
+        """Valid output edge for ``input_size`` (see :func:`valid_output_size`)."""
+        return valid_output_size(input_size, self.depth)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != self.dims + 2:
+            raise ValueError(
+                f"expected a {self.dims + 2}-d tensor (N, C, {'D, ' if self.dims == 3 else ''}H, W), "
+                f"got shape {tuple(x.shape)}"
+            )
+        for size in x.shape[2:]:
+            valid_output_size(size, self.depth)  # raises a helpful ValueError
+        skips = []
+        for level, block in enumerate(self.down):
+            x = block(x)
+            if level < self.depth - 1:
+                skips.append(x)
+                x = self.pool(x)
+        x = self.dropout(x)
+        for upconv, block, skip in zip(self.upconvs, self.up, reversed(skips)):
+            x = upconv(x)
+            x = block(torch.cat([_center_crop(skip, tuple(x.shape[2:])), x], dim=1))
+        return self.head(x)
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------
+
+def _plain(value: Any) -> Any:
+    """Convert numpy scalars/arrays and tuples to plain types for weights_only loading."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: UNet,
+    optimizer: torch.optim.Optimizer | None = None,
+    step: int = 0,
+    config: dict | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Write a checkpoint atomically (temporary file in the same folder, then ``os.replace``).
+
+    Content is tensors and plain types only, so :func:`load_checkpoint` can use
+    ``torch.load(weights_only=True)``.  ``extra`` holds e.g. RNG states (the
+    caller converts numpy states with plain types; big ints are stored as str).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "arch": dict(model.arch),
+        "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer_state": None if optimizer is None else optimizer.state_dict(),
+        "step": int(step),
+        "torch_rng_state": torch.get_rng_state(),
+        "config": _plain(config) if config is not None else None,
+        "package_version": unet_pipe.__version__,
+        "git_commit": git_commit(),
+        "extra": _plain(extra) if extra is not None else {},
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint with ``torch.load(weights_only=True)``.
+
+    Raises :class:`CheckpointError` for a missing file, a pickle that needs
+    arbitrary code (possibly malicious), a foreign file, or missing keys.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "checkpoint file not found")
+    try:
+        with warnings.catch_warnings():
+            # Foreign pickles warn about their protocol before being refused; the error says enough.
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            path, f"not a unet-pipe checkpoint: refused to unpickle (weights_only): {first}"
+        ) from None
+    except Exception as exc:  # torch.load raises many types for foreign bytes (KeyError, RuntimeError, ...)
+        raise CheckpointError(path, f"not a unet-pipe checkpoint: cannot read it ({type(exc).__name__})") from None
+    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(path, "not a unet-pipe checkpoint: no 'format: unet-pipe-checkpoint' entry")
+    missing = [key for key in _REQUIRED_KEYS if key not in data]
+    if missing:
+        raise CheckpointError(path, f"not a unet-pipe checkpoint: missing keys {missing}")
+    if data["version"] != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            path, f"checkpoint format version {data['version']} is not supported (expected {CHECKPOINT_VERSION})"
+        )
+    return data
+
+
+def model_from_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[UNet, dict]:
+    """Build the recorded architecture and load its weights; returns ``(model, checkpoint)``.
+
+    The model is in eval mode.  Raises :class:`CheckpointError` if the
+    recorded architecture is unusable or does not match the stored weights.
+    """
+    data = load_checkpoint(path, map_location=map_location)
+    arch = data["arch"]
+    try:
+        model = UNet(**arch)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(path, f"invalid architecture {arch}: {exc}") from None
+    try:
+        model.load_state_dict(data["model_state"], strict=True)
+    except RuntimeError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else "")
+        raise CheckpointError(
+            path, f"weights do not match the recorded architecture {arch}: {detail[:300]}"
+        ) from None
+    model.to(map_location)
+    model.eval()
+    return model, data

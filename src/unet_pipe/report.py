@@ -1,0 +1,331 @@
+"""Markdown report of an evaluation: metric tables, slice figures, training curves.
+
+``write_report`` turns one or more ``metrics.json`` files (from
+:func:`unet_pipe.evaluate.evaluate`) and optionally the training log CSV into
+``report.md`` plus PNG figures in ``<report stem>_figures/`` next to it:
+
+* a summary table per dataset and subset (val / train / all slices),
+* for a few slices (best, median and worst Rand error, held-out slices
+  preferred): raw, truth instances, predicted instances, and a map of the
+  pixels whose cell/membrane class is wrong,
+* training curves: every numeric column of the log against ``step`` (losses,
+  validation metrics, learning rate), whatever columns the log has; wall-clock
+  columns (``seconds``) only as a last value.
+
+Figures use matplotlib's object API with the Agg canvas (no pyplot state, no
+display needed).  Missing inputs (a store moved away, no training log) become a
+note in the report rather than an error, since the report is the last step.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from unet_pipe.errors import UnetPipeError
+from unet_pipe.evaluate import read_metrics
+from unet_pipe.io import open_image
+
+log = logging.getLogger(__name__)
+
+_TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("slices", "slices", "{:d}"),
+    ("pixel_error", "pixel error", "{:.4f}"),
+    ("rand_error", "Rand error", "{:.4f}"),
+    ("v_rand_split", "V_rand split", "{:.4f}"),
+    ("v_rand_merge", "V_rand merge", "{:.4f}"),
+    ("vi_split", "VI split (bits)", "{:.3f}"),
+    ("vi_merge", "VI merge (bits)", "{:.3f}"),
+    ("iou", "IoU", "{:.4f}"),
+)
+_X_COLUMNS = ("step", "iteration", "epoch")
+_TIME_COLUMNS = ("seconds", "time", "elapsed", "wall_time")
+_MAX_PANEL_PIXELS = 1024  # larger slices are shown strided: a report needs no more
+_MAX_TABLE_ROWS = 60  # longer stacks: the per-slice CSV only
+
+
+def pick_slices(per_slice: Sequence[dict[str, Any]], n: int) -> list[tuple[int, str]]:
+    """``n`` slices spread from the best to the worst Rand error, as ``(z, tag)``.
+
+    Held-out (``val``) slices are preferred when there are any; ties break by z,
+    so the choice is deterministic.
+    """
+    scored = [r for r in per_slice if r.get("rand_error") is not None and math.isfinite(r["rand_error"])]
+    held_out = [r for r in scored if r.get("subset") == "val"]
+    pool = sorted(held_out or scored, key=lambda r: (r["rand_error"], r["z"]))
+    if n <= 0 or not pool:
+        return []
+    idx = sorted(set(int(round(i)) for i in np.linspace(0, len(pool) - 1, min(n, len(pool)))))
+    tags = {len(pool) - 1: "worst", 0: "best"}
+    out = []
+    for i in idx:
+        tag = tags.get(i, "median" if i == (len(pool) - 1) // 2 else f"rank {i + 1}/{len(pool)}")
+        out.append((int(pool[i]["z"]), tag))
+    return out
+
+
+def label_overlay(gray: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """RGB float image: ``gray`` (any range) with each nonzero label tinted by a fixed colour.
+
+    Colours come from a seeded table indexed by ``label % 256``, so a label has
+    the same colour in every figure and neighbours rarely share one.
+    """
+    g = _normalize(gray)
+    lut = np.random.default_rng(0).uniform(0.15, 1.0, size=(256, 3))
+    rgb = np.repeat(g[..., None], 3, axis=-1)
+    fg = labels != 0
+    rgb[fg] = (1 - alpha) * rgb[fg] + alpha * lut[labels[fg] % 256]
+    return rgb
+
+
+def error_overlay(gray: np.ndarray, pred_cells: np.ndarray, truth_cells: np.ndarray) -> np.ndarray:
+    """RGB: red = predicted cell on true membrane, blue = predicted membrane on a true cell."""
+    rgb = np.repeat(_normalize(gray)[..., None] * 0.6, 3, axis=-1)
+    rgb[pred_cells & ~truth_cells] = (1.0, 0.1, 0.1)
+    rgb[~pred_cells & truth_cells] = (0.2, 0.4, 1.0)
+    return rgb
+
+
+def _normalize(gray: np.ndarray) -> np.ndarray:
+    g = np.asarray(gray, dtype=np.float32)
+    lo, hi = np.percentile(g, (1, 99)) if g.size else (0.0, 1.0)
+    if hi <= lo:
+        hi = lo + 1.0
+    return np.clip((g - lo) / (hi - lo), 0.0, 1.0)
+
+
+def _new_figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def slice_figure(metrics: dict[str, Any], slices: Sequence[tuple[int, str]], dest: Path) -> None:
+    """PNG with one row per slice: raw | truth | prediction | class errors."""
+    from unet_pipe.metrics import instances_from_binary
+
+    inputs = metrics["inputs"]
+    pred = open_image(inputs["instances"])
+    truth = open_image(inputs["truth"])
+    raw = open_image(inputs["raw"]) if inputs.get("raw") else None
+    params = metrics.get("params", {})
+    by_z = {r["z"]: r for r in metrics["per_slice"]}
+    step = max(1, math.ceil(max(pred.shape[1:]) / _MAX_PANEL_PIXELS))
+    fig = _new_figure(4 * 3.0, len(slices) * 3.2)
+    for row, (z, tag) in enumerate(slices):
+        p = np.asarray(pred[z])[::step, ::step]
+        t = np.asarray(truth[z])
+        if params.get("truth_mode", "binary") == "binary":
+            fg = params.get("foreground_value")
+            cells = t == fg if fg is not None else t != 0
+            t = instances_from_binary(cells)
+        t = t[::step, ::step]
+        gray = np.asarray(raw[z])[::step, ::step] if raw is not None else np.zeros(p.shape, np.float32)
+        err = by_z.get(z, {}).get("rand_error")
+        panels = (
+            (gray if raw is not None else np.zeros_like(gray), f"z={z} raw ({tag})"),
+            (label_overlay(gray, t), "truth"),
+            (label_overlay(gray, p), f"prediction, Rand error {err:.3f}" if err is not None else "prediction"),
+            (error_overlay(gray, p != 0, t != 0), "class errors (red: false cell, blue: missed)"),
+        )
+        for col, (image, title) in enumerate(panels):
+            ax = fig.add_subplot(len(slices), 4, row * 4 + col + 1)
+            ax.imshow(image, cmap="gray", interpolation="nearest")
+            ax.set_title(title, fontsize=8)
+            ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(dest)
+
+
+def read_training_log(path: str | Path) -> dict[str, np.ndarray]:
+    """Numeric columns of a training CSV as float arrays (empty cells -> NaN).
+
+    Columns with any non-numeric value (e.g. timestamps as text) are dropped.
+    """
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    columns: dict[str, np.ndarray] = {}
+    for name in rows[0].keys() if rows else []:
+        if name is None:
+            continue
+        values = []
+        for r in rows:
+            text = (r.get(name) or "").strip()
+            try:
+                values.append(float(text) if text else math.nan)
+            except ValueError:
+                break
+        else:
+            columns[name] = np.array(values, dtype=np.float64)
+    return columns
+
+
+def training_figure(columns: dict[str, np.ndarray], dest: Path) -> list[str]:
+    """PNG of the training curves; returns the plotted column names.
+
+    Panels: losses (log scale when positive), validation metrics, anything else
+    (e.g. learning rate), each against the step column (or the row number).
+    """
+    x_name = next((c for c in _X_COLUMNS if c in columns), None)
+    n = len(next(iter(columns.values()))) if columns else 0
+    x = columns[x_name] if x_name else np.arange(n, dtype=np.float64)
+    # Wall-clock columns grow linearly and dwarf the rest: reported in the table only.
+    rest = [c for c in columns if c != x_name and c.lower() not in _TIME_COLUMNS]
+    groups = {
+        "loss": [c for c in rest if "loss" in c.lower()],
+        "validation": [c for c in rest if "loss" not in c.lower() and c.lower().startswith("val")],
+    }
+    groups["other"] = [c for c in rest if c not in groups["loss"] and c not in groups["validation"]]
+    groups = {k: v for k, v in groups.items() if any(np.isfinite(columns[c]).any() for c in v)}
+    if not groups:
+        return []
+    fig = _new_figure(4.2 * len(groups), 3.4)
+    plotted = []
+    for i, (title, names) in enumerate(groups.items()):
+        ax = fig.add_subplot(1, len(groups), i + 1)
+        for name in names:
+            y = columns[name]
+            ok = np.isfinite(y)
+            if not ok.any():
+                continue
+            # Validation columns are sparse (every val_every steps): show the points.
+            ax.plot(x[ok], y[ok], marker="o" if ok.sum() < 50 else None, markersize=3, label=name)
+            plotted.append(name)
+        if title == "loss" and all((columns[c][np.isfinite(columns[c])] > 0).all() for c in names):
+            ax.set_yscale("log")
+        ax.set_xlabel(x_name or "row")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(dest)
+    return plotted
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return spec.format(value)
+
+
+def _summary_table(all_metrics: Sequence[dict[str, Any]]) -> list[str]:
+    header = "| dataset | subset | " + " | ".join(label for _, label, _ in _TABLE_COLUMNS) + " |"
+    lines = [header, "|" + "---|" * (len(_TABLE_COLUMNS) + 2)]
+    for m in all_metrics:
+        for subset in ("val", "train", "other", "all"):
+            s = m["summary"].get(subset)
+            if s is None:
+                continue
+            cells = " | ".join(_fmt(s.get(key), spec) for key, _, spec in _TABLE_COLUMNS)
+            lines.append(f"| {m['dataset']} | {subset} | {cells} |")
+    return lines
+
+
+def write_report(
+    out_md: str | Path,
+    metrics_files: Sequence[str | Path],
+    *,
+    training_logs: Sequence[str | Path] = (),
+    figures: int = 3,
+    title: str = "unet-pipe evaluation",
+) -> Path:
+    """Write the Markdown report and its figures; returns the report path.
+
+    ``figures``: slices shown per dataset (0: none).  The figure folder is
+    rebuilt from scratch and swapped in, the Markdown written atomically.
+    """
+    out_md = Path(out_md)
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    figdir = out_md.parent / f"{out_md.stem}_figures"
+    staging = figdir.with_name(figdir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    all_metrics = [read_metrics(p) for p in metrics_files]
+
+    md = [f"# {title}", ""]
+    md += ["## Summary", ""]
+    if all_metrics:
+        md += _summary_table(all_metrics)
+        md += ["", "Rand error and VI are the ISBI 2012 foreground-restricted scores, "
+               "computed per 2D slice and averaged; *val* rows are the slices held out "
+               "from training (the honest numbers).", ""]
+    else:
+        md += ["No metrics files given.", ""]
+
+    for source, m in zip(metrics_files, all_metrics):
+        name = m["dataset"]
+        md += [f"## {name}", ""]
+        chosen = pick_slices(m["per_slice"], figures)
+        if chosen:
+            png = f"{_safe(name)}_slices.png"
+            try:
+                slice_figure(m, chosen, staging / png)
+                md += [f"![{name}: slices]({figdir.name}/{png})", ""]
+                md += ["Columns: raw, truth instances, predicted instances, cell/membrane "
+                       "errors (red: predicted cell on true membrane, blue: missed cell pixels).", ""]
+            except (UnetPipeError, OSError, KeyError) as exc:
+                md += [f"*Slice figures skipped: {exc}*", ""]
+        rows = m["per_slice"]
+        md += [f"Per-slice values: `{Path(source).with_suffix('.csv')}`.", ""]
+        if len(rows) <= _MAX_TABLE_ROWS:
+            md += ["| z | subset | pixel error | Rand error | VI split | VI merge | IoU |",
+                   "|---|---|---|---|---|---|---|"]
+            for r in rows:
+                md.append(
+                    f"| {r['z']} | {r.get('subset', '')} | {_fmt(r.get('pixel_error'), '{:.4f}')} | "
+                    f"{_fmt(r.get('rand_error'), '{:.4f}')} | {_fmt(r.get('vi_split'), '{:.3f}')} | "
+                    f"{_fmt(r.get('vi_merge'), '{:.3f}')} | {_fmt(r.get('iou'), '{:.4f}')} |"
+                )
+            md.append("")
+
+    md += ["## Training", ""]
+    if not training_logs:
+        md += ["No training log given.", ""]
+    for i, path in enumerate(training_logs):
+        path = Path(path)
+        try:
+            columns = read_training_log(path)
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            md += [f"*Training log {path} not readable: {exc}*", ""]
+            continue
+        png = f"training_{i}.png" if len(training_logs) > 1 else "training.png"
+        plotted = training_figure(columns, staging / png) if columns else []
+        if not plotted:
+            md += [f"*Training log {path} has no numeric columns to plot.*", ""]
+            continue
+        md += [f"![training curves]({figdir.name}/{png})", "", f"From `{path}`. Last values:", ""]
+        md += ["| column | last value |", "|---|---|"]
+        shown = plotted + [c for c in columns if c.lower() in _TIME_COLUMNS and np.isfinite(columns[c]).any()]
+        for name in shown:
+            y = columns[name][np.isfinite(columns[name])]
+            md.append(f"| {name} | {y[-1]:.5g} |")
+        md.append("")
+
+    if all_metrics:
+        md += ["## Definitions", ""]
+        md += [f"- **{k}**: {v}" for k, v in all_metrics[0].get("definitions", {}).items()]
+        prov = all_metrics[0].get("provenance", {})
+        md += ["", "## Provenance", ""]
+        md += [f"- git commit: `{prov.get('git_commit')}`"]
+        md += [f"- versions: {', '.join(f'{k} {v}' for k, v in prov.get('versions', {}).items())}"]
+        md += [f"- metrics: {', '.join(f'`{p}`' for p in metrics_files)}", ""]
+
+    shutil.rmtree(figdir, ignore_errors=True)
+    os.replace(staging, figdir)
+    tmp = out_md.with_name(out_md.name + ".tmp")
+    tmp.write_text("\n".join(md), encoding="utf-8")
+    os.replace(tmp, out_md)
+    return out_md
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)

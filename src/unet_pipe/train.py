@@ -1,0 +1,578 @@
+"""Training loop: weighted cross-entropy, SGD (momentum 0.99) or Adam, validation, checkpoints.
+
+Determinism.  Everything random derives from ``config['seed']``: the weight
+initialisation and dropout (torch's global generator), the tile positions (a
+``numpy.random.Generator``) and the augmentation (a CPU ``torch.Generator``).
+Tiles are read and augmented in the main process (no DataLoader workers), so
+two CPU runs with the same config and thread count give bit-identical
+checkpoints, and a run interrupted at a checkpoint and continued with
+``resume=True`` ends bit-identical to an uninterrupted one: the checkpoint
+holds the model, the optimizer, the step, all three generator states (plus
+CUDA's and the AMP grad scaler's on GPU) and the metric history.  The learning
+rate is a pure function of the step (:func:`learning_rate`), so no scheduler
+state is needed.  On CUDA, cuDNN is put in deterministic mode too, but mixed
+precision and atomics make GPU runs reproducible only approximately.
+
+Files.  Periodic checkpoints go to ``<out>.partial``; the finished model is
+written to ``<out>`` (both atomically) and the partial file removed, so a
+workflow manager never sees an unfinished checkpoint under the final name.
+The CSV log has one row per step: ``step, loss, lr, val_pixel_error,
+val_rand_error, seconds`` (validation columns only filled on validation steps;
+``seconds`` is wall time since the start, summed over resumed runs).
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from unet_pipe.augment import AugmentParams, augment_sample
+from unet_pipe.data import (
+    TileSampler,
+    Volume,
+    center_crop,
+    label_classes,
+    normalize_raw,
+    read_mirrored,
+    volumes_from_config,
+)
+from unet_pipe.errors import CheckpointError, ConfigError, OutputError, UnetPipeError
+from unet_pipe.metrics import instances_from_binary, rand_error_per_slice
+from unet_pipe.model import UNet, load_checkpoint, save_checkpoint, valid_input_size, valid_output_size
+
+log = logging.getLogger(__name__)
+
+CSV_COLUMNS = ("step", "loss", "lr", "val_pixel_error", "val_rand_error", "seconds")
+# Config keys that may change between a run and its resumption (they do not
+# change what a step computes).
+_RESUMABLE_CHANGES = ("steps", "val_every", "checkpoint_every")
+_VALIDATION_TILE = 512  # largest output tile edge (px) used to predict validation slices
+_AMP_MAX_SKIPPED = 20  # consecutive non-finite AMP losses before giving up
+
+
+# --------------------------------------------------------------------------- loss and schedule
+
+
+def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Pixel-wise softmax cross-entropy weighted by the weight map, **mean** over pixels.
+
+    ``mean_x w(x) · (-log p_{l(x)}(x))`` with ``p`` the softmax over the class
+    axis 1 of ``logits (N, K, *S)``, ``target (N, *S)`` class ids and ``weights
+    (N, *S)`` already cropped to the output window.  The paper's energy
+    ``E = Σ_x w(x) log p_{l(x)}(x)`` is a sum; the mean (the sum divided by the
+    pixel count) keeps the learning rate independent of the tile and batch size.
+    Computed in float32 even under autocast.
+    """
+    if logits.shape[0] != target.shape[0] or logits.shape[2:] != target.shape[1:]:
+        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} do not match")
+    if weights.shape != target.shape:
+        raise ValueError(f"weights {tuple(weights.shape)} and target {tuple(target.shape)} do not match")
+    ce = F.cross_entropy(logits.float(), target.long(), reduction="none")
+    return (weights.float() * ce).mean()
+
+
+def learning_rate(step: int, total: int, base: float, schedule: str) -> float:
+    """Learning rate of optimiser step ``step`` (0-based) of ``total``.
+
+    ``constant``; ``cosine``: ``base · (1 + cos(π step / total)) / 2``;
+    ``step``: ``base``, ×0.1 from 50 % and ×0.01 from 75 % of the steps.
+    """
+    if schedule == "constant":
+        return float(base)
+    if schedule == "cosine":
+        return float(base) * 0.5 * (1.0 + math.cos(math.pi * step / max(total, 1)))
+    if schedule == "step":
+        return float(base) * (0.1 ** ((step >= total // 2) + (step >= (3 * total) // 4)))
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}")
+
+
+def make_optimizer(model: torch.nn.Module, train_cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """SGD with momentum (paper: 0.99) or Adam (``momentum`` is then beta1)."""
+    if train_cfg["optimizer"] == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=train_cfg["lr"], momentum=train_cfg["momentum"])
+    if train_cfg["optimizer"] == "adam":
+        return torch.optim.Adam(model.parameters(), lr=train_cfg["lr"])
+    raise ConfigError(None, f"key 'train.optimizer': unknown optimizer {train_cfg['optimizer']!r}")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` = the GPU when present, else the CPU; ``cuda`` without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UnetPipeError(None, f"--device {device}: no CUDA device is available (use --device cpu)")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise UnetPipeError(None, f"--device must be auto, cpu or cuda[:N], got {device!r}")
+    return torch.device(device)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _output_at_least(size: int, depth: int) -> int:
+    """Smallest valid output edge >= ``size``."""
+    factor = 2 ** (depth - 1)
+    out = 4 + factor * max(0, -(-(size - 4) // factor))
+    while True:
+        try:
+            valid_input_size(out, depth)
+            return out
+        except ValueError:
+            out += factor
+
+
+def _tile_starts(extent: int, tile: int, align: int) -> list[int]:
+    """Output-tile starts covering [0, extent), all multiples of ``align``.
+
+    Tiles start on the pooling grid (multiples of 2**(depth-1)) so that every
+    tile sees the same pooling phase as one whole-image pass: tiled and
+    untiled predictions are then equal.  Tiles overlap where the output edge
+    is not a multiple of ``align``; the last one may hang over the border
+    (mirrored input, cropped output).
+    """
+    stride = max(align, (tile // align) * align)
+    starts = [0]
+    while starts[-1] + tile < extent:
+        starts.append(starts[-1] + stride)
+    return starts
+
+
+def predict_probabilities(
+    model: UNet,
+    raw: np.ndarray,
+    device: torch.device,
+    bounds_z: tuple[int, int] | None = None,
+    max_tile: int = _VALIDATION_TILE,
+) -> np.ndarray:
+    """Cell probability (softmax class 1) of a normalised ``(z, y, x)`` float32 stack.
+
+    A simple in-memory overlap-tile prediction with mirrored borders, for
+    validation (the pipeline's Dask predictor lives in ``unet_pipe.predict``).
+    2D nets predict each slice; 3D nets the whole stack, mirrored in z within
+    the stack.  The model is used as given (call ``model.eval()`` first).
+    """
+    depth, dims, margin = model.depth, model.dims, model.margin
+    shape = raw.shape
+    spatial = shape[1:] if dims == 2 else shape
+    align = 2 ** (depth - 1)
+    outs = [_output_at_least(max(min(s, max_tile), align + 4), depth) for s in spatial]
+    prob = np.zeros(shape, dtype=np.float32)
+    use_amp = device.type == "cuda"
+    bounds = [(0, s) for s in spatial]
+    planes = range(shape[0]) if dims == 2 else [None]
+    grids = np.meshgrid(*[_tile_starts(s, o, align) for s, o in zip(spatial, outs)], indexing="ij")
+    starts = list(zip(*(g.ravel() for g in grids)))
+    with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+        for z in planes:
+            source = raw[z] if z is not None else raw
+            for start in starts:
+                window = read_mirrored(
+                    source, [s - margin for s in start], [o + 2 * margin for o in outs], bounds
+                )
+                x = torch.from_numpy(np.ascontiguousarray(window))[None, None].to(device)
+                p = torch.softmax(model(x).float(), dim=1)[0, 1].cpu().numpy()
+                target = tuple(slice(s, min(s + o, n)) for s, o, n in zip(start, outs, spatial))
+                crop = tuple(slice(0, t.stop - t.start) for t in target)
+                if z is not None:
+                    prob[(z,) + target] = p[crop]
+                else:
+                    prob[target] = p[crop]
+    return prob
+
+
+@dataclass(frozen=True)
+class ValidationData:
+    """Held-out slices of one volume, in memory: normalised raw, classes, truth instances."""
+
+    name: str
+    raw: np.ndarray
+    classes: np.ndarray
+    truth_instances: np.ndarray
+
+
+def load_validation(volumes: list[Volume], label_mode: str, foreground_value: int) -> list[ValidationData]:
+    out = []
+    for v in volumes:
+        if v.val is None:
+            continue
+        z0, z1 = v.val
+        labels = np.asarray(v.labels[z0:z1])
+        classes = label_classes(labels, label_mode, foreground_value)
+        if label_mode == "binary":
+            truth = instances_from_binary(labels, foreground_value)
+        else:
+            truth = labels.astype(np.uint32)
+        out.append(ValidationData(v.name, normalize_raw(np.asarray(v.raw[z0:z1])), classes, truth))
+    return out
+
+
+def validate(
+    model: UNet, data: list[ValidationData], device: torch.device, postprocess_cfg: Mapping[str, Any]
+) -> tuple[float, float]:
+    """Pixel error and foreground-restricted Rand error (mean over held-out slices).
+
+    Instances come from :func:`unet_pipe.postprocess.instances_from_probabilities`
+    with the config's ``postprocess`` method and threshold, per slice.
+    """
+    from unet_pipe.postprocess import instances_from_probabilities
+
+    threshold = float(postprocess_cfg.get("threshold", 0.5))
+    method = postprocess_cfg.get("method", "threshold")
+    wrong = total = 0
+    errors: list[np.ndarray] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for d in data:
+            prob = predict_probabilities(model, d.raw, device)
+            wrong += int(np.count_nonzero((prob > threshold) != (d.classes == 1)))
+            total += prob.size
+            pred = np.stack([instances_from_probabilities(p, method, threshold) for p in prob])
+            errors.append(rand_error_per_slice(pred, d.truth_instances))
+    finally:
+        model.train(was_training)
+    per_slice = np.concatenate(errors) if errors else np.array([np.nan])
+    rand = float(np.nanmean(per_slice)) if not np.all(np.isnan(per_slice)) else float("nan")
+    return wrong / max(total, 1), rand
+
+
+# --------------------------------------------------------------------------- bookkeeping
+
+
+def partial_path(out: str | Path) -> Path:
+    """Where periodic checkpoints of a run that writes ``out`` go."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
+def _derived_seeds(seed: int) -> tuple[np.random.Generator, torch.Generator]:
+    """Independent streams for tile positions and augmentation from the master seed."""
+    tiles = np.random.default_rng(np.random.SeedSequence([seed, 1]))
+    aug_seed = int(np.random.SeedSequence([seed, 2]).generate_state(1, np.uint64)[0]) >> 1
+    return tiles, torch.Generator().manual_seed(aug_seed)
+
+
+def _resume_key(config: Mapping[str, Any]) -> dict:
+    train_cfg = {k: v for k, v in config["train"].items() if k not in _RESUMABLE_CHANGES}
+    return {"seed": config["seed"], "model": config["model"], "weights": config["weights"], "train": train_cfg}
+
+
+def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+    return prefix.rstrip(".") or "<config>"
+
+
+def _write_csv_atomic(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(_format_row(r) for r in rows)
+    os.replace(tmp, path)
+
+
+def _format_row(row: Mapping[str, Any]) -> dict:
+    out = {}
+    for key in CSV_COLUMNS:
+        value = row.get(key)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            out[key] = ""
+        elif isinstance(value, float):
+            out[key] = repr(value)
+        else:
+            out[key] = value
+    return out
+
+
+class _Tensorboard:
+    def __init__(self, folder: str | Path | None) -> None:
+        self.writer = None
+        if folder is None:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError(None, "--tensorboard needs the 'tensorboard' package (pip install tensorboard)") from None
+        self.writer = SummaryWriter(str(folder))
+
+    def add(self, row: Mapping[str, Any]) -> None:
+        if self.writer is None:
+            return
+        for key in ("loss", "lr", "val_pixel_error", "val_rand_error"):
+            value = row.get(key)
+            if value is not None and not (isinstance(value, float) and math.isnan(value)):
+                self.writer.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def open_stores(stores: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Open OME-Zarr paths lazily (``unet_pipe.io.open_image``); arrays pass through."""
+    from unet_pipe.io import open_image
+
+    opened: dict[str, dict[str, Any]] = {}
+    for name, parts in stores.items():
+        opened[name] = {}
+        for key, value in parts.items():
+            if isinstance(value, (str, Path)):
+                value = open_image(value)
+            opened[name][key] = value
+    return opened
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(
+    config: dict,
+    stores: Mapping[str, Mapping[str, Any]],
+    out_checkpoint: str | Path,
+    log_csv: str | Path | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str = "auto",
+    until_step: int | None = None,
+    threads: int | None = None,
+    progress: bool = False,
+    tensorboard_dir: str | Path | None = None,
+) -> dict:
+    """Train a U-Net as ``config`` says; return a summary dict.
+
+    ``stores``: ``{dataset: {'raw': ..., 'labels': ..., 'weights': ...}}`` with
+    OME-Zarr paths or ``(z, y, x)`` arrays (``weights`` optional: uniform).
+    ``resume``: continue from ``<out>.partial`` or ``<out>`` when one exists
+    (start fresh otherwise).  ``until_step``: stop after this many steps
+    (a checkpoint is written to ``<out>.partial``), e.g. to fit a job's time
+    limit.  ``threads``: CPU threads (default: all cores available to the
+    process).  Raises :class:`OutputError` if ``out`` exists and neither
+    ``resume`` nor ``overwrite`` is given.
+    """
+    out = Path(out_checkpoint)
+    partial = partial_path(out)
+    log_path = Path(log_csv) if log_csv is not None else None
+    if out.exists() and not (resume or overwrite):
+        raise OutputError(out, "already exists; pass --resume to continue it or --overwrite to start over")
+    train_cfg, model_cfg = config["train"], config["model"]
+    total = int(train_cfg["steps"])
+    stop = total if until_step is None else min(int(until_step), total)
+    dev = resolve_device(device)
+
+    # Determinism settings (restored afterwards: this is a library function).
+    previous_deterministic = torch.are_deterministic_algorithms_enabled()
+    previous_cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    previous_threads = torch.get_num_threads()
+    if dev.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        # Max-pool backward has no deterministic CUDA kernel: warn instead of failing.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+    try:
+        return _train(config, stores, out, partial, log_path, resume, dev, total, stop, progress, tensorboard_dir)
+    finally:
+        torch.use_deterministic_algorithms(previous_deterministic)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous_cudnn
+        torch.set_num_threads(previous_threads)
+
+
+def _train(
+    config: dict,
+    stores: Mapping[str, Mapping[str, Any]],
+    out: Path,
+    partial: Path,
+    log_path: Path | None,
+    resume: bool,
+    dev: torch.device,
+    total: int,
+    stop: int,
+    progress: bool,
+    tensorboard_dir: str | Path | None,
+) -> dict:
+    from tqdm import tqdm
+
+    train_cfg, model_cfg, weights_cfg = config["train"], config["model"], config["weights"]
+    seed = int(config["seed"])
+    volumes = volumes_from_config(config, open_stores(stores))
+    sampler = TileSampler(
+        volumes,
+        tile=train_cfg["tile"],
+        depth=model_cfg["depth"],
+        dims=model_cfg["dims"],
+        label_mode=weights_cfg["label_mode"],
+        foreground_value=weights_cfg["foreground_value"],
+    )
+    augment = AugmentParams.from_config(train_cfg.get("augment"))
+    val_data = load_validation(volumes, weights_cfg["label_mode"], weights_cfg["foreground_value"])
+
+    torch.manual_seed(seed)
+    model = UNet(
+        in_channels=1,
+        n_classes=model_cfg["n_classes"],
+        depth=model_cfg["depth"],
+        base_channels=model_cfg["base_channels"],
+        dims=model_cfg["dims"],
+        dropout=model_cfg["dropout"],
+    )
+    tile_rng, aug_gen = _derived_seeds(seed)
+    use_amp = dev.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    history: list[dict] = []
+    step, elapsed = 0, 0.0
+
+    source = None
+    if resume:
+        source = partial if partial.exists() else (out if out.exists() else None)
+        if source is None:
+            log.info("nothing to resume at %s; starting from step 0", out)
+    optimizer_state = None
+    if source is not None:
+        ckpt = load_checkpoint(source)
+        if ckpt["arch"] != model.arch:
+            raise CheckpointError(source, f"architecture {ckpt['arch']} differs from the config's {model.arch}")
+        recorded = ckpt.get("config") or {}
+        if "train" not in recorded or _resume_key(recorded) != _resume_key(config):
+            key = _first_difference(_resume_key(recorded), _resume_key(config)) if "train" in recorded else "train"
+            raise CheckpointError(
+                source, f"was trained with a different config (key '{key}' differs); delete it or pass --overwrite to start over"
+            )
+        model.load_state_dict(ckpt["model_state"])
+        optimizer_state = ckpt["optimizer_state"]
+        step = int(ckpt["step"])
+        extra = ckpt.get("extra") or {}
+        torch.set_rng_state(ckpt["torch_rng_state"])
+        tile_rng.bit_generator.state = extra["tile_rng"]
+        aug_gen.set_state(extra["aug_rng"])
+        if use_amp and extra.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(extra["cuda_rng"])
+        if use_amp and extra.get("scaler"):
+            scaler.load_state_dict(extra["scaler"])
+        history = [dict(r) for r in extra.get("history", []) if int(r["step"]) <= step]
+        elapsed = float(extra.get("seconds", 0.0))
+        log.info("resuming %s at step %d of %d", source, step, total)
+
+    model.to(dev)
+    model.train()
+    optimizer = make_optimizer(model, train_cfg)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+
+    def save(path: Path) -> None:
+        extra = {
+            "tile_rng": tile_rng.bit_generator.state,
+            "aug_rng": aug_gen.get_state(),
+            "cuda_rng": torch.cuda.get_rng_state() if use_amp else None,
+            "scaler": scaler.state_dict() if use_amp else None,
+            "history": history,
+            "seconds": elapsed + (time.perf_counter() - started),
+            "tile": sampler.tile,
+            "output": sampler.output,
+            "input_normalization": "dtype-max",  # see unet_pipe.data.normalize_raw
+            "label_mode": weights_cfg["label_mode"],
+        }
+        save_checkpoint(path, model, optimizer, step=step, config=config, extra=extra)
+
+    if log_path is not None:
+        _write_csv_atomic(log_path, history)
+    board = _Tensorboard(tensorboard_dir)
+    started = time.perf_counter()
+    last_val = (float("nan"), float("nan"))
+    skipped = 0
+    csv_file = open(log_path, "a", newline="", encoding="utf-8") if log_path is not None else None
+    writer = csv.DictWriter(csv_file, fieldnames=CSV_COLUMNS) if csv_file is not None else None
+    bar = tqdm(total=total, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
+    try:
+        while step < stop:
+            lr = learning_rate(step, total, train_cfg["lr"], train_cfg["lr_schedule"])
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            image, classes, weights = sampler.batch(train_cfg["batch_size"], tile_rng)
+            image, classes, weights = image.to(dev), classes.to(dev), weights.to(dev)
+            image, classes, weights = augment_sample(
+                image, classes, weights, augment, aug_gen, spatial_dims=model.dims
+            )
+            classes = center_crop(classes, model.margin, model.dims)
+            weights = center_crop(weights, model.margin, model.dims)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=use_amp):
+                logits = model(image)
+            loss = weighted_cross_entropy(logits, classes, weights)
+            if not torch.isfinite(loss):
+                skipped += 1
+                if not use_amp or skipped > _AMP_MAX_SKIPPED:
+                    raise ConfigError(
+                        None, f"training diverged at step {step + 1} (loss {loss.item()}); lower 'train.lr'"
+                    )
+            else:
+                skipped = 0
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            row: dict[str, Any] = {"step": step, "loss": float(loss.detach()), "lr": lr}
+            if val_data and (step % train_cfg["val_every"] == 0 or step == total):
+                last_val = validate(model, val_data, dev, config.get("postprocess", {}))
+                row["val_pixel_error"], row["val_rand_error"] = last_val
+                log.info(
+                    "step %d: loss %.4f, validation pixel error %.4f, Rand error %.4f",
+                    step, row["loss"], *last_val,
+                )
+            row["seconds"] = round(elapsed + time.perf_counter() - started, 3)
+            history.append(row)
+            if writer is not None:
+                writer.writerow(_format_row(row))
+                csv_file.flush()
+            board.add(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
+            if step % train_cfg["checkpoint_every"] == 0 and step < total:
+                save(partial)
+    finally:
+        bar.close()
+        board.close()
+        if csv_file is not None:
+            csv_file.close()
+
+    if step >= total:
+        save(out)
+        partial.unlink(missing_ok=True)
+        written = out
+    else:
+        save(partial)
+        written = partial
+    return {
+        "checkpoint": str(written),
+        "step": step,
+        "finished": step >= total,
+        "loss": history[-1]["loss"] if history else float("nan"),
+        "val_pixel_error": last_val[0],
+        "val_rand_error": last_val[1],
+        "seconds": history[-1]["seconds"] if history else 0.0,
+    }
+
+
+def iter_rows(log_csv: str | Path) -> Iterator[dict]:
+    """Rows of a training CSV with numbers parsed (empty cells become None)."""
+    with open(log_csv, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            yield {
+                k: (None if v == "" else (int(v) if k == "step" else float(v))) for k, v in row.items()
+            }

@@ -1,0 +1,62 @@
+"""The CLI contract: subcommands, one-line errors, exit codes."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import tifffile
+
+from unet_pipe.io import image_metadata, open_image
+
+
+def test_synth_then_ingest(tmp_path, run_cli):
+    code, _, err = run_cli("synth", tmp_path / "d", "--shape", 3, 64, 80, "--seed", 5)
+    assert code == 0, err
+    code, _, err = run_cli("ingest", tmp_path / "d" / "raw.tif", tmp_path / "raw.ome.zarr", "--chunks", "1,32,32")
+    assert code == 0, err
+    meta = image_metadata(tmp_path / "raw.ome.zarr")
+    assert meta.shape == (3, 64, 80) and meta.chunks == (1, 32, 32)
+    assert meta.voxel_size == (0.05, 0.004, 0.004)  # from the synthetic TIFF's ImageJ metadata
+    ms = meta.attrs["multiscales"][0]
+    assert ms["datasets"][0]["path"] == "0"
+    np.testing.assert_array_equal(open_image(tmp_path / "raw.ome.zarr")[:], tifffile.imread(tmp_path / "d" / "raw.tif"))
+    code, _, err = run_cli("ingest", tmp_path / "d" / "labels.tif", tmp_path / "lab.ome.zarr", "--labels",
+                           "--like", tmp_path / "raw.ome.zarr")
+    assert code == 0, err
+
+
+def test_user_error_is_one_line_without_traceback(tmp_path):
+    (tmp_path / "bad.tif").write_bytes(b"not a tiff at all")
+    proc = subprocess.run(
+        [sys.executable, "-m", "unet_pipe", "ingest", str(tmp_path / "bad.tif"), str(tmp_path / "o.ome.zarr")],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("unet-pipe: error: ") and "bad.tif: not a readable TIFF" in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.tif"]
+
+
+def test_bad_arguments_and_help(run_cli, capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exc:
+        run_cli("ingest", "a.tif", "b.ome.zarr", "--chunks", "1,2")
+    assert exc.value.code == 2
+    assert "chunks must be three positive integers" in capsys.readouterr().err
+    for command in ("synth", "ingest", "check-config", "info"):
+        with pytest.raises(SystemExit) as exc:
+            run_cli(command, "--help")
+        assert exc.value.code == 0
+
+
+def test_check_config(tmp_path, run_cli):
+    good = tmp_path / "c.yaml"
+    good.write_text("datasets: {demo: {synthetic: {}}}\n")
+    assert run_cli("check-config", good)[0] == 0
+    bad = tmp_path / "b.yaml"
+    bad.write_text("datasets: {demo: {synthetic: {}}}\nweights: {w0: -1}\n")
+    code, _, err = run_cli("check-config", bad)
+    assert code == 2 and "key 'weights.w0'" in err

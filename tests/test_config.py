@@ -1,0 +1,63 @@
+"""Config validation: defaults, one clear message naming the key."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from unet_pipe.config import load_config, validate_config
+from unet_pipe.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def demo_config() -> dict:
+    return yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+
+
+def test_demo_config_is_valid_and_defaults_filled(demo_config):
+    cfg = validate_config(demo_config)
+    assert cfg["weights"]["w0"] == 10.0 and cfg["weights"]["sigma"] == 5.0
+    assert cfg["train"]["momentum"] == 0.99
+    minimal = validate_config({"datasets": {"a": {"synthetic": {}}}})
+    assert minimal["datasets"]["a"]["synthetic"] == {"shape": [12, 256, 256], "seed": 0}
+    assert minimal["ingest"]["compression"] == {"cname": "zstd", "clevel": 3}
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda c: c["weights"].update(w00=1), r"unknown key 'weights.w00'"),
+        (lambda c: c.update(sedd=1), r"unknown key 'sedd'"),
+        (lambda c: c["weights"].update(sigma="five"), r"key 'weights.sigma': 'five' is not of type 'number'"),
+        (lambda c: c["ingest"].update(chunks=[1, 2]), r"key 'ingest.chunks'"),
+        (lambda c: c["datasets"]["demo"].update(raw="x.tif"), r"key 'datasets.demo': give either 'synthetic' or 'raw'"),
+        (lambda c: c["train"]["datasets"].update(nope={"train": [0, 1]}), r"'train.datasets.nope': no such dataset"),
+    ],
+)
+def test_bad_config_names_the_key(demo_config, mutate, message):
+    cfg = copy.deepcopy(demo_config)
+    mutate(cfg)
+    with pytest.raises(ConfigError, match=message):
+        validate_config(cfg, "config.yaml")
+
+
+def test_missing_input_and_bad_yaml(tmp_path, demo_config):
+    cfg = {"datasets": {"mine": {"raw": "does/not/exist.tif"}}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match=r"key 'datasets.mine.raw': input 'does/not/exist.tif' does not exist"):
+        load_config(path)
+    path.write_text("datasets: [unclosed")
+    with pytest.raises(ConfigError, match=r"c\.yaml: not valid YAML at line 1"):
+        load_config(path)
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("datasets: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)

@@ -1,0 +1,156 @@
+"""Tile sampling: mirrored reads, crop geometry, label classes, determinism, OME-Zarr stores."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from unet_pipe.data import (
+    TileSampler,
+    Volume,
+    center_crop,
+    label_classes,
+    mirror_indices,
+    normalize_raw,
+    read_mirrored,
+    volumes_from_config,
+)
+from unet_pipe.errors import ConfigError, InputError
+
+
+def test_mirror_indices_written_out() -> None:
+    # Range [0, 4): reflect about the edge pixels (edge not repeated).
+    assert mirror_indices(-3, 10, 0, 4).tolist() == [3, 2, 1, 0, 1, 2, 3, 2, 1, 0]
+    assert mirror_indices(2, 3, 2, 5).tolist() == [2, 3, 4]
+    assert mirror_indices(-2, 5, 0, 1).tolist() == [0] * 5
+
+
+@pytest.mark.parametrize(
+    ("start", "shape"),
+    [((0, -3, -4), (3, 5, 7)), ((1, 2, 3), (1, 9, 12)), ((-2, -11, -13), (7, 20, 25)), ((0, 1, 1), (2, 3, 4))],
+)
+def test_read_mirrored_equals_numpy_pad(tiny_stack, start, shape) -> None:
+    pad = 30
+    padded = np.pad(tiny_stack, pad, mode="reflect")
+    expected = padded[tuple(slice(s + pad, s + pad + n) for s, n in zip(start, shape))]
+    np.testing.assert_array_equal(read_mirrored(tiny_stack, start, shape), expected)
+
+
+def test_read_mirrored_stays_inside_bounds(tiny_stack) -> None:
+    """Mirroring in z never reaches outside the given [start, stop) range."""
+    out = read_mirrored(tiny_stack, (0, 0, 0), (3, 5, 7), bounds=[(1, 3), (0, 5), (0, 7)])
+    # z = 0 lies one slice before the range [1, 3): its mirror image is z = 2.
+    np.testing.assert_array_equal(out, tiny_stack[[2, 1, 2]])
+
+
+def test_label_classes_and_normalize() -> None:
+    labels = np.array([[0, 255], [255, 7]], dtype=np.uint8)
+    assert label_classes(labels).tolist() == [[0, 1], [1, 0]]
+    assert label_classes(labels, "binary", 7).tolist() == [[0, 0], [0, 1]]
+    assert label_classes(labels, "instances").tolist() == [[0, 1], [1, 1]]
+    with pytest.raises(ValueError, match="label_mode"):
+        label_classes(labels, "semantic")
+    assert normalize_raw(np.array([0, 51, 255], np.uint8)).tolist() == pytest.approx([0.0, 0.2, 1.0])
+    assert normalize_raw(np.array([65535], np.uint16)).tolist() == [1.0]
+    assert normalize_raw(np.array([0.5], np.float64)).dtype == np.float32
+
+
+def test_center_crop() -> None:
+    a = np.arange(36).reshape(1, 6, 6)
+    np.testing.assert_array_equal(center_crop(a, 2, 2), [[[14, 15], [20, 21]]])
+    assert center_crop(torch.zeros(2, 6, 6, 6), 1, 3).shape == (2, 4, 4, 4)
+
+
+def _volume(nz: int = 4, ny: int = 50, nx: int = 60) -> Volume:
+    raw = (np.arange(nz * ny * nx) % 251).astype(np.uint8).reshape(nz, ny, nx)
+    labels = np.where(raw % 3 == 0, 0, 255).astype(np.uint8)
+    weights = (raw.astype(np.float32) / 10 + 1)
+    return Volume("v", raw, labels, weights, train=(0, 3), val=(3, 4))
+
+
+def test_tile_content_matches_the_store() -> None:
+    """Each tile is exactly the mirrored window at its origin; target windows lie inside."""
+    vol = _volume()
+    sampler = TileSampler([vol], tile=44, depth=2)  # output 28, margin 8
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        t = sampler.sample(rng)
+        z, y, x = t.origin
+        assert 0 <= z < 3
+        assert 0 <= y + 8 and y + 8 + 28 <= 50 and 0 <= x + 8 and x + 8 + 28 <= 60
+        window = read_mirrored(vol.raw, (z, y, x), (1, 44, 44))[0]
+        np.testing.assert_array_equal(t.image, window.astype(np.float32) / 255)
+        np.testing.assert_array_equal(t.classes, (read_mirrored(vol.labels, (z, y, x), (1, 44, 44))[0] == 255))
+        np.testing.assert_array_equal(t.weights, read_mirrored(vol.weights, (z, y, x), (1, 44, 44))[0])
+        assert t.image.dtype == np.float32 and t.classes.dtype == np.int64
+
+
+def test_small_images_are_covered_by_the_output_window() -> None:
+    """Image (20 x 20) smaller than the output window (28): the window covers it."""
+    raw = np.arange(400, dtype=np.uint8).reshape(1, 20, 20)
+    vol = Volume("s", raw, raw, None, train=(0, 1))
+    sampler = TileSampler([vol], tile=44, depth=2)
+    rng = np.random.default_rng(1)
+    for _ in range(10):
+        t = sampler.sample(rng)
+        _, y, x = t.origin
+        assert -8 <= y + 8 <= 0 and y + 8 + 28 >= 20
+        assert np.all(t.weights == 1.0)
+
+
+def test_sampling_is_seeded_and_visits_all_slices() -> None:
+    vols = [_volume(), Volume("w", *(a[:2] for a in (_volume().raw, _volume().labels, _volume().weights)), train=(1, 2))]
+    sampler = TileSampler(vols, tile=44, depth=2)
+    a = [sampler.sample(np.random.default_rng(5)) for _ in range(2)]
+    image1, classes1, weights1 = sampler.batch(3, np.random.default_rng(9))
+    image2, classes2, weights2 = sampler.batch(3, np.random.default_rng(9))
+    assert image1.shape == (3, 1, 44, 44) and classes1.shape == (3, 44, 44) and weights1.shape == (3, 44, 44)
+    assert torch.equal(image1, image2) and torch.equal(classes1, classes2) and torch.equal(weights1, weights2)
+    assert a[0].origin == a[1].origin
+    rng = np.random.default_rng(0)
+    seen = {(t.volume, t.origin[0]) for t in (sampler.sample(rng) for _ in range(200))}
+    assert seen == {("v", 0), ("v", 1), ("v", 2), ("w", 1)}  # 3 : 1 slices, val slice 3 never
+
+
+def test_three_d_tiles_mirror_within_the_train_range() -> None:
+    raw = np.repeat(np.arange(6, dtype=np.uint8)[:, None, None] * 40, 30, 1).repeat(30, 2)
+    vol = Volume("c", raw, raw, None, train=(0, 4), val=(4, 6))
+    sampler = TileSampler([vol], tile=20, depth=2, dims=3)  # output 4, margin 8
+    t = sampler.sample(np.random.default_rng(0))
+    assert t.image.shape == (20, 20, 20)
+    assert set(np.unique(t.image * 255 / 40).round().astype(int)) <= {0, 1, 2, 3}  # never 4 or 5
+
+
+def test_sampler_errors() -> None:
+    vol = _volume()
+    with pytest.raises(ConfigError, match="train.tile.*nearest valid sizes: 42 and 44"):
+        TileSampler([vol], tile=43, depth=2)
+    with pytest.raises(ConfigError, match=r"range \[0, 9\) does not fit the 4 slices"):
+        TileSampler([Volume("v", vol.raw, vol.labels, None, train=(0, 9))], tile=44, depth=2)
+    with pytest.raises(InputError, match="labels shape"):
+        TileSampler([Volume("v", vol.raw, vol.labels[:2], None, train=(0, 1))], tile=44, depth=2)
+    config = {"train": {"datasets": {"x": {"train": [0, 2]}}}}
+    with pytest.raises(ConfigError, match="no raw/labels stores"):
+        volumes_from_config(config, {})
+
+
+def test_tiles_from_ome_zarr_stores(tmp_path) -> None:
+    """The sampler reads the pipeline's OME-Zarr stores lazily, same values as numpy."""
+    from unet_pipe.io import StagedImage, open_image
+
+    vol = _volume()
+    paths = {}
+    for key, array, kind in (("raw", vol.raw, "image"), ("labels", vol.labels, "labels"), ("weights", vol.weights, "image")):
+        staged = StagedImage(tmp_path / f"{key}.ome.zarr", shape=array.shape, dtype=array.dtype, chunks=(1, 16, 16), kind=kind)
+        staged.array[:] = array
+        paths[key] = staged.commit(pyramid_levels=0)
+    config = {"train": {"datasets": {"v": {"train": [0, 3], "val": [3, 4]}}}}
+    stores = {"v": {k: open_image(p) for k, p in paths.items()}}
+    from_zarr = TileSampler(volumes_from_config(config, stores), tile=44, depth=2)
+    from_numpy = TileSampler([vol], tile=44, depth=2)
+    for seed in range(3):
+        a = from_zarr.sample(np.random.default_rng(seed))
+        b = from_numpy.sample(np.random.default_rng(seed))
+        np.testing.assert_array_equal(a.image, b.image)
+        np.testing.assert_array_equal(a.classes, b.classes)
+        np.testing.assert_array_equal(a.weights, b.weights)

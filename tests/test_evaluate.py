@@ -1,0 +1,181 @@
+"""Evaluation and report: hand-computed metrics through the OME-Zarr/JSON/CSV path, CLI, figures."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from unet_pipe.errors import InputError
+from unet_pipe.evaluate import evaluate, read_metrics
+from unet_pipe.io import StagedImage, open_image
+from unet_pipe.metrics import instances_from_binary
+from unet_pipe.report import pick_slices, read_training_log, write_report
+from unet_pipe.synth import synthesize
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _store(path, data, kind="image", extra=None, chunks=(1, 8, 8)):
+    staged = StagedImage(path, shape=data.shape, dtype=data.dtype, chunks=chunks, kind=kind)
+    staged.array[:] = data
+    staged.commit(pyramid_levels=0, extra_attrs=extra or {})
+    return path
+
+
+@pytest.fixture
+def tiny_case(tmp_path):
+    """3 slices of 4x4; truth: one 4x3 cell beside a membrane column (x = 3).
+
+    slice 0: perfect; slice 1: the cell split into two 4x... halves (see below);
+    slice 2: no truth foreground at all.
+    """
+    truth = np.zeros((3, 4, 4), np.uint8)
+    truth[:2, :, :3] = 255
+    inst = np.zeros((3, 4, 4), np.uint32)
+    inst[0, :, :3] = 7
+    inst[1, :2, :3] = 1  # split: rows 0-1 (6 px) vs rows 2-3 (6 px)
+    inst[1, 2:, :3] = 2
+    inst[2, 0, 0] = 3  # a false cell where the truth has none
+    prob = np.where(truth > 0, 230, 10).astype(np.uint8)
+    prob[0, 0, 3] = 200  # one false cell pixel in slice 0: p = 200/255 > 0.5
+    paths = {
+        "truth": _store(tmp_path / "labels.ome.zarr", truth, "labels"),
+        "instances": _store(tmp_path / "inst.ome.zarr", inst, "labels"),
+        "probabilities": _store(tmp_path / "prob.ome.zarr", prob),
+        "raw": _store(tmp_path / "raw.ome.zarr", (np.arange(48, dtype=np.uint8).reshape(3, 4, 4) * 5)),
+    }
+    return paths
+
+
+def test_evaluate_hand_values(tmp_path, tiny_case):
+    out = tmp_path / "m" / "metrics.json"
+    result = evaluate(
+        tiny_case["instances"], tiny_case["truth"], out,
+        probabilities=tiny_case["probabilities"], raw=tiny_case["raw"],
+        dataset="tiny", train_slices=(0, 1), val_slices=(1, 3),
+    )
+    rows = {r["z"]: r for r in result["per_slice"]}
+    # slice 0: perfect instances; pixel error 1/16 (the p = 200/255 pixel).
+    assert rows[0]["rand_error"] == 0.0 and rows[0]["pixel_error"] == pytest.approx(1 / 16)
+    assert rows[0]["iou"] == 1.0 and rows[0]["subset"] == "train"
+    # slice 1: 12 px cell split 6/6: sum p^2 = 1/2, sum t^2 = 1, sum s^2 = 1/2
+    # -> V_rand = 0.5 / 0.75 = 2/3, error 1/3; VI split = 1 bit, merge 0.
+    assert rows[1]["rand_error"] == pytest.approx(1 / 3)
+    assert (rows[1]["v_rand_split"], rows[1]["v_rand_merge"]) == pytest.approx((0.5, 1.0))
+    assert (rows[1]["vi_split"], rows[1]["vi_merge"]) == pytest.approx((1.0, 0.0))
+    assert rows[1]["pixel_error"] == 0.0
+    assert (rows[1]["truth_segments"], rows[1]["predicted_segments"]) == (1, 2)
+    # slice 2: no truth foreground: Rand/VI undefined; IoU 0 (1 false pixel, nothing true).
+    assert math.isnan(rows[2]["rand_error"]) and rows[2]["iou"] == 0.0
+    s = result["summary"]
+    assert s["all"]["rand_error"] == pytest.approx(1 / 6)  # mean over the 2 defined slices
+    assert s["all"]["pixel_error"] == pytest.approx(1 / 48)
+    assert s["all"]["iou"] == pytest.approx(24 / 25)  # pooled: 24 shared of 25 in the union
+    assert s["val"]["rand_error"] == pytest.approx(1 / 3) and s["val"]["slices"] == 2
+    assert s["train"]["rand_error"] == 0.0 and "other" not in s
+    # JSON on disk: strict (NaN -> null), the same numbers; CSV: one row per slice.
+    on_disk = json.loads(out.read_text())
+    assert on_disk["per_slice"][2]["rand_error"] is None
+    assert on_disk["summary"]["val"]["rand_error"] == pytest.approx(1 / 3)
+    assert on_disk["inputs"]["raw"] == str(tiny_case["raw"])
+    assert on_disk["provenance"]["params"]["val_slices"] == [1, 3]
+    with open(out.with_suffix(".csv"), newline="") as fh:
+        table = list(csv.DictReader(fh))
+    assert [r["z"] for r in table] == ["0", "1", "2"]
+    assert float(table[1]["rand_error"]) == pytest.approx(1 / 3) and table[2]["rand_error"] == ""
+    assert read_metrics(out)["dataset"] == "tiny"
+
+
+def test_evaluate_slice_range_and_instance_truth(tmp_path, tiny_case):
+    truth_ids = instances_from_binary(open_image(tiny_case["truth"])[:])
+    truth = _store(tmp_path / "ids.ome.zarr", truth_ids.astype(np.uint32), "labels")
+    result = evaluate(tiny_case["instances"], truth, tmp_path / "m.json", slices=(1, 2), truth_mode="instances")
+    assert [r["z"] for r in result["per_slice"]] == [1]
+    assert result["summary"]["all"]["rand_error"] == pytest.approx(1 / 3)
+    assert math.isnan(result["summary"]["all"]["pixel_error"])  # no probabilities given
+
+
+def test_evaluate_rejects_mismatched_inputs(tmp_path, tiny_case):
+    other = _store(tmp_path / "small.ome.zarr", np.zeros((2, 4, 4), np.uint8), "labels")
+    with pytest.raises(InputError, match="shape"):
+        evaluate(tiny_case["instances"], other, tmp_path / "m.json")
+    with pytest.raises(InputError, match="slice range"):
+        evaluate(tiny_case["instances"], tiny_case["truth"], tmp_path / "m.json", slices=(2, 9))
+    with pytest.raises(InputError, match="not found"):
+        read_metrics(tmp_path / "absent.json")
+
+
+def test_pick_slices_spreads_best_to_worst_preferring_val():
+    rows = [{"z": z, "subset": "val" if z >= 2 else "train", "rand_error": e}
+            for z, e in enumerate([0.0, 0.9, 0.3, 0.1, 0.2, None])]
+    assert pick_slices(rows, 3) == [(3, "best"), (4, "median"), (2, "worst")]
+    assert pick_slices(rows, 1) == [(3, "best")]
+    assert pick_slices(rows, 0) == []
+    assert pick_slices([{"z": 0, "rand_error": 0.5}], 5) == [(0, "best")]
+
+
+def test_read_training_log_keeps_numeric_columns(tmp_path):
+    log = tmp_path / "train.csv"
+    log.write_text("step,loss,val_rand_error,note\n1,0.5,,start\n2,0.25,0.4,x\n")
+    cols = read_training_log(log)
+    assert sorted(cols) == ["loss", "step", "val_rand_error"]
+    np.testing.assert_array_equal(cols["loss"], [0.5, 0.25])
+    assert math.isnan(cols["val_rand_error"][0]) and cols["val_rand_error"][1] == 0.4
+
+
+def test_report_writes_markdown_and_figures(tmp_path, tiny_case):
+    metrics = tmp_path / "metrics.json"
+    evaluate(tiny_case["instances"], tiny_case["truth"], metrics, probabilities=tiny_case["probabilities"],
+             raw=tiny_case["raw"], dataset="tiny", val_slices=(1, 3))
+    log = tmp_path / "train.csv"
+    log.write_text("step,loss,lr,val_pixel_error,val_rand_error,seconds\n"
+                   "1,0.7,0.01,,,0.5\n2,0.5,0.01,0.2,0.3,1.0\n3,0.4,0.005,,,1.5\n")
+    out = write_report(tmp_path / "report" / "report.md", [metrics], training_logs=[log, tmp_path / "nope.csv"])
+    text = out.read_text()
+    assert "| tiny | val | 2 | 0.0000 | 0.3333 |" in text  # val: slices 1-2, Rand error of slice 1 only
+    assert "![tiny: slices](report_figures/tiny_slices.png)" in text
+    assert "| val_rand_error | 0.3 |" in text and "| seconds | 1.5 |" in text
+    assert "nope.csv not readable" in text
+    figures = tmp_path / "report" / "report_figures"
+    for name in ("tiny_slices.png", "training_0.png"):
+        assert (figures / name).read_bytes()[:8] == PNG_MAGIC
+    # The stores moved away: the report still comes out, with a note.
+    metrics_data = json.loads(metrics.read_text())
+    metrics_data["inputs"]["instances"] = str(tmp_path / "gone.ome.zarr")
+    metrics.write_text(json.dumps(metrics_data))
+    text = write_report(tmp_path / "r2.md", [metrics], figures=2).read_text()
+    assert "Slice figures skipped" in text and "No training log given." in text
+
+
+def test_cli_postprocess_evaluate_report(tmp_path, run_cli):
+    stack = synthesize((2, 64, 64), seed=3)
+    prob = _store(tmp_path / "prob.ome.zarr", stack.labels, extra={"probability_scale": 255}, chunks=(1, 64, 64))
+    labels = _store(tmp_path / "labels.ome.zarr", stack.labels, "labels", chunks=(1, 64, 64))
+    inst, metrics, report = tmp_path / "inst.ome.zarr", tmp_path / "metrics.json", tmp_path / "report.md"
+    assert run_cli("postprocess", prob, inst, "--method", "watershed")[0] == 0
+    code, _, err = run_cli("evaluate", "--prediction", inst, "--truth", labels, "--probabilities", prob,
+                           "--out", metrics, "--foreground-value", "255", "--val", "1", "2")
+    assert code == 0, err
+    summary = json.loads(metrics.read_text())["summary"]
+    assert summary["all"]["pixel_error"] == 0.0 and summary["all"]["iou"] == 1.0
+    assert summary["all"]["rand_error"] < 0.01
+    assert run_cli("report", "--metrics", metrics, "--out", report, "--figures", "1")[0] == 0
+    assert f"## {tmp_path.name}" in report.read_text()  # default dataset name: the folder of INST
+    # A user mistake is one line on stderr and exit status 2.
+    code, _, err = run_cli("evaluate", "--prediction", tmp_path / "x.ome.zarr", "--truth", labels, "--out", metrics)
+    assert code == 2 and err.count("\n") == 1 and "x.ome.zarr: not found" in err
+    code, _, err = run_cli("postprocess", prob, tmp_path / "y.ome.zarr", "--threshold", "0.95")
+    assert code == 2 and "seed-threshold" in err
+
+
+def test_isbi_truth_scores_perfectly(tmp_path, isbi_dir):
+    tifffile = pytest.importorskip("tifffile")
+    labels = tifffile.imread(isbi_dir / "train-labels.tif")[:2]
+    truth = _store(tmp_path / "labels.ome.zarr", labels, "labels", chunks=(1, 512, 512))
+    inst = _store(tmp_path / "inst.ome.zarr", instances_from_binary(labels), "labels", chunks=(1, 512, 512))
+    prob = _store(tmp_path / "prob.ome.zarr", labels, chunks=(1, 512, 512))  # uint8 0/255 = p 0/1
+    s = evaluate(inst, truth, tmp_path / "m.json", probabilities=prob)["summary"]["all"]
+    assert (s["rand_error"], s["pixel_error"], s["vi"], s["iou"]) == (0.0, 0.0, 0.0, 1.0)

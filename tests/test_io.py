@@ -1,0 +1,303 @@
+"""TIFF reading and OME-Zarr writing: exact values, metadata, streaming, bad input."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from unet_pipe.errors import InputError, OutputError
+from unet_pipe.io import (
+    StagedImage,
+    downsample2,
+    image_metadata,
+    ingest_tiff,
+    multiscales_metadata,
+    open_image,
+    open_tiff_stack,
+)
+
+
+def imwrite(path, data, **kwargs):
+    kwargs.setdefault("photometric", "minisblack")
+    tifffile.imwrite(path, data, **kwargs)
+
+
+def _level(path, level):
+    return zarr.open_group(str(path), mode="r")[str(level)][:]
+
+
+# ------------------------------------------------------------------ readers
+
+
+def test_multipage_tiff_roundtrip_exact(tmp_path, tiny_stack):
+    imwrite(tmp_path / "s.tif", tiny_stack)
+    dest = ingest_tiff(tmp_path / "s.tif", tmp_path / "s.ome.zarr", chunks=(2, 4, 4), pyramid_levels=1)
+    arr = open_image(dest)
+    assert arr.dtype == np.uint16
+    assert arr.chunks == (2, 4, 4)
+    np.testing.assert_array_equal(arr[:], tiny_stack)
+    attrs = image_metadata(dest).attrs["unet_pipe"]
+    assert attrs["array_sha256"] == hashlib.sha256(tiny_stack.tobytes()).hexdigest()
+
+
+def test_folder_of_slices_natural_order(tmp_path, tiny_stack):
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    # names that sort wrongly as strings: 2 < 10 only in natural order
+    for z, name in zip(range(3), ["s1.tif", "s2.tif", "s10.tif"]):
+        imwrite(folder / name, tiny_stack[z])
+    (folder / "notes.txt").write_text("ignored: not a TIFF")
+    src = open_tiff_stack(folder)
+    assert [f.name for f in src.files] == ["s1.tif", "s2.tif", "s10.tif"]
+    dest = ingest_tiff(folder, tmp_path / "f.ome.zarr", chunks=(1, 5, 7))
+    np.testing.assert_array_equal(open_image(dest)[:], tiny_stack)
+
+
+@pytest.mark.parametrize("kwargs", [{"bigtiff": True}, {"ome": True}])
+def test_bigtiff_and_ome_tiff(tmp_path, tiny_stack, kwargs):
+    imwrite(tmp_path / "s.tif", tiny_stack, **kwargs)
+    dest = ingest_tiff(tmp_path / "s.tif", tmp_path / "s.ome.zarr", chunks=(1, 5, 7))
+    np.testing.assert_array_equal(open_image(dest)[:], tiny_stack)
+
+
+def test_voxel_size_from_ome_metadata(tmp_path, tiny_stack):
+    imwrite(
+        tmp_path / "s.ome.tif",
+        tiny_stack,
+        ome=True,
+        metadata={"axes": "ZYX", "PhysicalSizeZ": 50.0, "PhysicalSizeZUnit": "nm",
+                  "PhysicalSizeY": 4.0, "PhysicalSizeYUnit": "nm", "PhysicalSizeX": 4.0, "PhysicalSizeXUnit": "nm"},
+    )
+    dest = ingest_tiff(tmp_path / "s.ome.tif", tmp_path / "s.ome.zarr")
+    assert image_metadata(dest).voxel_size == pytest.approx((0.05, 0.004, 0.004))
+
+
+def test_voxel_size_from_imagej_metadata_and_override(tmp_path, tiny_stack):
+    imwrite(tmp_path / "s.tif", tiny_stack, imagej=True, resolution=(1 / 0.004, 1 / 0.004),
+                     metadata={"spacing": 0.05, "unit": "um", "axes": "ZYX"})
+    a = ingest_tiff(tmp_path / "s.tif", tmp_path / "a.ome.zarr")
+    assert image_metadata(a).voxel_size == pytest.approx((0.05, 0.004, 0.004))
+    b = ingest_tiff(tmp_path / "s.tif", tmp_path / "b.ome.zarr", voxel_size=(1.0, 0.5, 0.25))
+    assert image_metadata(b).voxel_size == (1.0, 0.5, 0.25)
+
+
+# ------------------------------------------------------------------ metadata
+
+
+def test_ngff_multiscales_lists_full_resolution_first(tmp_path):
+    data = np.arange(2 * 8 * 12, dtype=np.uint8).reshape(2, 8, 12)
+    imwrite(tmp_path / "s.tif", data)
+    dest = ingest_tiff(tmp_path / "s.tif", tmp_path / "s.ome.zarr", voxel_size=(0.05, 0.004, 0.004),
+                       pyramid_levels=2, chunks=(1, 4, 4))
+    attrs = json.loads((dest / ".zattrs").read_text())
+    ms = attrs["multiscales"][0]
+    assert ms["version"] == "0.4"
+    assert [a["name"] for a in ms["axes"]] == ["z", "y", "x"]
+    assert [d["path"] for d in ms["datasets"]] == ["0", "1", "2"]
+    scales = [d["coordinateTransformations"][0]["scale"] for d in ms["datasets"]]
+    assert scales == [[0.05, 0.004, 0.004], [0.05, 0.008, 0.008], [0.05, 0.016, 0.016]]
+    # level 1 is the 2x2 mean, rounded: rows 0-1, cols 0-1 of slice 0 are 0, 1, 12, 13 -> 6.5 -> 7 (round half up)
+    level1 = _level(dest, 1)
+    assert level1.shape == (2, 4, 6)
+    assert level1[0, 0, 0] == 7 and level1[0, 0, 1] == 9
+    assert _level(dest, 2).shape == (2, 2, 3)
+    assert ".zgroup" in {p.name for p in dest.iterdir()}
+
+
+def test_labels_pyramid_is_nearest_and_keeps_values():
+    labels = np.array([[[0, 255, 255, 0], [255, 0, 0, 255]]], dtype=np.uint8)
+    np.testing.assert_array_equal(downsample2(labels, "labels"), [[[0, 255]]])
+    assert set(np.unique(downsample2(labels, "labels"))) <= {0, 255}
+
+
+def test_multiscales_metadata_units():
+    meta = multiscales_metadata("x", (1.0, 2.0, 3.0), levels=1, kind="labels")
+    assert meta["datasets"][1]["coordinateTransformations"][0]["scale"] == [1.0, 4.0, 6.0]
+    assert all(ax["unit"] == "micrometer" for ax in meta["axes"])
+
+
+def test_labels_ingest_keeps_integer_dtype_and_checks_shape(tmp_path):
+    raw = np.zeros((2, 6, 6), np.uint8)
+    labels = np.arange(72, dtype=np.uint32).reshape(2, 6, 6)
+    imwrite(tmp_path / "raw.tif", raw)
+    imwrite(tmp_path / "lab.tif", labels)
+    imwrite(tmp_path / "bad.tif", labels[:, :5])
+    r = ingest_tiff(tmp_path / "raw.tif", tmp_path / "raw.ome.zarr")
+    lab = ingest_tiff(tmp_path / "lab.tif", tmp_path / "lab.ome.zarr", kind="labels", like=r)
+    arr = open_image(lab)
+    assert arr.dtype == np.uint32
+    np.testing.assert_array_equal(arr[:], labels)
+    assert image_metadata(lab).attrs["image-label"]["version"] == "0.4"
+    with pytest.raises(InputError, match=r"bad\.tif: shape \(2, 5, 6\) differs from \(2, 6, 6\)"):
+        ingest_tiff(tmp_path / "bad.tif", tmp_path / "bad.ome.zarr", kind="labels", like=r)
+    assert not (tmp_path / "bad.ome.zarr").exists()
+
+
+# ------------------------------------------------------------------ staging
+
+
+def test_staged_image_is_invisible_until_commit(tmp_path):
+    dest = tmp_path / "out.ome.zarr"
+    staged = StagedImage(dest, shape=(2, 4, 4), dtype="float32", chunks=(1, 4, 4))
+    staged.array[0] = 1.5
+    staged.mark_done("z0")
+    assert not dest.exists() and staged.staging.exists()
+    staged.commit(pyramid_levels=1, provenance={"params": {"a": 1}})
+    assert dest.exists() and not staged.staging.exists()
+    assert open_image(dest)[0, 0, 0] == 1.5
+    assert image_metadata(dest).attrs["unet_pipe"]["provenance"] == {"params": {"a": 1}}
+
+
+def test_staged_image_resume_keeps_done_blocks_only_with_same_fingerprint(tmp_path):
+    dest = tmp_path / "out.ome.zarr"
+    first = StagedImage(dest, shape=(2, 4, 4), dtype="uint8", chunks=(1, 4, 4), fingerprint="A")
+    first.array[0] = 7
+    first.mark_done("block-0")
+    again = StagedImage(dest, shape=(2, 4, 4), dtype="uint8", chunks=(1, 4, 4), fingerprint="A", resume=True)
+    assert again.is_done("block-0") and not again.is_done("block-1")
+    assert again.array[0, 0, 0] == 7
+    other = StagedImage(dest, shape=(2, 4, 4), dtype="uint8", chunks=(1, 4, 4), fingerprint="B", resume=True)
+    assert not other.is_done("block-0")
+    assert other.array[0, 0, 0] == 0
+
+
+def test_existing_output_is_not_overwritten(tmp_path, tiny_stack):
+    imwrite(tmp_path / "s.tif", tiny_stack)
+    dest = ingest_tiff(tmp_path / "s.tif", tmp_path / "s.ome.zarr")
+    before = (dest / ".zattrs").read_text()
+    with pytest.raises(OutputError, match="already exists"):
+        ingest_tiff(tmp_path / "s.tif", dest)
+    assert (dest / ".zattrs").read_text() == before
+    ingest_tiff(tmp_path / "s.tif", dest, overwrite=True, chunks=(1, 5, 7))
+    assert open_image(dest).chunks == (1, 5, 7)
+
+
+def test_interrupted_ingest_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
+    data = np.arange(4 * 6 * 6, dtype=np.uint8).reshape(4, 6, 6)
+    imwrite(tmp_path / "s.tif", data)
+    import unet_pipe.io as io_mod
+
+    original = io_mod.TiffSource.iter_slices
+
+    def dying(self):
+        for z, page in original(self):
+            if z == 2:
+                raise KeyboardInterrupt
+            yield z, page
+
+    monkeypatch.setattr(io_mod.TiffSource, "iter_slices", dying)
+    with pytest.raises(KeyboardInterrupt):
+        ingest_tiff(tmp_path / "s.tif", tmp_path / "s.ome.zarr", chunks=(1, 6, 6))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.tif"]
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_truncated_tiff_names_file_and_leaves_no_output(tmp_path):
+    data = np.random.default_rng(0).integers(0, 255, (4, 64, 64), dtype=np.uint8)
+    imwrite(tmp_path / "full.tif", data)
+    blob = (tmp_path / "full.tif").read_bytes()
+    (tmp_path / "cut.tif").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(InputError, match=r"cut\.tif: .*(corrupt|truncated|readable)"):
+        ingest_tiff(tmp_path / "cut.tif", tmp_path / "cut.ome.zarr")
+    assert not any(p.name.startswith("cut.ome.zarr") for p in tmp_path.iterdir())
+
+
+def test_garbage_and_non_image_files(tmp_path):
+    (tmp_path / "junk.tif").write_bytes(b"II*\x00" + b"\xff" * 64)
+    (tmp_path / "notes.txt").write_text("hello")
+    for name in ("junk.tif", "notes.txt"):
+        with pytest.raises(InputError, match=rf"{name}: not a readable TIFF"):
+            open_tiff_stack(tmp_path / name)
+
+
+def test_folder_mismatches_and_empty(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="empty: folder holds no .tif/.tiff slices"):
+        open_tiff_stack(empty)
+    shapes = tmp_path / "shapes"
+    shapes.mkdir()
+    imwrite(shapes / "a1.tif", np.zeros((4, 4), np.uint8))
+    imwrite(shapes / "a2.tif", np.zeros((4, 5), np.uint8))
+    with pytest.raises(InputError, match=r"a2\.tif: slice shape \(4, 5\) differs"):
+        open_tiff_stack(shapes)
+    dtypes = tmp_path / "dtypes"
+    dtypes.mkdir()
+    imwrite(dtypes / "a1.tif", np.zeros((4, 4), np.uint8))
+    imwrite(dtypes / "a2.tif", np.zeros((4, 4), np.uint16))
+    with pytest.raises(InputError, match=r"a2\.tif: slice dtype uint16 differs"):
+        open_tiff_stack(dtypes)
+
+
+def test_rgb_tiff_is_rejected(tmp_path):
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((8, 8, 3), np.uint8), photometric="rgb")
+    with pytest.raises(InputError, match=r"rgb\.tif: colour/sample axis"):
+        open_tiff_stack(tmp_path / "rgb.tif")
+
+
+def test_nan_in_float_raw_is_rejected(tmp_path):
+    data = np.ones((3, 4, 4), np.float32)
+    data[2, 1, 1] = np.nan
+    imwrite(tmp_path / "f.tif", data)
+    with pytest.raises(InputError, match=r"f\.tif: page 2 contains NaN"):
+        ingest_tiff(tmp_path / "f.tif", tmp_path / "f.ome.zarr")
+    assert not any(p.name.startswith("f.ome.zarr") for p in tmp_path.iterdir())
+
+
+def test_float_labels_are_rejected(tmp_path):
+    imwrite(tmp_path / "l.tif", np.ones((2, 4, 4), np.float32))
+    with pytest.raises(InputError, match="labels must be integers"):
+        ingest_tiff(tmp_path / "l.tif", tmp_path / "l.ome.zarr", kind="labels")
+
+
+def test_open_image_rejects_plain_folder(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        open_image(tmp_path / "missing.ome.zarr")
+    zarr.open_group(str(tmp_path / "plain.zarr"), mode="w", zarr_format=2)
+    with pytest.raises(InputError, match="no valid 'multiscales'"):
+        open_image(tmp_path / "plain.zarr")
+
+
+# ------------------------------------------------------------------ streaming
+
+
+def test_ingest_reads_one_slice_at_a_time(tmp_path, monkeypatch):
+    """The stack is never read whole: tifffile is asked for single pages only."""
+    data = np.arange(5 * 8 * 8, dtype=np.uint8).reshape(5, 8, 8)
+    imwrite(tmp_path / "s.tif", data)
+    sizes = []
+    original = tifffile.TiffPage.asarray
+
+    def spy(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        sizes.append(out.size)
+        return out
+
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", spy)
+    monkeypatch.setattr(tifffile.TiffFile, "asarray", lambda *a, **k: pytest.fail("whole-stack read"))
+    ingest_tiff(tmp_path / "s.tif", tmp_path / "s.ome.zarr", chunks=(1, 8, 8))
+    assert sizes and max(sizes) == 64
+
+
+# ------------------------------------------------------------------ real data
+
+
+def test_isbi_roundtrip_exact(isbi_dir, tmp_path):
+    src = isbi_dir / "train-volume.tif"
+    dest = ingest_tiff(src, tmp_path / "isbi.ome.zarr", chunks=(1, 256, 256), voxel_size=(0.05, 0.004, 0.004))
+    meta = image_metadata(dest)
+    assert meta.shape == (30, 512, 512) and meta.dtype == np.uint8 and meta.chunks == (1, 256, 256)
+    # SOURCE.txt: sha256 of the raw array bytes starts with 200da3d452d726e6
+    assert meta.attrs["unet_pipe"]["array_sha256"].startswith("200da3d452d726e6")
+    np.testing.assert_array_equal(open_image(dest)[:], tifffile.imread(src))
+    labels = ingest_tiff(isbi_dir / "train-labels.tif", tmp_path / "labels.ome.zarr", kind="labels", like=dest)
+    lab_meta = image_metadata(labels)
+    assert lab_meta.attrs["unet_pipe"]["array_sha256"].startswith("a7cb64000a1a7e54")
+    assert lab_meta.voxel_size == (0.05, 0.004, 0.004)  # taken from the raw image
+    assert set(np.unique(open_image(labels, level=2)[:])) <= {0, 255}

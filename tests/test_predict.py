@@ -1,0 +1,317 @@
+"""Overlap-tile inference: equals the whole-slice forward pass, resumable, safe, sharded."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from unet_pipe.errors import CheckpointError, ConfigError, InputError, OutputError
+from unet_pipe.io import _DONE_DIR, StagedImage, image_metadata, open_image
+from unet_pipe.model import UNet, save_checkpoint, valid_output_size
+from unet_pipe.predict import (
+    PredictPlan,
+    activation_bytes_per_voxel,
+    finalize,
+    make_plan,
+    predict,
+    read_probabilities,
+)
+from unet_pipe.synth import synthesize
+
+TOL = 1e-5  # float32 reassociation across tile shapes / thread counts
+
+
+def write_image(path: Path, data: np.ndarray, chunks) -> Path:
+    staged = StagedImage(path, shape=data.shape, dtype=data.dtype, chunks=chunks, voxel_size=(0.05, 0.004, 0.004))
+    staged.array[:] = data
+    staged.commit(pyramid_levels=0)
+    return path
+
+
+def make_net(dims: int = 2, depth: int = 3, base: int = 4, seed: int = 0) -> UNet:
+    torch.manual_seed(seed)
+    net = UNet(depth=depth, base_channels=base, dims=dims, dropout=0.5)
+    with torch.no_grad():  # non-zero biases: a bias-free ReLU net would hide offset errors
+        for p in net.parameters():
+            if p.ndim == 1:
+                p.uniform_(-0.1, 0.1)
+    return net.eval()
+
+
+def reference(net: UNet, raw: np.ndarray, tta: bool = False) -> np.ndarray:
+    """Whole-slice (2D) / whole-volume (3D) forward pass, written independently of unet_pipe.tiling.
+
+    np.pad(mode='reflect') by the margin, plus the extra voxels that make the
+    far side a valid size; softmax class 1; crop to the volume.
+    """
+    m, step = net.margin, 2 ** (net.depth - 1)
+    x = raw.astype(np.float32) / 255.0
+    spatial = x.shape[1:] if net.dims == 2 else x.shape
+    extra = []
+    for n in spatial:
+        out = n
+        while True:
+            try:
+                if valid_output_size(out + 2 * m, net.depth) == out:
+                    break
+            except ValueError:
+                pass
+            out += 1
+        extra.append(out - n)
+    assert all(e < step for e in extra)
+    pad = [(m, m + e) for e in extra]
+    if net.dims == 2:
+        padded = np.stack([np.pad(s, pad, mode="reflect") for s in x])[:, None]
+    else:
+        padded = np.pad(x, pad, mode="reflect")[None, None]
+    t = torch.from_numpy(padded)
+
+    def prob(inp):
+        with torch.no_grad():
+            return torch.softmax(net(inp), dim=1)[:, 1:2]
+
+    if not tta:
+        p = prob(t)
+    else:
+        p = 0
+        for flip in (False, True):
+            for k in range(4):
+                f = torch.flip(t, (-1,)) if flip else t
+                q = torch.rot90(prob(torch.rot90(f, k, (-2, -1))), -k, (-2, -1))
+                p = p + (torch.flip(q, (-1,)) if flip else q)
+        p = p / 8
+    p = p[:, 0].numpy() if net.dims == 2 else p[0, 0].numpy()
+    return p[tuple(slice(0, n) for n in raw.shape)]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory) -> dict:
+    """A synthetic EM stack (3, 70, 90), chunks (1, 32, 32), and a depth-3 2D U-Net checkpoint."""
+    root = tmp_path_factory.mktemp("predict")
+    raw = synthesize((3, 70, 90), seed=1).raw
+    net = make_net()
+    ckpt = save_checkpoint(root / "net.pt", net)
+    return {
+        "root": root,
+        "raw": raw,
+        "raw_path": write_image(root / "raw.ome.zarr", raw, (1, 32, 32)),
+        "net": net,
+        "ckpt": ckpt,
+        "expected": reference(net, raw),
+    }
+
+
+# -------------------------------------------------------------------- planning
+
+
+def test_plan_defaults_written_out() -> None:
+    paper = {"in_channels": 1, "n_classes": 2, "depth": 5, "base_channels": 64, "dims": 2, "dropout": 0.5}
+    # Enough memory for any tile: the whole 512 x 512 ISBI slice is one tile, 16 slices per block/batch.
+    plan = make_plan(paper, (30, 512, 512), (1, 512, 512), memory=1 << 40)
+    assert (plan.tile, plan.block, plan.batch) == ((1, 512, 512), (16, 512, 512), 16)
+    assert plan.window == (1, 700, 700)  # 512 -> valid output 516, + 2 * 92
+    # 1 GiB: the largest window that fits, and blocks of whole chunks split evenly into tiles.
+    budget = 1 << 30
+    plan = make_plan(paper, (30, 2048, 2048), (1, 512, 512), memory=budget)
+    assert plan.window[1] ** 2 * activation_bytes_per_voxel(paper) <= budget
+    assert plan.tile[1] % 16 == 0 and plan.block[1] % 512 == 0
+    assert plan.block[1] <= plan.tile[1] * -(-plan.block[1] // plan.tile[1]) < plan.block[1] + 16 * 3
+    # Explicit tile and block are honoured; tiles must sit on the pooling grid.
+    plan = make_plan(paper, (30, 512, 512), (1, 512, 512), tile=[64, 128], block=[2, 512, 512], memory=budget)
+    assert (plan.tile, plan.block) == ((1, 64, 128), (2, 512, 512))
+    with pytest.raises(ConfigError, match="multiple of the pooling factor 16"):
+        make_plan(paper, (30, 512, 512), (1, 512, 512), tile=100, memory=budget)
+    with pytest.raises(ConfigError, match="multiple of the chunk edge 512"):
+        make_plan(paper, (30, 1024, 1024), (1, 512, 512), block=[1, 700, 700], memory=budget)
+
+
+def test_plan_roundtrips() -> None:
+    arch = {"in_channels": 1, "n_classes": 2, "depth": 3, "base_channels": 4, "dims": 3, "dropout": 0.5}
+    plan = make_plan(arch, (20, 40, 40), (8, 16, 16), memory=1 << 20)
+    assert PredictPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+    assert all(t % 4 == 0 for t in plan.tile)
+
+
+# ------------------------------------------------------------- tiling invariance
+
+
+@pytest.mark.parametrize(
+    ("tile", "block", "workers"),
+    [(None, None, 1), ([16], None, 1), ([24, 40], [1, 32, 64], 2), ([8], [3, 64, 96], 1), ([72, 92], [2, 96, 96], 2)],
+)
+def test_tiled_equals_whole_slice_forward(stack, tmp_path, tile, block, workers) -> None:
+    dest = tmp_path / "p.ome.zarr"
+    result = predict(stack["ckpt"], stack["raw_path"], dest, tile=tile, block=block, workers=workers, batch=3)
+    assert result.committed and result.computed == result.total == len(result.plan.blocks())
+    out = read_probabilities(dest)
+    assert out.shape == stack["raw"].shape and out.dtype == np.float32
+    np.testing.assert_allclose(out, stack["expected"], rtol=0, atol=TOL)
+    assert 0.05 < out.std()  # a non-trivial output: the comparison means something
+    meta = image_metadata(dest)
+    assert meta.chunks == (1, 32, 32) and meta.voxel_size == (0.05, 0.004, 0.004)
+    assert meta.attrs["unet_pipe"]["probability_scale"] == 1.0
+
+
+def test_tta_equals_whole_slice_tta_and_is_rotation_equivariant(tmp_path) -> None:
+    # 64 x 64 is a valid output size of depth 3 (multiple of 4): the mirrored whole-slice window is
+    # symmetric, so the 8-fold average commutes with rotating the input.
+    raw = synthesize((2, 64, 64), seed=3).raw
+    net = make_net(seed=1)
+    ckpt = save_checkpoint(tmp_path / "n.pt", net)
+    expected = reference(net, raw, tta=True)
+    out = {}
+    for name, data in {"raw": raw, "rot": np.rot90(raw, 1, axes=(1, 2)).copy()}.items():
+        src = write_image(tmp_path / f"{name}.ome.zarr", data, (1, 32, 32))
+        predict(ckpt, src, tmp_path / f"{name}.p.ome.zarr", tile=16, tta=True)
+        out[name] = read_probabilities(tmp_path / f"{name}.p.ome.zarr")
+    np.testing.assert_allclose(out["raw"], expected, rtol=0, atol=TOL)
+    np.testing.assert_allclose(np.rot90(out["raw"], 1, axes=(1, 2)), out["rot"], rtol=0, atol=TOL)
+    assert np.abs(expected - reference(net, raw)).max() > 1e-3  # TTA really changes the result
+
+
+def test_3d_model_tiled_equals_whole_volume(tmp_path) -> None:
+    raw = synthesize((10, 13, 11), seed=2).raw
+    net = make_net(dims=3, depth=2, base=2)
+    ckpt = save_checkpoint(tmp_path / "n3.pt", net)
+    src = write_image(tmp_path / "raw.ome.zarr", raw, (4, 8, 8))
+    expected = reference(net, raw)
+    for tile, block in [(None, None), ([2, 4, 6], [4, 8, 16])]:
+        dest = tmp_path / f"p{tile}.ome.zarr"
+        result = predict(ckpt, src, dest, tile=tile, block=block, batch=2)
+        assert result.plan.dims == 3
+        np.testing.assert_allclose(read_probabilities(dest), expected, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize(("dtype", "scale"), [("float16", 1.0), ("uint8", 1 / 255)])
+def test_output_dtypes(stack, tmp_path, dtype, scale) -> None:
+    dest = tmp_path / "q.ome.zarr"
+    predict(stack["ckpt"], stack["raw_path"], dest, tile=32, dtype=dtype)
+    stored = open_image(dest)[:]
+    assert stored.dtype == np.dtype(dtype)
+    expected = stack["expected"].astype(np.float16) if dtype == "float16" else np.rint(stack["expected"] * 255)
+    np.testing.assert_allclose(stored.astype(np.float64), expected, rtol=0, atol=1e-3 if dtype == "float16" else 1)
+    assert image_metadata(dest).attrs["unet_pipe"]["probability_scale"] == pytest.approx(scale)
+    np.testing.assert_allclose(read_probabilities(dest), stack["expected"], atol=1e-3 if dtype == "float16" else 0.5 / 255 + TOL)
+
+
+def test_real_isbi_slice(isbi_dir, tmp_path) -> None:
+    import tifffile
+
+    with tifffile.TiffFile(isbi_dir / "test-volume.tif") as tif:
+        raw = np.stack([tif.pages[z].asarray() for z in (0, 29)])[:, :200, :232]
+    net = make_net(seed=4)
+    ckpt = save_checkpoint(tmp_path / "n.pt", net)
+    src = write_image(tmp_path / "isbi.ome.zarr", raw, (1, 128, 128))
+    predict(ckpt, src, tmp_path / "p.ome.zarr", tile=[48, 64], workers=2)
+    np.testing.assert_allclose(read_probabilities(tmp_path / "p.ome.zarr"), reference(net, raw), rtol=0, atol=TOL)
+
+
+# ------------------------------------------------------------------ safety
+
+
+def test_foreign_architecture_is_refused(stack, tmp_path) -> None:
+    dest = tmp_path / "x.ome.zarr"
+    with pytest.raises(CheckpointError, match="depth: checkpoint 3 vs expected 5"):
+        predict(stack["ckpt"], stack["raw_path"], dest, expected_arch={"depth": 5, "base_channels": 4})
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError):
+        predict(junk, stack["raw_path"], dest)
+    assert not dest.exists() and not dest.with_name(dest.name + ".partial").exists()
+
+
+def test_wrong_dimensionality_is_refused(stack, tmp_path) -> None:
+    group = zarr.open_group(str(tmp_path / "flat.ome.zarr"), mode="w", zarr_format=2)
+    group.create_array("0", shape=(8, 8), dtype="u1")
+    group.attrs["multiscales"] = [
+        {"version": "0.4", "axes": [{"name": "y"}, {"name": "x"}],
+         "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1, 1]}]}]}
+    ]  # fmt: skip
+    with pytest.raises(InputError, match="expected a 3D"):
+        predict(stack["ckpt"], tmp_path / "flat.ome.zarr", tmp_path / "y.ome.zarr")
+    assert not (tmp_path / "y.ome.zarr.partial").exists()
+
+
+def test_existing_output_is_not_overwritten(stack, tmp_path) -> None:
+    other = write_image(tmp_path / "other.ome.zarr", np.full((2, 4, 4), 7, np.uint8), (1, 4, 4))
+    with pytest.raises(OutputError, match="already exists"):
+        predict(stack["ckpt"], stack["raw_path"], other)
+    np.testing.assert_array_equal(open_image(other)[:], 7)
+
+
+# ------------------------------------------------------- resume and sharding
+
+
+def test_shards_then_finalize_equal_a_single_run(stack, tmp_path) -> None:
+    single = tmp_path / "single.ome.zarr"
+    predict(stack["ckpt"], stack["raw_path"], single, tile=32, block=[1, 32, 32])
+    dest = tmp_path / "sharded.ome.zarr"
+    args = dict(tile=32, block=[1, 32, 32])
+    with pytest.raises(OutputError, match="--prepare"):
+        predict(stack["ckpt"], stack["raw_path"], dest, shard=(0, 2), **args)
+    prepared = predict(stack["ckpt"], stack["raw_path"], dest, prepare_only=True, **args)
+    assert prepared.computed == 0 and not dest.exists()
+    first = predict(stack["ckpt"], stack["raw_path"], dest, shard=(0, 2), **args)
+    assert first.total == 9 and not first.committed  # z = 0 of 3 slices, 3 x 3 blocks per slice
+    with pytest.raises(OutputError, match="18 of 27 blocks are not computed"):
+        finalize(stack["ckpt"], stack["raw_path"], dest, **args)
+    second = predict(stack["ckpt"], stack["raw_path"], dest, shard=(1, 2), **args)
+    assert second.total == 18
+    finalize(stack["ckpt"], stack["raw_path"], dest, **args)
+    np.testing.assert_array_equal(open_image(dest)[:], open_image(single)[:])
+
+
+def test_resume_recomputes_only_unfinished_blocks(stack, tmp_path) -> None:
+    dest = tmp_path / "r.ome.zarr"
+    args = dict(tile=32, block=[1, 32, 32])
+    predict(stack["ckpt"], stack["raw_path"], dest, prepare_only=True, **args)
+    predict(stack["ckpt"], stack["raw_path"], dest, z_range=(1, 2), **args)  # an "interrupted" run
+    resumed = predict(stack["ckpt"], stack["raw_path"], dest, **args)
+    assert (resumed.computed, resumed.total) == (18, 27)
+    np.testing.assert_allclose(read_probabilities(dest), stack["expected"], rtol=0, atol=TOL)
+
+
+def _cli(*args) -> list[str]:
+    return [sys.executable, "-m", "unet_pipe", "-q", "predict", *map(str, args)]
+
+
+def test_sigkill_then_restart_is_bit_identical(tmp_path) -> None:
+    raw = synthesize((12, 96, 96), seed=5).raw
+    ckpt = save_checkpoint(tmp_path / "n.pt", make_net(base=8, seed=2))
+    src = write_image(tmp_path / "raw.ome.zarr", raw, (1, 32, 32))
+    options = ["--tile", "32", "--block", "1", "32", "32", "--workers", "1", "--batch", "1"]
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+
+    dest = tmp_path / "killed.ome.zarr"
+    staging = tmp_path / "killed.ome.zarr.partial"
+    proc = subprocess.Popen(_cli(ckpt, src, dest, *options), env=env)
+    deadline = time.monotonic() + 120
+    while not ((staging / _DONE_DIR).is_dir() and len(list((staging / _DONE_DIR).iterdir())) >= 5):
+        assert proc.poll() is None, "predict finished before it could be killed; make the stack larger"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = [p.read_text() for p in (staging / _DONE_DIR).iterdir() if not p.name.endswith(".tmp")]
+    assert 5 <= len(done) < 108 and not dest.exists()
+
+    def chunk_file(root: Path, key: str) -> Path:  # block "z0:z1,y0:y1,x0:x1" = one chunk (1, 32, 32)
+        (z, _), (y, _), (x, _) = (map(int, part.split(":")) for part in key.split(","))
+        return root / "0" / str(z) / str(y // 32) / str(x // 32)
+
+    stamps = {key: chunk_file(staging, key).stat().st_mtime_ns for key in done}
+    subprocess.run(_cli(ckpt, src, dest, *options), env=env, check=True)
+    clean = tmp_path / "clean.ome.zarr"
+    subprocess.run(_cli(ckpt, src, clean, *options), env=env, check=True)
+    assert open_image(dest)[:].tobytes() == open_image(clean)[:].tobytes()
+    # Finished blocks were not recomputed: their chunk files are the ones written before the kill.
+    assert {key: chunk_file(dest, key).stat().st_mtime_ns for key in done} == stamps

@@ -1,0 +1,449 @@
+"""End-to-end: the demo DAG through a REAL one-node SLURM cluster equals a local run.
+
+The fixture ``slurm_cluster`` installs Debian's Slurm and munge packages when
+missing (``.ci/slurm-setup.sh``), then starts munged, slurmctld and slurmd on
+localhost in a temporary folder with their own ``slurm.conf``, state, spool,
+sockets and logs, and stops them by PID afterwards.  The node declares one GPU
+gres (``File=/dev/null``) so the ``gpu`` partition of ``profiles/slurm``
+schedules GPU rules.  No sbatch is mocked.
+
+The test runs the workflow once locally and once with ``--profile
+profiles/slurm`` (partitions as in the profile: the test cluster is built
+with the profile's partition names), checks that every job went through
+sbatch (SLURM job ids in the Snakemake log and in ``.snakemake/slurm_logs``)
+and that the array data of every output equal the local run's.
+
+Skipped (with the reason) only when Slurm cannot be installed or started
+outside CI; with ``CI=true`` that is a failure.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import REPO, _in_ci
+
+SLURM_BINARIES = ("slurmctld", "slurmd", "sbatch", "srun", "squeue", "scontrol", "munged")
+PROFILE = REPO / "profiles" / "slurm"
+VENV_BIN = Path(sys.executable).parent
+
+
+def _profile_partitions() -> tuple[str, dict[str, str], set[str]]:
+    """profiles/slurm's default partition, per-rule partitions and GPU rules.
+
+    The test cluster offers exactly these partitions, so the profile runs as a
+    user gets it, without partition overrides.
+    """
+    profile = yaml.safe_load((PROFILE / "config.yaml").read_text())
+    per_rule = profile.get("set-resources", {})
+    partitions = {rule: res["slurm_partition"] for rule, res in per_rule.items() if "slurm_partition" in res}
+    gpu_rules = {rule for rule, res in per_rule.items() if res.get("gpu", 0) >= 1}
+    return profile["default-resources"]["slurm_partition"], partitions, gpu_rules
+
+
+# ------------------------------------------------------------------ profiles
+
+PROFILES = ("local", "slurm")
+GPU_RULE_PREFIXES = ("train", "predict")
+KEY_LINE = re.compile(r"^\s*(?:- )?[\w-]+:")
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_every_profile_entry_is_commented(name):
+    """Each key has a comment on its line or right above it (DESIGN.md: every entry commented)."""
+    lines = (REPO / "profiles" / name / "config.yaml").read_text().splitlines()
+    bare = []
+    for i, line in enumerate(lines):
+        if KEY_LINE.match(line) and "#" not in line:
+            above = lines[i - 1].strip() if i else ""
+            if not above.startswith("#"):
+                bare.append(f"line {i + 1}: {line.strip()}")
+    assert not bare, f"profiles/{name}/config.yaml: entries without a comment: {bare}"
+
+
+@pytest.fixture(scope="module")
+def workflow_rules(tmp_path_factory) -> set[str]:
+    """Rule names of the workflow (``snakemake --list-rules``)."""
+    workdir = tmp_path_factory.mktemp("rules")
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+         "--configfile", str(REPO / "config" / "config.yaml"), "--list-rules"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return set(result.stdout.split())
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_profile_names_only_existing_rules(name, workflow_rules):
+    """Snakemake ignores set-resources of an unknown rule silently: a renamed rule would lose its GPU."""
+    profile = yaml.safe_load((REPO / "profiles" / name / "config.yaml").read_text())
+    named = set(profile.get("set-resources", {}))
+    assert named <= workflow_rules, f"profiles/{name} names rules the workflow lacks: {sorted(named - workflow_rules)}"
+    gpu_rules = {rule for rule in workflow_rules if rule.startswith(GPU_RULE_PREFIXES)}
+    given_gpu = {rule for rule, res in profile.get("set-resources", {}).items() if res.get("gpu", 0) >= 1}
+    assert gpu_rules <= given_gpu, f"profiles/{name}: GPU rules without `gpu`: {sorted(gpu_rules - given_gpu)}"
+
+
+# ------------------------------------------------------------------ install
+
+
+def _missing_binaries() -> list[str]:
+    return [name for name in SLURM_BINARIES if shutil.which(name) is None]
+
+
+def _unavailable(reason: str) -> None:
+    """Skip outside CI; fail in CI, where the SLURM test must never vanish."""
+    if _in_ci():
+        pytest.fail(f"SLURM test cannot run in CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def _ensure_slurm_installed() -> None:
+    if not _missing_binaries():
+        return
+    if os.geteuid() != 0 and shutil.which("sudo") is None:
+        _unavailable(f"slurm not installed ({', '.join(_missing_binaries())} missing) and no root to install it")
+    if shutil.which("apt-get") is None:
+        _unavailable(f"slurm not installed ({', '.join(_missing_binaries())} missing) and no apt-get to install it")
+    setup = subprocess.run(
+        ["bash", str(REPO / ".ci" / "slurm-setup.sh")], capture_output=True, text=True, timeout=600
+    )
+    if setup.returncode != 0 or _missing_binaries():
+        tail = (setup.stdout + setup.stderr).strip().splitlines()[-5:]
+        _unavailable("installing slurm with .ci/slurm-setup.sh failed: " + " | ".join(tail))
+
+
+# ------------------------------------------------------------------ cluster
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class SlurmCluster:
+    """A running one-node cluster: ``env`` points clients (sbatch, squeue) at it."""
+
+    root: Path
+    env: dict[str, str]
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(list(args), env=self.env, capture_output=True, text=True, timeout=30, check=check)
+
+    def logs(self) -> str:
+        """The daemons' log tails, for failure messages."""
+        parts = []
+        for name in ("munge/munged.log", "log/slurmctld.log", "log/slurmctld.out", "log/slurmd.log", "log/slurmd.out"):
+            path = self.root / name
+            if path.exists():
+                parts.append(f"--- {name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-15:]))
+        return "\n".join(parts)
+
+
+def _write_munge_key(path: Path) -> None:
+    path.write_bytes(os.urandom(1024))
+    path.chmod(0o400)
+
+
+def _write_srun_shim(bin_dir: Path, slurm_conf: str) -> None:
+    """An ``srun`` that finds this cluster's slurm.conf, in front of the real one on PATH.
+
+    Inside a job, snakemake-executor-plugin-slurm-jobstep (0.6) starts the rule
+    with ``srun`` in an environment stripped of every ``SLURM_*`` variable,
+    SLURM_CONF included; a cluster whose slurm.conf is not at the default
+    /etc/slurm/slurm.conf then fails with "Could not establish a configuration
+    source". Real clusters keep it there; the test cluster must not touch /etc.
+    """
+    real = shutil.which("srun")
+    assert real is not None
+    shim = bin_dir / "srun"
+    shim.write_text(f'#!/bin/sh\nSLURM_CONF="{slurm_conf}" exec "{real}" "$@"\n')
+    shim.chmod(0o755)
+
+
+def _slurm_conf(root: Path, node: str, cpus: int, memory_mb: int, partitions: list[str]) -> str:
+    # Only what a one-node test cluster needs: no cgroups (proctrack/linuxproc,
+    # task/none) and no accounting database, so jobs are looked up with squeue.
+    # config_overrides: the node declares what the conf says, not what slurmd
+    # measures, so jobs asking for more threads or memory than this machine
+    # has still run (memory is not a consumable with CR_Core).
+    return f"""\
+ClusterName=unetpipetest
+SlurmctldHost={node}(127.0.0.1)
+SlurmctldPort={_free_port()}
+SlurmdPort={_free_port()}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={root}/munge/munge.socket
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool
+SlurmctldPidFile={root}/run/slurmctld.pid
+SlurmdPidFile={root}/run/slurmd.pid
+SlurmctldLogFile={root}/log/slurmctld.log
+SlurmdLogFile={root}/log/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SlurmdParameters=config_overrides
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+MpiDefault=none
+ReturnToService=2
+MinJobAge=300
+SchedulerType=sched/builtin
+GresTypes=gpu
+NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} Gres=gpu:1 State=UNKNOWN
+""" + "".join(
+        f"PartitionName={name} Nodes={node} Default={'YES' if i == 0 else 'NO'} MaxTime=INFINITE State=UP\n"
+        for i, name in enumerate(partitions)
+    )
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def _wait_for(predicate, timeout: float, what: str, cluster: SlurmCluster) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        for name, proc in cluster.procs.items():
+            if proc.poll() is not None:
+                pytest.fail(f"{name} exited with status {proc.returncode} while waiting for {what}\n{cluster.logs()}")
+        time.sleep(0.3)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{cluster.logs()}")
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """Start munged, slurmctld and slurmd on localhost; stop them by PID afterwards."""
+    _ensure_slurm_installed()
+    if os.geteuid() != 0:
+        _unavailable("starting slurmd and munged (as user munge) needs root")
+    # Not under pytest's tmp_path: that is private to root, and munged runs
+    # as user munge and must reach its socket folder.
+    root = Path(tempfile.mkdtemp(prefix="unet-pipe-slurm-"))
+    root.chmod(0o755)
+    for sub in ("munge", "state", "spool", "run", "log", "bin"):
+        (root / sub).mkdir()
+    env = dict(os.environ)
+    env["SLURM_CONF"] = str(root / "slurm.conf")
+    # The jobs run `unet-pipe` from PATH; bin/ holds the srun shim below.
+    env["PATH"] = os.pathsep.join([str(root / "bin"), str(VENV_BIN), env.get("PATH", "")])
+    _write_srun_shim(root / "bin", env["SLURM_CONF"])
+    cluster = SlurmCluster(root=root, env=env)
+    node = socket.gethostname().split(".")[0]
+    try:
+        munge_dir = root / "munge"
+        _write_munge_key(munge_dir / "munge.key")
+        shutil.chown(munge_dir / "munge.key", "munge", "munge")
+        shutil.chown(munge_dir, "munge", "munge")
+        munge_dir.chmod(0o755)
+        default_partition, per_rule, _ = _profile_partitions()
+        partitions = list(dict.fromkeys([default_partition, *per_rule.values()]))
+        (root / "slurm.conf").write_text(
+            _slurm_conf(root, node, cpus=max(8, os.cpu_count() or 1), memory_mb=256_000, partitions=partitions)
+        )
+        (root / "gres.conf").write_text(f"NodeName={node} Name=gpu File=/dev/null\n")
+
+        cluster.procs["munged"] = subprocess.Popen(
+            ["munged", "--foreground", f"--socket={munge_dir}/munge.socket", f"--key-file={munge_dir}/munge.key",
+             f"--pid-file={munge_dir}/munged.pid", f"--seed-file={munge_dir}/munged.seed",
+             f"--log-file={munge_dir}/munged.log"],
+            user="munge", group="munge", env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        )
+        _wait_for(lambda: (munge_dir / "munge.socket").exists(), 15, "munged's socket", cluster)
+        for name, args in (
+            ("slurmctld", ["slurmctld", "-D", "-c", "-f", env["SLURM_CONF"]]),
+            ("slurmd", ["slurmd", "-D", "-N", node, "-f", env["SLURM_CONF"]]),
+        ):
+            out = open(root / "log" / f"{name}.out", "wb")
+            cluster.procs[name] = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
+            out.close()
+        _wait_for(
+            lambda: cluster.run("sinfo", "--noheader", "--format=%T", check=False).stdout.split()[:1] == ["idle"],
+            60, "the node to be idle", cluster,
+        )
+        yield cluster
+    finally:
+        if "slurmctld" in cluster.procs and cluster.procs["slurmctld"].poll() is None:
+            cluster.run("scancel", "--full", "--user", str(os.getuid()), check=False)
+        for name in ("slurmd", "slurmctld", "munged"):
+            if name in cluster.procs:
+                _stop(cluster.procs[name])
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_gpu_partition_hands_out_the_declared_gpu(slurm_cluster, tmp_path):
+    """A job asking for one GPU on the gpu partition runs there and sees device 0."""
+    _, partitions, gpu_rules = _profile_partitions()
+    gpu_partition = partitions[sorted(gpu_rules)[0]]
+    out = tmp_path / "job.out"
+    submit = slurm_cluster.run(
+        "sbatch", "--parsable", "--wait", f"--partition={gpu_partition}", "--gpus=1", f"--output={out}",
+        "--wrap", 'echo "partition=$SLURM_JOB_PARTITION gpus=$CUDA_VISIBLE_DEVICES"',
+    )
+    job_id = submit.stdout.strip()
+    assert re.fullmatch(r"\d+", job_id), submit.stdout
+    assert out.read_text().strip() == f"partition={gpu_partition} gpus=0"
+    details = slurm_cluster.run("scontrol", "show", "job", job_id).stdout
+    assert "gpu:1" in details, details
+
+
+# ------------------------------------------------------------------ end to end
+
+# Resources a user would never pass; only what makes the test quick and
+# observable: squeue instead of sacct (no accounting database here), no
+# account, the first status check after 2 s instead of 40 s, keep the SLURM
+# logs of successful jobs, fail at once instead of retrying.
+SLURM_TEST_ARGS = (
+    "--slurm-status-command", "squeue",
+    "--slurm-no-account",
+    "--slurm-init-seconds-before-status-checks", "2",
+    "--slurm-keep-successful-logs",
+    "--retries", "0",
+    "--jobs", "2",
+    "--latency-wait", "5",
+)
+SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: (\S+)\)")
+
+
+def _small_config(dest: Path) -> Path:
+    """config/config.yaml with fewer training steps, as YAML in ``dest``."""
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["results"] = "results"
+    train = config.get("train")
+    if train is not None:
+        train.update(steps=4, val_every=2, checkpoint_every=2)
+    path = dest / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _snakemake(workdir: Path, config: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    workdir.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+        "--configfile", str(config), *args,
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+    return result
+
+
+def _snakemake_log(workdir: Path) -> str:
+    logs = sorted((workdir / ".snakemake" / "log").glob("*.snakemake.log"))
+    assert logs, f"no Snakemake log in {workdir}/.snakemake/log"
+    return logs[-1].read_text()
+
+
+def _outputs(results: Path) -> dict[str, Path]:
+    """Data outputs by path relative to ``results``: OME-Zarr images and TIFFs (not logs/benchmarks)."""
+    found = {}
+    for pattern in ("**/*.ome.zarr", "**/*.tif", "**/*.tiff"):
+        for path in results.glob(pattern):
+            found[str(path.relative_to(results))] = path
+    return found
+
+
+def _read_array(path: Path) -> np.ndarray:
+    if path.name.endswith(".ome.zarr"):
+        from unet_pipe.io import open_image
+
+        return open_image(path)[...]
+    import tifffile
+
+    return tifffile.imread(path)
+
+
+def _job_rules(workdir: Path, log: str) -> dict[str, str]:
+    """SLURM job id -> rule name, from the executor's log lines and SLURM log paths."""
+    rules = {}
+    for _, slurm_id, logfile in SUBMITTED.findall(log):
+        # .snakemake/slurm_logs/rule_<name>/<wildcards>/<jobid>.log
+        parts = Path(logfile).relative_to(workdir / ".snakemake" / "slurm_logs").parts
+        rules[slurm_id] = parts[0].removeprefix("rule_")
+    return rules
+
+
+@pytest.mark.slow
+def test_demo_dag_through_slurm_equals_local_run(slurm_cluster, tmp_path):
+    config = _small_config(tmp_path)
+    local_dir, slurm_dir = tmp_path / "local", tmp_path / "slurm"
+
+    started = time.monotonic()
+    _snakemake(local_dir, config, slurm_cluster.env, "--profile", str(REPO / "profiles" / "local"), "--cores", "2")
+    local_s = time.monotonic() - started
+    started = time.monotonic()
+    _snakemake(slurm_dir, config, slurm_cluster.env, "--profile", str(PROFILE), *SLURM_TEST_ARGS)
+    slurm_s = time.monotonic() - started
+    print(f"local run {local_s:.1f} s, SLURM run {slurm_s:.1f} s")
+
+    # Every job of the DAG (but the target rule `all`) went through sbatch.
+    log = _snakemake_log(slurm_dir)
+    job_rules = _job_rules(slurm_dir, log)
+    ran_locally = set(re.findall(r"^(?:local)?rule (\w+):", _snakemake_log(local_dir), flags=re.M)) - {"all"}
+    assert job_rules, f"no 'submitted with SLURM jobid' in the Snakemake log:\n{log[-3000:]}"
+    assert sorted(job_rules.values()) == sorted(
+        m for m in re.findall(r"^(?:local)?rule (\w+):", _snakemake_log(local_dir), flags=re.M) if m != "all"
+    ), "the SLURM run submitted other jobs than the local run ran"
+    assert set(job_rules.values()) == ran_locally
+    for slurm_id, rule in job_rules.items():
+        assert list((slurm_dir / ".snakemake" / "slurm_logs" / f"rule_{rule}").rglob(f"{slurm_id}.log")), (
+            f"no SLURM log of job {slurm_id} ({rule})"
+        )
+
+    # SLURM itself knows the jobs: finished, in the partition the profile asked for.
+    default_partition, partitions, gpu_rules = _profile_partitions()
+    queue = slurm_cluster.run("squeue", "--states=all", "--noheader", "--format=%i|%P|%T").stdout
+    seen = {job: (partition, state) for job, partition, state in (line.split("|") for line in queue.split())}
+    for slurm_id, rule in job_rules.items():
+        partition = partitions.get(rule, default_partition)
+        assert seen.get(slurm_id) == (partition, "COMPLETED"), f"job {slurm_id} ({rule}): {seen.get(slurm_id)}"
+        if rule in gpu_rules:
+            details = slurm_cluster.run("scontrol", "show", "job", slurm_id).stdout
+            assert "gpu:1" in details, f"GPU job {slurm_id} ({rule}) got no GPU:\n{details}"
+
+    # Nothing left to do: every rule's output exists and is up to date.
+    dry = _snakemake(slurm_dir, config, slurm_cluster.env, "--cores", "1", "-n")
+    assert "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-3000:]
+
+    # The same outputs with the same array data.
+    local_outputs, slurm_outputs = _outputs(local_dir / "results"), _outputs(slurm_dir / "results")
+    assert sorted(slurm_outputs) == sorted(local_outputs)
+    assert any(name.endswith(".ome.zarr") for name in local_outputs)
+    for name, local_path in local_outputs.items():
+        expected, got = _read_array(local_path), _read_array(slurm_outputs[name])
+        assert got.dtype == expected.dtype and got.shape == expected.shape, name
+        np.testing.assert_array_equal(got, expected, err_msg=name)

@@ -1,0 +1,267 @@
+"""Training: weighted loss by hand, schedule, validation plumbing, determinism, resume, overfit, CLI."""
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from unet_pipe.config import validate_config
+from unet_pipe.data import Volume
+from unet_pipe.errors import CheckpointError, OutputError
+from unet_pipe.model import UNet, load_checkpoint
+from unet_pipe.synth import synthesize
+from unet_pipe.train import (
+    CSV_COLUMNS,
+    iter_rows,
+    learning_rate,
+    load_validation,
+    partial_path,
+    predict_probabilities,
+    train,
+    validate,
+    weighted_cross_entropy,
+)
+
+# One thread: tiny tensors on a shared machine are many times slower with two
+# (OpenMP barriers under load), and the results are the same.
+def _train(*args, **kwargs):
+    return train(*args, threads=1, **kwargs)
+
+
+NO_AUGMENT = {"elastic_sigma": 0.0, "rotate": False, "flip": False, "gray_value": False}
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def test_weighted_cross_entropy_by_hand() -> None:
+    """1 image, 2 classes, 2 x 2 pixels: mean_x w(x) * -log softmax(logits)[label(x)]."""
+    logits = torch.tensor([[[[0.0, 1.0], [2.0, 0.0]], [[0.0, 0.0], [0.0, 3.0]]]])  # (1, 2, 2, 2)
+    target = torch.tensor([[[0, 1], [0, 1]]])
+    weights = torch.tensor([[[1.0, 2.0], [0.5, 4.0]]])
+    # Per pixel: (0,0) logits (0, 0) label 0 -> log 2; (0,1) (1, 0) label 1 -> log(1 + e);
+    # (1,0) (2, 0) label 0 -> log(1 + e^-2); (1,1) (0, 3) label 1 -> log(1 + e^-3).
+    ce = [math.log(2), math.log(1 + math.e), math.log(1 + math.exp(-2)), math.log(1 + math.exp(-3))]
+    expected = (1.0 * ce[0] + 2.0 * ce[1] + 0.5 * ce[2] + 4.0 * ce[3]) / 4
+    assert weighted_cross_entropy(logits, target, weights).item() == pytest.approx(expected, rel=1e-6)
+    # Uniform weights: torch's plain mean cross-entropy.
+    ones = torch.ones_like(weights)
+    assert weighted_cross_entropy(logits, target, ones).item() == pytest.approx(sum(ce) / 4, rel=1e-6)
+    with pytest.raises(ValueError, match="do not match"):
+        weighted_cross_entropy(logits, target, weights[:, :1])
+
+
+def test_learning_rate_schedules() -> None:
+    assert learning_rate(7, 10, 0.1, "constant") == 0.1
+    assert [learning_rate(s, 4, 1.0, "cosine") for s in range(5)] == pytest.approx(
+        [1.0, (1 + math.sqrt(0.5)) / 2, 0.5, (1 - math.sqrt(0.5)) / 2, 0.0]
+    )
+    assert [learning_rate(s, 8, 1.0, "step") for s in range(8)] == pytest.approx([1, 1, 1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
+# --------------------------------------------------------------------------- validation
+
+
+class _Threshold(nn.Module):
+    """A 'network' with the U-Net's geometry whose cell probability is sigmoid(100 (x - 0.5))."""
+
+    def __init__(self, depth: int = 2) -> None:
+        super().__init__()
+        self.depth, self.dims, self.margin = depth, 2, 6 * 2 ** (depth - 1) - 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.margin
+        centre = x[:, :, m:-m, m:-m] if m else x
+        return torch.cat([torch.zeros_like(centre), 100 * (centre - 0.5)], dim=1)
+
+
+def test_validate_with_a_formula_model() -> None:
+    """raw = labels: perfect pixel and Rand error; inverted raw: every pixel wrong."""
+    stack = synthesize((2, 40, 50), seed=3)
+    vol = Volume("s", stack.labels, stack.labels, None, train=(0, 1), val=(0, 2))
+    data = load_validation([vol], "binary", 255)
+    device = torch.device("cpu")
+    assert validate(_Threshold(), data, device, {}) == (0.0, 0.0)
+    inverted = Volume("s", 255 - stack.labels, stack.labels, None, train=(0, 1), val=(0, 2))
+    pixel, rand = validate(_Threshold(), load_validation([inverted], "binary", 255), device, {})
+    assert pixel == 1.0 and rand > 0.5
+
+
+def test_predict_probabilities_is_independent_of_the_tile_size() -> None:
+    """Overlap-tile prediction with small tiles equals one big tile (valid convolutions)."""
+    torch.manual_seed(0)
+    net = UNet(depth=3, base_channels=4).eval()  # tiles must start on the 4-pixel pooling grid
+    raw = np.random.default_rng(0).random((2, 37, 45), dtype=np.float32)
+    whole = predict_probabilities(net, raw, torch.device("cpu"))
+    tiled = predict_probabilities(net, raw, torch.device("cpu"), max_tile=10)
+    assert whole.shape == raw.shape
+    np.testing.assert_allclose(tiled, whole, rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _config(**train) -> dict:
+    base = {
+        "datasets": {"s": {"synthetic": {"shape": [3, 40, 40]}}},
+        "model": {"depth": 2, "base_channels": 4, "dropout": 0.5},
+        "train": {
+            "datasets": {"s": {"train": [0, 2], "val": [2, 3]}},
+            "tile": 44,
+            "steps": 6,
+            "lr": 0.01,
+            "val_every": 3,
+            "checkpoint_every": 3,
+            "augment": {"elastic_sigma": 4.0, "shift": 2.0},
+        },
+    }
+    base["train"].update(train)
+    return validate_config(base)
+
+
+@pytest.fixture(scope="module")
+def stores() -> dict:
+    stack = synthesize((3, 40, 40), seed=1)
+    weights = np.where(stack.labels == 0, 3.0, 1.0).astype(np.float32)
+    return {"s": {"raw": stack.raw, "labels": stack.labels, "weights": weights}}
+
+
+def _assert_same_checkpoint(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"]
+    for key, value in a["model_state"].items():
+        assert torch.equal(value, b["model_state"][key]), key
+    for pid, state in a["optimizer_state"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], b["optimizer_state"]["state"][pid]["momentum_buffer"])
+    assert a["extra"]["tile_rng"] == b["extra"]["tile_rng"]
+    assert torch.equal(a["extra"]["aug_rng"], b["extra"]["aug_rng"])
+    assert torch.equal(a["torch_rng_state"], b["torch_rng_state"])
+
+
+def _rows(path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in iter_rows(path)]
+
+
+def test_two_runs_are_bit_identical_and_csv_is_complete(tmp_path, stores) -> None:
+    config = _config()
+    r1 = _train(config, stores, tmp_path / "a.pt", tmp_path / "a.csv", device="cpu")
+    r2 = _train(config, stores, tmp_path / "b.pt", tmp_path / "b.csv", device="cpu")
+    assert r1["finished"] and r1["step"] == 6 and r1["checkpoint"] == str(tmp_path / "a.pt")
+    assert not partial_path(tmp_path / "a.pt").exists()
+    _assert_same_checkpoint(load_checkpoint(tmp_path / "a.pt"), load_checkpoint(tmp_path / "b.pt"))
+    rows = _rows(tmp_path / "a.csv")
+    assert rows == _rows(tmp_path / "b.csv")
+    assert (tmp_path / "a.csv").read_text().splitlines()[0] == ",".join(CSV_COLUMNS)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["val_pixel_error"] is not None for r in rows] == [False, False, True, False, False, True]
+    assert 0 <= rows[-1]["val_pixel_error"] <= 1 and 0 <= rows[-1]["val_rand_error"] <= 1
+    assert rows[-1]["val_pixel_error"] == pytest.approx(r1["val_pixel_error"])
+    assert [r["lr"] for r in rows] == pytest.approx([learning_rate(s, 6, 0.01, "cosine") for s in range(6)])
+    ckpt = load_checkpoint(tmp_path / "a.pt")
+    assert ckpt["config"] == config and ckpt["arch"]["base_channels"] == 4
+    # A different seed gives a different model.
+    other = copy.deepcopy(config)
+    other["seed"] = 1
+    _train(other, stores, tmp_path / "c.pt", device="cpu")
+    c = load_checkpoint(tmp_path / "c.pt")["model_state"]
+    assert not torch.equal(c["head.weight"], ckpt["model_state"]["head.weight"])
+
+
+def test_resume_is_bit_identical(tmp_path, stores) -> None:
+    """Train 6 steps == train to step 3 (interrupted), then resume to 6."""
+    config = _config()
+    _train(config, stores, tmp_path / "full.pt", tmp_path / "full.csv", device="cpu")
+    first = _train(config, stores, tmp_path / "r.pt", tmp_path / "r.csv", device="cpu", until_step=3)
+    assert not first["finished"] and first["checkpoint"] == str(partial_path(tmp_path / "r.pt"))
+    assert not (tmp_path / "r.pt").exists()
+    # A crash after the checkpoint leaves extra CSV rows; the resumed run drops them.
+    with open(tmp_path / "r.csv", "a") as fh:
+        fh.write("4,9.9,0.1,,,1.0\n")
+    second = _train(config, stores, tmp_path / "r.pt", tmp_path / "r.csv", device="cpu", resume=True)
+    assert second["finished"] and not partial_path(tmp_path / "r.pt").exists()
+    _assert_same_checkpoint(load_checkpoint(tmp_path / "full.pt"), load_checkpoint(tmp_path / "r.pt"))
+    assert _rows(tmp_path / "r.csv") == _rows(tmp_path / "full.csv")
+    # Extending a finished constant-rate run == one longer run.
+    const = _config(lr_schedule="constant", steps=3)
+    _train(const, stores, tmp_path / "k.pt", device="cpu")
+    longer = _config(lr_schedule="constant", steps=6)
+    _train(longer, stores, tmp_path / "k.pt", device="cpu", resume=True)
+    _train(longer, stores, tmp_path / "k6.pt", device="cpu")
+    _assert_same_checkpoint(load_checkpoint(tmp_path / "k.pt"), load_checkpoint(tmp_path / "k6.pt"))
+
+
+def test_resume_and_overwrite_guards(tmp_path, stores) -> None:
+    config = _config(steps=2, val_every=5)
+    _train(config, stores, tmp_path / "m.pt", device="cpu")
+    with pytest.raises(OutputError, match="already exists"):
+        _train(config, stores, tmp_path / "m.pt", device="cpu")
+    changed = _config(steps=4, lr=0.5)
+    with pytest.raises(CheckpointError, match="key 'train.lr' differs"):
+        _train(changed, stores, tmp_path / "m.pt", device="cpu", resume=True)
+    wider = _config(steps=4)
+    wider["model"]["base_channels"] = 8
+    with pytest.raises(CheckpointError, match="architecture"):
+        _train(wider, stores, tmp_path / "m.pt", device="cpu", resume=True)
+    (tmp_path / "evil.pt").write_bytes(b"\x80\x04not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a unet-pipe checkpoint"):
+        _train(config, stores, tmp_path / "evil.pt", device="cpu", resume=True)
+    assert _train(config, stores, tmp_path / "m.pt", device="cpu", overwrite=True)["finished"]
+
+
+def test_tiny_training_overfits_one_tile(tmp_path) -> None:
+    """One 28 x 28 slice = exactly one output window: 100 SGD steps (momentum 0.99)
+    cut the loss by more than 8x (measured about 10x)."""
+    stack = synthesize((2, 28, 28), seed=0)
+    config = validate_config(
+        {
+            "datasets": {"t": {"synthetic": {"shape": [2, 28, 28]}}},
+            "model": {"depth": 2, "base_channels": 8, "dropout": 0.0},
+            "train": {
+                "datasets": {"t": {"train": [0, 1], "val": [1, 2]}},
+                "tile": 44, "steps": 100, "lr": 0.01, "momentum": 0.99, "lr_schedule": "constant",
+                "val_every": 100, "checkpoint_every": 100, "augment": NO_AUGMENT,
+            },
+        }
+    )
+    _train(config, {"t": {"raw": stack.raw, "labels": stack.labels}}, tmp_path / "o.pt", tmp_path / "o.csv")
+    losses = [r["loss"] for r in iter_rows(tmp_path / "o.csv")]
+    assert np.mean(losses[-5:]) < losses[0] / 8
+    assert losses[0] == pytest.approx(math.log(2), rel=0.8)  # He init starts near chance
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_train_on_ome_zarr(tmp_path, stores, run_cli) -> None:
+    import yaml
+
+    from unet_pipe.io import StagedImage
+
+    args = []
+    for key, array in stores["s"].items():
+        staged = StagedImage(
+            tmp_path / f"{key}.ome.zarr", shape=array.shape, dtype=array.dtype, chunks=(1, 40, 40),
+            kind="labels" if key == "labels" else "image",
+        )
+        staged.array[:] = array
+        staged.commit(pyramid_levels=0)
+        args += [f"--{key}", f"s={tmp_path / f'{key}.ome.zarr'}"]
+    config = _config(steps=2, val_every=2)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    code, _, err = run_cli("-q", "train", tmp_path / "c.yaml", *args, "--out", tmp_path / "m.pt", "--log", tmp_path / "l.csv",
+                           "--threads", "1")
+    assert code == 0, err
+    assert [r["step"] for r in iter_rows(tmp_path / "l.csv")] == [1, 2]
+    direct = _train(config, stores, tmp_path / "d.pt", device="cpu")
+    assert direct["finished"]
+    _assert_same_checkpoint(load_checkpoint(tmp_path / "m.pt"), load_checkpoint(tmp_path / "d.pt"))
+    code, _, err = run_cli("train", tmp_path / "c.yaml", *args, "--out", tmp_path / "m.pt")
+    assert code == 2 and err.count("\n") == 1 and "already exists" in err
+    code, _, err = run_cli("train", tmp_path / "c.yaml", "--raw", "s=/nonexistent.ome.zarr", "--labels",
+                           f"s={tmp_path / 'labels.ome.zarr'}", "--out", tmp_path / "x.pt")
+    assert code == 2 and "nonexistent" in err and err.count("\n") == 1
+    code, _, err = run_cli("train", tmp_path / "c.yaml", "--raw", "s", "--out", tmp_path / "x.pt")
+    assert code == 2 and "NAME=PATH" in err

@@ -1,0 +1,49 @@
+# Metrics against ground truth per labelled dataset, and the Markdown report.
+# Functions evaluate_args, evaluated_datasets and the path TRAINING_LOG: common.smk.
+
+
+rule evaluate:
+    input:
+        instances=f"{R}/{{dataset}}/instances.ome.zarr",
+        probabilities=f"{R}/{{dataset}}/probabilities.ome.zarr",
+        truth=f"{R}/{{dataset}}/labels.ome.zarr",
+        raw=f"{R}/{{dataset}}/raw.ome.zarr",
+    output:
+        metrics=f"{R}/{{dataset}}/metrics.json",
+        per_slice=f"{R}/{{dataset}}/metrics.csv",
+    params:
+        args=evaluate_args,
+    log:
+        f"{R}/logs/evaluate/{{dataset}}.log",
+    benchmark:
+        f"{R}/benchmarks/evaluate/{{dataset}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=60,
+    shell:
+        "unet-pipe evaluate --prediction {input.instances:q} --probabilities {input.probabilities:q}"
+        " --truth {input.truth:q} --raw {input.raw:q} --dataset {wildcards.dataset}"
+        " --out {output.metrics:q} {params.args} > {log:q} 2>&1"
+
+
+rule report:
+    input:
+        metrics=expand(f"{R}/{{dataset}}/metrics.json", dataset=evaluated_datasets()),
+        training_log=TRAINING_LOG,
+    output:
+        report=f"{R}/report/report.md",
+        figures=directory(f"{R}/report/report_figures"),
+    params:
+        figures=config["evaluate"]["figures"],
+    log:
+        f"{R}/logs/report/report.log",
+    benchmark:
+        f"{R}/benchmarks/report/report.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    shell:
+        "unet-pipe report --metrics {input.metrics:q} --training-log {input.training_log:q}"
+        " --figures {params.figures} --out {output.report:q} > {log:q} 2>&1"
