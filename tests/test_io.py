@@ -301,3 +301,25 @@ def test_isbi_roundtrip_exact(isbi_dir, tmp_path):
     assert lab_meta.attrs["unet_pipe"]["array_sha256"].startswith("a7cb64000a1a7e54")
     assert lab_meta.voxel_size == (0.05, 0.004, 0.004)  # taken from the raw image
     assert set(np.unique(open_image(labels, level=2)[:])) <= {0, 255}
+
+
+def test_streamed_chunks_are_byte_identical_to_zarr_writes(tmp_path):
+    """The threaded chunk writer stores exactly what zarr itself would store."""
+    data = np.random.default_rng(1).integers(0, 60000, (5, 37, 53), dtype=np.uint16)
+    staged = StagedImage(tmp_path / "a.ome.zarr", shape=data.shape, dtype=data.dtype, chunks=(2, 16, 16))
+    staged.write_slab(0, data[:2], pyramid_levels=1)
+    staged.write_slab(2, data[2:4], pyramid_levels=1)
+    staged.write_slab(4, data[4:], pyramid_levels=1)
+    reference = zarr.open_group(str(tmp_path / "ref.zarr"), mode="w", zarr_format=2)
+    ref = reference.create_array("0", shape=data.shape, chunks=(2, 16, 16), dtype=data.dtype,
+                                 compressors=staged.array.compressors, fill_value=0,
+                                 chunk_key_encoding={"name": "v2", "separator": "/"})
+    ref[:] = data
+    ours = sorted(p.relative_to(staged.staging / "0") for p in (staged.staging / "0").rglob("*") if p.is_file() and not p.name.startswith("."))
+    theirs = sorted(p.relative_to(tmp_path / "ref.zarr" / "0") for p in (tmp_path / "ref.zarr" / "0").rglob("*") if p.is_file() and not p.name.startswith("."))
+    assert ours == theirs and len(ours) == 3 * 3 * 4
+    for rel in ours:
+        assert (staged.staging / "0" / rel).read_bytes() == (tmp_path / "ref.zarr" / "0" / rel).read_bytes()
+    dest = staged.commit(pyramid_levels=1)
+    np.testing.assert_array_equal(open_image(dest)[:], data)
+    np.testing.assert_array_equal(open_image(dest, level=1)[:], downsample2(data[:, :36, :52], "image"))

@@ -148,6 +148,35 @@ def test_cross_check_with_skimage_where_definitions_coincide():
     )
 
 
+def _reference_scores(pred, truth):
+    """Brute force: relabel predicted background on the truth foreground as
+    singletons, then apply the textbook formulas / skimage's VI."""
+    fg = truth != 0
+    p = pred.astype(np.int64).copy()
+    bg = fg & (p == 0)
+    p[bg] = p.max() + 1 + np.arange(np.count_nonzero(bg))
+    t, q = truth[fg], p[fg]
+    _, n_ij = np.unique(np.stack([t, q]), axis=1, return_counts=True)
+    _, t_i = np.unique(t, return_counts=True)
+    _, s_j = np.unique(q, return_counts=True)
+    sp, st, ss = (float((c.astype(float) ** 2).sum()) for c in (n_ij, t_i, s_j))
+    vi = skimage_vi(np.where(fg, truth, 0), np.where(fg, p, 0), ignore_labels=(0,))
+    return sp / (0.5 * ss + 0.5 * st), sp / st, sp / ss, tuple(vi)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_singleton_rule_matches_brute_force_reference(seed):
+    rng = np.random.default_rng(seed)
+    truth = _voronoi((40, 40), 7, seed=seed + 10)
+    truth[rng.random(truth.shape) < 0.2] = 0  # membrane speckle
+    pred = _voronoi((40, 40), 5, seed=seed + 20) * 1000  # large, sparse ids
+    pred[rng.random(pred.shape) < 0.3] = 0  # predicted background everywhere
+    v_rand, v_split, v_merge, vi = _reference_scores(pred, truth)
+    s = rand_scores(pred, truth)
+    assert (s.v_rand, s.v_split, s.v_merge) == pytest.approx((v_rand, v_split, v_merge), rel=1e-12)
+    np.testing.assert_allclose(variation_of_information(pred, truth), vi, rtol=1e-9)
+
+
 # ---------------------------------------------------------------- truth instances
 def test_instances_from_binary_uses_4_connectivity_and_unique_ids_per_stack():
     labels = np.array(

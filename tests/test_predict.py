@@ -260,6 +260,8 @@ def test_shards_then_finalize_equal_a_single_run(stack, tmp_path) -> None:
         predict(stack["ckpt"], stack["raw_path"], dest, shard=(0, 2), **args)
     prepared = predict(stack["ckpt"], stack["raw_path"], dest, prepare_only=True, **args)
     assert prepared.computed == 0 and not dest.exists()
+    with pytest.raises(OutputError, match="no shard has run yet"):
+        finalize(stack["ckpt"], stack["raw_path"], dest, **args)
     first = predict(stack["ckpt"], stack["raw_path"], dest, shard=(0, 2), **args)
     assert first.total == 9 and not first.committed  # z = 0 of 3 slices, 3 x 3 blocks per slice
     with pytest.raises(OutputError, match="18 of 27 blocks are not computed"):
@@ -310,8 +312,35 @@ def test_sigkill_then_restart_is_bit_identical(tmp_path) -> None:
 
     stamps = {key: chunk_file(staging, key).stat().st_mtime_ns for key in done}
     subprocess.run(_cli(ckpt, src, dest, *options), env=env, check=True)
-    clean = tmp_path / "clean.ome.zarr"
-    subprocess.run(_cli(ckpt, src, clean, *options), env=env, check=True)
+    clean = tmp_path / "clean.ome.zarr"  # uninterrupted, in-process (same thread count as the CLI)
+    predict(ckpt, src, clean, tile=32, block=[1, 32, 32], workers=1, batch=1)
     assert open_image(dest)[:].tobytes() == open_image(clean)[:].tobytes()
     # Finished blocks were not recomputed: their chunk files are the ones written before the kill.
     assert {key: chunk_file(dest, key).stat().st_mtime_ns for key in done} == stamps
+
+
+# -------------------------------------------------------------- CLI and Dask
+
+
+def test_cli_predict_and_one_line_errors(stack, tmp_path, run_cli) -> None:
+    dest = tmp_path / "c.ome.zarr"
+    code, _, err = run_cli("predict", stack["ckpt"], stack["raw_path"], dest, "--tile", "32", "--dtype", "uint8",
+                           "--workers", "1", "--block", "1", "64", "64")  # fmt: skip
+    assert code == 0, err
+    np.testing.assert_allclose(read_probabilities(dest), stack["expected"], atol=0.5 / 255 + TOL)
+    code, _, err = run_cli("predict", stack["ckpt"], stack["raw_path"], dest)
+    assert code == 2 and err.strip().count("\n") == 0 and "already exists" in err
+    code, _, err = run_cli("predict", stack["ckpt"], stack["raw_path"], tmp_path / "d.ome.zarr", "--tile", "30")
+    assert code == 2 and "multiple of the pooling factor 4" in err
+    code, _, err = run_cli("predict", stack["ckpt"], stack["raw_path"], tmp_path / "e.ome.zarr", "--workers", "64",
+                           "--device", "cpu", "--threads", "2")  # fmt: skip
+    assert code == 2 and "oversubscribe" in err
+
+
+def test_distributed_scheduler(stack, tmp_path) -> None:
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        dest = tmp_path / "d.ome.zarr"
+        result = predict(stack["ckpt"], stack["raw_path"], dest, tile=32, block=[1, 32, 32], scheduler=cluster.scheduler_address)
+    assert result.computed == 27
+    np.testing.assert_allclose(read_probabilities(dest), stack["expected"], rtol=0, atol=TOL)

@@ -265,3 +265,41 @@ def test_cli_train_on_ome_zarr(tmp_path, stores, run_cli) -> None:
     assert code == 2 and "nonexistent" in err and err.count("\n") == 1
     code, _, err = run_cli("train", tmp_path / "c.yaml", "--raw", "s", "--out", tmp_path / "x.pt")
     assert code == 2 and "NAME=PATH" in err
+
+
+def test_cli_config_json_as_snakemake_passes_it(tmp_path, stores, run_cli) -> None:
+    """The rule passes the config as a JSON string; a bad string is one error line."""
+    import json
+
+    from unet_pipe.io import StagedImage
+
+    args = []
+    for key in ("raw", "labels"):
+        array = stores["s"][key]
+        staged = StagedImage(tmp_path / f"{key}.ome.zarr", shape=array.shape, dtype=array.dtype, chunks=(1, 40, 40))
+        staged.array[:] = array
+        staged.commit(pyramid_levels=0)
+        args += [f"--{key}", f"s={tmp_path / f'{key}.ome.zarr'}"]
+    config = _config(steps=1, val_every=1)
+    code, _, err = run_cli("-q", "train", "--config-json", json.dumps(config), *args,
+                           "--out", tmp_path / "m.pt", "--threads", "1")
+    assert code == 0, err
+    assert load_checkpoint(tmp_path / "m.pt")["step"] == 1
+    code, _, err = run_cli("train", "--config-json", "{not json", "--out", tmp_path / "x.pt")
+    assert code == 2 and "not valid JSON" in err and err.count("\n") == 1
+    code, _, err = run_cli("train", "--out", tmp_path / "x.pt")
+    assert code == 2 and "CONFIG.yaml or --config-json" in err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mixed_precision_training_on_gpu(tmp_path, stores) -> None:
+    """AMP on CUDA trains, records the scaler and CUDA RNG, and resumes."""
+    config = _config(steps=4, val_every=2, checkpoint_every=2)
+    result = train(config, stores, tmp_path / "g.pt", tmp_path / "g.csv", device="cuda", until_step=2)
+    assert not result["finished"]
+    result = train(config, stores, tmp_path / "g.pt", tmp_path / "g.csv", device="cuda", resume=True)
+    ckpt = load_checkpoint(tmp_path / "g.pt")
+    assert result["finished"] and ckpt["step"] == 4
+    assert ckpt["extra"]["scaler"] and ckpt["extra"]["cuda_rng"] is not None
+    assert all(math.isfinite(r["loss"]) for r in iter_rows(tmp_path / "g.csv"))

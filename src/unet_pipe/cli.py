@@ -254,8 +254,8 @@ def _add_postprocess(sub: argparse._SubParsersAction) -> None:
         "--seed-threshold", type=float, default=0.9, help="watershed: confident cell region p > this (default 0.9)"
     )
     p.add_argument(
-        "--seed-prominence", type=float, default=2.0,
-        help="watershed: pixels a distance maximum must rise above its saddle to seed a cell (default 2)",
+        "--seed-prominence", type=float, default=5.0,
+        help="watershed: pixels a distance maximum must rise above its saddle to seed a cell (default 5; about a quarter of the cell radius)",
     )
     p.add_argument("--min-size", type=int, default=0, help="segments smaller than this (pixels) become membrane")
     p.add_argument("--pyramid-levels", type=int, default=2)
@@ -386,7 +386,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             "continues an interrupted or finished run exactly (bit-identical on the CPU)."
         ),
     )
-    p.add_argument("config", metavar="CONFIG.yaml")
+    p.add_argument("config", metavar="CONFIG.yaml", nargs="?")
+    p.add_argument(
+        "--config-json", metavar="JSON", help="the configuration as a JSON string instead of CONFIG.yaml (Snakemake)"
+    )
     for key in ("raw", "labels", "weights"):
         p.add_argument(
             f"--{key}", action="append", default=[], metavar="NAME=PATH",
@@ -415,9 +418,21 @@ def _named_paths(values: list[str], option: str) -> dict[str, Path]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    import json
+
+    from unet_pipe.config import validate_config
+    from unet_pipe.errors import ConfigError
     from unet_pipe.train import train
 
-    config = _load_config(args.config)
+    if (args.config is None) == (args.config_json is None):
+        raise UnetPipeError(None, "give either CONFIG.yaml or --config-json, not both or neither")
+    if args.config_json is not None:
+        try:
+            config = validate_config(json.loads(args.config_json), "--config-json")
+        except json.JSONDecodeError as exc:
+            raise ConfigError("--config-json", f"not valid JSON ({exc.msg} at position {exc.pos})") from None
+    else:
+        config = _load_config(args.config)
     if args.threads is not None and args.threads < 1:
         raise UnetPipeError(None, "--threads must be >= 1")
     given = {key: _named_paths(getattr(args, key), f"--{key}") for key in ("raw", "labels", "weights")}
@@ -478,6 +493,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int,
                    help="parallel workers: CPU workers share the cores (torch threads = cores / workers; default 1); "
                         "with GPUs one per GPU")
+    p.add_argument("--threads", type=int, help="CPU cores to use (default: all cores this process may use)")
     p.add_argument("--device", default="auto", help="auto (CUDA if visible), cpu or cuda")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="average over the 8 rotations/flips (paper, ISBI 2012)")
@@ -536,6 +552,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         args.raw,
         args.dest,
         workers=args.workers,
+        threads=args.threads,
         scheduler=args.scheduler,
         shard=tuple(args.shard) if args.shard else None,
         z_range=args.z_range,
@@ -545,6 +562,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         **options,
     )
     plan = result.plan
+    if plan is None:
+        log.info("%s: staging store ready (%s.partial)", args.dest, args.dest.name)
+        return 0
     log.info(
         "%s: %d of %d blocks computed in %.1f s (%.2f Mvox/s); tile %s, block %s, batch %d%s",
         args.dest, result.computed, result.total, result.seconds, result.voxels_per_s / 1e6,

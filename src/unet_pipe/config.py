@@ -8,6 +8,7 @@ link to it) and is the single source of truth: the Snakefile validates with
 from __future__ import annotations
 
 import copy
+import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -112,3 +113,31 @@ def load_config(path: str | Path, check_inputs: bool = True) -> dict:
     if check_inputs:
         check_inputs_exist(config, source=path)
     return config
+
+
+def schema_markdown() -> str:
+    """A Markdown table of every config key (path, type, default, description) from the schema.
+
+    ``config/README.md`` embeds this table; a test keeps the two in sync.
+    """
+    rows: list[str] = []
+
+    def walk(schema: dict, prefix: str) -> None:
+        for key, sub in schema.get("properties", {}).items():
+            path = f"{prefix}{key}"
+            kind = sub.get("type", "")
+            kind = " or ".join(kind) if isinstance(kind, list) else kind
+            if "enum" in sub:
+                kind = " / ".join(str(v) for v in sub["enum"])
+            default = sub.get("default", "")
+            default = "" if default == {} and kind == "object" else f"`{json.dumps(default)}`" if "default" in sub else ""
+            text = " ".join(str(sub.get("description", "")).split())
+            rows.append(f"| `{path}` | {kind} | {default} | {text} |")
+            walk(sub, f"{path}.")
+            extra = sub.get("additionalProperties")
+            if isinstance(extra, dict) and extra.get("properties"):
+                walk(extra, f"{path}.<name>.")
+
+    walk(load_schema(), "")
+    header = "| key | type | default | meaning |\n|---|---|---|---|\n"
+    return header + "\n".join(rows) + "\n"

@@ -35,8 +35,7 @@ from unet_pipe.metrics import (
     binarize,
     instances_from_binary,
     pixel_error,
-    rand_scores,
-    variation_of_information,
+    segmentation_scores,
 )
 from unet_pipe.postprocess import as_probability, open_probabilities
 from unet_pipe.provenance import provenance
@@ -107,9 +106,8 @@ def score_slice(
         "_union": int(np.count_nonzero(pred_cells | truth_cells)),
     }
     row["iou"] = row["_intersection"] / row["_union"] if row["_union"] else 1.0
-    if np.any(truth_instances):
-        rs = rand_scores(instances, truth_instances)
-        split, merge = variation_of_information(instances, truth_instances)
+    rs, (split, merge) = segmentation_scores(instances, truth_instances)
+    if rs is not None:
         row.update(
             rand_error=rs.error, v_rand_split=rs.v_split, v_rand_merge=rs.v_merge,
             vi_split=split, vi_merge=merge, vi=split + merge,

@@ -16,9 +16,10 @@ Conventions (ISBI 2012, Arganda-Carreras et al. 2015, Front. Neuroanat. 9:142):
 Why not ``skimage.metrics.adapted_rand_error`` directly: it counts pixel
 *pairs* (``sum n_ij (n_ij - 1)``) and treats predicted id 0 as one ordinary
 segment, while the challenge normalises by ``N^2`` (``sum p_ij^2``) and treats
-predicted background as singletons; the two differ.  The contingency table and
-the variation of information come from ``skimage.metrics``, whose definitions do
-match once the singletons are relabelled.
+predicted background as singletons; the two differ.  skimage's
+``variation_of_information`` matches the definition once the singletons are
+relabelled, and the tests check ours against it; ours computes Rand and VI
+from one contingency table, which is several times faster per slice.
 """
 from __future__ import annotations
 
@@ -26,8 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.ndimage as ndi
-from skimage.metrics import contingency_table
-from skimage.metrics import variation_of_information as _skimage_vi
+import scipy.sparse as sparse
 
 __all__ = [
     "RandScores",
@@ -37,6 +37,7 @@ __all__ = [
     "rand_error",
     "rand_error_per_slice",
     "variation_of_information",
+    "segmentation_scores",
     "iou",
     "instances_from_binary",
 ]
@@ -134,26 +135,66 @@ def instances_from_binary(
     return out
 
 
-def _foreground_pairs(
-    pred_instances: np.ndarray, truth_instances: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Consecutive (truth, pred) ids of the truth-foreground pixels.
+@dataclass(frozen=True)
+class _Table:
+    """Contingency counts of one image on the truth foreground.
 
-    Predicted background pixels become singleton segments.  Relabelling to
-    consecutive ids keeps skimage's tables small whatever the id range.
+    ``pairs``: nonzero counts n_ij of (truth i, predicted j != 0); ``truth_sizes``:
+    n_i; ``pred_sizes``: n_j for predicted ids != 0; ``singletons``: truth-foreground
+    pixels predicted as background, each a segment of size 1; ``n``: all
+    truth-foreground pixels.
     """
+
+    pairs: np.ndarray
+    truth_sizes: np.ndarray
+    pred_sizes: np.ndarray
+    singletons: int
+    n: int
+
+
+def _compact(ids: np.ndarray) -> np.ndarray:
+    """Ids as small non-negative ints: offset by the minimum, or ranked when sparse."""
+    if ids.size == 0:
+        return ids.astype(np.int64)
+    lo, hi = int(ids.min()), int(ids.max())
+    if hi - lo < 4 * ids.size + 1024:
+        return ids.astype(np.int64) - lo
+    return np.unique(ids, return_inverse=True)[1].reshape(-1)
+
+
+def _table(pred_instances: np.ndarray, truth_instances: np.ndarray) -> _Table:
+    # Own counting (a sparse COO->CSR sum, as skimage.metrics.contingency_table
+    # does) rather than skimage's relabel-and-call route: one table serves Rand
+    # and VI, singletons are handled in closed form, and it measured ~5x faster
+    # on 512 x 512 ISBI slices (benchmarks/postprocess.py).
     pred = np.asarray(pred_instances)
     truth = np.asarray(truth_instances)
     _check_same_shape(pred, truth)
     fg = truth != 0
-    t = truth[fg]
-    p = pred[fg].astype(np.int64, copy=True)
-    _, p = np.unique(p, return_inverse=True)
-    p = p.reshape(-1) + 1
-    background = pred[fg] == 0
-    p[background] = p.max(initial=0) + 1 + np.arange(np.count_nonzero(background))
-    _, t = np.unique(t, return_inverse=True)
-    return t.reshape(-1) + 1, p
+    t = _compact(truth[fg])
+    p = pred[fg]
+    assigned = p != 0
+    n = int(t.size)
+    singletons = n - int(np.count_nonzero(assigned))
+    truth_sizes = np.bincount(t)
+    truth_sizes = truth_sizes[truth_sizes > 0]
+    if singletons == n:
+        empty = np.zeros(0, dtype=np.int64)
+        return _Table(empty, truth_sizes, empty, singletons, n)
+    ta = t[assigned]
+    pa = _compact(p[assigned])
+    table = sparse.coo_matrix(
+        (np.ones(ta.size, dtype=np.int64), (ta, pa)), shape=(int(ta.max()) + 1, int(pa.max()) + 1)
+    ).tocsr()
+    table.sum_duplicates()
+    pairs = table.data[table.data > 0]
+    pred_sizes = np.bincount(pa)
+    return _Table(pairs, truth_sizes, pred_sizes[pred_sizes > 0], singletons, n)
+
+
+def _sum_squares(counts: np.ndarray) -> float:
+    c = counts.astype(np.float64)
+    return float(c @ c)
 
 
 def rand_scores(pred_instances: np.ndarray, truth_instances: np.ndarray) -> RandScores:
@@ -165,22 +206,52 @@ def rand_scores(pred_instances: np.ndarray, truth_instances: np.ndarray) -> Rand
     ``v_rand = sum p_ij^2 / (0.5 sum s_j^2 + 0.5 sum t_i^2)``.
     Raises ValueError when the truth has no foreground (the score is undefined).
     """
-    t, p = _foreground_pairs(pred_instances, truth_instances)
-    n = t.size
-    if n == 0:
+    return _rand_from_table(_table(pred_instances, truth_instances))
+
+
+def _rand_from_table(tab: _Table) -> RandScores:
+    if tab.n == 0:
         raise ValueError("Rand scores are undefined without truth foreground")
-    table = contingency_table(t, p)
     # Counts, not fractions: the common 1/n^2 factor cancels in every ratio.
-    sum_pij2 = float(table.data.astype(np.float64) @ table.data)
-    t_sizes = np.asarray(table.sum(axis=1), dtype=np.float64).ravel()
-    s_sizes = np.asarray(table.sum(axis=0), dtype=np.float64).ravel()
-    sum_t2 = float(t_sizes @ t_sizes)
-    sum_s2 = float(s_sizes @ s_sizes)
+    # A singleton adds 1^2 to sum p_ij^2 and to sum s_j^2.
+    sum_pij2 = _sum_squares(tab.pairs) + tab.singletons
+    sum_s2 = _sum_squares(tab.pred_sizes) + tab.singletons
+    sum_t2 = _sum_squares(tab.truth_sizes)
     return RandScores(
         v_rand=sum_pij2 / (0.5 * sum_s2 + 0.5 * sum_t2),
         v_split=sum_pij2 / sum_t2,
         v_merge=sum_pij2 / sum_s2,
     )
+
+
+def _entropy(counts: np.ndarray, n: int, singletons: int = 0) -> float:
+    """Entropy in bits of a partition of ``n`` items given its part sizes (+ singletons)."""
+    c = counts[counts > 0].astype(np.float64) / n
+    h = float(-(c @ np.log2(c)))
+    if singletons:
+        h += singletons / n * np.log2(n)  # each singleton: -(1/n) log2(1/n)
+    return h
+
+
+def _vi_from_table(tab: _Table) -> tuple[float, float]:
+    if tab.n == 0:
+        return float("nan"), float("nan")
+    h_joint = _entropy(tab.pairs, tab.n, tab.singletons)
+    h_truth = _entropy(tab.truth_sizes, tab.n)
+    h_pred = _entropy(tab.pred_sizes, tab.n, tab.singletons)
+    # H(pred | truth) = H(truth, pred) - H(truth), and symmetrically.
+    return _snap_zero(h_joint - h_truth), _snap_zero(h_joint - h_pred)
+
+
+def segmentation_scores(
+    pred_instances: np.ndarray, truth_instances: np.ndarray
+) -> tuple[RandScores | None, tuple[float, float]]:
+    """Rand scores (None without truth foreground) and VI ``(split, merge)`` of one
+    2D slice, from one contingency table."""
+    tab = _table(pred_instances, truth_instances)
+    if tab.n == 0:
+        return None, (float("nan"), float("nan"))
+    return _rand_from_table(tab), _vi_from_table(tab)
 
 
 def rand_error_per_slice(
@@ -216,15 +287,13 @@ def variation_of_information(
 
     ``split = H(pred | truth)`` (over-segmentation), ``merge = H(truth | pred)``
     (under-segmentation); VI = split + merge, 0 = perfect.  Same pixel set and
-    singleton rule as :func:`rand_scores`; the whole array is one image (call it
-    per slice for 2D scores).  Returns ``(nan, nan)`` without truth foreground.
+    singleton rule as :func:`rand_scores`, so it equals
+    ``skimage.metrics.variation_of_information(truth, pred, ignore_labels=[0])``
+    once predicted background is relabelled as singletons (tested).  The whole
+    array is one image (call it per slice for 2D scores).  Returns
+    ``(nan, nan)`` without truth foreground.
     """
-    t, p = _foreground_pairs(pred_instances, truth_instances)
-    if t.size == 0:
-        return float("nan"), float("nan")
-    split, merge = _skimage_vi(t, p)
-    # Identical partitions give +-1e-17 from float round-off; report them as 0.
-    return _snap_zero(float(split)), _snap_zero(float(merge))
+    return _vi_from_table(_table(pred_instances, truth_instances))
 
 
 def _snap_zero(x: float, tol: float = 1e-12) -> float:

@@ -14,7 +14,8 @@ Two methods:
   (slightly smoothed) membrane probability ``1 - p``.  Seeds come from the
   high-confidence cell region ``p > seed_threshold``: the maxima of its
   distance transform that stand at least ``seed_prominence`` pixels above the
-  saddle to any higher maximum (h-maxima).  So a weak membrane (``p`` between
+  saddle to any higher maximum (h-maxima), or the whole region when it is too
+  small to hold such a maximum.  So a weak membrane (``p`` between
   the two thresholds) separates seeds, and so does a neck where the U-Net
   missed a membrane altogether, while noise and organelles inside a cell do
   not fragment it.  A mask component without any seed keeps its own id: the
@@ -57,7 +58,7 @@ def instances_from_probabilities(
     threshold: float = 0.5,
     *,
     seed_threshold: float = 0.9,
-    seed_prominence: float = 2.0,
+    seed_prominence: float = 5.0,
     min_size: int = 0,
 ) -> np.ndarray:
     """Instances of one 2D ``(y, x)`` slice of cell probabilities in [0, 1].
@@ -122,6 +123,12 @@ def _split_by_watershed(
     confident = (smooth > seed_threshold) & cells
     distance = ndi.gaussian_filter(ndi.distance_transform_edt(confident).astype(np.float32), _SMOOTH_SIGMA)
     peaks = h_maxima(distance, seed_prominence).astype(bool) & confident
+    # A confident region too small to hold a prominent maximum is a seed as a
+    # whole: small cells behind a weak membrane must not merge into their neighbour.
+    regions, n_regions = ndi.label(confident, structure=_FOUR_CONNECTED)
+    has_peak = np.zeros(n_regions + 1, dtype=bool)
+    has_peak[regions[peaks]] = True
+    peaks |= (regions > 0) & ~has_peak[regions]
     seeds, n_seeds = ndi.label(peaks, structure=_EIGHT_CONNECTED)
     seeded = np.zeros(n_components + 1, dtype=bool)
     seeded[components[seeds > 0]] = True
@@ -210,7 +217,7 @@ def postprocess(
     method: Method = "threshold",
     threshold: float = 0.5,
     seed_threshold: float = 0.9,
-    seed_prominence: float = 2.0,
+    seed_prominence: float = 5.0,
     min_size: int = 0,
     pyramid_levels: int = 2,
     overwrite: bool = False,

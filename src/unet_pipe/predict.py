@@ -45,7 +45,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -79,7 +79,8 @@ OUTPUT_DTYPES: dict[str, tuple[type, float]] = {
     "float16": (np.float16, 1.0),
     "uint8": (np.uint8, 1.0 / 255.0),
 }
-PLAN_ATTR = "unet_pipe_predict_plan"
+#: The plan of a run, next to the arrays in ``DEST.partial`` (created once, atomically).
+PLAN_FILE = "predict_plan.json"
 #: Fraction of the free memory (GPU: device memory, CPU: RAM within the cgroup limit) tiles may use.
 MEMORY_FRACTION = {"cuda": 0.6, "cpu": 0.25}
 #: CPU tile memory per worker beyond which larger tiles no longer speed up the forward
@@ -534,10 +535,10 @@ def _run_distributed(job: _Job, blocks: list[Roi], address: str, progress: _Prog
 
 @dataclass(frozen=True)
 class PredictResult:
-    """What a call did: the plan, blocks computed now / total, wall time in seconds."""
+    """What a call did: the plan, blocks computed now / in its range, wall time in seconds."""
 
     dest: Path
-    plan: PredictPlan
+    plan: PredictPlan | None
     computed: int
     total: int
     seconds: float
@@ -545,7 +546,9 @@ class PredictResult:
 
     @property
     def voxels_per_s(self) -> float:
-        return math.prod(self.plan.shape) * self.computed / max(self.total, 1) / max(self.seconds, 1e-9)
+        if self.plan is None or not self.total:
+            return 0.0
+        return math.prod(self.plan.shape) * self.computed / len(self.plan.blocks()) / max(self.seconds, 1e-9)
 
 
 def _cores() -> int:
@@ -555,7 +558,17 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def _load_model(checkpoint: str | Path, expected_arch: dict | None) -> UNet:
+def _default_device(device: str | None) -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise ConfigError(None, f"device must be auto, cpu or cuda, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(None, f"device {device!r} requested but no CUDA device is visible")
+    return device
+
+
+def _load_model(checkpoint: Path, expected_arch: dict | None) -> UNet:
     model, _ = model_from_checkpoint(checkpoint, map_location="cpu")
     if expected_arch is not None:
         differ = {k: (model.arch.get(k), v) for k, v in expected_arch.items() if model.arch.get(k) != v}
@@ -567,30 +580,104 @@ def _load_model(checkpoint: str | Path, expected_arch: dict | None) -> UNet:
     return model
 
 
-def _fingerprint(checkpoint: Path, raw: Path, request: dict) -> str:
-    return json.dumps(
+@dataclass
+class _Setup:
+    """A run's inputs, checked: model, input metadata, the request and its fingerprint."""
+
+    checkpoint: Path
+    raw: Path
+    dest: Path
+    model: UNet
+    meta: Any
+    request: dict
+    fingerprint: str
+
+
+def _setup(checkpoint, raw, dest, expected_arch, *, tile, block, batch, tta, dtype, precision, device) -> _Setup:
+    checkpoint, raw, dest = Path(checkpoint), Path(raw), Path(dest)
+    model = _load_model(checkpoint, expected_arch)
+    meta = image_metadata(raw)  # InputError unless a 3D (z, y, x) OME-Zarr image
+    if model.dims == 3 and min(meta.shape) < 2:
+        raise InputError(raw, f"a 3D model needs at least 2 voxels per axis, the image has shape {meta.shape}")
+    if dtype not in OUTPUT_DTYPES:
+        raise ConfigError(None, f"output dtype must be one of {sorted(OUTPUT_DTYPES)}, got {dtype!r}")
+    request = {
+        "tile": None if tile is None else np.atleast_1d(tile).astype(int).tolist(),
+        "block": None if block is None else [int(b) for b in block],
+        "batch": batch,
+        "tta": bool(tta),
+        "dtype": dtype,
+        "precision": precision,
+        "device": "cuda" if device.startswith("cuda") else "cpu",
+    }
+    # Everything that changes output values; not workers, scheduler or shard (they do not).
+    fingerprint = json.dumps(
         {"checkpoint": input_checksum(checkpoint), "raw": input_checksum(raw), "request": request}, sort_keys=True
+    )
+    return _Setup(checkpoint, raw, dest, model, meta, request, fingerprint)
+
+
+def _staging_matches(dest: Path, fingerprint: str) -> bool:
+    try:
+        group = zarr.open_group(str(dest.with_name(dest.name + ".partial")), mode="r", zarr_format=2)
+        return group.attrs.get("unet_pipe", {}).get("staging", {}).get("fingerprint") == fingerprint
+    except Exception:  # absent or unreadable: not ours
+        return False
+
+
+def _open_staged(setup: _Setup, *, overwrite: bool, must_exist: bool) -> StagedImage:
+    """``DEST.partial`` for this request: resumed when it matches, else created (unless ``must_exist``)."""
+    if must_exist and not _staging_matches(setup.dest, setup.fingerprint):
+        raise OutputError(
+            setup.dest, "no matching staging store DEST.partial: run `unet-pipe predict --prepare` with the same"
+            " checkpoint, input and options first"
+        )
+    return StagedImage(
+        setup.dest,
+        shape=setup.meta.shape,
+        dtype=OUTPUT_DTYPES[setup.request["dtype"]][0],
+        chunks=setup.meta.chunks,
+        voxel_size=setup.meta.voxel_size,
+        kind="image",
+        resume=True,
+        fingerprint=setup.fingerprint,
+        overwrite=overwrite,
     )
 
 
-def _stored_plan(staged: StagedImage) -> PredictPlan | None:
-    data = staged.group.attrs.get(PLAN_ATTR)
-    return PredictPlan.from_dict(data) if data else None
+def _read_plan(staged: StagedImage) -> PredictPlan | None:
+    path = staged.staging / PLAN_FILE
+    return PredictPlan.from_dict(json.loads(path.read_text())) if path.exists() else None
 
 
-def _staging_exists(dest: Path, fingerprint: str) -> bool:
-    staging = dest.with_name(dest.name + ".partial")
+def _shared_plan(staged: StagedImage, make: Callable[[], PredictPlan]) -> PredictPlan:
+    """The run's plan: the stored one, else ``make()`` stored atomically (first writer wins).
+
+    Shards on different nodes may race here; ``os.link`` of a complete
+    temporary file is atomic and fails if the plan exists (also on NFS), so
+    all of them end up with the first plan written.
+    """
+    plan = _read_plan(staged)
+    if plan is not None:
+        return plan
+    path = staged.staging / PLAN_FILE
+    tmp = path.with_name(f".{PLAN_FILE}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(make().to_dict()))
     try:
-        group = zarr.open_group(str(staging), mode="r", zarr_format=2)
-        return group.attrs.get("unet_pipe", {}).get("staging", {}).get("fingerprint") == fingerprint
-    except Exception:
-        return False
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    plan = _read_plan(staged)
+    assert plan is not None
+    return plan
 
 
 def _shard_region(plan: PredictPlan, shard: tuple[int, int] | None, z_range: Sequence[int] | None) -> Roi | None:
     """The z range of block starts this call computes (None = all)."""
     if shard is not None:
-        index, count = shard
+        index, count = (int(v) for v in shard)
         if not (count >= 1 and 0 <= index < count):
             raise ConfigError(None, f"shard must be I N with 0 <= I < N, got {index} {count}")
         rows = -(-plan.shape[0] // plan.block[0])
@@ -601,76 +688,8 @@ def _shard_region(plan: PredictPlan, shard: tuple[int, int] | None, z_range: Seq
             raise ConfigError(None, f"z range must be A B with 0 <= A < B, got {lo} {hi}")
     else:
         return None
-    big = 1 << 62
-    return Roi((lo, 0, 0), (hi - lo, big, big))
-
-
-def _open_staging(
-    checkpoint: Path,
-    raw: Path,
-    dest: Path,
-    *,
-    model: UNet,
-    tile,
-    block,
-    batch,
-    tta: bool,
-    dtype: str,
-    precision: str,
-    device: str,
-    workers: int,
-    overwrite: bool,
-    must_exist: bool,
-) -> tuple[StagedImage, PredictPlan, dict]:
-    meta = image_metadata(raw)
-    if model.dims == 3 and min(meta.shape) < 2:
-        raise InputError(raw, f"a 3D model needs at least 2 voxels per axis, image has shape {meta.shape}")
-    if dtype not in OUTPUT_DTYPES:
-        raise ConfigError(None, f"output dtype must be one of {sorted(OUTPUT_DTYPES)}, got {dtype!r}")
-    request = {
-        "tile": None if tile is None else list(np.atleast_1d(tile).tolist()),
-        "block": None if block is None else list(block),
-        "batch": batch,
-        "tta": bool(tta),
-        "dtype": dtype,
-        "precision": precision,
-        "device": "cuda" if device.startswith("cuda") else "cpu",
-    }
-    fingerprint = _fingerprint(checkpoint, raw, request)
-    if must_exist and not _staging_exists(dest, fingerprint):
-        raise OutputError(
-            dest, "no matching staging store DEST.partial: run `unet-pipe predict --prepare` with the same"
-            " checkpoint, input and options first"
-        )
-    staged = StagedImage(
-        dest,
-        shape=meta.shape,
-        dtype=OUTPUT_DTYPES[dtype][0],
-        chunks=meta.chunks,
-        voxel_size=meta.voxel_size,
-        kind="image",
-        resume=True,
-        fingerprint=fingerprint,
-        overwrite=overwrite,
-    )
-    plan = _stored_plan(staged)
-    if plan is None:
-        plan = make_plan(
-            model.arch, meta.shape, meta.chunks, tile=tile, block=block, batch=batch,
-            memory=tile_memory_budget(device, workers), tta=tta, dtype=dtype,
-        )  # fmt: skip
-        staged.group.attrs[PLAN_ATTR] = plan.to_dict()
-    return staged, plan, request
-
-
-def _default_device(device: str | None) -> str:
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(None, f"device {device!r} requested but no CUDA device is visible")
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise ConfigError(None, f"device must be auto, cpu or cuda, got {device!r}")
-    return device
+    unbounded = 1 << 62
+    return Roi((lo, 0, 0), (hi - lo, unbounded, unbounded))
 
 
 def predict(
@@ -682,6 +701,7 @@ def predict(
     block: Sequence[int] | None = None,
     batch: int | None = None,
     workers: int | None = None,
+    threads: int | None = None,
     device: str | None = None,
     tta: bool = False,
     dtype: str = "float32",
@@ -690,7 +710,6 @@ def predict(
     shard: tuple[int, int] | None = None,
     z_range: Sequence[int] | None = None,
     prepare_only: bool = False,
-    commit: bool | None = None,
     overwrite: bool = False,
     pyramid_levels: int = 2,
     expected_arch: dict | None = None,
@@ -698,86 +717,92 @@ def predict(
 ) -> PredictResult:
     """Predict foreground probabilities of ``raw`` into the OME-Zarr ``dest``.
 
-    ``tile``: output tile edge(s) (None = from memory); ``block``: (z, y, x)
-    block of output chunks; ``workers``: CPU compute workers (torch threads =
-    cores // workers; default 1) — with GPUs one per GPU; ``scheduler``: a
-    ``dask.distributed`` address; ``shard=(i, n)`` or ``z_range=(a, b)``
-    compute only blocks starting in that z range of a prepared staging store
-    and do not publish; ``prepare_only`` creates the staging store and plan;
-    ``commit`` (default: not sharded) publishes when every block is done.
-    Re-running after an interruption resumes from the finished blocks.
+    ``tile``: output tile edge(s) (None = largest that fits the free memory);
+    ``block``: (z, y, x) voxels per task, whole output chunks; ``batch``: tiles
+    per forward pass; ``workers``: CPU workers sharing ``threads`` cores
+    (default all of this process's; torch threads = threads // workers) — with
+    GPUs one per GPU; ``scheduler``: a ``dask.distributed`` address (workers
+    there must see the same files).  ``shard=(i, n)`` or ``z_range=(a, b)``:
+    compute only the blocks starting in that z range of a store made with
+    ``prepare_only`` and do not publish (see :func:`finalize`).  Otherwise
+    ``dest`` is published when done.  An interrupted call, re-run with the
+    same arguments, resumes from its finished blocks and ends bit-identical.
     """
     started = time.perf_counter()
-    checkpoint, raw, dest = Path(checkpoint), Path(raw), Path(dest)
     device = _default_device(device)
     sharded = shard is not None or z_range is not None
-    commit = (not sharded and not prepare_only) if commit is None else commit
-    cores = _cores()
+    cores = _cores() if threads is None else int(threads)
     if workers is None:
         workers = torch.cuda.device_count() if device.startswith("cuda") else 1
-    if workers < 1:
-        raise ConfigError(None, f"workers must be >= 1, got {workers}")
+    if workers < 1 or cores < 1:
+        raise ConfigError(None, f"workers and threads must be >= 1, got {workers} and {cores}")
     if device == "cpu" and workers > cores:
         raise ConfigError(None, f"{workers} CPU workers on {cores} cores would oversubscribe them")
-    model = _load_model(checkpoint, expected_arch)
-    staged, plan, request = _open_staging(
-        checkpoint, raw, dest, model=model, tile=tile, block=block, batch=batch, tta=tta, dtype=dtype,
-        precision=precision, device=device, workers=workers, overwrite=overwrite, must_exist=sharded,
+    setup = _setup(
+        checkpoint, raw, dest, expected_arch, tile=tile, block=block, batch=batch, tta=tta, dtype=dtype,
+        precision=precision, device=device,
+    )  # fmt: skip
+    staged = _open_staged(setup, overwrite=overwrite, must_exist=sharded)
+    if prepare_only:
+        return PredictResult(setup.dest, _read_plan(staged), 0, 0, time.perf_counter() - started, False)
+    plan = _shared_plan(
+        staged,
+        lambda: make_plan(
+            setup.model.arch, setup.meta.shape, setup.meta.chunks, tile=tile, block=block, batch=batch,
+            memory=tile_memory_budget(device, workers), tta=tta, dtype=dtype,
+        ),
     )  # fmt: skip
     log.info(
-        "plan: tile %s, input window %s (useful fraction %.2f), block %s, batch %d, %d workers",
-        plan.tile, plan.window, plan.useful_fraction, plan.block, plan.batch, workers,
+        "plan: tile %s, input window %s (useful fraction %.2f), block %s, batch %d; %d workers x %d threads",
+        plan.tile, plan.window, plan.useful_fraction, plan.block, plan.batch, workers, max(1, cores // workers),
     )  # fmt: skip
-    all_blocks = plan.blocks()
-    mine = plan.blocks(_shard_region(plan, shard, z_range)) if sharded else all_blocks
-    todo = [] if prepare_only else [b for b in mine if not staged.is_done(b.key())]
+    mine = plan.blocks(_shard_region(plan, shard, z_range))
+    todo = [b for b in mine if not staged.is_done(b.key())]
     job = _Job(
         token=uuid.uuid4().hex,
-        checkpoint=str(checkpoint.resolve()),
-        raw=str(raw.resolve()),
+        checkpoint=str(setup.checkpoint.resolve()),
+        raw=str(setup.raw.resolve()),
         staged=staged,
         plan=plan,
         precision=precision,
         threads=max(1, cores // workers),
         slots=workers,
     )
-    bar = _Progress(len(mine), len(mine) - len(todo) if not prepare_only else 0, progress and not prepare_only)
+    bar = _Progress(len(mine), len(mine) - len(todo), progress)
     previous_threads = torch.get_num_threads()
     try:
-        if todo:
-            if scheduler:
-                _run_distributed(job, todo, scheduler, bar)
-            else:
-                _register(job, model)
-                io_threads = 2 if device.startswith("cuda") else 1  # read the next block while the GPU works
-                _run_threads(job, todo, workers * io_threads, bar)
+        if todo and scheduler:
+            _run_distributed(job, todo, scheduler, bar)
+        elif todo:
+            _register(job, setup.model)
+            io_threads = 2 if device.startswith("cuda") else 1  # GPU: read the next block while one computes
+            _run_threads(job, todo, workers * io_threads, bar)
     finally:
         bar.close()
         _release(job.token)
         torch.set_num_threads(previous_threads)
     committed = False
-    if commit:
-        finalize_staged(staged, plan, checkpoint, raw, request, pyramid_levels)
+    if not sharded:
+        _publish(staged, plan, setup, pyramid_levels)
         committed = True
-    return PredictResult(dest, plan, len(todo), len(mine), time.perf_counter() - started, committed)
+    return PredictResult(setup.dest, plan, len(todo), len(mine), time.perf_counter() - started, committed)
 
 
-def finalize_staged(
-    staged: StagedImage, plan: PredictPlan, checkpoint: Path, raw: Path, request: dict, pyramid_levels: int
-) -> Path:
-    """Publish the staging store once every block is recorded done (else :class:`OutputError`)."""
+def _publish(staged: StagedImage, plan: PredictPlan, setup: _Setup, pyramid_levels: int) -> Path:
     missing = [b for b in plan.blocks() if not staged.is_done(b.key())]
     if missing:
         raise OutputError(
-            staged.dest, f"{len(missing)} of {len(plan.blocks())} blocks are not computed yet"
-            f" (first missing: z={missing[0].start[0]}); run the missing shards first"
+            setup.dest, f"{len(missing)} of {len(plan.blocks())} blocks are not computed yet"
+            f" (first missing at z={missing[0].start[0]}); run the missing shards first"
         )
-    scale = OUTPUT_DTYPES[plan.dtype][1]
+    (staged.staging / PLAN_FILE).unlink(missing_ok=True)  # kept in the attributes instead
+    params = {**setup.request, "plan": plan.to_dict()}
     return staged.commit(
         pyramid_levels,
-        provenance=provenance({"checkpoint": checkpoint, "raw": raw}, {**request, "plan": plan.to_dict()}),
-        extra_attrs={"probability_scale": scale, "predict": plan.to_dict(), "content": "foreground probability"},
-    )
+        provenance=provenance({"checkpoint": setup.checkpoint, "raw": setup.raw}, params),
+        extra_attrs={"probability_scale": OUTPUT_DTYPES[plan.dtype][1], "predict": plan.to_dict(),
+                     "content": "foreground probability"},
+    )  # fmt: skip
 
 
 def finalize(
@@ -795,14 +820,21 @@ def finalize(
     pyramid_levels: int = 2,
     expected_arch: dict | None = None,
 ) -> Path:
-    """Gather step of a sharded run: check every block is done and publish ``dest``."""
-    checkpoint, raw, dest = Path(checkpoint), Path(raw), Path(dest)
-    model = _load_model(checkpoint, expected_arch)
-    staged, plan, request = _open_staging(
-        checkpoint, raw, dest, model=model, tile=tile, block=block, batch=batch, tta=tta, dtype=dtype,
-        precision=precision, device=_default_device(device), workers=1, overwrite=False, must_exist=True,
+    """Gather step of a sharded run: check that every block is done, then publish ``dest``.
+
+    Takes the same options as the :func:`predict` calls of the shards (they
+    identify the staging store).  Raises :class:`OutputError` naming the
+    missing blocks otherwise.
+    """
+    setup = _setup(
+        checkpoint, raw, dest, expected_arch, tile=tile, block=block, batch=batch, tta=tta, dtype=dtype,
+        precision=precision, device=_default_device(device),
     )  # fmt: skip
-    return finalize_staged(staged, plan, checkpoint, raw, request, pyramid_levels)
+    staged = _open_staged(setup, overwrite=False, must_exist=True)
+    plan = _read_plan(staged)
+    if plan is None:
+        raise OutputError(setup.dest, "no shard has run yet (no plan in DEST.partial)")
+    return _publish(staged, plan, setup, pyramid_levels)
 
 
 def read_probabilities(path: str | Path) -> np.ndarray:
@@ -810,19 +842,3 @@ def read_probabilities(path: str | Path) -> np.ndarray:
     meta = image_metadata(path)
     scale = float(meta.attrs.get("unet_pipe", {}).get("probability_scale", 1.0))
     return np.asarray(open_image(path)[:], dtype=np.float32) * np.float32(scale)
-
-
-def forward_whole(model: UNet, volume: np.ndarray, tta: bool = False) -> np.ndarray:
-    """Reference: the whole volume in one forward pass (per slice in 2D), mirrored by the margin.
-
-    Used by the tests and the benchmark to check tiling invariance; memory grows with the volume.
-    """
-    from unet_pipe.tiling import predict_tiled, whole_volume_tile
-
-    geometry = volume_geometry(unet_axis_geometry(model.depth), model.dims)
-    predictor = Predictor(model, "cpu", tta=tta, precision="float32")
-    region = Roi((0, 0, 0), volume.shape)
-    tile = whole_volume_tile(volume.shape, geometry)
-    if model.dims == 2:
-        tile = (1, *tile[1:])  # one slice per network input
-    return predict_tiled(volume, region, tile, geometry, predictor, batch=volume.shape[0])

@@ -222,12 +222,15 @@ def validate(
     """Pixel error and foreground-restricted Rand error (mean over held-out slices).
 
     Instances come from :func:`unet_pipe.postprocess.instances_from_probabilities`
-    with the config's ``postprocess`` method and threshold, per slice.
+    with the config's ``postprocess`` settings, per slice, as the pipeline
+    segments them; the pixel error thresholds the cell probability the same way.
     """
     from unet_pipe.postprocess import instances_from_probabilities
 
     threshold = float(postprocess_cfg.get("threshold", 0.5))
     method = postprocess_cfg.get("method", "threshold")
+    # The postprocess stage's own options (watershed seeds, minimum size) where given.
+    options = {k: postprocess_cfg[k] for k in ("seed_threshold", "seed_prominence", "min_size") if k in postprocess_cfg}
     wrong = total = 0
     errors: list[np.ndarray] = []
     was_training = model.training
@@ -237,7 +240,7 @@ def validate(
             prob = predict_probabilities(model, d.raw, device)
             wrong += int(np.count_nonzero((prob > threshold) != (d.classes == 1)))
             total += prob.size
-            pred = np.stack([instances_from_probabilities(p, method, threshold) for p in prob])
+            pred = np.stack([instances_from_probabilities(p, method, threshold, **options) for p in prob])
             errors.append(rand_error_per_slice(pred, d.truth_instances))
     finally:
         model.train(was_training)

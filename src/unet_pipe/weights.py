@@ -238,11 +238,10 @@ def border_weights(
     """
     inst = _sequential_ids(np.asarray(instances))
     steps = _normalise_sampling(sampling, inst.ndim)
-    out = np.zeros(inst.shape, np.float64)
     cutoff = cutoff_distance(sigma, tolerance)
     reach = cutoff - min(steps)  # see the module docstring
     if reach < 0 or inst.size == 0 or w0 == 0:
-        return out
+        return np.zeros(inst.shape, np.float64)
     margins = [int(math.floor(reach / s)) for s in steps]
     # Running two smallest distances, updated object by object inside its grown box.
     d1 = np.full(inst.shape, np.inf)
@@ -257,9 +256,13 @@ def border_weights(
         near1, near2 = d1[grown], d2[grown]
         np.minimum(near2, np.maximum(near1, dist), out=near2)
         np.minimum(near1, dist, out=near1)
+    # In place: fresh full-size arrays are costly on large images (page faults).
     total = d1
     total += d2  # inf where fewer than two objects are within reach
-    keep = (total <= cutoff) & (inst == 0)
+    keep = total <= cutoff
+    keep &= inst == 0
+    out = d2
+    out.fill(0.0)
     out[keep] = w0 * np.exp(-np.square(total[keep]) / (2.0 * sigma**2))
     return out
 
