@@ -160,7 +160,7 @@ def main() -> int:
     }
     for key, value in result.items():
         print(f"{key:>32}: {value:.4g}" if isinstance(value, float) else f"{key:>32}: {value}")
-    print(json.dumps({k: round(v, 8) if isinstance(v, float) else v for k, v in result.items()}))
+    print(json.dumps(result))
     return 0
 
 

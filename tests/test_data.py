@@ -10,19 +10,16 @@ from unet_pipe.data import (
     Volume,
     center_crop,
     label_classes,
-    mirror_indices,
     normalize_raw,
-    read_mirrored,
     volumes_from_config,
 )
 from unet_pipe.errors import ConfigError, InputError
+from unet_pipe.tiling import read_mirrored, reflect_index
 
 
-def test_mirror_indices_written_out() -> None:
-    # Range [0, 4): reflect about the edge pixels (edge not repeated).
-    assert mirror_indices(-3, 10, 0, 4).tolist() == [3, 2, 1, 0, 1, 2, 3, 2, 1, 0]
-    assert mirror_indices(2, 3, 2, 5).tolist() == [2, 3, 4]
-    assert mirror_indices(-2, 5, 0, 1).tolist() == [0] * 5
+def test_mirror_convention_written_out() -> None:
+    # Range [0, 4): reflect about the edge pixels (edge not repeated), as augment and predict do.
+    assert reflect_index(range(-3, 7), 4).tolist() == [3, 2, 1, 0, 1, 2, 3, 2, 1, 0]
 
 
 @pytest.mark.parametrize(

@@ -152,7 +152,7 @@ def test_report_writes_markdown_and_figures(tmp_path, tiny_case):
 
 def test_cli_postprocess_evaluate_report(tmp_path, run_cli):
     stack = synthesize((2, 64, 64), seed=3)
-    prob = _store(tmp_path / "prob.ome.zarr", stack.labels, extra={"probability_scale": 255}, chunks=(1, 64, 64))
+    prob = _store(tmp_path / "prob.ome.zarr", stack.labels, extra={"probability_scale": 1 / 255}, chunks=(1, 64, 64))
     labels = _store(tmp_path / "labels.ome.zarr", stack.labels, "labels", chunks=(1, 64, 64))
     inst, metrics, report = tmp_path / "inst.ome.zarr", tmp_path / "metrics.json", tmp_path / "report.md"
     assert run_cli("postprocess", prob, inst, "--method", "watershed")[0] == 0

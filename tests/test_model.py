@@ -216,6 +216,9 @@ def test_checkpoint_round_trip(tmp_path) -> None:
         extra={"numpy_rng": rng.bit_generator.state, "a": np.float32(1.5)},
     )
     assert sorted(os.listdir(tmp_path / "m")) == ["ckpt.pt"]  # no temporary left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # readable like any output, not 0600
     data = load_checkpoint(path)
     assert data["format"] == "unet-pipe-checkpoint" and data["version"] == 1
     assert data["step"] == 5 and data["config"] == {"train": {"tile": 44}, "t": [1, 2]}

@@ -136,13 +136,14 @@ def test_stack_ids_are_unique_across_slices():
 
 
 def test_probability_scale_from_attrs_or_dtype():
-    assert probability_scale({}, np.dtype(np.uint8)) == 255.0
+    # p = stored * scale, the convention of unet_pipe.predict (uint8: round(255 p), scale 1/255).
+    assert probability_scale({}, np.dtype(np.uint8)) == 1 / 255
     assert probability_scale({}, np.dtype(np.float16)) == 1.0
-    assert probability_scale({"unet_pipe": {"probability_scale": 100}}, np.dtype(np.uint8)) == 100.0
-    assert probability_scale({"unet_pipe.probability_scale": 2}, np.dtype(np.uint8)) == 2.0
+    assert probability_scale({"unet_pipe": {"probability_scale": 0.01}}, np.dtype(np.uint8)) == 0.01
+    assert probability_scale({"unet_pipe.probability_scale": 0.5}, np.dtype(np.uint8)) == 0.5
     with pytest.raises(ValueError, match="probability scale"):
         probability_scale({}, np.dtype(np.int32))
-    np.testing.assert_allclose(as_probability(np.array([0, 51, 255], np.uint8), 255.0), [0, 0.2, 1.0])
+    np.testing.assert_allclose(as_probability(np.array([0, 51, 255], np.uint8), 1 / 255), [0, 0.2, 1.0], rtol=1e-6)
 
 
 # ---------------------------------------------------------------- OME-Zarr
@@ -150,10 +151,11 @@ def test_postprocess_writes_uint32_labels_like_the_input(tmp_path):
     rng = np.random.default_rng(0)
     prob = rng.random((3, 20, 24)).astype(np.float32)
     prob_u8 = np.round(prob * 255).astype(np.uint8)
-    src = _write_probabilities(tmp_path / "prob.ome.zarr", prob_u8, chunks=(2, 16, 16))
+    # Written as unet_pipe.predict does: round(255 p) with probability_scale = 1/255.
+    src = _write_probabilities(tmp_path / "prob.ome.zarr", prob_u8, chunks=(2, 16, 16), scale_attr=1 / 255)
     dest = postprocess(src, tmp_path / "inst.ome.zarr", method="threshold", threshold=0.5, pyramid_levels=1)
     out = open_image(dest)[:]
-    expected = instances_from_stack(prob_u8.astype(np.float32) / 255, "threshold", 0.5)
+    expected = instances_from_stack(as_probability(prob_u8, 1 / 255), "threshold", 0.5)
     np.testing.assert_array_equal(out, expected)
     meta = image_metadata(dest)
     assert meta.dtype == np.uint32 and meta.chunks == (2, 16, 16)

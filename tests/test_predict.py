@@ -17,14 +17,7 @@ import zarr
 from unet_pipe.errors import CheckpointError, ConfigError, InputError, OutputError
 from unet_pipe.io import _DONE_DIR, StagedImage, image_metadata, open_image
 from unet_pipe.model import UNet, save_checkpoint, valid_output_size
-from unet_pipe.predict import (
-    PredictPlan,
-    activation_bytes_per_voxel,
-    finalize,
-    make_plan,
-    predict,
-    read_probabilities,
-)
+from unet_pipe.predict import finalize, predict, read_probabilities
 from unet_pipe.synth import synthesize
 
 TOL = 1e-5  # float32 reassociation across tile shapes / thread counts
@@ -110,37 +103,6 @@ def stack(tmp_path_factory) -> dict:
     }
 
 
-# -------------------------------------------------------------------- planning
-
-
-def test_plan_defaults_written_out() -> None:
-    paper = {"in_channels": 1, "n_classes": 2, "depth": 5, "base_channels": 64, "dims": 2, "dropout": 0.5}
-    # Enough memory for any tile: the whole 512 x 512 ISBI slice is one tile, 16 slices per block/batch.
-    plan = make_plan(paper, (30, 512, 512), (1, 512, 512), memory=1 << 40)
-    assert (plan.tile, plan.block, plan.batch) == ((1, 512, 512), (16, 512, 512), 16)
-    assert plan.window == (1, 700, 700)  # 512 -> valid output 516, + 2 * 92
-    # 1 GiB: the largest window that fits, and blocks of whole chunks split evenly into tiles.
-    budget = 1 << 30
-    plan = make_plan(paper, (30, 2048, 2048), (1, 512, 512), memory=budget)
-    assert plan.window[1] ** 2 * activation_bytes_per_voxel(paper) <= budget
-    assert plan.tile[1] % 16 == 0 and plan.block[1] % 512 == 0
-    assert plan.block[1] <= plan.tile[1] * -(-plan.block[1] // plan.tile[1]) < plan.block[1] + 16 * 3
-    # Explicit tile and block are honoured; tiles must sit on the pooling grid.
-    plan = make_plan(paper, (30, 512, 512), (1, 512, 512), tile=[64, 128], block=[2, 512, 512], memory=budget)
-    assert (plan.tile, plan.block) == ((1, 64, 128), (2, 512, 512))
-    with pytest.raises(ConfigError, match="multiple of the pooling factor 16"):
-        make_plan(paper, (30, 512, 512), (1, 512, 512), tile=100, memory=budget)
-    with pytest.raises(ConfigError, match="multiple of the chunk edge 512"):
-        make_plan(paper, (30, 1024, 1024), (1, 512, 512), block=[1, 700, 700], memory=budget)
-
-
-def test_plan_roundtrips() -> None:
-    arch = {"in_channels": 1, "n_classes": 2, "depth": 3, "base_channels": 4, "dims": 3, "dropout": 0.5}
-    plan = make_plan(arch, (20, 40, 40), (8, 16, 16), memory=1 << 20)
-    assert PredictPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
-    assert all(t % 4 == 0 for t in plan.tile)
-
-
 # ------------------------------------------------------------- tiling invariance
 
 
@@ -213,6 +175,18 @@ def test_real_isbi_slice(isbi_dir, tmp_path) -> None:
     src = write_image(tmp_path / "isbi.ome.zarr", raw, (1, 128, 128))
     predict(ckpt, src, tmp_path / "p.ome.zarr", tile=[48, 64], workers=2)
     np.testing.assert_allclose(read_probabilities(tmp_path / "p.ome.zarr"), reference(net, raw), rtol=0, atol=TOL)
+
+
+@pytest.mark.gpu
+def test_cuda_gives_the_cpu_result(stack, tmp_path) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    exact = tmp_path / "fp32.ome.zarr"
+    predict(stack["ckpt"], stack["raw_path"], exact, tile=[24, 40], device="cuda", precision="float32", batch=3)
+    np.testing.assert_allclose(read_probabilities(exact), stack["expected"], rtol=0, atol=1e-4)
+    mixed = tmp_path / "amp.ome.zarr"
+    predict(stack["ckpt"], stack["raw_path"], mixed, device="cuda", tta=True)
+    np.testing.assert_allclose(read_probabilities(mixed), reference(stack["net"], stack["raw"], tta=True), atol=2e-2)
 
 
 # ------------------------------------------------------------------ safety
@@ -344,3 +318,16 @@ def test_distributed_scheduler(stack, tmp_path) -> None:
         result = predict(stack["ckpt"], stack["raw_path"], dest, tile=32, block=[1, 32, 32], scheduler=cluster.scheduler_address)
     assert result.computed == 27
     np.testing.assert_allclose(read_probabilities(dest), stack["expected"], rtol=0, atol=TOL)
+
+
+
+def test_resume_refuses_another_device_kind(stack, tmp_path) -> None:
+    dest = tmp_path / "k.ome.zarr"
+    predict(stack["ckpt"], stack["raw_path"], dest, prepare_only=True, tile=32)
+    plan_file = tmp_path / "k.ome.zarr.partial" / "predict_plan.json"
+    predict(stack["ckpt"], stack["raw_path"], dest, shard=(0, 3), tile=32)
+    data = json.loads(plan_file.read_text())
+    assert data["device"] == "cpu" and data["plan"]["tile"] == [1, 32, 32]
+    plan_file.write_text(json.dumps({**data, "device": "cuda"}))  # as if a GPU shard had started it
+    with pytest.raises(ConfigError, match="was started on cuda"):
+        predict(stack["ckpt"], stack["raw_path"], dest, shard=(1, 3), tile=32)

@@ -5,7 +5,8 @@ missing (``.ci/slurm-setup.sh``), then starts munged, slurmctld and slurmd on
 localhost in a temporary folder with their own ``slurm.conf``, state, spool,
 sockets and logs, and stops them by PID afterwards.  The node declares one GPU
 gres (``File=/dev/null``) so the ``gpu`` partition of ``profiles/slurm``
-schedules GPU rules.  No sbatch is mocked.
+schedules GPU rules.  Nothing is mocked: real sbatch, squeue, slurmd and
+srun (behind a shim that only sets SLURM_CONF, see ``_write_srun_shim``).
 
 The test runs the workflow once locally and once with ``--profile
 profiles/slurm`` (partitions as in the profile: the test cluster is built
@@ -13,8 +14,12 @@ with the profile's partition names), checks that every job went through
 sbatch (SLURM job ids in the Snakemake log and in ``.snakemake/slurm_logs``)
 and that the array data of every output equal the local run's.
 
-Skipped (with the reason) only when Slurm cannot be installed or started
-outside CI; with ``CI=true`` that is a failure.
+The cheap tests at the top check the profiles without a cluster (every entry
+commented, rule names that exist, GPU jobs routed to the GPU partition).
+
+The cluster tests are skipped (with the reason) only when Slurm cannot be
+installed (no root, no apt-get, the install fails) outside CI; with
+``CI=true`` that is a failure, and so is a daemon that does not start.
 """
 from __future__ import annotations
 
@@ -54,10 +59,22 @@ def _profile_partitions() -> tuple[str, dict[str, str], set[str]]:
     return profile["default-resources"]["slurm_partition"], partitions, gpu_rules
 
 
+def _snakemake_command(workdir: Path, config: Path, *args: str) -> list[str]:
+    """``snakemake`` on the repository's Snakefile in ``workdir``; profiles only those in ``args``."""
+    return [
+        sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+        "--configfile", str(config), "--workflow-profile", "none", *args,
+    ]
+
+
+def _hermetic_env() -> dict[str, str]:
+    """This environment without a user's default profile (SNAKEMAKE_PROFILE)."""
+    return {key: value for key, value in os.environ.items() if key != "SNAKEMAKE_PROFILE"}
+
+
 # ------------------------------------------------------------------ profiles
 
 PROFILES = ("local", "slurm")
-GPU_RULE_PREFIXES = ("train", "predict")
 KEY_LINE = re.compile(r"^\s*(?:- )?[\w-]+:")
 
 
@@ -74,14 +91,31 @@ def test_every_profile_entry_is_commented(name):
     assert not bare, f"profiles/{name}/config.yaml: entries without a comment: {bare}"
 
 
+def _dry_run(profile: str, workdir: Path) -> dict[str, list[dict[str, str]]]:
+    """Jobs of the demo DAG under a profile (``snakemake -n``): rule -> resources of each job."""
+    result = subprocess.run(
+        _snakemake_command(workdir, REPO / "config" / "config.yaml", "--profile", str(REPO / "profiles" / profile), "-n"),
+        env=_hermetic_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    jobs: dict[str, list[dict[str, str]]] = {}
+    rule = None
+    for line in (result.stdout + result.stderr).splitlines():
+        if m := re.match(r"(?:local)?rule (\w+):$", line):
+            rule = m.group(1)
+        elif rule and (m := re.match(r"\s+resources: (.*)$", line)):
+            jobs.setdefault(rule, []).append(dict(item.split("=", 1) for item in m.group(1).split(", ")))
+            rule = None
+    return jobs
+
+
 @pytest.fixture(scope="module")
 def workflow_rules(tmp_path_factory) -> set[str]:
     """Rule names of the workflow (``snakemake --list-rules``)."""
     workdir = tmp_path_factory.mktemp("rules")
     result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-         "--configfile", str(REPO / "config" / "config.yaml"), "--list-rules"],
-        capture_output=True, text=True, timeout=120,
+        _snakemake_command(workdir, REPO / "config" / "config.yaml", "--list-rules"),
+        env=_hermetic_env(), capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return set(result.stdout.split())
@@ -89,13 +123,33 @@ def workflow_rules(tmp_path_factory) -> set[str]:
 
 @pytest.mark.parametrize("name", PROFILES)
 def test_profile_names_only_existing_rules(name, workflow_rules):
-    """Snakemake ignores set-resources of an unknown rule silently: a renamed rule would lose its GPU."""
+    """Snakemake ignores set-resources of an unknown rule silently: a renamed rule would lose its partition."""
     profile = yaml.safe_load((REPO / "profiles" / name / "config.yaml").read_text())
     named = set(profile.get("set-resources", {}))
     assert named <= workflow_rules, f"profiles/{name} names rules the workflow lacks: {sorted(named - workflow_rules)}"
-    gpu_rules = {rule for rule in workflow_rules if rule.startswith(GPU_RULE_PREFIXES)}
-    given_gpu = {rule for rule, res in profile.get("set-resources", {}).items() if res.get("gpu", 0) >= 1}
-    assert gpu_rules <= given_gpu, f"profiles/{name}: GPU rules without `gpu`: {sorted(gpu_rules - given_gpu)}"
+
+
+def test_slurm_profile_sends_gpu_jobs_to_the_gpu_partition(tmp_path):
+    """Every job asking for a GPU lands in a GPU partition; every other job in the CPU partition."""
+    default_partition, partitions, gpu_rules = _profile_partitions()
+    gpu_partitions = {partitions[rule] for rule in gpu_rules}
+    assert gpu_partitions and default_partition not in gpu_partitions
+    jobs = _dry_run("slurm", tmp_path)
+    assert jobs, "the dry run listed no job"
+    for rule, resources in jobs.items():
+        for res in resources:
+            if int(res.get("gpu", 0)) >= 1:
+                assert res.get("slurm_partition") in gpu_partitions, f"{rule}: GPU job in {res.get('slurm_partition')}"
+            else:
+                assert res.get("slurm_partition") == default_partition, f"{rule}: CPU job in {res.get('slurm_partition')}"
+            assert "runtime" in res and "mem_mb" in res, f"{rule}: {res}"
+
+
+def test_local_profile_limits_gpu_jobs(tmp_path):
+    """The local profile runs the demo DAG (dry) and lets no two GPU jobs share the GPU."""
+    profile = yaml.safe_load((REPO / "profiles" / "local" / "config.yaml").read_text())
+    assert profile["resources"]["gpu"] == 1
+    assert _dry_run("local", tmp_path)
 
 
 # ------------------------------------------------------------------ install
@@ -256,7 +310,7 @@ def slurm_cluster():
     root.chmod(0o755)
     for sub in ("munge", "state", "spool", "run", "log", "bin"):
         (root / sub).mkdir()
-    env = dict(os.environ)
+    env = _hermetic_env()
     env["SLURM_CONF"] = str(root / "slurm.conf")
     # The jobs run `unet-pipe` from PATH; bin/ holds the srun shim below.
     env["PATH"] = os.pathsep.join([str(root / "bin"), str(VENV_BIN), env.get("PATH", "")])
@@ -332,8 +386,8 @@ SLURM_TEST_ARGS = (
     # No account exists (plugin 2.8 ignores the flag; its guess fails and it
     # submits without -A, as wanted).
     "--slurm-no-account",
-    # First status check after 2 s instead of 40 s: the jobs take seconds.
-    "--slurm-init-seconds-before-status-checks", "2",
+    # First status check after 1 s instead of 40 s: the jobs take seconds.
+    "--slurm-init-seconds-before-status-checks", "1",
     # Keep .snakemake/slurm_logs/** of successful jobs: the test reads them.
     "--slurm-keep-successful-logs",
     # Fail at once rather than retrying a broken job.
@@ -350,26 +404,41 @@ SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+) \(l
 
 
 def _small_config(dest: Path) -> Path:
-    """config/config.yaml with fewer training steps, as YAML in ``dest``."""
+    """config/config.yaml with a smaller synthetic stack and 2 training steps, as YAML in ``dest``.
+
+    Each SLURM job costs seconds of start-up and status polling whatever it
+    does, so the data only need to be big enough for every stage to run.
+    """
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config["results"] = "results"
-    train = config.get("train")
-    if train is not None:
-        train.update(steps=4, val_every=2, checkpoint_every=2)
+    config["datasets"]["demo"]["synthetic"]["shape"] = [4, 192, 192]
+    train = config["train"]
+    train["datasets"]["demo"] = {"train": [0, 3], "val": [3, 4]}
+    # One validation and one checkpoint, at the last step.
+    train.update(steps=2, val_every=2, checkpoint_every=2)
     path = dest / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 
-def _snakemake(workdir: Path, config: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+def _start_snakemake(workdir: Path, config: Path, env: dict[str, str], *args: str) -> subprocess.Popen:
+    """``snakemake`` with the repository's Snakefile in ``workdir``; output in ``workdir``.out."""
     workdir.mkdir(parents=True, exist_ok=True)
-    command = [
-        sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-        "--configfile", str(config), *args,
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
-    return result
+    command = _snakemake_command(workdir, config, *args)
+    with open(f"{workdir}.out", "w") as out:
+        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen, workdir: Path, timeout: float = 600) -> str:
+    """Wait for a run started by _start_snakemake; its output, asserting it succeeded."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    output = Path(f"{workdir}.out").read_text()
+    assert proc.returncode == 0, f"{' '.join(proc.args)} failed ({proc.returncode}):\n{output[-8000:]}"
+    return output
 
 
 def _snakemake_log(workdir: Path) -> str:
@@ -412,18 +481,22 @@ def test_demo_dag_through_slurm_equals_local_run(slurm_cluster, tmp_path):
     config = _small_config(tmp_path)
     local_dir, slurm_dir = tmp_path / "local", tmp_path / "slurm"
 
+    # Both runs at once: the SLURM run mostly waits for status checks.
     started = time.monotonic()
-    _snakemake(local_dir, config, slurm_cluster.env, "--profile", str(REPO / "profiles" / "local"), "--cores", "2")
+    local = _start_snakemake(
+        local_dir, config, slurm_cluster.env, "--profile", str(REPO / "profiles" / "local"), "--cores", "2"
+    )
+    slurm = _start_snakemake(slurm_dir, config, slurm_cluster.env, "--profile", str(PROFILE), *SLURM_TEST_ARGS)
+    _finish(local, local_dir)
     local_s = time.monotonic() - started
-    started = time.monotonic()
-    _snakemake(slurm_dir, config, slurm_cluster.env, "--profile", str(PROFILE), *SLURM_TEST_ARGS)
-    slurm_s = time.monotonic() - started
-    print(f"local run {local_s:.1f} s, SLURM run {slurm_s:.1f} s")
+    _finish(slurm, slurm_dir)
+    print(f"local run {local_s:.1f} s, SLURM run {time.monotonic() - started:.1f} s (started together)")
 
     # Every job the local run ran (but the target rule `all`) went through sbatch.
     log = _snakemake_log(slurm_dir)
     job_rules = _job_rules(slurm_dir, log)
-    local_jobs = sorted(re.findall(r"^rule (\w+):", _snakemake_log(local_dir), flags=re.M))
+    local_jobs = sorted(re.findall(r"^localrule (\w+):", _snakemake_log(local_dir), flags=re.M))
+    local_jobs.remove("all")
     assert local_jobs, "the local run ran no job"
     assert sorted(job_rules.values()) == local_jobs, f"submitted to SLURM: {job_rules}\n{log[-3000:]}"
     for slurm_id, rule in job_rules.items():
@@ -443,8 +516,8 @@ def test_demo_dag_through_slurm_equals_local_run(slurm_cluster, tmp_path):
             assert "gpu:1" in details, f"GPU job {slurm_id} ({rule}) got no GPU:\n{details}"
 
     # Nothing left to do: every rule's output exists and is up to date.
-    dry = _snakemake(slurm_dir, config, slurm_cluster.env, "--cores", "1", "-n")
-    assert "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-3000:]
+    dry = _finish(_start_snakemake(slurm_dir, config, slurm_cluster.env, "--cores", "1", "-n"), slurm_dir)
+    assert "Nothing to be done" in dry, dry[-3000:]
 
     # The same outputs with the same array data.
     local_outputs, slurm_outputs = _outputs(local_dir / "results"), _outputs(slurm_dir / "results")

@@ -1,14 +1,20 @@
 """Overlap-tile geometry: mirroring, tile grids, tiled == untiled with formula models."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import zarr
 
+from unet_pipe.errors import ConfigError
 from unet_pipe.tiling import (
     SLICE_AXIS,
     AxisGeometry,
     Roi,
+    TilePlan,
+    activation_bytes_per_voxel,
+    make_plan,
     block_grid,
     fit_tile,
     mirror_pad,
@@ -217,3 +223,41 @@ def test_read_mirrored_within_bounds() -> None:
     volume = np.arange(10).reshape(10, 1, 1)
     window = read_mirrored(volume, (2, 0, 0), (6, 1, 1), bounds=[(3, 6), (0, 1), (0, 1)])
     assert window[:, 0, 0].tolist() == [4, 3, 4, 5, 4, 3]
+
+
+# ------------------------------------------------------------------- plans
+
+
+def test_plan_defaults_written_out() -> None:
+    paper = {"in_channels": 1, "n_classes": 2, "depth": 5, "base_channels": 64, "dims": 2, "dropout": 0.5}
+    # Enough memory for any tile: the whole 512 x 512 ISBI slice is one tile, 16 slices per block/batch.
+    plan = make_plan(paper, (30, 512, 512), (1, 512, 512), memory=1 << 40)
+    assert (plan.tile, plan.block, plan.batch) == ((1, 512, 512), (16, 512, 512), 16)
+    assert plan.window == (1, 700, 700)  # 512 -> valid output 516, + 2 * 92
+    # 1 GiB: the largest window that fits, and blocks of whole chunks split evenly into tiles.
+    budget = 1 << 30
+    plan = make_plan(paper, (30, 2048, 2048), (1, 512, 512), memory=budget)
+    assert plan.window[1] ** 2 * activation_bytes_per_voxel(paper) <= budget
+    assert plan.tile[1] % 16 == 0 and plan.block[1] % 512 == 0
+    assert plan.block[1] <= plan.tile[1] * -(-plan.block[1] // plan.tile[1]) < plan.block[1] + 16 * 3
+    # Explicit tile and block are honoured; tiles must sit on the pooling grid.
+    plan = make_plan(paper, (30, 512, 512), (1, 512, 512), tile=[64, 128], block=[2, 512, 512], memory=budget)
+    assert (plan.tile, plan.block) == ((1, 64, 128), (2, 512, 512))
+    with pytest.raises(ConfigError, match="multiple of the pooling factor 16"):
+        make_plan(paper, (30, 512, 512), (1, 512, 512), tile=100, memory=budget)
+    with pytest.raises(ConfigError, match="multiple of the chunk edge 512"):
+        make_plan(paper, (30, 1024, 1024), (1, 512, 512), block=[1, 700, 700], memory=budget)
+
+
+def test_plan_roundtrips() -> None:
+    arch = {"in_channels": 1, "n_classes": 2, "depth": 3, "base_channels": 4, "dims": 3, "dropout": 0.5}
+    plan = make_plan(arch, (20, 40, 40), (8, 16, 16), memory=1 << 20)
+    assert TilePlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+    assert all(t % 4 == 0 for t in plan.tile)
+
+
+def test_plan_has_a_row_of_blocks_per_shard() -> None:
+    arch = {"in_channels": 1, "n_classes": 2, "depth": 3, "base_channels": 4, "dims": 2, "dropout": 0.5}
+    assert make_plan(arch, (6, 96, 96), (1, 64, 64), memory=1 << 30).block == (6, 96, 96)
+    plan = make_plan(arch, (6, 96, 96), (1, 64, 64), memory=1 << 30, min_z_blocks=3)
+    assert plan.block == (2, 96, 96) and plan.batch == 2

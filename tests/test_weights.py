@@ -110,7 +110,8 @@ def test_cutoff_and_halo():
 
 
 def test_params_are_validated():
-    for bad in ({"sigma": 0}, {"w0": -1}, {"tolerance": 0}, {"mode": "4d"}, {"label_mode": "x"}):
+    bad_values = ({"sigma": 0}, {"w0": -1}, {"tolerance": 0}, {"mode": "4d"}, {"label_mode": "x"}, {"foreground_value": 0})
+    for bad in bad_values:
         with pytest.raises(ConfigError):
             WeightParams(**bad)
     p = WeightParams.from_config({"w0": 3.0, "sigma": 2.0, "mode": "3d"}, sigma=4.0, mode=None)
@@ -161,6 +162,15 @@ def test_matches_textbook_on_isbi_slices(isbi_dir):
         assert inst.max() > 80
         fast, ref = assert_matches_textbook(inst)
         assert ref.max() > 8.0
+
+
+def test_isbi_store_equals_whole_slices(isbi_dir, tmp_path):
+    labels = tifffile.imread(isbi_dir / "train-labels.tif")[10:12]
+    src = write_labels(tmp_path / "labels.ome.zarr", labels, chunks=(1, 128, 128), voxel_size=(0.05, 0.004, 0.004))
+    compute_weight_store(src, tmp_path / "w.ome.zarr")
+    expected = _whole_volume_weights(labels, WeightParams(), (1.0, 1.0))
+    np.testing.assert_array_equal(open_image(tmp_path / "w.ome.zarr")[:], expected)
+    assert expected.max() > 10.0
 
 
 def test_isbi_class_weights(isbi_dir):
@@ -270,6 +280,37 @@ def test_store_errors_leave_no_output(tmp_path):
         compute_weight_store(good, tmp_path / "w.ome.zarr")
 
 
+def test_interrupted_store_resumes_done_slabs(tmp_path, monkeypatch):
+    import unet_pipe.weights as weights_module
+
+    labels = synthesize((3, 48, 48), seed=4).labels
+    src = write_labels(tmp_path / "labels.ome.zarr", labels, chunks=(1, 48, 48))
+    real = weights_module.weights_from_instances
+    calls = []
+
+    def dies_on_slab_two(inst, *args, **kwargs):
+        calls.append(inst.shape)
+        if len(calls) == 2:
+            raise RuntimeError("node lost")
+        return real(inst, *args, **kwargs)
+
+    monkeypatch.setattr(weights_module, "weights_from_instances", dies_on_slab_two)
+    with pytest.raises(RuntimeError):
+        compute_weight_store(src, tmp_path / "w.ome.zarr")
+    assert (tmp_path / "w.ome.zarr.partial").exists() and not (tmp_path / "w.ome.zarr").exists()
+    calls.clear()
+
+    def counting(inst, *args, **kwargs):
+        calls.append(inst.shape)
+        return real(inst, *args, **kwargs)
+
+    monkeypatch.setattr(weights_module, "weights_from_instances", counting)
+    compute_weight_store(src, tmp_path / "w.ome.zarr")
+    assert len(calls) == 2  # resumed: slab z = 0 was done and is not recomputed
+    expected = _whole_volume_weights(labels, WeightParams(), (1.0, 1.0))
+    np.testing.assert_array_equal(open_image(tmp_path / "w.ome.zarr")[:], expected)
+
+
 def test_tile_with_halo_margin_matches_store_values():
     """Per-tile weights (training) equal the whole-slice ones once the tile has a halo margin."""
     labels = synthesize((1, 96, 96), seed=2).labels[0]
@@ -300,7 +341,14 @@ def test_cli_weights_and_preview(tmp_path, run_cli):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     expected = _whole_volume_weights(stack.labels, WeightParams(w0=8.0, sigma=3.0), (1.0, 1.0))
     np.testing.assert_array_equal(open_image(tmp_path / "w.ome.zarr")[:], expected)
-    # Preview alone (computed in memory) and a one-line error for wrong label values.
-    assert run_cli("weights", labels, "--preview", tmp_path / "p2.png")[0] == 0
+    # Settings from a config's weights section, flags win; preview alone (computed in memory).
+    config = tmp_path / "config.yaml"
+    config.write_text("datasets: {d: {synthetic: {}}}\nweights: {w0: 8.0, sigma: 2.0}\n")
+    code, _, err = run_cli("weights", labels, tmp_path / "w2.ome.zarr", "--config", config, "--sigma", "3",
+                           "--preview", tmp_path / "p2.png")
+    assert code == 0, err
+    np.testing.assert_array_equal(open_image(tmp_path / "w2.ome.zarr")[:], expected)
+    assert run_cli("weights", labels, "--preview", tmp_path / "p3.png")[0] == 0
+    # A one-line error for wrong label values.
     code, _, err = run_cli("weights", labels, tmp_path / "x.ome.zarr", "--foreground-value", "1")
     assert code == 2 and err.count("\n") == 1 and "set foreground_value to 255" in err

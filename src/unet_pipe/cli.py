@@ -255,7 +255,8 @@ def _add_postprocess(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--seed-prominence", type=float, default=5.0,
-        help="watershed: pixels a distance maximum must rise above its saddle to seed a cell (default 5; about a quarter of the cell radius)",
+        help="watershed: pixels a distance maximum must rise above its saddle to seed a cell "
+        "(default 5; about a quarter of the cell radius)",
     )
     p.add_argument("--min-size", type=int, default=0, help="segments smaller than this (pixels) become membrane")
     p.add_argument("--pyramid-levels", type=int, default=2)
@@ -507,7 +508,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                        help="compute the I-th of N z ranges of a prepared run (0-based); does not publish")
     where.add_argument("--z-range", nargs=2, type=int, metavar=("A", "B"),
                        help="compute the blocks starting at z in [A, B) of a prepared run; does not publish")
-    where.add_argument("--prepare", action="store_true", help="create the staging store and plan, compute nothing")
+    where.add_argument("--prepare", action="store_true",
+                       help="create the staging store DEST.partial for --shard jobs; compute nothing")
     where.add_argument("--finalize", action="store_true", help="check every block is done and publish DEST")
     p.add_argument("--expect-arch", metavar="JSON",
                    help='fail unless the checkpoint architecture has these values, e.g. \'{"depth": 5}\'')
@@ -520,8 +522,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 def _cmd_predict(args: argparse.Namespace) -> int:
     import json
 
-    from unet_pipe.predict import finalize, predict
+    from unet_pipe.predict import finalize, predict, tune_allocator
 
+    tune_allocator()  # this process only predicts: keep big activations' pages for reuse
     config = _load_config(args.config)
     section = config["predict"] if config else {}
     expected = dict(config["model"]) if config else None
@@ -535,7 +538,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         tile=tile,
         block=args.block,
         batch=args.batch,
-        device=args.device,
         tta=args.tta if args.tta is not None else section.get("tta", False),
         dtype=args.dtype or section.get("dtype", "float32"),
         precision=args.precision,
@@ -544,7 +546,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         expected_arch=expected,
     )
     if args.finalize:
-        finalize(args.checkpoint, args.raw, args.dest, **options)
+        finalize(args.checkpoint, args.raw, args.dest, overwrite=args.overwrite, **options)
         log.info("wrote %s", args.dest)
         return 0
     result = predict(
@@ -553,6 +555,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         args.dest,
         workers=args.workers,
         threads=args.threads,
+        device=args.device,
         scheduler=args.scheduler,
         shard=tuple(args.shard) if args.shard else None,
         z_range=args.z_range,

@@ -12,7 +12,8 @@ Conventions
 * Where a tile hangs over the border of its slice range it is extrapolated by
   mirroring (paper, Fig. 2) about the edge pixels (``numpy.pad(mode='reflect')``,
   edge pixel not repeated), the same convention as :mod:`unet_pipe.augment`
-  (``grid_sample(padding_mode='reflection', align_corners=True)``).  Mirroring
+  (``grid_sample(padding_mode='reflection', align_corners=True)``) and the
+  predictor (:func:`unet_pipe.tiling.read_mirrored`, used here too).  Mirroring
   never reaches outside the split's own ``[start, stop)`` z range, so
   validation slices never leak into training tiles (3D).
 * The output window is drawn uniformly among the positions that lie inside the
@@ -35,8 +36,8 @@ import torch
 from unet_pipe.errors import ConfigError, InputError
 from unet_pipe.model import margin as unet_margin
 from unet_pipe.model import valid_output_size
+from unet_pipe.tiling import read_mirrored
 
-MIRROR_MODE = "reflect"  # numpy.pad name of the mirroring used for tiles
 LABEL_MODES = ("binary", "instances")
 
 
@@ -68,45 +69,7 @@ def label_classes(labels: np.ndarray, label_mode: str = "binary", foreground_val
     raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
 
 
-# --------------------------------------------------------------------------- mirrored reads
-
-
-def mirror_indices(start: int, length: int, low: int, high: int) -> np.ndarray:
-    """Indices ``start .. start+length-1`` folded into ``[low, high)`` by reflection
-    about the edge pixels (as ``numpy.pad(mode='reflect')``, also for overhangs
-    larger than the range: the reflection repeats)."""
-    size = high - low
-    if size < 1:
-        raise ValueError(f"empty range [{low}, {high})")
-    idx = np.arange(start, start + length) - low
-    if size == 1:
-        return np.full(length, low, dtype=np.int64)
-    period = 2 * (size - 1)
-    idx = np.mod(idx, period)
-    idx = np.where(idx >= size, period - idx, idx)
-    return (idx + low).astype(np.int64)
-
-
-def read_mirrored(
-    array: Any,
-    start: Sequence[int],
-    shape: Sequence[int],
-    bounds: Sequence[tuple[int, int]] | None = None,
-) -> np.ndarray:
-    """Read ``array[start : start + shape]`` (any number of axes), mirroring what lies
-    outside ``bounds`` (per axis ``(low, high)``, default the array's extent).
-
-    Reads only the bounding box of the needed pixels from ``array`` (zarr or numpy).
-    """
-    if bounds is None:
-        bounds = [(0, s) for s in array.shape]
-    indices = [mirror_indices(int(s), int(n), int(lo), int(hi)) for s, n, (lo, hi) in zip(start, shape, bounds)]
-    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in indices)
-    block = np.asarray(array[box])
-    local = [i - b.start for i, b in zip(indices, box)]
-    if all(np.array_equal(loc, np.arange(loc[0], loc[0] + loc.size)) for loc in local):
-        return block[tuple(slice(int(loc[0]), int(loc[0]) + loc.size) for loc in local)]
-    return block[np.ix_(*local)]
+# --------------------------------------------------------------------------- crops
 
 
 def center_crop(array: np.ndarray | torch.Tensor, crop: int, spatial_dims: int) -> Any:

@@ -172,7 +172,9 @@ def evaluate(
         probabilities = Path(probabilities)
         prob_arr, scale = open_probabilities(probabilities)
         if tuple(prob_arr.shape) != pred_meta.shape:
-            raise InputError(probabilities, f"shape {tuple(prob_arr.shape)} differs from {pred_meta.shape} of {instances}")
+            raise InputError(
+                probabilities, f"shape {tuple(prob_arr.shape)} differs from {pred_meta.shape} of {instances}"
+            )
     nz = pred_meta.shape[0]
     zs = _slice_range(slices, nz, "evaluated", instances) or range(nz)
     train = _slice_range(train_slices, nz, "train", instances) or range(0)

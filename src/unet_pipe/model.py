@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
-import tempfile
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -328,9 +328,11 @@ def save_checkpoint(
         "git_commit": git_commit(),
         "extra": _plain(extra) if extra is not None else {},
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # A unique name opened normally (not mkstemp, which makes the file 0600):
+    # the checkpoint gets the user's umask permissions, like any other output.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with open(tmp, "xb") as fh:
             torch.save(payload, fh)
             fh.flush()
             os.fsync(fh.fileno())

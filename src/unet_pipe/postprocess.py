@@ -170,11 +170,12 @@ def instances_from_stack(
 
 
 def probability_scale(attrs: dict, dtype: np.dtype) -> float:
-    """The stored value meaning probability 1: ``p = stored / scale``.
+    """The factor from stored values back to probabilities: ``p = stored * scale``.
 
-    Read from the attribute ``unet_pipe.probability_scale`` written by predict
-    (nested under ``unet_pipe`` or as a flat dotted key); otherwise inferred from
-    the dtype: 255 for uint8, 1 for floats.
+    Read from the attribute ``unet_pipe.probability_scale`` written by
+    :mod:`unet_pipe.predict` (nested under ``unet_pipe``, or as a flat dotted
+    key); otherwise inferred from the dtype: 1/255 for uint8 (stored as
+    ``round(255 p)``), 1 for floats.
     """
     own = attrs.get(ATTRS_KEY, {})
     scale = own.get(PROBABILITY_SCALE_KEY) if isinstance(own, dict) else None
@@ -184,17 +185,17 @@ def probability_scale(attrs: dict, dtype: np.dtype) -> float:
         return float(scale)
     dtype = np.dtype(dtype)
     if dtype == np.uint8:
-        return 255.0
+        return 1.0 / 255.0
     if dtype.kind == "f":
         return 1.0
     raise ValueError(f"cannot infer the probability scale of dtype {dtype}; set unet_pipe.{PROBABILITY_SCALE_KEY}")
 
 
 def as_probability(data: np.ndarray, scale: float) -> np.ndarray:
-    """Stored probabilities (any dtype) as float32 in [0, 1]."""
+    """Stored probabilities (any dtype) as float32 in [0, 1]: ``stored * scale``."""
     out = np.asarray(data, dtype=np.float32)
     if scale != 1.0:
-        out = out / np.float32(scale)
+        out = out * np.float32(scale)
     return out
 
 

@@ -27,10 +27,11 @@ Contract
   memory), or an existing ``dask.distributed`` cluster (``scheduler``).
   Blocks are submitted in bounded waves, so memory is bounded by the blocks in
   flight, independent of the stack size.
-* Sharding (Snakemake scatter/gather): :func:`prepare` creates the staging
-  store and plan, :func:`predict` with ``shard=(i, n)`` computes the blocks of
-  the i-th z range, :func:`finalize` checks that every block is done and
-  publishes the store.
+* Sharding (Snakemake scatter/gather): ``predict(prepare_only=True)``
+  creates the staging store (once, so shards never race to create it),
+  ``predict(shard=(i, n))`` computes the blocks of the i-th z range (the first
+  shard to start stores the plan for all), :func:`finalize` checks that every
+  block is done and publishes the store.
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -57,18 +59,13 @@ from unet_pipe.io import StagedImage, image_metadata, open_image
 from unet_pipe.model import UNet, model_from_checkpoint
 from unet_pipe.provenance import input_checksum, provenance
 from unet_pipe.tiling import (
-    AxisGeometry,
     Roi,
-    block_grid,
+    TilePlan,
     block_tiles,
-    check_tile_shape,
-    fit_tile,
     iter_batches,
+    make_plan,
     read_mirrored,
     run_tiles,
-    unet_axis_geometry,
-    useful_fraction,
-    volume_geometry,
 )
 
 log = logging.getLogger(__name__)
@@ -83,71 +80,14 @@ OUTPUT_DTYPES: dict[str, tuple[type, float]] = {
 PLAN_FILE = "predict_plan.json"
 #: Fraction of the free memory (GPU: device memory, CPU: RAM within the cgroup limit) tiles may use.
 MEMORY_FRACTION = {"cuda": 0.6, "cpu": 0.25}
-#: CPU tile memory per worker beyond which larger tiles no longer speed up the forward
-#: pass (measured on the default model: oneDNN's throughput is flat from ~600^2 inputs on)
-#: but still cost RAM.
+#: Tile memory per CPU worker at most: keeps RSS modest on shared nodes; CPU forward passes
+#: are slow enough that the last few percent of useful output fraction do not matter.
 CPU_TILE_MEMORY_CAP = 2 << 30
 #: Blocks submitted per wave per worker (waves keep the task graph and memory bounded).
 WAVE_PER_WORKER = 8
 
 
-# -------------------------------------------------------------------------- plan
-
-
-@dataclass(frozen=True)
-class PredictPlan:
-    """Resolved geometry of one prediction (all sizes in voxels, z, y, x)."""
-
-    shape: tuple[int, int, int]
-    chunks: tuple[int, int, int]
-    tile: tuple[int, int, int]  # output tile (multiple of the pooling factor per axis)
-    block: tuple[int, int, int]  # output block (multiple of chunks, or the whole axis)
-    batch: int  # tiles per forward pass
-    depth: int
-    dims: int
-    tta: bool = False
-    dtype: str = "float32"
-
-    def __post_init__(self) -> None:
-        for name in ("shape", "chunks", "tile", "block"):
-            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
-
-    @property
-    def geometry(self) -> tuple[AxisGeometry, AxisGeometry, AxisGeometry]:
-        return volume_geometry(unet_axis_geometry(self.depth), self.dims)
-
-    @property
-    def window(self) -> tuple[int, ...]:
-        """Input window (read) shape of one tile."""
-        return tuple(g.net_input(t) for t, g in zip(self.tile, self.geometry))
-
-    @property
-    def useful_fraction(self) -> float:
-        return useful_fraction(self.tile, self.geometry)
-
-    def blocks(self, region: Roi | None = None) -> list[Roi]:
-        return block_grid(self.shape, self.block, region)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> PredictPlan:
-        return cls(**data)
-
-
-def activation_bytes_per_voxel(arch: dict) -> float:
-    """Estimated peak float32 activation memory (bytes) per input-window voxel, no-grad forward.
-
-    At the top decoder level a forward pass holds every skip connection, the
-    up-convolved map, the concatenation and the next convolution's output:
-    ``sum_l c_l / 2**(dims*l) + 4 c_0`` channels.  The factor 2 covers allocator
-    slack and convolution workspaces (measured on CPU: 560-900 B per input voxel
-    for base 16, depth 3, estimate 736 B).
-    """
-    c0, depth, dims = arch["base_channels"], arch["depth"], arch["dims"]
-    skips = sum(c0 * 2**level / 2 ** (dims * level) for level in range(depth - 1))
-    return 4.0 * (skips + 4 * c0 + arch.get("in_channels", 1) + arch["n_classes"]) * 2.0
+# ------------------------------------------------------------------------ memory
 
 
 def available_memory(device: str) -> int:
@@ -182,140 +122,30 @@ def tile_memory_budget(device: str, workers: int) -> int:
     return int(budget)
 
 
-def _spatial_axes(dims: int) -> tuple[int, ...]:
-    return (1, 2) if dims == 2 else (0, 1, 2)
-
-
-def _normalize_request(tile: int | Sequence[int] | None, dims: int, what: str) -> tuple[int, int, int] | None:
-    """Expand a user tile (one edge, (y, x) or (z, y, x)) to (z, y, x); z is 1 in 2D."""
-    if tile is None:
-        return None
-    values = [int(tile)] if isinstance(tile, (int, np.integer)) else [int(t) for t in tile]
-    if len(values) == 1:
-        values = values * dims
-    if len(values) == 2 and dims == 2:
-        values = [1, *values]
-    if len(values) != 3 or (dims == 2 and values[0] != 1) or min(values) < 1:
-        shape = "EDGE or Y X" if dims == 2 else "EDGE or Z Y X"
-        raise ConfigError(None, f"{what} must be {shape} (positive integers) for a {dims}D model, got {tile}")
-    return (values[0], values[1], values[2])
-
-
-def _block_and_tile(extent: int, chunk: int, max_tile: int, axis: AxisGeometry, fit: bool) -> tuple[int, int]:
-    """Block edge (whole chunks) and tile edge along one axis that minimise network input per output voxel.
-
-    Cost of a block ``b`` cut into ``n`` tiles of input ``I``: ``n * I / b``.
-    ``fit`` lets the tile shrink (never grow) to split the block evenly.
-    Among equal costs the smaller block wins (more parallelism, less memory).
-    """
-    best: tuple[float, int, int] | None = None
-    for k in range(1, -(-extent // chunk) + 1):
-        b = min(k * chunk, extent)
-        t = fit_tile(b, max_tile, axis.step) if fit else max_tile
-        cost = -(-b // t) * axis.net_input(t) / b
-        if best is None or cost < best[0] * (1 - 1e-9):
-            best = (cost, b, t)
-        if k * chunk >= 8 * max_tile:  # beyond this the last tile's waste is already < 1/8
-            break
-    assert best is not None
-    return best[1], best[2]
-
-
-def make_plan(
-    arch: dict,
-    shape: Sequence[int],
-    chunks: Sequence[int],
-    *,
-    tile: int | Sequence[int] | None = None,
-    block: Sequence[int] | None = None,
-    batch: int | None = None,
-    memory: int,
-    tta: bool = False,
-    dtype: str = "float32",
-) -> PredictPlan:
-    """Resolve tile, block and batch sizes.
-
-    ``tile`` (output edge(s), multiples of the pooling factor) defaults to the
-    largest that fits ``memory`` bytes per worker (paper: large tiles waste
-    less context), capped at the volume.  ``block`` (z, y, x; multiples of
-    ``chunks`` or whole axes) defaults per axis to the number of chunks whose
-    even split into tiles reads the fewest input voxels per output voxel, and
-    in z (2D) to enough slices for one ``batch``.  ``batch`` defaults to the
-    tiles that fit ``memory`` (at most 16).  Raises :class:`ConfigError` for
-    sizes that cannot work.
-    """
-    dims, depth = int(arch["dims"]), int(arch["depth"])
-    if dtype not in OUTPUT_DTYPES:
-        raise ConfigError(None, f"output dtype must be one of {sorted(OUTPUT_DTYPES)}, got {dtype!r}")
-    shape = tuple(int(s) for s in shape)
-    chunks = tuple(min(int(c), s) for c, s in zip(chunks, shape))
-    geometry = volume_geometry(unet_axis_geometry(depth), dims)
-    axes = _spatial_axes(dims)
-    per_voxel = activation_bytes_per_voxel(arch)
-    whole = tuple(-(-n // g.step) * g.step for n, g in zip(shape, geometry))
-
-    requested = _normalize_request(tile, dims, "tile")
-    if requested is not None:
-        try:
-            check_tile_shape(requested, geometry)
-        except ValueError as exc:
-            raise ConfigError(None, f"tile {list(requested)}: {exc}") from None
-        max_tile = tuple(min(t, w) for t, w in zip(requested, whole))
-    else:
-        # Largest cube/square window within the budget, minus the context, on the pooling grid.
-        g = geometry[axes[-1]]
-        edge = int((memory / per_voxel) ** (1.0 / dims)) - 2 * g.margin - g.step
-        edge = max(g.step, (edge // g.step) * g.step)
-        max_tile = tuple(min(edge, w) if a in axes else 1 for a, w in enumerate(whole))
-
-    if block is None:
-        picks = [
-            _block_and_tile(n, c, t, g, fit=requested is None) if a in axes else (c, 1)
-            for a, (n, c, t, g) in enumerate(zip(shape, chunks, max_tile, geometry))
-        ]
-        block_shape = [b for b, _ in picks]
-        final_tile = tuple(t for _, t in picks)
-    else:
-        block_shape = [int(b) for b in block]
-        if len(block_shape) != 3 or min(block_shape) < 1:
-            raise ConfigError(None, f"block must be three positive integers Z Y X, got {block}")
-        for b, c, n, name in zip(block_shape, chunks, shape, "zyx"):
-            if b % c and b < n:
-                raise ConfigError(
-                    None, f"block {list(block_shape)}: the {name} edge {b} must be a multiple of the chunk edge {c}"
-                    " (blocks must not share chunks) or cover the whole axis"
-                )
-        block_shape = [min(b, n) for b, n in zip(block_shape, shape)]
-        final_tile = tuple(
-            (fit_tile(b, t, g.step) if requested is None else t) if a in axes else 1
-            for a, (b, t, g) in enumerate(zip(block_shape, max_tile, geometry))
-        )
-    window_voxels = math.prod(g.net_input(t) for t, g in zip(final_tile, geometry))
-    tiles_per_block = math.prod(-(-b // t) for b, t in zip(block_shape, final_tile))
-    if batch is None:
-        batch = int(max(1, min(16, memory // (window_voxels * per_voxel))))
-        if block is None and dims == 2 and batch > tiles_per_block:
-            # 2D: deepen the block in z (whole chunks) until it holds one batch of tiles.
-            slices = -(-batch // tiles_per_block)
-            block_shape[0] = min(shape[0], -(-slices // chunks[0]) * chunks[0])
-            tiles_per_block = math.prod(-(-b // t) for b, t in zip(block_shape, final_tile))
-        batch = max(1, min(batch, tiles_per_block))
-    elif batch < 1:
-        raise ConfigError(None, f"batch must be >= 1, got {batch}")
-    return PredictPlan(
-        shape=shape,
-        chunks=chunks,
-        tile=final_tile,
-        block=tuple(block_shape),
-        batch=int(batch),
-        depth=depth,
-        dims=dims,
-        tta=bool(tta),
-        dtype=dtype,
-    )
-
-
 # ---------------------------------------------------------------------- forward
+
+
+def tune_allocator() -> bool:
+    """Let glibc keep freed tensor memory for reuse instead of unmapping it (process-wide).
+
+    By default every activation above 32 MiB (and, in worker threads, above the
+    64 MiB heap size) is a fresh ``mmap`` whose pages the kernel zeroes on first
+    touch: 8 % of the CPU time of the paper's U-Net on a 700^2 window here
+    (0.47 s system time of 5.8 s; 0.03 s after this).  One arena, a 1 GiB mmap
+    threshold and a 2 GiB trim threshold avoid that; memory stays bounded by the
+    largest forward pass.  Called by the CLI; a no-op (False) off glibc.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
+    return all(
+        libc.mallopt(option, value) == 1
+        for option, value in ((m_arena_max, 1), (m_mmap_threshold, 1 << 30), (m_trim_threshold, (1 << 31) - 1))
+    )
 
 
 def _tta_transforms() -> list[tuple[int, bool]]:
@@ -330,12 +160,16 @@ class Predictor:
     float32 ``(B, z', y', x')``.  ``tta`` averages the probabilities of the 8
     rotations/flips in (y, x) (paper: ISBI 2012).  On CUDA the forward runs
     under autocast (bfloat16 where supported, else float16) unless
-    ``precision='float32'``; softmax and averaging are always float32.
+    ``precision='float32'`` (then also without TF32); softmax and averaging
+    are always float32.
     """
 
     def __init__(self, model: UNet, device: str | torch.device = "cpu", tta: bool = False, precision: str = "auto"):
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        # Channels-last lets oneDNN/cuDNN use their fastest convolutions (measured 1.8x for
+        # the paper's U-Net on CPU); values agree with NCHW to float reassociation.
+        self.memory_format = torch.channels_last if model.dims == 2 else torch.channels_last_3d
+        self.model = model.to(self.device, memory_format=self.memory_format).eval()
         self.dims = model.dims
         self.n_classes = model.arch["n_classes"]
         self.tta = tta
@@ -346,14 +180,20 @@ class Predictor:
             raise ConfigError(None, f"precision must be 'auto' or 'float32', got {precision!r}")
 
     def _foreground(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            logits = self.model(x)
+        if self.device.type == "cuda" and self.amp_dtype is None:
+            # precision='float32' means float32: no TF32 convolutions (cuDNN's default).
+            with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+                logits = self.model(x)
+        else:
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                logits = self.model(x)
         probs = torch.softmax(logits.float(), dim=1)
         return probs[:, 1:2] if self.n_classes == 2 else 1.0 - probs[:, 0:1]
 
     def __call__(self, windows: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(normalize_raw(windows))
         x = x.unsqueeze(1) if self.dims == 3 else x  # 2D: the z axis (size 1) is the channel axis
+        x = x.contiguous(memory_format=self.memory_format)
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
         with torch.inference_mode():
@@ -387,10 +227,13 @@ class _Job:
     """What a worker needs to compute blocks; picklable for ``dask.distributed``."""
 
     token: str
+    device: str  # "cpu", "cuda" (every visible GPU) or "cuda:N"
     checkpoint: str
     raw: str
     staged: StagedImage
-    plan: PredictPlan
+    plan: TilePlan
+    tta: bool
+    dtype: str  # stored dtype (OUTPUT_DTYPES)
     precision: str
     threads: int  # torch intra-op threads per compute slot (CPU)
     slots: int  # concurrent forward passes per process (CPU workers; GPUs count themselves)
@@ -402,6 +245,7 @@ class _Context:
 
     raw: Any
     devices: "queue.Queue[str]"
+    threads: int  # torch intra-op threads per CPU compute slot
     predictors: dict[str, Predictor] = field(default_factory=dict)
 
 
@@ -409,9 +253,12 @@ _CONTEXTS: dict[str, _Context] = {}
 _CONTEXTS_LOCK = threading.Lock()
 
 
-def _compute_devices(slots: int) -> list[str]:
-    if torch.cuda.is_available():
+def _compute_devices(device: str, slots: int) -> list[str]:
+    """One entry per concurrent forward pass: each GPU once, or ``slots`` times the CPU."""
+    if device == "cuda":
         return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if device.startswith("cuda"):
+        return [device]
     return ["cpu"] * max(1, slots)
 
 
@@ -421,18 +268,31 @@ def _register(job: _Job, model: UNet | None = None) -> _Context:
         ctx = _CONTEXTS.get(job.token)
         if ctx is not None:
             return ctx
-        if model is None:
+        slots, threads = job.slots, job.threads
+        if model is None:  # a dask.distributed worker process: its own cores and threads
             model, _ = model_from_checkpoint(job.checkpoint, map_location="cpu")
-        devices = _compute_devices(job.slots)
+            slots, threads = _worker_slots()
+        devices = _compute_devices(job.device, slots)
         pool: queue.Queue[str] = queue.Queue()
-        ctx = _Context(raw=open_image(job.raw), devices=pool)
+        ctx = _Context(raw=open_image(job.raw), devices=pool, threads=threads)
         for device in dict.fromkeys(devices):
             replica = model if device == "cpu" else _copy_model(model)
-            ctx.predictors[device] = Predictor(replica, device, tta=job.plan.tta, precision=job.precision)
+            ctx.predictors[device] = Predictor(replica, device, tta=job.tta, precision=job.precision)
         for device in devices:
             pool.put(device)
         _CONTEXTS[job.token] = ctx
         return ctx
+
+
+def _worker_slots() -> tuple[int, int]:
+    """(compute slots, torch threads per slot) of this dask.distributed worker: cores shared by its threads."""
+    try:
+        from distributed import get_worker
+
+        slots = max(1, int(get_worker().state.nthreads))
+    except (ImportError, ValueError, AttributeError):
+        slots = 1
+    return slots, max(1, _cores() // slots)
 
 
 def _copy_model(model: UNet) -> UNet:
@@ -461,11 +321,11 @@ def compute_block(job: _Job, block: tuple[tuple[int, ...], tuple[int, ...]]) -> 
     device = ctx.devices.get()
     try:
         if device == "cpu":
-            torch.set_num_threads(job.threads)  # per thread: OpenMP keeps the count per calling thread
+            torch.set_num_threads(ctx.threads)  # per thread: OpenMP keeps the count per calling thread
         probs = run_tiles(data, window, region, tiles, ctx.predictors[device], plan.batch)
     finally:
         ctx.devices.put(device)
-    job.staged.array[region.slices()] = encode_probabilities(probs, plan.dtype)
+    job.staged.array[region.slices()] = encode_probabilities(probs, job.dtype)
     job.staged.mark_done(region.key())
     return region.size
 
@@ -497,6 +357,7 @@ class _Progress:
 
 def _run_threads(job: _Job, blocks: list[Roi], threads: int, progress: _Progress) -> None:
     import dask
+    import dask.threaded
     from dask.callbacks import Callback
 
     class _Tick(Callback):
@@ -508,7 +369,8 @@ def _run_threads(job: _Job, blocks: list[Roi], threads: int, progress: _Progress
     for wave in iter_batches(blocks, max(16, WAVE_PER_WORKER * threads)):
         delayed = [dask.delayed(task, pure=False)((b.start, b.shape)) for b in wave]
         with _Tick():
-            dask.compute(*delayed, scheduler="threads", num_workers=threads)
+            # The threaded scheduler itself: naming it "threads" would import distributed (0.3 s).
+            dask.compute(*delayed, scheduler=dask.threaded.get, num_workers=threads)
 
 
 def _run_distributed(job: _Job, blocks: list[Roi], address: str, progress: _Progress) -> None:
@@ -518,7 +380,7 @@ def _run_distributed(job: _Job, blocks: list[Roi], address: str, progress: _Prog
         workers = max(1, sum(client.nthreads().values()))
         task = partial(compute_block, job)
         pending = iter(blocks)
-        window = [client.submit(task, (b.start, b.shape), pure=False) for b, _ in zip(pending, range(2 * workers))]
+        window = [client.submit(task, (b.start, b.shape), pure=False) for b in islice(pending, 2 * workers)]
         if not window:
             return
         running = as_completed(window)
@@ -538,7 +400,7 @@ class PredictResult:
     """What a call did: the plan, blocks computed now / in its range, wall time in seconds."""
 
     dest: Path
-    plan: PredictPlan | None
+    plan: TilePlan | None
     computed: int
     total: int
     seconds: float
@@ -593,7 +455,7 @@ class _Setup:
     fingerprint: str
 
 
-def _setup(checkpoint, raw, dest, expected_arch, *, tile, block, batch, tta, dtype, precision, device) -> _Setup:
+def _setup(checkpoint, raw, dest, expected_arch, *, tile, block, batch, tta, dtype, precision) -> _Setup:
     checkpoint, raw, dest = Path(checkpoint), Path(raw), Path(dest)
     model = _load_model(checkpoint, expected_arch)
     meta = image_metadata(raw)  # InputError unless a 3D (z, y, x) OME-Zarr image
@@ -608,9 +470,9 @@ def _setup(checkpoint, raw, dest, expected_arch, *, tile, block, batch, tta, dty
         "tta": bool(tta),
         "dtype": dtype,
         "precision": precision,
-        "device": "cuda" if device.startswith("cuda") else "cpu",
     }
-    # Everything that changes output values; not workers, scheduler or shard (they do not).
+    # What changes output values, except the device kind: a prepare job may run on a CPU node
+    # and its shards on GPU nodes; the kind is recorded with the plan and checked there.
     fingerprint = json.dumps(
         {"checkpoint": input_checksum(checkpoint), "raw": input_checksum(raw), "request": request}, sort_keys=True
     )
@@ -645,36 +507,46 @@ def _open_staged(setup: _Setup, *, overwrite: bool, must_exist: bool) -> StagedI
     )
 
 
-def _read_plan(staged: StagedImage) -> PredictPlan | None:
+def _read_plan(staged: StagedImage) -> tuple[TilePlan, str] | None:
+    """The stored plan and the device kind ("cpu" or "cuda") it was made for."""
     path = staged.staging / PLAN_FILE
-    return PredictPlan.from_dict(json.loads(path.read_text())) if path.exists() else None
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    return TilePlan.from_dict(data["plan"]), data["device"]
 
 
-def _shared_plan(staged: StagedImage, make: Callable[[], PredictPlan]) -> PredictPlan:
+def _shared_plan(staged: StagedImage, device: str, make: Callable[[], TilePlan]) -> TilePlan:
     """The run's plan: the stored one, else ``make()`` stored atomically (first writer wins).
 
     Shards on different nodes may race here; ``os.link`` of a complete
     temporary file is atomic and fails if the plan exists (also on NFS), so
-    all of them end up with the first plan written.
+    all of them end up with the first plan written.  Every block of a run is
+    computed on the same device kind (so that resumed runs end bit-identical).
     """
-    plan = _read_plan(staged)
-    if plan is not None:
-        return plan
-    path = staged.staging / PLAN_FILE
-    tmp = path.with_name(f".{PLAN_FILE}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(make().to_dict()))
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink()
-    plan = _read_plan(staged)
-    assert plan is not None
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    stored = _read_plan(staged)
+    if stored is None:
+        path = staged.staging / PLAN_FILE
+        tmp = path.with_name(f".{PLAN_FILE}.{uuid.uuid4().hex}.tmp")
+        tmp.write_text(json.dumps({"plan": make().to_dict(), "device": kind}))
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+        stored = _read_plan(staged)
+        assert stored is not None
+    plan, made_for = stored
+    if made_for != kind:
+        raise ConfigError(
+            None, f"{staged.staging} was started on {made_for}; continue it there (--device {made_for}) or delete it"
+        )
     return plan
 
 
-def _shard_region(plan: PredictPlan, shard: tuple[int, int] | None, z_range: Sequence[int] | None) -> Roi | None:
+def _shard_region(plan: TilePlan, shard: tuple[int, int] | None, z_range: Sequence[int] | None) -> Roi | None:
     """The z range of block starts this call computes (None = all)."""
     if shard is not None:
         index, count = (int(v) for v in shard)
@@ -733,23 +605,25 @@ def predict(
     sharded = shard is not None or z_range is not None
     cores = _cores() if threads is None else int(threads)
     if workers is None:
-        workers = torch.cuda.device_count() if device.startswith("cuda") else 1
+        workers = torch.cuda.device_count() if device == "cuda" else 1
     if workers < 1 or cores < 1:
         raise ConfigError(None, f"workers and threads must be >= 1, got {workers} and {cores}")
     if device == "cpu" and workers > cores:
         raise ConfigError(None, f"{workers} CPU workers on {cores} cores would oversubscribe them")
     setup = _setup(
         checkpoint, raw, dest, expected_arch, tile=tile, block=block, batch=batch, tta=tta, dtype=dtype,
-        precision=precision, device=device,
+        precision=precision,
     )  # fmt: skip
     staged = _open_staged(setup, overwrite=overwrite, must_exist=sharded)
     if prepare_only:
-        return PredictResult(setup.dest, _read_plan(staged), 0, 0, time.perf_counter() - started, False)
+        return PredictResult(setup.dest, None, 0, 0, time.perf_counter() - started, False)
     plan = _shared_plan(
         staged,
+        device,
         lambda: make_plan(
             setup.model.arch, setup.meta.shape, setup.meta.chunks, tile=tile, block=block, batch=batch,
-            memory=tile_memory_budget(device, workers), tta=tta, dtype=dtype,
+            memory=tile_memory_budget(device, workers),
+            min_z_blocks=int(shard[1]) if shard is not None else 1,
         ),
     )  # fmt: skip
     log.info(
@@ -760,10 +634,13 @@ def predict(
     todo = [b for b in mine if not staged.is_done(b.key())]
     job = _Job(
         token=uuid.uuid4().hex,
+        device=device,
         checkpoint=str(setup.checkpoint.resolve()),
         raw=str(setup.raw.resolve()),
         staged=staged,
         plan=plan,
+        tta=bool(tta),
+        dtype=dtype,
         precision=precision,
         threads=max(1, cores // workers),
         slots=workers,
@@ -788,7 +665,7 @@ def predict(
     return PredictResult(setup.dest, plan, len(todo), len(mine), time.perf_counter() - started, committed)
 
 
-def _publish(staged: StagedImage, plan: PredictPlan, setup: _Setup, pyramid_levels: int) -> Path:
+def _publish(staged: StagedImage, plan: TilePlan, setup: _Setup, pyramid_levels: int) -> Path:
     missing = [b for b in plan.blocks() if not staged.is_done(b.key())]
     if missing:
         raise OutputError(
@@ -800,7 +677,7 @@ def _publish(staged: StagedImage, plan: PredictPlan, setup: _Setup, pyramid_leve
     return staged.commit(
         pyramid_levels,
         provenance=provenance({"checkpoint": setup.checkpoint, "raw": setup.raw}, params),
-        extra_attrs={"probability_scale": OUTPUT_DTYPES[plan.dtype][1], "predict": plan.to_dict(),
+        extra_attrs={"probability_scale": OUTPUT_DTYPES[setup.request["dtype"]][1], "predict": plan.to_dict(),
                      "content": "foreground probability"},
     )  # fmt: skip
 
@@ -813,12 +690,12 @@ def finalize(
     tile: int | Sequence[int] | None = None,
     block: Sequence[int] | None = None,
     batch: int | None = None,
-    device: str | None = None,
     tta: bool = False,
     dtype: str = "float32",
     precision: str = "auto",
     pyramid_levels: int = 2,
     expected_arch: dict | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Gather step of a sharded run: check that every block is done, then publish ``dest``.
 
@@ -828,13 +705,13 @@ def finalize(
     """
     setup = _setup(
         checkpoint, raw, dest, expected_arch, tile=tile, block=block, batch=batch, tta=tta, dtype=dtype,
-        precision=precision, device=_default_device(device),
+        precision=precision,
     )  # fmt: skip
-    staged = _open_staged(setup, overwrite=False, must_exist=True)
-    plan = _read_plan(staged)
-    if plan is None:
+    staged = _open_staged(setup, overwrite=overwrite, must_exist=True)
+    stored = _read_plan(staged)
+    if stored is None:
         raise OutputError(setup.dest, "no shard has run yet (no plan in DEST.partial)")
-    return _publish(staged, plan, setup, pyramid_levels)
+    return _publish(staged, stored[0], setup, pyramid_levels)
 
 
 def read_probabilities(path: str | Path) -> np.ndarray:

@@ -31,6 +31,7 @@ import numpy as np
 from unet_pipe.errors import UnetPipeError
 from unet_pipe.evaluate import read_metrics
 from unet_pipe.io import open_image
+from unet_pipe.metrics import instances_from_binary
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,6 @@ def _new_figure(width: float, height: float):
 
 def slice_figure(metrics: dict[str, Any], slices: Sequence[tuple[int, str]], dest: Path) -> None:
     """PNG with one row per slice: raw | truth | prediction | class errors."""
-    from unet_pipe.metrics import instances_from_binary
-
     inputs = metrics["inputs"]
     pred = open_image(inputs["instances"])
     truth = open_image(inputs["truth"])
@@ -132,7 +131,7 @@ def slice_figure(metrics: dict[str, Any], slices: Sequence[tuple[int, str]], des
         gray = np.asarray(raw[z])[::step, ::step] if raw is not None else np.zeros(p.shape, np.float32)
         err = by_z.get(z, {}).get("rand_error")
         panels = (
-            (gray if raw is not None else np.zeros_like(gray), f"z={z} raw ({tag})"),
+            (gray, f"z={z} raw ({tag})" if raw is not None else f"z={z} ({tag}, no raw image)"),
             (label_overlay(gray, t), "truth"),
             (label_overlay(gray, p), f"prediction, Rand error {err:.3f}" if err is not None else "prediction"),
             (error_overlay(gray, p != 0, t != 0), "class errors (red: false cell, blue: missed)"),

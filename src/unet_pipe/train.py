@@ -26,7 +26,6 @@ import csv
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,12 +42,12 @@ from unet_pipe.data import (
     center_crop,
     label_classes,
     normalize_raw,
-    read_mirrored,
     volumes_from_config,
 )
 from unet_pipe.errors import CheckpointError, ConfigError, OutputError, UnetPipeError
 from unet_pipe.metrics import instances_from_binary, rand_error_per_slice
-from unet_pipe.model import UNet, load_checkpoint, save_checkpoint, valid_input_size, valid_output_size
+from unet_pipe.model import UNet, load_checkpoint, save_checkpoint
+from unet_pipe.tiling import Roi, fit_tile, predict_tiled, unet_axis_geometry, volume_geometry
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +104,14 @@ def make_optimizer(model: torch.nn.Module, train_cfg: Mapping[str, Any]) -> torc
     raise ConfigError(None, f"key 'train.optimizer': unknown optimizer {train_cfg['optimizer']!r}")
 
 
+def available_cores() -> int:
+    """Cores this process may run on (respects SLURM/cgroup CPU sets where the OS reports them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto`` = the GPU when present, else the CPU; ``cuda`` without a GPU is an error."""
     if device == "auto":
@@ -119,75 +126,38 @@ def resolve_device(device: str) -> torch.device:
 # --------------------------------------------------------------------------- validation
 
 
-def _output_at_least(size: int, depth: int) -> int:
-    """Smallest valid output edge >= ``size``."""
-    factor = 2 ** (depth - 1)
-    out = 4 + factor * max(0, -(-(size - 4) // factor))
-    while True:
-        try:
-            valid_input_size(out, depth)
-            return out
-        except ValueError:
-            out += factor
-
-
-def _tile_starts(extent: int, tile: int, align: int) -> list[int]:
-    """Output-tile starts covering [0, extent), all multiples of ``align``.
-
-    Tiles start on the pooling grid (multiples of 2**(depth-1)) so that every
-    tile sees the same pooling phase as one whole-image pass: tiled and
-    untiled predictions are then equal.  Tiles overlap where the output edge
-    is not a multiple of ``align``; the last one may hang over the border
-    (mirrored input, cropped output).
-    """
-    stride = max(align, (tile // align) * align)
-    starts = [0]
-    while starts[-1] + tile < extent:
-        starts.append(starts[-1] + stride)
-    return starts
-
-
 def predict_probabilities(
     model: UNet,
     raw: np.ndarray,
     device: torch.device,
-    bounds_z: tuple[int, int] | None = None,
     max_tile: int = _VALIDATION_TILE,
 ) -> np.ndarray:
-    """Cell probability (softmax class 1) of a normalised ``(z, y, x)`` float32 stack.
+    """Cell probability ``1 - softmax(logits)[0]`` of a normalised ``(z, y, x)`` float32 stack.
 
-    A simple in-memory overlap-tile prediction with mirrored borders, for
-    validation (the pipeline's Dask predictor lives in ``unet_pipe.predict``).
-    2D nets predict each slice; 3D nets the whole stack, mirrored in z within
-    the stack.  The model is used as given (call ``model.eval()`` first).
+    Overlap-tile prediction in memory with :func:`unet_pipe.tiling.predict_tiled`
+    (mirrored borders, tiles on the pooling grid: equal to one whole-stack
+    pass), for validation; the pipeline's block-wise predictor is
+    :mod:`unet_pipe.predict`.  2D nets predict slice by slice, 3D nets the
+    stack.  The model is used as given (call ``model.eval()`` first).
     """
-    depth, dims, margin = model.depth, model.dims, model.margin
-    shape = raw.shape
-    spatial = shape[1:] if dims == 2 else shape
-    align = 2 ** (depth - 1)
-    outs = [_output_at_least(max(min(s, max_tile), align + 4), depth) for s in spatial]
-    prob = np.zeros(shape, dtype=np.float32)
+    geometry = volume_geometry(unet_axis_geometry(model.depth), model.dims)
+    tile = tuple(
+        1 if (axis == 0 and model.dims == 2) else fit_tile(extent, max_tile, g.step)
+        for axis, (extent, g) in enumerate(zip(raw.shape, geometry))
+    )
     use_amp = device.type == "cuda"
-    bounds = [(0, s) for s in spatial]
-    planes = range(shape[0]) if dims == 2 else [None]
-    grids = np.meshgrid(*[_tile_starts(s, o, align) for s, o in zip(spatial, outs)], indexing="ij")
-    starts = list(zip(*(g.ravel() for g in grids)))
-    with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-        for z in planes:
-            source = raw[z] if z is not None else raw
-            for start in starts:
-                window = read_mirrored(
-                    source, [s - margin for s in start], [o + 2 * margin for o in outs], bounds
-                )
-                x = torch.from_numpy(np.ascontiguousarray(window))[None, None].to(device)
-                p = torch.softmax(model(x).float(), dim=1)[0, 1].cpu().numpy()
-                target = tuple(slice(s, min(s + o, n)) for s, o, n in zip(start, outs, spatial))
-                crop = tuple(slice(0, t.stop - t.start) for t in target)
-                if z is not None:
-                    prob[(z,) + target] = p[crop]
-                else:
-                    prob[target] = p[crop]
-    return prob
+
+    def forward(windows: np.ndarray) -> np.ndarray:
+        # 2D: the z axis of length 1 serves as the channel axis, (B, 1, Y, X).
+        x = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32))
+        x = (x if model.dims == 2 else x[:, None]).to(device)
+        with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+            logits = model(x)
+        prob = 1.0 - torch.softmax(logits.float(), dim=1)[:, 0]
+        return (prob[:, None] if model.dims == 2 else prob).cpu().numpy()
+
+    region = Roi((0, 0, 0), tuple(raw.shape))
+    return predict_tiled(raw, region, tile, geometry, forward).astype(np.float32, copy=False)
 
 
 @dataclass(frozen=True)
@@ -280,8 +250,8 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
 
 def _write_csv_atomic(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         writer.writerows(_format_row(r) for r in rows)
@@ -388,7 +358,7 @@ def train(
         torch.use_deterministic_algorithms(True, warn_only=True)
     else:
         torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+    torch.set_num_threads(threads or available_cores())
     try:
         return _train(config, stores, out, partial, log_path, resume, dev, total, stop, progress, tensorboard_dir)
     finally:

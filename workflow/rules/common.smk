@@ -86,10 +86,77 @@ def section_json(*keys):
     return json.dumps({key: config[key] for key in keys}, sort_keys=True)
 
 
+# ---------------------------------------------------------------- train
+TRAIN_DATASETS = sorted(config["train"]["datasets"])
+
+
+def train_stores_args(wildcards, input):
+    """``--raw NAME=PATH --labels NAME=PATH --weights NAME=PATH`` for every training dataset."""
+    import shlex
+
+    args = []
+    for key in ("raw", "labels", "weights"):
+        for name, path in zip(TRAIN_DATASETS, input[key]):
+            args.append(f"--{key} {shlex.quote(f'{name}={path}')}")
+    return " ".join(args)
+
+
+def train_config_json(wildcards):
+    """What training reads from the config, as one JSON string (a change reruns training).
+
+    Only the training datasets are included, so adding a dataset to predict
+    does not retrain the model, and the postprocess section is left out (its
+    defaults score the validation Rand error), so tuning postprocessing reruns
+    postprocess and evaluate only.
+    """
+    import json
+
+    keys = ("seed", "model", "train", "weights")
+    section = {key: config[key] for key in keys}
+    section["datasets"] = {name: config["datasets"][name] for name in TRAIN_DATASETS}
+    return json.dumps(section, sort_keys=True)
+
+
+# ---------------------------------------------------------------- postprocess / evaluate
+
+
+
+def postprocess_args(wildcards):
+    """Flags of ``unet-pipe postprocess`` from the postprocess section (params: a change reruns it)."""
+    section = config["postprocess"]
+    return (
+        f"--method {section['method']} --threshold {section['threshold']}"
+        f" --seed-threshold {section['seed_threshold']} --seed-prominence {section['seed_prominence']}"
+        f" --min-size {section['min_size']} --pyramid-levels {config['ingest']['pyramid_levels']}"
+    )
+
+
+def evaluated_datasets():
+    """Datasets that are both predicted and labelled (the ones with metrics)."""
+    predicted = config["predict"]["datasets"] or DATASETS
+    return [name for name in LABELLED if name in predicted]
+
+
+def evaluate_args(wildcards):
+    """Flags of ``unet-pipe evaluate``: threshold, truth convention and the train/val slice tags."""
+    args = [f"--threshold {config['postprocess']['threshold']}"]
+    weights = config["weights"]
+    if weights["label_mode"] == "binary":
+        args.append(f"--truth-mode binary --foreground-value {weights['foreground_value']}")
+    else:
+        args.append("--truth-mode instances")
+    ranges = config["train"]["datasets"].get(wildcards.dataset, {})
+    for subset in ("train", "val"):
+        if subset in ranges:
+            args.append(f"--{subset} {ranges[subset][0]} {ranges[subset][1]}")
+    return " ".join(args)
+
+
 # ---------------------------------------------------------------- targets
 
 
 def all_targets():
     targets = expand(f"{R}/{{dataset}}/raw.ome.zarr", dataset=DATASETS)
     targets += expand(f"{R}/{{dataset}}/labels.ome.zarr", dataset=LABELLED)
+    targets.append(f"{R}/model/checkpoint.pt")
     return targets

@@ -1,5 +1,5 @@
 # Metrics against ground truth per labelled dataset, and the Markdown report.
-# Functions evaluate_args, evaluated_datasets and the path TRAINING_LOG: common.smk.
+# Functions evaluate_args and evaluated_datasets: common.smk; include after train.smk.
 
 
 rule evaluate:
@@ -30,7 +30,7 @@ rule evaluate:
 rule report:
     input:
         metrics=expand(f"{R}/{{dataset}}/metrics.json", dataset=evaluated_datasets()),
-        training_log=TRAINING_LOG,
+        training_log=rules.train.output.log_csv,
     output:
         report=f"{R}/report/report.md",
         figures=directory(f"{R}/report/report_figures"),

@@ -1,33 +1,5 @@
 # Training of the U-Net on the ingested stores of every dataset in train.datasets.
-# The helper functions below belong with the other input functions (common.smk).
-
-
-TRAIN_DATASETS = sorted(config["train"]["datasets"])
-
-
-def train_stores_args(wildcards, input):
-    """``--raw NAME=PATH --labels NAME=PATH --weights NAME=PATH`` for every training dataset."""
-    import shlex
-
-    args = []
-    for key in ("raw", "labels", "weights"):
-        for name, path in zip(TRAIN_DATASETS, input[key]):
-            args.append(f"--{key} {shlex.quote(f'{name}={path}')}")
-    return " ".join(args)
-
-
-def train_config_json(wildcards):
-    """What training reads from the config, as one JSON string (a change reruns training).
-
-    Only the training datasets are included, so adding a dataset to predict
-    does not retrain the model.
-    """
-    import json
-
-    keys = ("seed", "model", "train", "weights", "postprocess")
-    section = {key: config[key] for key in keys}
-    section["datasets"] = {name: config["datasets"][name] for name in TRAIN_DATASETS}
-    return json.dumps(section, sort_keys=True)
+# Input/param functions: common.smk.
 
 
 rule train:

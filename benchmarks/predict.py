@@ -1,0 +1,299 @@
+#!/usr/bin/env python
+"""Benchmark: overlap-tile prediction (``unet_pipe.predict``) against the hardware and the bare model.
+
+Figures, each a ratio measured in this one run (after a warm-up, rounds of
+[end-to-end, bare model, conv limit]; each end-to-end time is compared with the
+measurements right around it and the median over rounds is reported, so that a
+changing machine load hits both sides alike):
+
+* ``efficiency_vs_bare_model``: end-to-end ``predict()`` throughput (checkpoint
+  load, zarr read and decode, mirror padding, forward passes, softmax, encode,
+  zarr write, pyramid, publish) divided by the throughput of the bare
+  ``model(x)`` calls on the same input windows, same batches, already in memory.
+  Model: the paper's U-Net (depth 5, 64 channels), random weights (speed does
+  not depend on them), auto-chosen tile, on ISBI 2012 test slices (synthetic
+  slices when the data is absent).
+* ``flop_rate_vs_conv_limit``: the model FLOPs of that end-to-end run per
+  second, divided by the best rate of single large 3x3 convolutions (64->64 at
+  512^2, 256->256 at 128^2, 512->512 at 64^2; same threads, dtype and memory
+  format) measured in the same run: the attainable hardware rate.
+* ``rss_ratio_4x_vs_1x``: peak RSS of a fresh process predicting a stack 4x
+  larger (4x the slices) divided by the same on the 1x stack, with a small model
+  (depth 2, 1 channel) so the gigavoxels run in minutes.  The input is
+  generated lazily: one encoded 512 x 512 chunk of a synthetic EM slice,
+  hard-linked as every chunk of the store (no disk, no generation time).
+* ``useful_output_fraction``: output area / input area of the auto-chosen tile
+  of the efficiency run.
+* ``voxels_per_s``: end-to-end throughput of that run (paper model, this machine).
+
+Usage: ``python benchmarks/predict.py [--quick] [--out DIR] [--threads N]``.
+Full: 8 ISBI slices, stacks of 1.01 and 4.03 gigavoxels (15 and 60 slices of
+8192^2); ``--quick``: 2 slices, 0.13 and 0.54 gigavoxels.  The last line of
+stdout is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+ISBI = ROOT.parent / "shared" / "data" / "isbi2012" / "test-volume.tif"
+CHUNK = 512
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ inputs
+
+
+def write_raw(path: Path, data: np.ndarray) -> Path:
+    from unet_pipe.io import StagedImage
+
+    staged = StagedImage(path, shape=data.shape, dtype=data.dtype, chunks=(1, CHUNK, CHUNK), overwrite=True)
+    staged.array[:] = data
+    staged.commit(pyramid_levels=0)
+    return path
+
+
+def isbi_or_synthetic(slices: int) -> tuple[np.ndarray, str]:
+    if ISBI.exists():
+        import tifffile
+
+        with tifffile.TiffFile(ISBI) as tif:
+            return np.stack([tif.pages[z].asarray() for z in range(slices)]), "ISBI 2012 test-volume"
+    from unet_pipe.synth import synthesize
+
+    return synthesize((slices, 512, 512), seed=0).raw, "synthetic (ISBI data not found)"
+
+
+def lazy_stack(path: Path, shape: tuple[int, int, int]) -> Path:
+    """An OME-Zarr whose every (1, 512, 512) chunk is a hard link to one encoded synthetic slice."""
+    from unet_pipe.io import StagedImage
+    from unet_pipe.synth import synthesize
+
+    staged = StagedImage(path, shape=shape, dtype=np.uint8, chunks=(1, CHUNK, CHUNK), overwrite=True)
+    staged.array[0, :CHUNK, :CHUNK] = synthesize((1, CHUNK, CHUNK), seed=0).raw[0]
+    first = staged.staging / "0" / "0" / "0" / "0"
+    for z in range(shape[0]):
+        for y in range(shape[1] // CHUNK):
+            for x in range(shape[2] // CHUNK):
+                target = staged.staging / "0" / str(z) / str(y) / str(x)
+                if target != first:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.link(first, target)
+    staged.commit(pyramid_levels=0)
+    return path
+
+
+# ------------------------------------------------------------------ measurements
+
+
+def conv_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """FLOPs (2 per multiply-add) of the convolutions and up-convolutions of one forward pass."""
+    total = 0
+
+    def hook(module, inputs, output):
+        nonlocal total
+        k = int(np.prod(module.kernel_size))
+        if isinstance(module, (torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)):
+            positions = inputs[0].shape[0] * int(np.prod(inputs[0].shape[2:]))
+        else:
+            positions = output.shape[0] * int(np.prod(output.shape[2:]))
+        total += 2 * module.in_channels * module.out_channels // module.groups * k * positions
+
+    kinds = (torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
+    with torch.inference_mode():
+        model(x)
+    for h in handles:
+        h.remove()
+    return total
+
+
+def conv_limit(threads: int, rounds: int) -> tuple[float, str]:
+    """Best FLOP rate of single large 3x3 convolutions (channels-last, float32, CPU)."""
+    torch.set_num_threads(threads)
+    best, which = 0.0, ""
+    for channels, size in ((64, 512), (256, 128), (512, 64)):
+        conv = torch.nn.Conv2d(channels, channels, 3).to(memory_format=torch.channels_last).eval()
+        x = torch.rand(1, channels, size, size).contiguous(memory_format=torch.channels_last)
+        flops = 2 * channels * channels * 9 * (size - 2) ** 2
+        with torch.inference_mode():
+            conv(x)
+            for _ in range(rounds):
+                start = time.perf_counter()
+                conv(x)
+                rate = flops / (time.perf_counter() - start)
+                if rate > best:
+                    best, which = rate, f"{channels}->{channels} at {size}^2"
+    return best, which
+
+
+def bare_forward(predictor, raw: np.ndarray, plan) -> tuple[float, int, int]:
+    """Seconds of the bare model calls on every tile window of ``plan`` (in memory), FLOPs, voxels."""
+    from unet_pipe.data import normalize_raw
+    from unet_pipe.tiling import block_tiles, iter_batches, read_mirrored
+
+    batches = []
+    for region in plan.blocks():
+        tiles, window = block_tiles(region, plan.tile, plan.geometry)
+        data = read_mirrored(raw, window.start, window.shape)
+        for group in iter_batches(tiles, plan.batch):
+            x = torch.from_numpy(normalize_raw(np.stack([data[t.read.slices(window.start)] for t in group])))
+            batches.append(x.contiguous(memory_format=predictor.memory_format))
+    flops = sum(conv_flops(predictor.model, x) for x in batches[:1]) * sum(len(x) for x in batches) // len(batches[0])
+    model = predictor.model
+    with torch.inference_mode():
+        start = time.perf_counter()
+        for x in batches:
+            model(x)
+        seconds = time.perf_counter() - start
+    return seconds, flops, int(np.prod(plan.shape))
+
+
+def efficiency_run(out: Path, slices: int, threads: int, rounds: int) -> dict:
+    """Rounds of [end-to-end predict, bare model, conv limit], after a warm-up predict.
+
+    Each round's end-to-end time is compared with the mean of the bare-model
+    times measured just before and after it, and its FLOP rate with the better
+    conv limit around it; the figures are the medians over the rounds.
+    """
+    from unet_pipe.model import UNet, model_from_checkpoint, save_checkpoint
+    from unet_pipe.predict import Predictor, predict
+
+    torch.manual_seed(0)
+    raw, source = isbi_or_synthetic(slices)
+    src = write_raw(out / "eff_raw.ome.zarr", raw)
+    ckpt = save_checkpoint(out / "paper.pt", UNet())  # depth 5, 64 channels: the paper's network
+    dest = out / "eff_pred.ome.zarr"
+
+    def end_to_end() -> tuple[float, object]:
+        shutil.rmtree(dest, ignore_errors=True)
+        start = time.perf_counter()
+        result = predict(ckpt, src, dest, workers=1, threads=threads, device="cpu", overwrite=True)
+        return time.perf_counter() - start, result.plan
+
+    _, plan = end_to_end()  # warm-up; gives the auto-chosen plan
+    torch.set_num_threads(threads)
+    predictor = Predictor(model_from_checkpoint(ckpt)[0], "cpu")
+    bare_s, flops, _ = bare_forward(predictor, raw, plan)
+    bare, limits, e2e = [bare_s], [conv_limit(threads, 2)[0]], []
+    for r in range(rounds):
+        e2e.append(end_to_end()[0])
+        bare.append(bare_forward(predictor, raw, plan)[0])
+        limits.append(conv_limit(threads, 2)[0])
+        torch.set_num_threads(threads)
+        log(f"  round {r}: end-to-end {e2e[-1]:.2f} s, bare model {bare[-2]:.2f} / {bare[-1]:.2f} s, "
+            f"conv limit {limits[-1] / 1e9:.0f} GFLOP/s")  # fmt: skip
+    voxels = int(np.prod(raw.shape))
+    efficiency = [(bare[r] + bare[r + 1]) / 2 / e2e[r] for r in range(rounds)]
+    flop_ratio = [flops / e2e[r] / max(limits[r], limits[r + 1]) for r in range(rounds)]
+    return {
+        "source": source,
+        "shape": list(raw.shape),
+        "plan": plan.to_dict(),
+        "window": list(plan.window),
+        "useful_fraction": plan.useful_fraction,
+        "efficiency": float(np.median(efficiency)),
+        "flop_ratio": float(np.median(flop_ratio)),
+        "e2e_s": float(np.median(e2e)),
+        "bare_s": float(np.median(bare)),
+        "conv_limit": float(np.median(limits)),
+        "voxels": voxels,
+        "flops": flops,
+    }
+
+
+def rss_child(shape: tuple[int, int, int], out: Path, threads: int) -> dict:
+    """Runs in a fresh process: predict a lazily generated stack; report peak RSS and time."""
+    from unet_pipe.model import UNet, save_checkpoint
+    from unet_pipe.predict import predict
+
+    torch.manual_seed(0)
+    src = lazy_stack(out / "rss_raw.ome.zarr", shape)
+    ckpt = save_checkpoint(out / "small.pt", UNet(depth=2, base_channels=1))
+    dest = out / "rss_pred.ome.zarr"
+    start = time.perf_counter()
+    result = predict(ckpt, src, dest, workers=1, threads=threads, device="cpu", dtype="uint8", overwrite=True)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    for path in (src, dest):
+        shutil.rmtree(path, ignore_errors=True)
+    return {"shape": list(shape), "peak_rss": peak, "seconds": seconds, "plan": result.plan.to_dict()}
+
+
+def run_rss_child(shape: tuple[int, int, int], out: Path, threads: int) -> dict:
+    command = [sys.executable, __file__, "--rss-child", *map(str, shape), "--out", str(out), "--threads", str(threads)]
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------ main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 slices; 0.13 and 0.54 gigavoxel stacks")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "predict")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--rss-child", nargs=3, type=int, metavar=("Z", "Y", "X"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    from unet_pipe.predict import tune_allocator
+
+    tune_allocator()  # as `unet-pipe predict` does
+    if args.rss_child:
+        print(json.dumps(rss_child(tuple(args.rss_child), args.out, args.threads)))
+        return
+
+    slices, rounds = (2, 3) if args.quick else (8, 3)
+    rss_shapes = [(2, 8192, 8192), (8, 8192, 8192)] if args.quick else [(15, 8192, 8192), (60, 8192, 8192)]
+    log(f"efficiency: paper U-Net on {slices} slices, {rounds} rounds ...")
+    eff = efficiency_run(args.out, slices, args.threads, rounds)
+    _, which = conv_limit(args.threads, 2)
+    rss = []
+    for shape in rss_shapes:
+        log(f"peak RSS: small U-Net on a lazily generated {shape} stack ({np.prod(shape) / 1e9:.2f} Gvox) ...")
+        rss.append(run_rss_child(shape, args.out, args.threads))
+        log(f"  peak RSS {rss[-1]['peak_rss'] / 2**20:.0f} MiB, {rss[-1]['seconds']:.0f} s")
+
+    e2e_rate = eff["voxels"] / eff["e2e_s"]
+    bare_rate = eff["voxels"] / eff["bare_s"]
+    small = rss[-1]
+    print(f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}")
+    print(f"input: {eff['source']} {eff['shape']}; plan tile {eff['plan']['tile']} window {eff['window']} "
+          f"block {eff['plan']['block']} batch {eff['plan']['batch']}")  # fmt: skip
+    print(f"end-to-end {e2e_rate / 1e3:.1f} kvox/s vs bare model {bare_rate / 1e3:.1f} kvox/s (medians)")
+    print(f"model {eff['flops'] / 1e12:.2f} TFLOP: {eff['flops'] / eff['e2e_s'] / 1e9:.1f} GFLOP/s end-to-end vs "
+          f"conv limit {eff['conv_limit'] / 1e9:.1f} GFLOP/s (best: {which})")  # fmt: skip
+    print(f"small model end-to-end on {small['shape']}: {np.prod(small['shape']) / small['seconds'] / 1e6:.1f} Mvox/s; "
+          f"peak RSS {rss[0]['peak_rss'] / 2**20:.0f} MiB (1x) vs {rss[1]['peak_rss'] / 2**20:.0f} MiB (4x)")  # fmt: skip
+    figures = {
+        "efficiency_vs_bare_model": round(eff["efficiency"], 3),
+        "flop_rate_vs_conv_limit": round(eff["flop_ratio"], 3),
+        "rss_ratio_4x_vs_1x": round(rss[1]["peak_rss"] / rss[0]["peak_rss"], 3),
+        "useful_output_fraction": round(eff["useful_fraction"], 3),
+        "voxels_per_s": round(e2e_rate, 1),
+        "small_model_voxels_per_s": round(np.prod(small["shape"]) / small["seconds"], 1),
+        "rss_1x_mib": round(rss[0]["peak_rss"] / 2**20, 1),
+        "rss_4x_gigavoxels": round(float(np.prod(rss_shapes[1])) / 1e9, 2),
+        "quick": args.quick,
+    }
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

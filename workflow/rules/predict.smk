@@ -1,0 +1,109 @@
+# Overlap-tile prediction, sharded over z (scatter/gather) so that SLURM runs
+# the shards on several GPU nodes at once:
+#   predict_prepare  creates probabilities.ome.zarr.partial (checks checkpoint and input)
+#   predict          one job per shard (predict.shards): the blocks of its z range
+#   predict_gather   checks that every block is done and publishes the store
+# Shards of an interrupted run resume from their finished blocks.
+# The helper functions below belong with the other input functions (common.smk).
+
+
+scattergather:
+    predict=config["predict"]["shards"],
+
+
+def predict_args(wildcards):
+    """Options that identify a prediction; identical for prepare, shards and gather."""
+    import json
+    import shlex
+
+    section = config["predict"]
+    args = [
+        f"--dtype {section['dtype']}",
+        "--tta" if section["tta"] else "--no-tta",
+        f"--pyramid-levels {config['ingest']['pyramid_levels']}",
+        # A checkpoint of another architecture is refused, not silently used.
+        "--expect-arch " + shlex.quote(json.dumps(config["model"], sort_keys=True)),
+        # Snakemake owns the output: a rerun replaces the old store (only once the new one is complete).
+        "--overwrite",
+    ]
+    if section["tile"] is not None:
+        args.append(f"--tile {section['tile']}")
+    return " ".join(args)
+
+
+def predict_shard(wildcards):
+    """``I N`` (0-based) of Snakemake's scatter item ``{i}-of-{n}`` (1-based)."""
+    index, _, count = wildcards.scatteritem.partition("-of-")
+    return f"{int(index) - 1} {count}"
+
+
+rule predict_prepare:
+    input:
+        checkpoint=f"{R}/model/checkpoint.pt",
+        raw=f"{R}/{{dataset}}/raw.ome.zarr",
+    output:
+        prepared=touch(f"{R}/{{dataset}}/probabilities.shards/prepared"),
+    params:
+        dest=f"{R}/{{dataset}}/probabilities.ome.zarr",
+        args=predict_args,
+    log:
+        f"{R}/logs/predict/{{dataset}}.prepare.log",
+    benchmark:
+        f"{R}/benchmarks/predict/{{dataset}}.prepare.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "unet-pipe predict {input.checkpoint:q} {input.raw:q} {params.dest:q} --prepare {params.args}"
+        " > {log:q} 2>&1"
+
+
+rule predict:
+    input:
+        checkpoint=f"{R}/model/checkpoint.pt",
+        raw=f"{R}/{{dataset}}/raw.ome.zarr",
+        prepared=f"{R}/{{dataset}}/probabilities.shards/prepared",
+    output:
+        done=touch(f"{R}/{{dataset}}/probabilities.shards/{{scatteritem}}.done"),
+    params:
+        dest=f"{R}/{{dataset}}/probabilities.ome.zarr",
+        shard=predict_shard,
+        args=predict_args,
+    log:
+        f"{R}/logs/predict/{{dataset}}.{{scatteritem}}.log",
+    benchmark:
+        f"{R}/benchmarks/predict/{{dataset}}.{{scatteritem}}.tsv"
+    # CPU threads when no GPU is present (then torch uses all of them); a GPU job needs few.
+    threads: 4
+    resources:
+        mem_mb=16000,
+        runtime=240,
+        # One GPU (`sbatch --gpus=1` with snakemake-executor-plugin-slurm); CPU where there is none.
+        gpu=1,
+    shell:
+        "unet-pipe predict {input.checkpoint:q} {input.raw:q} {params.dest:q} --shard {params.shard}"
+        " --threads {threads} {params.args} > {log:q} 2>&1"
+
+
+rule predict_gather:
+    input:
+        checkpoint=f"{R}/model/checkpoint.pt",
+        raw=f"{R}/{{dataset}}/raw.ome.zarr",
+        shards=gather.predict(f"{R}/{{{{dataset}}}}/probabilities.shards/{{scatteritem}}.done"),
+    output:
+        probabilities=directory(f"{R}/{{dataset}}/probabilities.ome.zarr"),
+    params:
+        args=predict_args,
+    log:
+        f"{R}/logs/predict/{{dataset}}.gather.log",
+    benchmark:
+        f"{R}/benchmarks/predict/{{dataset}}.gather.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    shell:
+        # Builds the 2x pyramid and publishes probabilities.ome.zarr atomically.
+        "unet-pipe predict {input.checkpoint:q} {input.raw:q} {output.probabilities:q} --finalize {params.args}"
+        " > {log:q} 2>&1"
