@@ -12,6 +12,9 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/ingest.smk"
 include: "workflow/rules/weights.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/predict.smk"
+include: "workflow/rules/postprocess.smk"
+include: "workflow/rules/evaluate.smk"
 
 
 rule all:

@@ -21,6 +21,10 @@ R = config["results"]
 DATASETS = sorted(config["datasets"])
 LABELLED = [name for name in DATASETS if "labels" in config["datasets"][name] or "synthetic" in config["datasets"][name]]
 SYNTHETIC = [name for name in DATASETS if "synthetic" in config["datasets"][name]]
+# With --use-conda every job runs in the environment of environment.yml; its
+# post-deploy script (environment.post-deploy.sh) installs this package into it.
+# The path is relative to the rule files (workflow/rules/).
+CONDA_ENV = "../../environment.yml"
 
 
 wildcard_constraints:
@@ -64,7 +68,7 @@ def synth_seed(wildcards):
 def voxel_size_arg(wildcards):
     """``--voxel-size Z Y X`` when the config gives one; else the TIFF metadata is used."""
     size = dataset(wildcards).get("voxel_size")
-    return "" if size is None else "--voxel-size " + " ".join(str(v) for v in size)
+    return "" if size is None else f"--voxel-size {' '.join(str(v) for v in size)}"
 
 
 def ingest_args(wildcards):
@@ -117,6 +121,36 @@ def train_config_json(wildcards):
     return json.dumps(section, sort_keys=True)
 
 
+# ---------------------------------------------------------------- predict
+PREDICTED = config["predict"]["datasets"] or DATASETS
+
+
+def predict_args(wildcards):
+    """Options that identify a prediction; identical for prepare, shards and gather."""
+    import json
+    import shlex
+
+    section = config["predict"]
+    args = [
+        f"--dtype {section['dtype']}",
+        "--tta" if section["tta"] else "--no-tta",
+        f"--pyramid-levels {config['ingest']['pyramid_levels']}",
+        # A checkpoint of another architecture is refused, not silently used.
+        f"--expect-arch {shlex.quote(json.dumps(config['model'], sort_keys=True))}",
+        # Snakemake owns the output: a rerun replaces the old store (only once the new one is complete).
+        "--overwrite",
+    ]
+    if section["tile"] is not None:
+        args.append(f"--tile {section['tile']}")
+    return " ".join(args)
+
+
+def predict_shard(wildcards):
+    """``I N`` (0-based) of Snakemake's scatter item ``{i}-of-{n}`` (1-based)."""
+    index, _, count = wildcards.scatteritem.partition("-of-")
+    return f"{int(index) - 1} {count}"
+
+
 # ---------------------------------------------------------------- postprocess / evaluate
 
 
@@ -133,8 +167,7 @@ def postprocess_args(wildcards):
 
 def evaluated_datasets():
     """Datasets that are both predicted and labelled (the ones with metrics)."""
-    predicted = config["predict"]["datasets"] or DATASETS
-    return [name for name in LABELLED if name in predicted]
+    return [name for name in LABELLED if name in PREDICTED]
 
 
 def evaluate_args(wildcards):
@@ -158,5 +191,8 @@ def evaluate_args(wildcards):
 def all_targets():
     targets = expand(f"{R}/{{dataset}}/raw.ome.zarr", dataset=DATASETS)
     targets += expand(f"{R}/{{dataset}}/labels.ome.zarr", dataset=LABELLED)
-    targets.append(f"{R}/model/checkpoint.pt")
+    targets += expand(f"{R}/{{dataset}}/instances.ome.zarr", dataset=PREDICTED)
+    targets += expand(f"{R}/{{dataset}}/metrics.json", dataset=evaluated_datasets())
+    if evaluated_datasets():
+        targets.append(f"{R}/report/report.md")
     return targets

@@ -18,6 +18,8 @@ rule evaluate:
     benchmark:
         f"{R}/benchmarks/evaluate/{{dataset}}.tsv"
     threads: 1
+    conda:
+        CONDA_ENV
     resources:
         mem_mb=2000,
         runtime=60,
@@ -41,6 +43,8 @@ rule report:
     benchmark:
         f"{R}/benchmarks/report/report.tsv"
     threads: 1
+    conda:
+        CONDA_ENV
     resources:
         mem_mb=2000,
         runtime=30,

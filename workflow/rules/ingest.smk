@@ -15,6 +15,8 @@ rule synth:
     benchmark:
         f"{R}/benchmarks/synth/{{dataset}}.tsv"
     threads: 1
+    conda:
+        CONDA_ENV
     resources:
         mem_mb=2000,
         runtime=20,
@@ -35,6 +37,8 @@ rule ingest_raw:
     benchmark:
         f"{R}/benchmarks/ingest/{{dataset}}.raw.tsv"
     threads: 1
+    conda:
+        CONDA_ENV
     resources:
         mem_mb=2000,
         runtime=120,
@@ -56,6 +60,8 @@ rule ingest_labels:
     benchmark:
         f"{R}/benchmarks/ingest/{{dataset}}.labels.tsv"
     threads: 1
+    conda:
+        CONDA_ENV
     resources:
         mem_mb=2000,
         runtime=120,

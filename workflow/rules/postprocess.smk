@@ -14,6 +14,8 @@ rule postprocess:
     benchmark:
         f"{R}/benchmarks/postprocess/{{dataset}}.tsv"
     threads: 1
+    conda:
+        CONDA_ENV
     resources:
         mem_mb=4000,
         runtime=120,

@@ -4,37 +4,11 @@
 #   predict          one job per shard (predict.shards): the blocks of its z range
 #   predict_gather   checks that every block is done and publishes the store
 # Shards of an interrupted run resume from their finished blocks.
-# The helper functions below belong with the other input functions (common.smk).
+# Input/param functions: common.smk.
 
 
 scattergather:
     predict=config["predict"]["shards"],
-
-
-def predict_args(wildcards):
-    """Options that identify a prediction; identical for prepare, shards and gather."""
-    import json
-    import shlex
-
-    section = config["predict"]
-    args = [
-        f"--dtype {section['dtype']}",
-        "--tta" if section["tta"] else "--no-tta",
-        f"--pyramid-levels {config['ingest']['pyramid_levels']}",
-        # A checkpoint of another architecture is refused, not silently used.
-        "--expect-arch " + shlex.quote(json.dumps(config["model"], sort_keys=True)),
-        # Snakemake owns the output: a rerun replaces the old store (only once the new one is complete).
-        "--overwrite",
-    ]
-    if section["tile"] is not None:
-        args.append(f"--tile {section['tile']}")
-    return " ".join(args)
-
-
-def predict_shard(wildcards):
-    """``I N`` (0-based) of Snakemake's scatter item ``{i}-of-{n}`` (1-based)."""
-    index, _, count = wildcards.scatteritem.partition("-of-")
-    return f"{int(index) - 1} {count}"
 
 
 rule predict_prepare:
@@ -51,6 +25,8 @@ rule predict_prepare:
     benchmark:
         f"{R}/benchmarks/predict/{{dataset}}.prepare.tsv"
     threads: 1
+    conda:
+        CONDA_ENV
     resources:
         mem_mb=2000,
         runtime=10,
@@ -76,6 +52,8 @@ rule predict:
         f"{R}/benchmarks/predict/{{dataset}}.{{scatteritem}}.tsv"
     # CPU threads when no GPU is present (then torch uses all of them); a GPU job needs few.
     threads: 4
+    conda:
+        CONDA_ENV
     resources:
         mem_mb=16000,
         runtime=240,
@@ -100,6 +78,8 @@ rule predict_gather:
     benchmark:
         f"{R}/benchmarks/predict/{{dataset}}.gather.tsv"
     threads: 1
+    conda:
+        CONDA_ENV
     resources:
         mem_mb=4000,
         runtime=60,

@@ -19,6 +19,8 @@ rule train:
         f"{R}/benchmarks/train/train.tsv"
     # CPU threads when no GPU is present (a GPU job needs few).
     threads: 8
+    conda:
+        CONDA_ENV
     resources:
         mem_mb=16000,
         runtime=720,

@@ -21,6 +21,8 @@ rule weights:
     benchmark:
         f"{R}/benchmarks/weights/{{dataset}}.tsv"
     threads: 2
+    conda:
+        CONDA_ENV
     resources:
         mem_mb=4000,
         runtime=60,
