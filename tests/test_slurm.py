@@ -12,7 +12,8 @@ The test runs the workflow once locally and once with ``--profile
 profiles/slurm`` (partitions as in the profile: the test cluster is built
 with the profile's partition names), checks that every job went through
 sbatch (SLURM job ids in the Snakemake log and in ``.snakemake/slurm_logs``)
-and that the array data of every output equal the local run's.
+and that the array data of every output (and the metrics) equal the local
+run's.
 
 The cheap tests at the top check the profiles without a cluster (every entry
 commented, rule names that exist, GPU jobs routed to the GPU partition).
@@ -23,6 +24,7 @@ installed (no root, no apt-get, the install fails) outside CI; with
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -176,9 +178,11 @@ def _ensure_slurm_installed() -> None:
     setup = subprocess.run(
         ["bash", str(REPO / ".ci" / "slurm-setup.sh")], capture_output=True, text=True, timeout=600
     )
-    if setup.returncode != 0 or _missing_binaries():
+    if setup.returncode != 0:
         tail = (setup.stdout + setup.stderr).strip().splitlines()[-5:]
         _unavailable("installing slurm with .ci/slurm-setup.sh failed: " + " | ".join(tail))
+    if _missing_binaries():
+        _unavailable(f"after .ci/slurm-setup.sh, still not on PATH: {', '.join(_missing_binaries())}")
 
 
 # ------------------------------------------------------------------ cluster
@@ -527,3 +531,12 @@ def test_demo_dag_through_slurm_equals_local_run(slurm_cluster, tmp_path):
         expected, got = _read_array(local_path), _read_array(slurm_outputs[name])
         assert got.dtype == expected.dtype and got.shape == expected.shape, name
         np.testing.assert_array_equal(got, expected, err_msg=name)
+
+    # The same metrics (all but the provenance, which holds times and hosts).
+    metrics = sorted(path.relative_to(local_dir) for path in (local_dir / "results").glob("*/metrics.json"))
+    assert metrics, "no metrics.json"
+    for name in metrics:
+        expected, got = (json.loads((root / name).read_text()) for root in (local_dir, slurm_dir))
+        expected.pop("provenance", None)
+        got.pop("provenance", None)
+        assert got == expected, name

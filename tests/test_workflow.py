@@ -1,9 +1,12 @@
 """The Snakemake workflow: config errors before any job, dry run, a real demo run."""
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -67,12 +70,120 @@ def test_missing_input_stops_before_any_job(tmp_path):
     assert "key 'datasets.mine.raw': input 'nowhere/stack.tif' does not exist" in proc.stderr
 
 
+def kill_config() -> dict:
+    """Small, but with enough prediction blocks (8 x 3 x 3, with TTA) to kill predict midway."""
+    cfg = small_config()
+    cfg["datasets"]["demo"]["synthetic"]["shape"] = [8, 192, 192]
+    cfg["train"]["datasets"] = {"demo": {"train": [0, 6], "val": [6, 8]}}
+    cfg["predict"].update(tta=True, tile=64)
+    return cfg
+
+
+def job_counts(proc) -> dict[str, int]:
+    """The 'Job stats' table of a Snakemake run or dry run."""
+    text = proc.stdout + proc.stderr
+    table = text.split("Job stats:", 1)[1].split("total", 1)[0]
+    counts = {}
+    for line in table.splitlines()[3:]:
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def level0(path: Path) -> np.ndarray:
+    return open_image(path)[:]
+
+
+@pytest.fixture(scope="module")
+def clean_runs(tmp_path_factory):
+    """Two clean end-to-end runs of the same config in two folders."""
+    runs = []
+    for name in ("a", "b"):
+        workdir = tmp_path_factory.mktemp(f"clean-{name}")
+        run_snakemake(workdir, "--cores", "2", config=kill_config())
+        runs.append(workdir)
+    return runs
+
+
 @pytest.mark.slow
-def test_demo_dag_runs_and_second_run_does_nothing(tmp_path):
-    run_snakemake(tmp_path, "--cores", "2")
-    raw = open_image(tmp_path / "results" / "demo" / "raw.ome.zarr")
-    labels = open_image(tmp_path / "results" / "demo" / "labels.ome.zarr")
-    assert raw.shape == labels.shape == (4, 96, 96)
-    assert set(np.unique(labels[:])) == {0, 255}
-    again = run_snakemake(tmp_path, "--cores", "2")
+def test_demo_dag_produces_every_stage(clean_runs):
+    results = clean_runs[0] / "results"
+    for store in ("raw", "labels", "weights", "probabilities", "instances"):
+        meta_path = results / "demo" / f"{store}.ome.zarr"
+        assert open_image(meta_path).shape == (8, 192, 192), store
+        attrs = json.loads((meta_path / ".zattrs").read_text())["unet_pipe"]
+        assert "provenance" in attrs and attrs["provenance"]["versions"]["unet-pipe"], store
+    prob = level0(results / "demo" / "probabilities.ome.zarr")
+    assert prob.dtype == np.float32 and 0.0 <= prob.min() and prob.max() <= 1.0
+    metrics = json.loads((results / "demo" / "metrics.json").read_text())
+    assert 0.0 <= metrics["summary"]["val"]["pixel_error"] <= 1.0
+    assert (results / "report" / "report.md").read_text().startswith("# unet-pipe")
+    assert (results / "model" / "checkpoint.pt").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_two_clean_runs_are_bit_identical(clean_runs):
+    a, b = (run / "results" / "demo" for run in clean_runs)
+    for store in ("raw", "labels", "weights", "probabilities", "instances"):
+        np.testing.assert_array_equal(level0(a / f"{store}.ome.zarr"), level0(b / f"{store}.ome.zarr"), err_msg=store)
+
+
+@pytest.mark.slow
+def test_second_run_does_nothing_and_training_change_reruns_downstream_only(clean_runs):
+    workdir = clean_runs[0]
+    again = run_snakemake(workdir, "--cores", "2", config=kill_config())
     assert "Nothing to be done" in again.stdout + again.stderr
+    changed = kill_config()
+    changed["train"]["steps"] += 1
+    dry = run_snakemake(workdir, "-n", config=changed)
+    assert set(job_counts(dry)) == {
+        "train", "predict_prepare", "predict", "predict_gather", "postprocess", "evaluate", "report", "all"
+    }
+    post = kill_config()
+    post["postprocess"]["threshold"] = 0.6
+    dry = run_snakemake(workdir, "-n", config=post)
+    assert set(job_counts(dry)) == {"postprocess", "evaluate", "report", "all"}
+    run_snakemake(workdir, "-n", config=kill_config())  # restore the config file
+
+
+@pytest.mark.slow
+def test_killed_predict_job_then_rerun_gives_identical_output(clean_runs, tmp_path):
+    """SIGKILL the running predict job; the rerun resumes and ends bit-identical to a clean run."""
+    import psutil
+
+    cfg = kill_config()
+    run_snakemake(tmp_path, "--cores", "2", "results/model/checkpoint.pt", config=cfg)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.Popen(
+        [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path), "--cores", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    done_dir = tmp_path / "results" / "demo" / "probabilities.ome.zarr.partial" / ".unet_pipe_done"
+    killed = None
+    deadline = time.monotonic() + 300
+    while killed is None and time.monotonic() < deadline and proc.poll() is None:
+        if done_dir.is_dir() and any(done_dir.iterdir()):
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                try:
+                    cmd = " ".join(child.cmdline())
+                except psutil.Error:
+                    continue
+                if "predict" in cmd and "--shard" in cmd and "python" in cmd:
+                    child.send_signal(signal.SIGKILL)
+                    killed = cmd
+                    break
+        time.sleep(0.02)
+    out, _ = proc.communicate(timeout=300)
+    assert killed, f"predict finished before it could be killed:\n{out[-2000:]}"
+    assert proc.returncode != 0, "snakemake should report the killed job"
+    assert not (tmp_path / "results" / "demo" / "probabilities.ome.zarr").exists()
+    n_done = len(list(done_dir.iterdir()))
+    assert n_done >= 1
+    rerun = run_snakemake(tmp_path, "--cores", "2", config=cfg)
+    assert "predict" in job_counts(rerun)
+    clean = clean_runs[0] / "results" / "demo"
+    for store in ("probabilities", "instances"):
+        np.testing.assert_array_equal(
+            level0(tmp_path / "results" / "demo" / f"{store}.ome.zarr"), level0(clean / f"{store}.ome.zarr"), err_msg=store
+        )
