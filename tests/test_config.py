@@ -61,3 +61,19 @@ def test_yaml_is_loaded_safely(tmp_path):
     path.write_text("datasets: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(path)
+
+
+def test_input_stacks_are_checked_before_any_job(tmp_path):
+    import numpy as np
+    import tifffile
+
+    from unet_pipe.config import check_input_stacks
+    from unet_pipe.errors import InputError
+
+    tifffile.imwrite(tmp_path / "raw.tif", np.zeros((3, 8, 8), np.uint8), photometric="minisblack")
+    tifffile.imwrite(tmp_path / "lab.tif", np.zeros((3, 8, 9), np.uint8), photometric="minisblack")
+    cfg = validate_config({"datasets": {"d": {"raw": "raw.tif", "labels": "lab.tif"}}})
+    with pytest.raises(InputError, match=r"lab\.tif: shape \(3, 8, 9\) differs from \(3, 8, 8\)"):
+        check_input_stacks(cfg, base=tmp_path)
+    tifffile.imwrite(tmp_path / "lab.tif", np.zeros((3, 8, 8), np.uint8), photometric="minisblack")
+    check_input_stacks(cfg, base=tmp_path)

@@ -70,6 +70,35 @@ def test_missing_input_stops_before_any_job(tmp_path):
     assert "key 'datasets.mine.raw': input 'nowhere/stack.tif' does not exist" in proc.stderr
 
 
+def test_bad_tiff_stops_before_any_job(tmp_path):
+    (tmp_path / "broken.tif").write_bytes(b"II*\x00" + b"\x00" * 10)
+    cfg = small_config(datasets={"mine": {"raw": "broken.tif"}})
+    cfg["train"]["datasets"] = {}
+    cfg["predict"]["datasets"] = []
+    proc = run_snakemake(tmp_path, "--cores", "1", config=cfg, check=False)
+    assert proc.returncode != 0
+    assert "unet-pipe: error: broken.tif: not a readable TIFF" in proc.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_train_on_one_dataset_predict_another(tmp_path):
+    """Several datasets: train on a labelled one, segment an unlabelled TIFF folder too."""
+    import tifffile
+
+    folder = tmp_path / "new_slices"
+    folder.mkdir()
+    for z in range(3):
+        tifffile.imwrite(folder / f"s{z}.tif", np.zeros((64, 64), np.uint8))
+    cfg = small_config()
+    cfg["datasets"]["new"] = {"raw": "new_slices", "voxel_size": [0.05, 0.004, 0.004]}
+    cfg["predict"]["datasets"] = ["demo", "new"]
+    proc = run_snakemake(tmp_path, "-n", "--quiet", "rules", config=cfg)
+    assert job_counts(proc) == {
+        "synth": 1, "ingest_raw": 2, "ingest_labels": 1, "weights": 1, "train": 1, "predict_prepare": 2,
+        "predict": 2, "predict_gather": 2, "postprocess": 2, "evaluate": 1, "report": 1, "all": 1,
+    }
+
+
 def kill_config() -> dict:
     """Small, but with enough prediction blocks (8 x 3 x 3, with TTA) to kill predict midway."""
     cfg = small_config()

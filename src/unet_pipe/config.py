@@ -141,3 +141,23 @@ def schema_markdown() -> str:
     walk(load_schema(), "")
     header = "| key | type | default | meaning |\n|---|---|---|---|\n"
     return header + "\n".join(rows) + "\n"
+
+
+def check_input_stacks(config: dict, base: str | Path = ".") -> None:
+    """Open the headers of every TIFF input; raise :class:`InputError` for an unreadable stack.
+
+    Catches corrupt files, folders of mismatched slices and label stacks whose
+    shape differs from their raw stack before any job runs (headers only: no
+    pixel data is read).
+    """
+    from unet_pipe.errors import InputError
+    from unet_pipe.io import open_tiff_stack
+
+    for ds in config["datasets"].values():
+        if "raw" not in ds:
+            continue
+        raw = open_tiff_stack(Path(base) / ds["raw"])
+        if "labels" in ds:
+            labels = open_tiff_stack(Path(base) / ds["labels"])
+            if labels.shape != raw.shape:
+                raise InputError(labels.path, f"shape {labels.shape} differs from {raw.shape} of {raw.path}")

@@ -53,20 +53,7 @@ SUMMARY_KEYS: tuple[str, ...] = (
     "vi",
     "iou",
 )
-CSV_FIELDS: tuple[str, ...] = (
-    "z",
-    "subset",
-    "pixel_error",
-    "rand_error",
-    "v_rand_split",
-    "v_rand_merge",
-    "vi_split",
-    "vi_merge",
-    "vi",
-    "iou",
-    "truth_segments",
-    "predicted_segments",
-)
+CSV_FIELDS: tuple[str, ...] = ("z", "subset", *SUMMARY_KEYS, "truth_segments", "predicted_segments")
 DEFINITIONS: dict[str, str] = {
     "pixel_error": "fraction of pixels whose class (cell: p > threshold) differs from the truth",
     "rand_error": "1 - V_rand, foreground-restricted (ISBI 2012; predicted background = singletons), 2D per slice",

@@ -385,9 +385,14 @@ def model_from_checkpoint(path: str | Path, map_location: str | torch.device = "
     data = load_checkpoint(path, map_location=map_location)
     arch = data["arch"]
     try:
-        model = UNet(**arch)
+        # Built on the meta device, then given uninitialised storage: the He init (0.26 s for
+        # the paper's net) would be overwritten by the stored weights anyway.  The copy into
+        # that storage keeps load_state_dict's semantics (float32, contiguous, no aliasing).
+        with torch.device("meta"):
+            model = UNet(**arch)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(path, f"invalid architecture {arch}: {exc}") from None
+    model.to_empty(device=map_location)
     try:
         model.load_state_dict(data["model_state"], strict=True)
     except RuntimeError as exc:

@@ -361,7 +361,7 @@ def predict_tiled(
     """Overlap-tile prediction of ``region`` of ``volume`` (mirrored at its borders).
 
     The reference composition of :func:`block_tiles`, :func:`read_mirrored`
-    and :func:`run_tiles`; :mod:`unet_pipe.predict` runs the same steps per
+    and :func:`run_tiles`; :mod:`unet_pipe.blockwise` runs the same steps per
     output block, with the read outside the device lock.
     """
     tiles, window = block_tiles(region, tile, geometry)

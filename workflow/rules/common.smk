@@ -4,14 +4,17 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-from unet_pipe.config import check_inputs_exist, validate_config
-from unet_pipe.errors import ConfigError
+from unet_pipe.config import check_input_stacks, check_inputs_exist, validate_config
+from unet_pipe.errors import UnetPipeError
 
-# One clear line for a bad config, before any job starts.
+# One clear line for a bad config or an unreadable TIFF, before any job starts.
+# TIFF headers are checked once, by the main Snakemake process (not in every job).
 try:
     _validated = validate_config(config, source="config")
     check_inputs_exist(_validated, source="config")
-except ConfigError as _err:
+    if workflow.is_main_process:
+        check_input_stacks(_validated)
+except UnetPipeError as _err:
     sys.exit(f"unet-pipe: error: {_err}")
 config.update(_validated)
 # The Snakemake-native check against the same schema (fills nothing new).
