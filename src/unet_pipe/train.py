@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from unet_pipe.augment import AugmentParams, augment_sample
+from unet_pipe.blockwise import available_cores
 from unet_pipe.data import (
     TileSampler,
     Volume,
@@ -102,14 +103,6 @@ def make_optimizer(model: torch.nn.Module, train_cfg: Mapping[str, Any]) -> torc
     if train_cfg["optimizer"] == "adam":
         return torch.optim.Adam(model.parameters(), lr=train_cfg["lr"])
     raise ConfigError(None, f"key 'train.optimizer': unknown optimizer {train_cfg['optimizer']!r}")
-
-
-def available_cores() -> int:
-    """Cores this process may run on (respects SLURM/cgroup CPU sets where the OS reports them)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
 
 
 def resolve_device(device: str) -> torch.device:
