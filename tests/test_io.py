@@ -183,8 +183,8 @@ def test_interrupted_ingest_leaves_nothing_that_looks_complete(tmp_path, monkeyp
 
     original = io_mod.TiffSource.iter_slices
 
-    def dying(self):
-        for z, page in original(self):
+    def dying(self, **kwargs):
+        for z, page in original(self, **kwargs):
             if z == 2:
                 raise KeyboardInterrupt
             yield z, page

@@ -21,7 +21,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numcodecs
 import numpy as np
@@ -59,12 +59,17 @@ class TiffSource:
     def is_folder(self) -> bool:
         return self.path.is_dir()
 
-    def iter_slices(self) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield ``(z, slice)`` one 2D slice at a time (never the whole stack)."""
+    def iter_slices(self, out: Callable[[int], np.ndarray] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(z, slice)`` one 2D slice at a time (never the whole stack).
+
+        ``out(z)``, if given, returns the (y, x) array to decode slice ``z``
+        into, which saves a copy per slice for plain pages (the yielded slice
+        is then that array).
+        """
         if self.is_folder:
             for z, file in enumerate(self.files):
                 with _open_tiff(file) as tif:
-                    page = _read_page(tif, 0, file)
+                    page = _read_page(tif, 0, file, out(z) if out else None)
                 _check_slice(page, file, self.shape[1:], self.dtype, what="slice")
                 yield z, page
             return
@@ -72,7 +77,7 @@ class TiffSource:
         with _open_tiff(file) as tif:
             series = tif.series[0]
             for z in range(self.shape[0]):
-                page = _read_series_page(series, z, file)
+                page = _read_series_page(series, z, file, out(z) if out else None)
                 _check_slice(page, file, self.shape[1:], self.dtype, what=f"page {z}")
                 yield z, page
 
@@ -88,22 +93,27 @@ def _open_tiff(file: Path) -> tifffile.TiffFile:
         raise InputError(file, f"not a readable TIFF ({type(exc).__name__}: {exc})") from None
 
 
-def _read_page(tif: tifffile.TiffFile, index: int, file: Path) -> np.ndarray:
+def _decode(page: Any, out: np.ndarray | None) -> np.ndarray:
+    if out is not None and tuple(page.shape) == out.shape and np.dtype(page.dtype) == out.dtype:
+        return page.asarray(out=out)
+    return page.asarray()
+
+
+def _read_page(tif: tifffile.TiffFile, index: int, file: Path, out: np.ndarray | None = None) -> np.ndarray:
     try:
-        data = tif.pages[index].asarray()
+        data = _decode(tif.pages[index], out)
     except Exception as exc:
         raise InputError(file, f"page {index} is corrupt or truncated ({type(exc).__name__}: {exc})") from None
     return np.squeeze(data) if data.ndim > 2 else data
 
 
-def _read_series_page(series: Any, z: int, file: Path) -> np.ndarray:
+def _read_series_page(series: Any, z: int, file: Path, out: np.ndarray | None = None) -> np.ndarray:
     try:
         if series.ndim == 2:
             return series.asarray()
         pages = series.pages
         if len(pages) == series.shape[0]:
-            page = pages[z]
-            data = page.asarray()
+            data = _decode(pages[z], out)
         else:  # pages hold more than one slice (rare: e.g. volumetric tiles); read via zarr view
             data = np.asarray(zarr.open_array(series.aszarr(), mode="r")[z])
     except InputError:
@@ -647,18 +657,24 @@ def ingest_tiff(
         step = staged.array.chunks[0]
         buffers = [np.empty((step, *source.shape[1:]), dtype=source.dtype) for _ in range(2)]
         pending: list[list] = [[], []]
-        slices = source.iter_slices()
+        z0, turn = 0, 0
+
+        def target(z: int) -> np.ndarray:
+            """Where slice ``z`` is decoded: its row of the current slab buffer."""
+            if z == z0:  # starting a slab: its buffer must be free again
+                for future in pending[turn]:
+                    future.result()
+            return buffers[turn][z - z0]
+
+        slices = source.iter_slices(out=target)
         if progress:
             from tqdm import tqdm
 
             slices = tqdm(slices, total=source.shape[0], unit="slice", desc=f"ingest {source.path.name}")
-        z0, turn = 0, 0
         for z, data in slices:
-            if z == z0:  # starting a slab: its buffer must be free again
-                for future in pending[turn]:
-                    future.result()
             slab = buffers[turn]
-            slab[z - z0] = data
+            if not np.shares_memory(data, slab[z - z0]):  # pages that could not be decoded in place
+                slab[z - z0] = data
             if z - z0 + 1 == step or z == source.shape[0] - 1:
                 filled = slab[: z - z0 + 1]
                 writes = staged.write_slab(z0, filled, pyramid_levels, wait=False)
