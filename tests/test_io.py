@@ -179,9 +179,9 @@ def test_existing_output_is_not_overwritten(tmp_path, tiny_stack):
 def test_interrupted_ingest_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
     data = np.arange(4 * 6 * 6, dtype=np.uint8).reshape(4, 6, 6)
     imwrite(tmp_path / "s.tif", data)
-    import unet_pipe.io as io_mod
+    from unet_pipe.tiff import TiffSource
 
-    original = io_mod.TiffSource.iter_slices
+    original = TiffSource.iter_slices
 
     def dying(self, **kwargs):
         for z, page in original(self, **kwargs):
@@ -189,7 +189,7 @@ def test_interrupted_ingest_leaves_nothing_that_looks_complete(tmp_path, monkeyp
                 raise KeyboardInterrupt
             yield z, page
 
-    monkeypatch.setattr(io_mod.TiffSource, "iter_slices", dying)
+    monkeypatch.setattr(TiffSource, "iter_slices", dying)
     with pytest.raises(KeyboardInterrupt):
         ingest_tiff(tmp_path / "s.tif", tmp_path / "s.ome.zarr", chunks=(1, 6, 6))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.tif"]

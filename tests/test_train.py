@@ -150,6 +150,7 @@ def test_two_runs_are_bit_identical_and_csv_is_complete(tmp_path, stores) -> Non
     r1 = _train(config, stores, tmp_path / "a.pt", tmp_path / "a.csv", device="cpu")
     r2 = _train(config, stores, tmp_path / "b.pt", tmp_path / "b.csv", device="cpu")
     assert r1["finished"] and r1["step"] == 6 and r1["checkpoint"] == str(tmp_path / "a.pt")
+    assert r2["finished"] and r2["step"] == 6
     assert not partial_path(tmp_path / "a.pt").exists()
     _assert_same_checkpoint(load_checkpoint(tmp_path / "a.pt"), load_checkpoint(tmp_path / "b.pt"))
     rows = _rows(tmp_path / "a.csv")

@@ -151,7 +151,7 @@ def check_input_stacks(config: dict, base: str | Path = ".") -> None:
     pixel data is read).
     """
     from unet_pipe.errors import InputError
-    from unet_pipe.io import open_tiff_stack
+    from unet_pipe.tiff import open_tiff_stack
 
     for ds in config["datasets"].values():
         if "raw" not in ds:

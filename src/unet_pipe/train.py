@@ -335,7 +335,7 @@ def train(
     log_path = Path(log_csv) if log_csv is not None else None
     if out.exists() and not (resume or overwrite):
         raise OutputError(out, "already exists; pass --resume to continue it or --overwrite to start over")
-    train_cfg, model_cfg = config["train"], config["model"]
+    train_cfg = config["train"]
     total = int(train_cfg["steps"])
     stop = total if until_step is None else min(int(until_step), total)
     dev = resolve_device(device)

@@ -1,0 +1,203 @@
+"""TIFF stacks read lazily, one 2D slice at a time.
+
+A stack is a multi-page TIFF (classic, BigTIFF or OME-TIFF) or a folder of
+single-slice TIFFs sorted naturally.  Opening reads headers only, and checks
+geometry (2D/3D grayscale), dtype and, for folders, that every slice agrees;
+every problem is an :class:`InputError` naming the file.  Voxel sizes come
+from OME-XML or ImageJ metadata when present.  Arrays are (z, y, x); voxel
+sizes (z, y, x) in micrometres.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import tifffile
+import zarr
+from natsort import natsorted
+
+from unet_pipe.errors import InputError
+
+log = logging.getLogger(__name__)
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class TiffSource:
+    """A TIFF stack opened lazily: a multi-page file or a folder of slices."""
+
+    path: Path
+    shape: tuple[int, int, int]
+    dtype: np.dtype
+    files: tuple[Path, ...]  # one file (multi-page) or one per slice
+    voxel_size: tuple[float, float, float] | None = None
+
+    @property
+    def is_folder(self) -> bool:
+        return self.path.is_dir()
+
+    def iter_slices(self, out: Callable[[int], np.ndarray] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(z, slice)`` one 2D slice at a time (never the whole stack).
+
+        ``out(z)``, if given, returns the (y, x) array to decode slice ``z``
+        into, which saves a copy per slice for plain pages (the yielded slice
+        is then that array).
+        """
+        if self.is_folder:
+            for z, file in enumerate(self.files):
+                with _open_tiff(file) as tif:
+                    page = _read_page(tif, 0, file, out(z) if out else None)
+                _check_slice(page, file, self.shape[1:], self.dtype, what="slice")
+                yield z, page
+            return
+        file = self.files[0]
+        with _open_tiff(file) as tif:
+            series = tif.series[0]
+            for z in range(self.shape[0]):
+                page = _read_series_page(series, z, file, out(z) if out else None)
+                _check_slice(page, file, self.shape[1:], self.dtype, what=f"page {z}")
+                yield z, page
+
+
+def _open_tiff(file: Path) -> tifffile.TiffFile:
+    try:
+        return tifffile.TiffFile(file)
+    except FileNotFoundError:
+        raise InputError(file, "file not found") from None
+    except IsADirectoryError:
+        raise InputError(file, "is a folder, expected a TIFF file") from None
+    except Exception as exc:  # tifffile raises many types for corrupt headers
+        raise InputError(file, f"not a readable TIFF ({type(exc).__name__}: {exc})") from None
+
+
+def _decode(page: Any, out: np.ndarray | None) -> np.ndarray:
+    if out is not None and tuple(page.shape) == out.shape and np.dtype(page.dtype) == out.dtype:
+        return page.asarray(out=out)
+    return page.asarray()
+
+
+def _read_page(tif: tifffile.TiffFile, index: int, file: Path, out: np.ndarray | None = None) -> np.ndarray:
+    try:
+        data = _decode(tif.pages[index], out)
+    except Exception as exc:
+        raise InputError(file, f"page {index} is corrupt or truncated ({type(exc).__name__}: {exc})") from None
+    return np.squeeze(data) if data.ndim > 2 else data
+
+
+def _read_series_page(series: Any, z: int, file: Path, out: np.ndarray | None = None) -> np.ndarray:
+    try:
+        if series.ndim == 2:
+            return series.asarray()
+        pages = series.pages
+        if len(pages) == series.shape[0]:
+            data = _decode(pages[z], out)
+        else:  # pages hold more than one slice (rare: e.g. volumetric tiles); read via zarr view
+            data = np.asarray(zarr.open_array(series.aszarr(), mode="r")[z])
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(file, f"page {z} is corrupt or truncated ({type(exc).__name__}: {exc})") from None
+    return np.squeeze(data) if data.ndim > 2 else data
+
+
+def _check_slice(data: np.ndarray, file: Path, shape: Sequence[int], dtype: np.dtype, what: str) -> None:
+    if data.shape != tuple(shape):
+        raise InputError(file, f"{what} has shape {data.shape}, expected {tuple(shape)} like the first slice")
+    if data.dtype != dtype:
+        raise InputError(file, f"{what} has dtype {data.dtype}, expected {dtype} like the first slice")
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        raise InputError(file, f"{what} contains NaN or infinite values")
+
+
+def _series_geometry(tif: tifffile.TiffFile, file: Path) -> tuple[tuple[int, int, int], np.dtype]:
+    if not tif.series:
+        raise InputError(file, "not a readable TIFF (no image series found)")
+    series = tif.series[0]
+    shape = tuple(int(s) for s in series.shape)
+    axes = series.axes
+    # Drop singleton non-spatial axes (e.g. OME-TIFF 'TCZYX' with T=C=1).
+    kept = [(a, s) for a, s in zip(axes, shape) if not (s == 1 and a not in "YX")]
+    if any(a == "S" for a, _ in kept):
+        raise InputError(file, f"colour/sample axis in TIFF (axes {axes}, shape {shape}); convert to grayscale first")
+    sizes = [s for _, s in kept]
+    if len(sizes) == 2:
+        sizes = [1, *sizes]
+    if len(sizes) != 3:
+        raise InputError(file, f"expected a 2D or 3D grayscale stack, got axes {axes} with shape {shape}")
+    dtype = np.dtype(series.dtype)
+    if dtype.kind not in "uif" and dtype != np.bool_:
+        raise InputError(file, f"unsupported dtype {dtype}")
+    return (sizes[0], sizes[1], sizes[2]), dtype
+
+
+def _tiff_voxel_size(tif: tifffile.TiffFile) -> tuple[float, float, float] | None:
+    """Voxel size (z, y, x) in micrometres from OME or ImageJ metadata, if present."""
+    try:
+        if tif.is_ome and tif.ome_metadata:
+            import xml.etree.ElementTree as ET
+
+            root = ET.fromstring(tif.ome_metadata)
+            pixels = next(el for el in root.iter() if el.tag.endswith("Pixels"))
+            factor = {"nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3}
+            sizes = []
+            for ax in ("Z", "Y", "X"):
+                value = pixels.get(f"PhysicalSize{ax}")
+                unit = pixels.get(f"PhysicalSize{ax}Unit", "µm")
+                if value is None or unit not in factor:
+                    return None
+                sizes.append(float(value) * factor[unit])
+            return (sizes[0], sizes[1], sizes[2])
+        if tif.is_imagej and tif.imagej_metadata:
+            meta = tif.imagej_metadata
+            unit = str(meta.get("unit", "")).replace("\\u00B5", "µ")
+            factor = {"nm": 1e-3, "micron": 1.0, "µm": 1.0, "um": 1.0}.get(unit)
+            page = tif.pages[0]
+            xres = page.tags.get("XResolution")
+            yres = page.tags.get("YResolution")
+            if factor is None or xres is None or yres is None or "spacing" not in meta:
+                return None
+            x = xres.value[1] / xres.value[0] * factor
+            y = yres.value[1] / yres.value[0] * factor
+            return (float(meta["spacing"]) * factor, float(y), float(x))
+    except Exception:  # metadata is optional: a malformed block must not stop ingestion
+        log.warning("ignoring unreadable physical-size metadata in %s", tif.filename)
+    return None
+
+
+def open_tiff_stack(path: str | Path) -> TiffSource:
+    """Open a TIFF stack lazily and check its geometry.
+
+    ``path`` is a multi-page TIFF (classic, BigTIFF or OME-TIFF) or a folder of
+    single-slice TIFFs (sorted naturally: ``2.tif`` before ``10.tif``).
+    Raises :class:`InputError` naming the file and the problem.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "not found")
+    if path.is_dir():
+        files = natsorted(
+            (p for p in path.iterdir() if p.is_file() and p.suffix.lower() in TIFF_SUFFIXES), key=lambda p: p.name
+        )
+        if not files:
+            raise InputError(path, "folder holds no .tif/.tiff slices")
+        with _open_tiff(files[0]) as tif:
+            (nz, ny, nx), dtype = _series_geometry(tif, files[0])
+            voxel_size = _tiff_voxel_size(tif)
+        if nz != 1:
+            raise InputError(files[0], f"expected one 2D slice per file in a folder, found {nz} slices")
+        for file in files[1:]:  # headers only: cheap, and fails before any output is written
+            with _open_tiff(file) as tif:
+                (fz, fy, fx), fdtype = _series_geometry(tif, file)
+            if (fz, fy, fx) != (1, ny, nx):
+                raise InputError(file, f"slice shape {(fy, fx)} differs from {(ny, nx)} of {files[0].name}")
+            if fdtype != dtype:
+                raise InputError(file, f"slice dtype {fdtype} differs from {dtype} of {files[0].name}")
+        return TiffSource(path, (len(files), ny, nx), dtype, tuple(files), voxel_size)
+    with _open_tiff(path) as tif:
+        shape, dtype = _series_geometry(tif, path)
+        voxel_size = _tiff_voxel_size(tif)
+    return TiffSource(path, shape, dtype, (path,), voxel_size)
