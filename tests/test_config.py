@@ -77,3 +77,10 @@ def test_input_stacks_are_checked_before_any_job(tmp_path):
         check_input_stacks(cfg, base=tmp_path)
     tifffile.imwrite(tmp_path / "lab.tif", np.zeros((3, 8, 8), np.uint8), photometric="minisblack")
     check_input_stacks(cfg, base=tmp_path)
+
+
+@pytest.mark.parametrize("preset", ["config.yaml", "isbi2012.yaml", "isbi2012-cpu.yaml"])
+def test_presets_are_valid(preset, isbi_dir, monkeypatch):
+    monkeypatch.chdir(REPO)  # preset paths are relative to the repository root
+    cfg = load_config(REPO / "config" / preset, check_inputs=True)
+    assert cfg["weights"]["w0"] == 10.0

@@ -70,6 +70,19 @@ def test_missing_input_stops_before_any_job(tmp_path):
     assert "key 'datasets.mine.raw': input 'nowhere/stack.tif' does not exist" in proc.stderr
 
 
+def test_configfile_replaces_the_demo_config(tmp_path):
+    """`--configfile my.yaml` runs my datasets only: the demo default is not merged in."""
+    mine = small_config()
+    mine["datasets"] = {"mine": mine["datasets"].pop("demo")}
+    mine["train"]["datasets"] = {"mine": {"train": [0, 3], "val": [3, 4]}}
+    mine["predict"]["datasets"] = ["mine"]
+    (tmp_path / "my.yaml").write_text(yaml.safe_dump(mine))
+    proc = run_snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "my.yaml"))  # config/config.yaml: the demo
+    text = proc.stdout + proc.stderr
+    assert "results/mine/raw.ome.zarr" in text
+    assert "results/demo" not in text
+
+
 def test_bad_tiff_stops_before_any_job(tmp_path):
     (tmp_path / "broken.tif").write_bytes(b"II*\x00" + b"\x00" * 10)
     cfg = small_config(datasets={"mine": {"raw": "broken.tif"}})
