@@ -117,7 +117,9 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         kind="labels" if args.labels else "image",
         like=args.like,
         overwrite=args.overwrite,
-        provenance=provenance({"source": args.src}, params),
+        # The source's checksum is the sha256 of its array bytes, computed while
+        # streaming (attrs unet_pipe.array_sha256): hashing the file would read it twice.
+        provenance=provenance(None, {**params, "source": str(args.src)}),
         progress=_progress_enabled(args),
     )
     log.info("wrote %s", describe(args.dest))
