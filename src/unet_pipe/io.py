@@ -281,6 +281,9 @@ class _ChunkWriter:
         futures = []
         for iz, zs in enumerate(range(0, len(slab), cz), start=z0 // cz):
             for iy, ys in enumerate(range(0, slab.shape[1], cy)):
+                # Folders once per chunk row, here, not per chunk in the workers (measured:
+                # 3500 failing mkdir calls per 512 MB otherwise).
+                (folder / str(iz) / str(iy)).mkdir(parents=True, exist_ok=True)
                 for ix, xs in enumerate(range(0, slab.shape[2], cx)):
                     block = slab[zs : zs + cz, ys : ys + cy, xs : xs + cx]
                     futures.append(
@@ -295,7 +298,6 @@ class _ChunkWriter:
             padded[: block.shape[0], : block.shape[1], : block.shape[2]] = block
             block = padded
         data = compressor.encode(np.ascontiguousarray(block))
-        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
 
     def close(self) -> None:
