@@ -61,11 +61,16 @@ def test_bad_config_stops_before_any_job(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
-def test_missing_input_stops_before_any_job(tmp_path):
-    cfg = small_config(datasets={"mine": {"raw": "nowhere/stack.tif"}})
+def raw_only_config(raw: str) -> dict:
+    """One unlabelled TIFF dataset, nothing to train."""
+    cfg = small_config(datasets={"mine": {"raw": raw}})
     cfg["train"]["datasets"] = {}
     cfg["predict"]["datasets"] = []
-    proc = run_snakemake(tmp_path, "--cores", "1", config=cfg, check=False)
+    return cfg
+
+
+def test_missing_input_stops_before_any_job(tmp_path):
+    proc = run_snakemake(tmp_path, "--cores", "1", config=raw_only_config("nowhere/stack.tif"), check=False)
     assert proc.returncode != 0
     assert "key 'datasets.mine.raw': input 'nowhere/stack.tif' does not exist" in proc.stderr
 
@@ -85,10 +90,7 @@ def test_configfile_replaces_the_demo_config(tmp_path):
 
 def test_bad_tiff_stops_before_any_job(tmp_path):
     (tmp_path / "broken.tif").write_bytes(b"II*\x00" + b"\x00" * 10)
-    cfg = small_config(datasets={"mine": {"raw": "broken.tif"}})
-    cfg["train"]["datasets"] = {}
-    cfg["predict"]["datasets"] = []
-    proc = run_snakemake(tmp_path, "--cores", "1", config=cfg, check=False)
+    proc = run_snakemake(tmp_path, "--cores", "1", config=raw_only_config("broken.tif"), check=False)
     assert proc.returncode != 0
     assert "unet-pipe: error: broken.tif: not a readable TIFF" in proc.stderr
     assert not (tmp_path / "results").exists()

@@ -40,8 +40,6 @@ import numpy as np
 
 from unet_pipe.errors import ConfigError
 
-PAD_MODE = "reflect"
-
 
 # --------------------------------------------------------------------- mirroring
 
