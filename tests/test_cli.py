@@ -22,8 +22,11 @@ def test_synth_then_ingest(tmp_path, run_cli):
     assert ms["datasets"][0]["path"] == "0"
     np.testing.assert_array_equal(open_image(tmp_path / "raw.ome.zarr")[:], tifffile.imread(tmp_path / "d" / "raw.tif"))
     code, _, err = run_cli("ingest", tmp_path / "d" / "labels.tif", tmp_path / "lab.ome.zarr", "--labels",
-                           "--like", tmp_path / "raw.ome.zarr")
+                           "--like", tmp_path / "raw.ome.zarr", "--compression", "zstd:5:4096")
     assert code == 0, err
+    compressor = open_image(tmp_path / "lab.ome.zarr").compressors[0]
+    assert (compressor.cname, compressor.clevel, compressor.blocksize) == ("zstd", 5, 4096)
+    np.testing.assert_array_equal(open_image(tmp_path / "lab.ome.zarr")[:], tifffile.imread(tmp_path / "d" / "labels.tif"))
 
 
 def test_user_error_is_one_line_without_traceback(tmp_path):
@@ -46,6 +49,11 @@ def test_bad_arguments_and_help(run_cli, capsys):
         run_cli("ingest", "a.tif", "b.ome.zarr", "--chunks", "1,2")
     assert exc.value.code == 2
     assert "chunks must be three positive integers" in capsys.readouterr().err
+    for bad in ("zstd", "zstd:10", "brotli:1", "zstd:1:big"):
+        with pytest.raises(SystemExit) as exc:
+            run_cli("ingest", "a.tif", "b.ome.zarr", "--compression", bad)
+        assert exc.value.code == 2
+        assert "compression must be CODEC:LEVEL[:BLOCKSIZE]" in capsys.readouterr().err
     for command in ("synth", "ingest", "check-config", "info"):
         with pytest.raises(SystemExit) as exc:
             run_cli(command, "--help")

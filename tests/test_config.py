@@ -24,7 +24,7 @@ def test_demo_config_is_valid_and_defaults_filled(demo_config):
     assert cfg["train"]["momentum"] == 0.99
     minimal = validate_config({"datasets": {"a": {"synthetic": {}}}})
     assert minimal["datasets"]["a"]["synthetic"] == {"shape": [12, 256, 256], "seed": 0}
-    assert minimal["ingest"]["compression"] == {"cname": "zstd", "clevel": 3}
+    assert minimal["ingest"]["compression"] == {"cname": "zstd", "clevel": 1, "blocksize": 262144}
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import zarr
 
 from unet_pipe.errors import InputError, OutputError
 from unet_pipe.io import (
+    INGEST_COMPRESSION,
     StagedImage,
     downsample2,
     image_metadata,
@@ -112,6 +113,19 @@ def test_labels_pyramid_is_nearest_and_keeps_values():
     labels = np.array([[[0, 255, 255, 0], [255, 0, 0, 255]]], dtype=np.uint8)
     np.testing.assert_array_equal(downsample2(labels, "labels"), [[[0, 255]]])
     assert set(np.unique(downsample2(labels, "labels"))) <= {0, 255}
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16, np.int16])
+@pytest.mark.parametrize("shape", [(2, 6, 10), (1, 131, 77), (3, 260, 4)])
+def test_integer_downsampling_is_the_rounded_2x2_mean(dtype, shape):
+    info = np.iinfo(dtype)
+    data = np.random.default_rng(1).integers(info.min, info.max, shape, dtype=dtype, endpoint=True)
+    z, y, x = shape
+    cut = data[:, : y // 2 * 2, : x // 2 * 2].astype(np.float64)
+    mean = cut.reshape(z, y // 2, 2, x // 2, 2).mean(axis=(2, 4))
+    got = downsample2(data[:, : y // 2 * 2, : x // 2 * 2], "image")
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, np.floor(mean + 0.5).astype(dtype))
 
 
 def test_multiscales_metadata_units():
@@ -293,6 +307,9 @@ def test_isbi_roundtrip_exact(isbi_dir, tmp_path):
     dest = ingest_tiff(src, tmp_path / "isbi.ome.zarr", chunks=(1, 256, 256), voxel_size=(0.05, 0.004, 0.004))
     meta = image_metadata(dest)
     assert meta.shape == (30, 512, 512) and meta.dtype == np.uint8 and meta.chunks == (1, 256, 256)
+    zarray = json.loads((dest / "0" / ".zarray").read_text())
+    assert {k: zarray["compressor"][k] for k in ("id", "cname", "clevel", "blocksize")} == {
+        "id": "blosc", "cname": "zstd", "clevel": 1, "blocksize": 262144}
     # SOURCE.txt: sha256 of the raw array bytes starts with 200da3d452d726e6
     assert meta.attrs["unet_pipe"]["array_sha256"].startswith("200da3d452d726e6")
     np.testing.assert_array_equal(open_image(dest)[:], tifffile.imread(src))
@@ -303,10 +320,11 @@ def test_isbi_roundtrip_exact(isbi_dir, tmp_path):
     assert set(np.unique(open_image(labels, level=2)[:])) <= {0, 255}
 
 
-def test_streamed_chunks_are_byte_identical_to_zarr_writes(tmp_path):
+@pytest.mark.parametrize("compression", [None, INGEST_COMPRESSION, {"cname": "zstd", "clevel": 1, "blocksize": 256}])
+def test_streamed_chunks_are_byte_identical_to_zarr_writes(tmp_path, compression):
     """The threaded chunk writer stores exactly what zarr itself would store."""
     data = np.random.default_rng(1).integers(0, 60000, (5, 37, 53), dtype=np.uint16)
-    staged = StagedImage(tmp_path / "a.ome.zarr", shape=data.shape, dtype=data.dtype, chunks=(2, 16, 16))
+    staged = StagedImage(tmp_path / "a.ome.zarr", shape=data.shape, dtype=data.dtype, chunks=(2, 16, 16), compression=compression)
     staged.write_slab(0, data[:2], pyramid_levels=1)
     staged.write_slab(2, data[2:4], pyramid_levels=1)
     staged.write_slab(4, data[4:], pyramid_levels=1)

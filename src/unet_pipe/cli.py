@@ -29,10 +29,19 @@ def _chunks(text: str) -> tuple[int, int, int]:
 
 
 def _compression(text: str) -> dict:
-    cname, _, level = text.partition(":")
-    if cname not in ("zstd", "lz4", "lz4hc", "zlib", "blosclz") or not level.isdigit() or not 0 <= int(level) <= 9:
-        raise argparse.ArgumentTypeError(f"compression must be CODEC:LEVEL (codec zstd|lz4|lz4hc|zlib|blosclz, level 0-9), got {text!r}")
-    return {"cname": cname, "clevel": int(level)}
+    cname, _, rest = text.partition(":")
+    level, _, blocksize = rest.partition(":")
+    if (
+        cname not in ("zstd", "lz4", "lz4hc", "zlib", "blosclz")
+        or not level.isdigit()
+        or not 0 <= int(level) <= 9
+        or (blocksize and not blocksize.isdigit())
+    ):
+        raise argparse.ArgumentTypeError(
+            "compression must be CODEC:LEVEL[:BLOCKSIZE] (codec zstd|lz4|lz4hc|zlib|blosclz, level 0-9, "
+            f"Blosc block size in bytes, 0 = automatic), got {text!r}"
+        )
+    return {"cname": cname, "clevel": int(level), **({"blocksize": int(blocksize)} if blocksize else {})}
 
 
 def _load_config(path: str | None) -> dict | None:
@@ -91,8 +100,8 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--like", type=Path, metavar="RAW.ome.zarr", help="check that SRC has the shape of this image")
     p.add_argument("--voxel-size", nargs=3, type=float, metavar=("Z", "Y", "X"), help="micrometres")
     p.add_argument("--pyramid-levels", type=int, default=None, help="2x (y, x) downsampled levels (default 2)")
-    p.add_argument("--compression", type=_compression, default=None, metavar="CODEC:LEVEL",
-                   help="blosc codec and level, e.g. zstd:5 (default)")
+    p.add_argument("--compression", type=_compression, default=None, metavar="CODEC:LEVEL[:BLOCKSIZE]",
+                   help="Blosc codec, level and block size in bytes, 0 = automatic (default: config, else zstd:1:262144)")
     p.add_argument("--config", help="take chunks, compression and pyramid levels from this config")
     p.add_argument("--overwrite", action="store_true", help="replace DEST once the new store is complete")
     p.set_defaults(func=_cmd_ingest)

@@ -78,7 +78,7 @@ def ingest_args(wildcards):
     """Chunking, compression and pyramid flags of ``unet-pipe ingest`` (params: a change reruns ingest)."""
     section = config["ingest"]
     chunks = ",".join(str(c) for c in section["chunks"])
-    codec = f"{section['compression']['cname']}:{section['compression']['clevel']}"
+    codec = ":".join(str(section["compression"][key]) for key in ("cname", "clevel", "blocksize"))
     return f"--chunks {chunks} --compression {codec} --pyramid-levels {section['pyramid_levels']}"
 
 
