@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from unet_pipe import __version__
+from unet_pipe.cli_model import add_predict, add_train
 from unet_pipe.errors import UnetPipeError
 
 log = logging.getLogger("unet_pipe")
@@ -44,7 +45,7 @@ def _compression(text: str) -> dict:
     return {"cname": cname, "clevel": int(level), **({"blocksize": int(blocksize)} if blocksize else {})}
 
 
-def _load_config(path: str | None) -> dict | None:
+def load_config(path: str | None) -> dict | None:
     if path is None:
         return None
     from unet_pipe.config import load_config
@@ -111,7 +112,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     from unet_pipe.io import DEFAULT_CHUNKS, describe, ingest_tiff
     from unet_pipe.provenance import provenance
 
-    config = _load_config(args.config)
+    config = load_config(args.config)
     section = config["ingest"] if config else {}
     chunks = args.chunks or tuple(section.get("chunks", DEFAULT_CHUNKS))
     levels = args.pyramid_levels if args.pyramid_levels is not None else section.get("pyramid_levels", 2)
@@ -129,7 +130,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         # The source's checksum is the sha256 of its array bytes, computed while
         # streaming (attrs unet_pipe.array_sha256): hashing the file would read it twice.
         provenance=provenance(None, {**params, "source": str(args.src)}),
-        progress=_progress_enabled(args),
+        progress=progress_enabled(args),
     )
     log.info("wrote %s", describe(args.dest))
     return 0
@@ -213,7 +214,7 @@ def _cmd_weights(args: argparse.Namespace) -> int:
         raise UnetPipeError(None, "give DEST.ome.zarr, --preview PNG, or both")
     if args.threads < 1 or (args.pyramid_levels is not None and args.pyramid_levels < 0):
         raise UnetPipeError(None, "--threads must be >= 1 and --pyramid-levels >= 0")
-    config = _load_config(args.config)
+    config = load_config(args.config)
     params = WeightParams.from_config(
         config["weights"] if config else None,
         w0=args.w0,
@@ -232,7 +233,7 @@ def _cmd_weights(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             resume=not args.no_resume,
             pyramid_levels=args.pyramid_levels,
-            progress=_progress_enabled(args),
+            progress=progress_enabled(args),
         )
         log.info("wrote %s (class weights background, cell: %s)", args.dest, summary["class_weights"])
     if args.preview is not None:
@@ -296,7 +297,7 @@ def _cmd_postprocess(args: argparse.Namespace) -> int:
         pyramid_levels=args.pyramid_levels,
         overwrite=args.overwrite,
         resume=not args.no_resume,
-        progress=_progress_enabled(args),
+        progress=progress_enabled(args),
     )
     return 0
 
@@ -349,7 +350,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         truth_mode=args.truth_mode,
         foreground_value=args.foreground_value,
-        progress=_progress_enabled(args),
+        progress=progress_enabled(args),
     )
     log.info("wrote %s and %s", args.out, args.out.with_suffix(".csv"))
     return 0
@@ -383,210 +384,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-# ------------------------------------------------------------------ train
-
-
-def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train",
-        help="train the U-Net on raw/labels/weights OME-Zarr stores",
-        description=(
-            "Train the U-Net described by CONFIG (model and train sections) on random tiles of the "
-            "datasets in train.datasets. Stores are given per dataset as NAME=PATH; datasets without "
-            "--raw/--labels/--weights are read from RESULTS/NAME/{raw,labels,weights}.ome.zarr. Writes "
-            "periodic checkpoints to OUT.partial and the final one to OUT (atomically); --resume "
-            "continues an interrupted or finished run exactly (bit-identical on the CPU)."
-        ),
-    )
-    p.add_argument("config", metavar="CONFIG.yaml", nargs="?")
-    p.add_argument(
-        "--config-json", metavar="JSON", help="the configuration as a JSON string instead of CONFIG.yaml (Snakemake)"
-    )
-    for key in ("raw", "labels", "weights"):
-        p.add_argument(
-            f"--{key}", action="append", default=[], metavar="NAME=PATH",
-            help=f"{key} OME-Zarr of dataset NAME (repeatable)",
-        )
-    p.add_argument("--results", type=Path, help="folder of the ingested stores (default: the config's results)")
-    p.add_argument("--out", type=Path, required=True, metavar="CKPT", help="checkpoint to write")
-    p.add_argument("--log", type=Path, metavar="CSV", help="per-step metrics (step, loss, lr, validation errors)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT.partial or OUT when present")
-    p.add_argument("--overwrite", action="store_true", help="start over even if OUT exists")
-    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda[:N]")
-    p.add_argument("--until-step", type=int, metavar="N", help="stop after step N (checkpoint to OUT.partial)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: all cores of this process)")
-    p.add_argument("--tensorboard", type=Path, metavar="DIR", help="also log to TensorBoard (needs tensorboard)")
-    p.set_defaults(func=_cmd_train)
-
-
-def _named_paths(values: list[str], option: str) -> dict[str, Path]:
-    out: dict[str, Path] = {}
-    for value in values:
-        name, sep, path = value.partition("=")
-        if not sep or not name or not path:
-            raise UnetPipeError(None, f"{option} expects NAME=PATH, got {value!r}")
-        out[name] = Path(path)
-    return out
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    import json
-
-    from unet_pipe.config import validate_config
-    from unet_pipe.errors import ConfigError
-    from unet_pipe.train import train
-
-    if (args.config is None) == (args.config_json is None):
-        raise UnetPipeError(None, "give either CONFIG.yaml or --config-json, not both or neither")
-    if args.config_json is not None:
-        try:
-            config = validate_config(json.loads(args.config_json), "--config-json")
-        except json.JSONDecodeError as exc:
-            raise ConfigError("--config-json", f"not valid JSON ({exc.msg} at position {exc.pos})") from None
-    else:
-        config = _load_config(args.config)
-    if args.threads is not None and args.threads < 1:
-        raise UnetPipeError(None, "--threads must be >= 1")
-    given = {key: _named_paths(getattr(args, key), f"--{key}") for key in ("raw", "labels", "weights")}
-    results = args.results if args.results is not None else Path(config["results"])
-    stores: dict[str, dict[str, Path]] = {}
-    for name in config["train"]["datasets"]:
-        explicit = any(name in given[key] for key in given)
-        stores[name] = {}
-        for key in ("raw", "labels", "weights"):
-            if name in given[key]:
-                stores[name][key] = given[key][name]
-            elif not explicit:
-                stores[name][key] = results / name / f"{key}.ome.zarr"
-    summary = train(
-        config,
-        stores,
-        args.out,
-        args.log,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        device=args.device,
-        until_step=args.until_step,
-        threads=args.threads,
-        progress=_progress_enabled(args),
-        tensorboard_dir=args.tensorboard,
-    )
-    log.info(
-        "step %d%s: loss %.4f, validation pixel error %.4f, Rand error %.4f (%.0f s); wrote %s",
-        summary["step"], "" if summary["finished"] else " (stopped early)", summary["loss"],
-        summary["val_pixel_error"], summary["val_rand_error"], summary["seconds"], summary["checkpoint"],
-    )
-    return 0
-
-
-# ---------------------------------------------------------------------- predict
-
-
-def _add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "predict",
-        help="overlap-tile inference: probabilities OME-Zarr from a checkpoint and a raw stack",
-        description=(
-            "Predict the foreground (cell) probability of RAW with the U-Net in CHECKPOINT into the OME-Zarr DEST "
-            "(same shape, chunks and voxel size), block by block with Dask. Borders are mirrored; the result does "
-            "not depend on tile, block or worker count. An interrupted run resumes from its finished blocks. "
-            "Sharded (e.g. SLURM) runs: --prepare once, then --shard I N per job, then --finalize."
-        ),
-    )
-    p.add_argument("checkpoint", metavar="CHECKPOINT", type=Path)
-    p.add_argument("raw", metavar="RAW.ome.zarr", type=Path)
-    p.add_argument("dest", metavar="DEST.ome.zarr", type=Path)
-    p.add_argument("--tile", nargs="+", type=int, metavar="N",
-                   help="output tile edge(s): EDGE, Y X (2D) or Z Y X (3D), multiples of the pooling factor "
-                        "(default: largest that fits the free memory)")
-    p.add_argument("--block", nargs=3, type=int, metavar=("Z", "Y", "X"),
-                   help="voxels per Dask task, multiples of the output chunks (default: chosen from the tile)")
-    p.add_argument("--batch", type=int, help="tiles per forward pass (default: as many as fit in memory, <= 16)")
-    p.add_argument("--workers", type=int,
-                   help="parallel workers: CPU workers share the cores (torch threads = cores / workers; default 1); "
-                        "with GPUs one per GPU")
-    p.add_argument("--threads", type=int, help="CPU cores to use (default: all cores this process may use)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if visible), cpu or cuda")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                   help="average over the 8 rotations/flips (paper, ISBI 2012)")
-    p.add_argument("--dtype", choices=["float32", "float16", "uint8"], default=None,
-                   help="stored dtype (uint8 = round(255 p); default float32)")
-    p.add_argument("--precision", choices=["auto", "float32"], default="auto",
-                   help="auto: mixed precision on GPU, float32 on CPU")
-    p.add_argument("--scheduler", metavar="ADDRESS", help="run the blocks on this dask.distributed scheduler")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--shard", nargs=2, type=int, metavar=("I", "N"),
-                       help="compute the I-th of N z ranges of a prepared run (0-based); does not publish")
-    where.add_argument("--z-range", nargs=2, type=int, metavar=("A", "B"),
-                       help="compute the blocks starting at z in [A, B) of a prepared run; does not publish")
-    where.add_argument("--prepare", action="store_true",
-                       help="create the staging store DEST.partial for --shard jobs; compute nothing")
-    where.add_argument("--finalize", action="store_true", help="check every block is done and publish DEST")
-    p.add_argument("--expect-arch", metavar="JSON",
-                   help='fail unless the checkpoint architecture has these values, e.g. \'{"depth": 5}\'')
-    p.add_argument("--pyramid-levels", type=int, default=None, help="2x (y, x) downsampled levels (default 2)")
-    p.add_argument("--config", help="take tile, tta, dtype and the expected architecture from this config")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing DEST once the new one is complete")
-    p.set_defaults(func=_cmd_predict)
-
-
-def _cmd_predict(args: argparse.Namespace) -> int:
-    import json
-
-    from unet_pipe.predict import finalize, predict, tune_allocator
-
-    tune_allocator()  # this process only predicts: keep big activations' pages for reuse
-    config = _load_config(args.config)
-    section = config["predict"] if config else {}
-    expected = dict(config["model"]) if config else None
-    if args.expect_arch:
-        try:
-            expected = {**(expected or {}), **json.loads(args.expect_arch)}
-        except (json.JSONDecodeError, TypeError):
-            raise UnetPipeError(None, f"--expect-arch must be a JSON object, got {args.expect_arch!r}") from None
-    tile = args.tile if args.tile is not None else section.get("tile")
-    options = dict(
-        tile=tile,
-        block=args.block,
-        batch=args.batch,
-        tta=args.tta if args.tta is not None else section.get("tta", False),
-        dtype=args.dtype or section.get("dtype", "float32"),
-        precision=args.precision,
-        pyramid_levels=args.pyramid_levels if args.pyramid_levels is not None
-        else (config["ingest"]["pyramid_levels"] if config else 2),
-        expected_arch=expected,
-    )
-    if args.finalize:
-        finalize(args.checkpoint, args.raw, args.dest, overwrite=args.overwrite, **options)
-        log.info("wrote %s", args.dest)
-        return 0
-    result = predict(
-        args.checkpoint,
-        args.raw,
-        args.dest,
-        workers=args.workers,
-        threads=args.threads,
-        device=args.device,
-        scheduler=args.scheduler,
-        shard=tuple(args.shard) if args.shard else None,
-        z_range=args.z_range,
-        prepare_only=args.prepare,
-        overwrite=args.overwrite,
-        progress=_progress_enabled(args),
-        **options,
-    )
-    plan = result.plan
-    if plan is None:
-        log.info("%s: staging store ready (%s.partial)", args.dest, args.dest.name)
-        return 0
-    log.info(
-        "%s: %d of %d blocks computed in %.1f s (%.2f Mvox/s); tile %s, block %s, batch %d%s",
-        args.dest, result.computed, result.total, result.seconds, result.voxels_per_s / 1e6,
-        list(plan.tile), list(plan.block), plan.batch, ", published" if result.committed else "",
-    )  # fmt: skip
-    return 0
-
-
 # ---------------------------------------------------------------------- driver
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
@@ -595,15 +392,15 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_check_config,
     _add_info,
     _add_weights,
-    _add_train,
+    add_train,
     _add_postprocess,
     _add_evaluate,
     _add_report,
-    _add_predict,
+    add_predict,
 ]
 
 
-def _progress_enabled(args: argparse.Namespace) -> bool:
+def progress_enabled(args: argparse.Namespace) -> bool:
     return not args.quiet and sys.stderr.isatty()
 
 
