@@ -19,6 +19,7 @@ from unet_pipe.io import (
     multiscales_metadata,
     open_image,
     open_tiff_stack,
+    write_pyramid,
 )
 
 
@@ -126,6 +127,28 @@ def test_integer_downsampling_is_the_rounded_2x2_mean(dtype, shape):
     got = downsample2(data[:, : y // 2 * 2, : x // 2 * 2], "image")
     assert got.dtype == dtype
     np.testing.assert_array_equal(got, np.floor(mean + 0.5).astype(dtype))
+
+
+@pytest.mark.parametrize("kind", ["image", "labels"])
+def test_write_pyramid_streams_bands_and_matches_whole_slices(tmp_path, kind, monkeypatch):
+    data = np.random.default_rng(3).integers(0, 255, (3, 75, 41), dtype=np.uint8)
+    group = zarr.open_group(str(tmp_path / "p.zarr"), mode="w", zarr_format=2)
+    group.create_array("0", shape=data.shape, chunks=(2, 8, 16), dtype=data.dtype, fill_value=0)[:] = data
+    requested = []
+    real = downsample2
+
+    def spy(slab, kind):
+        requested.append(slab.shape)
+        return real(slab, kind)
+
+    monkeypatch.setattr("unet_pipe.io.downsample2", spy)
+    assert write_pyramid(group, 3, kind=kind) == 3
+    assert max(shape[1] for shape in requested) <= 16 and max(shape[0] for shape in requested) <= 2
+    expected = data
+    for level in (1, 2, 3):
+        y, x = expected.shape[1] // 2 * 2, expected.shape[2] // 2 * 2
+        expected = real(expected[:, :y, :x], kind)
+        np.testing.assert_array_equal(group[str(level)][:], expected)
 
 
 def test_multiscales_metadata_units():

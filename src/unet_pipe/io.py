@@ -338,10 +338,12 @@ def _existing_levels(group: zarr.Group) -> int:
 def write_pyramid(group: zarr.Group, levels: int, kind: str = "image", compression: dict | None = None) -> int:
     """Write ``levels`` 2x (y, x) downsampled arrays "1", "2", ... from array "0".
 
-    Streams one z-chunk slab at a time.  Images are averaged over 2x2 blocks
-    (rounded back to integer dtypes); labels take the top-left pixel of each
-    2x2 block (nearest), which keeps label values valid.  Stops early once a
-    level would be smaller than 1 pixel.  Returns the number of levels written.
+    Streams one band of output chunk rows at a time (one z-chunk by one
+    y-chunk by the whole width), so memory does not grow with the slice area.
+    Images are averaged over 2x2 blocks (rounded back to integer dtypes);
+    labels take the top-left pixel of each 2x2 block (nearest), which keeps
+    label values valid.  Stops early once a level would be smaller than 1
+    pixel.  Returns the number of levels written.
     """
     base = group["0"]
     written = 0
@@ -351,10 +353,12 @@ def write_pyramid(group: zarr.Group, levels: int, kind: str = "image", compressi
         if ny < 1 or nx < 1:
             break
         out = _create_level(group, level, (prev.shape[0], ny, nx), base.chunks, prev.dtype, compression)
-        step = prev.chunks[0]
-        for z0 in range(0, prev.shape[0], step):
-            slab = prev[z0 : z0 + step, : 2 * ny, : 2 * nx]
-            out[z0 : z0 + step] = downsample2(slab, kind)
+        cz, cy = out.chunks[0], out.chunks[1]
+        for z0 in range(0, prev.shape[0], cz):
+            for y0 in range(0, ny, cy):
+                y1 = min(y0 + cy, ny)
+                band = prev[z0 : z0 + cz, 2 * y0 : 2 * y1, : 2 * nx]
+                out[z0 : z0 + cz, y0:y1] = downsample2(band, kind)
         written = level
     return written
 
