@@ -408,7 +408,7 @@ SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+) \(l
 
 
 def _small_config(dest: Path) -> Path:
-    """config/config.yaml with a smaller synthetic stack and 2 training steps, as YAML in ``dest``.
+    """config/config.yaml with a smaller synthetic stack, 2 training steps and 2 predict shards, as YAML in ``dest``.
 
     Each SLURM job costs seconds of start-up and status polling whatever it
     does, so the data only need to be big enough for every stage to run.
@@ -420,6 +420,8 @@ def _small_config(dest: Path) -> Path:
     train["datasets"]["demo"] = {"train": [0, 3], "val": [3, 4]}
     # One validation and one checkpoint, at the last step.
     train.update(steps=2, val_every=2, checkpoint_every=2)
+    # Two z shards: prepare, one SLURM job per shard, gather (the multi-node layout).
+    config["predict"]["shards"] = 2
     path = dest / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -503,6 +505,7 @@ def test_demo_dag_through_slurm_equals_local_run(slurm_cluster, tmp_path):
     local_jobs.remove("all")
     assert local_jobs, "the local run ran no job"
     assert sorted(job_rules.values()) == local_jobs, f"submitted to SLURM: {job_rules}\n{log[-3000:]}"
+    assert sorted(job_rules.values()).count("predict") == 2 and "predict_gather" in job_rules.values()
     for slurm_id, rule in job_rules.items():
         assert list((slurm_dir / ".snakemake" / "slurm_logs" / f"rule_{rule}").rglob(f"{slurm_id}.log")), (
             f"no SLURM log of job {slurm_id} ({rule})"
