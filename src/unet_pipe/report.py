@@ -145,6 +145,48 @@ def slice_figure(metrics: dict[str, Any], slices: Sequence[tuple[int, str]], des
     fig.savefig(dest)
 
 
+def weights_figure(
+    path: str | Path,
+    instances: np.ndarray,
+    weights: np.ndarray,
+    raw: np.ndarray | None,
+    params: Any,
+    title: str | None = None,
+) -> Path:
+    """A PNG like the paper's figure 3 for one slice: raw, instances, cell mask, weight map.
+
+    ``instances`` are the slice's objects with sequential ids (0 = membrane),
+    ``params`` a :class:`unet_pipe.weights.WeightParams` (for the title).
+    """
+    rng = np.random.default_rng(0)  # fixed colours: same input -> same figure
+    colours = rng.uniform(0.25, 1.0, size=(int(instances.max()) + 1, 3))
+    colours[0] = 0.0
+    panels: list[tuple[str, np.ndarray, dict]] = []
+    if raw is not None:
+        panels.append(("raw", raw, {"cmap": "gray"}))
+    panels += [
+        ("instances", colours[instances], {}),
+        ("labels (cell = white)", instances > 0, {"cmap": "gray"}),
+        (f"weights (w0={params.w0:g}, σ={params.sigma:g} px)", weights, {"cmap": "jet"}),
+    ]
+    fig = _new_figure(4.2 * len(panels), 4.4)
+    fig.set_layout_engine("constrained")
+    axes = [fig.add_subplot(1, len(panels), i + 1) for i in range(len(panels))]
+    for ax, (name, data, kw) in zip(axes, panels):
+        shown = ax.imshow(data, interpolation="nearest", **kw)
+        ax.set_title(name)
+        ax.set_axis_off()
+    fig.colorbar(shown, ax=axes[-1], fraction=0.046, pad=0.02)
+    if title:
+        fig.suptitle(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    tmp.replace(path)
+    return path
+
+
 def read_training_log(path: str | Path) -> dict[str, np.ndarray]:
     """Numeric columns of a training CSV as float arrays (empty cells -> NaN).
 

@@ -512,49 +512,6 @@ def compute_weight_store(
 # --------------------------------------------------------------------- preview
 
 
-def preview_figure(
-    path: str | Path,
-    labels: np.ndarray,
-    weights: np.ndarray,
-    raw: np.ndarray | None = None,
-    params: WeightParams = WeightParams(),
-    title: str | None = None,
-) -> Path:
-    """A PNG like the paper's figure 3: raw, instances, foreground mask and weight map of one slice."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    inst = _sequential_ids(instances_from_labels(labels, WeightParams(**{**asdict(params), "mode": "2d"})))
-    rng = np.random.default_rng(0)  # fixed colours: same input -> same figure
-    colours = rng.uniform(0.25, 1.0, size=(int(inst.max()) + 1, 3))
-    colours[0] = 0.0
-    panels: list[tuple[str, np.ndarray, dict]] = []
-    if raw is not None:
-        panels.append(("raw", raw, {"cmap": "gray"}))
-    panels += [
-        ("instances", colours[inst], {}),
-        ("labels (cell = white)", inst > 0, {"cmap": "gray"}),
-        (f"weights (w0={params.w0:g}, σ={params.sigma:g} px)", weights, {"cmap": "jet"}),
-    ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.4), constrained_layout=True)
-    for ax, (name, data, kw) in zip(np.atleast_1d(axes), panels):
-        shown = ax.imshow(data, interpolation="nearest", **kw)
-        ax.set_title(name)
-        ax.set_axis_off()
-    fig.colorbar(shown, ax=np.atleast_1d(axes)[-1], fraction=0.046, pad=0.02)
-    if title:
-        fig.suptitle(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
-
-
 def write_preview(
     labels_path: str | Path,
     png: str | Path,
@@ -599,5 +556,8 @@ def write_preview(
         if tuple(raw.shape) != tuple(labels.shape):
             raise InputError(raw_path, f"shape {raw.shape} differs from {labels.shape} of {labels_path}")
         raw_slice = np.asarray(raw[z])
+    from unet_pipe.report import weights_figure
+
+    inst = _sequential_ids(instances_from_labels(label_slice, WeightParams(**{**asdict(params), "mode": "2d"})))
     title = f"{Path(labels_path).name}, z = {z}"
-    return preview_figure(png, label_slice, weight_slice, raw_slice, params, title)
+    return weights_figure(png, inst, weight_slice, raw_slice, params, title)
