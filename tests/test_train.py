@@ -212,6 +212,41 @@ def test_resume_and_overwrite_guards(tmp_path, stores) -> None:
     assert _train(config, stores, tmp_path / "m.pt", device="cpu", overwrite=True)["finished"]
 
 
+def test_tensorboard_gets_the_csv_scalars(tmp_path, stores, monkeypatch) -> None:
+    """--tensorboard logs what the CSV logs (tensorboard itself is optional: a stand-in writer)."""
+    import sys
+    import types
+
+    logged: list[tuple[str, float, int]] = []
+
+    class SummaryWriter:
+        def __init__(self, folder: str) -> None:
+            self.folder = folder
+
+        def add_scalar(self, tag: str, value: float, step: int) -> None:
+            logged.append((tag, value, step))
+
+        def close(self) -> None:
+            logged.append(("closed", 0.0, 0))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=SummaryWriter))
+    _train(_config(), stores, tmp_path / "a.pt", tmp_path / "a.csv", device="cpu", tensorboard_dir=tmp_path / "tb")
+    expected = [
+        (key, pytest.approx(row[key]), row["step"])
+        for row in _rows(tmp_path / "a.csv")
+        for key in ("loss", "lr", "val_pixel_error", "val_rand_error")
+        if row[key] is not None
+    ]
+    assert logged[:-1] == expected and logged[-1][0] == "closed"
+    assert sum(tag == "val_rand_error" for tag, _, _ in logged) == 2  # steps 3 and 6 only
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed
+    from unet_pipe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs the 'tensorboard' package"):
+        _train(_config(), stores, tmp_path / "b.pt", device="cpu", tensorboard_dir=tmp_path / "tb2")
+    assert not (tmp_path / "b.pt").exists()
+
+
 def test_tiny_training_overfits_one_tile(tmp_path) -> None:
     """One 28 x 28 slice = exactly one output window: 100 SGD steps (momentum 0.99)
     cut the loss by more than 8x (measured about 10x)."""
