@@ -90,6 +90,64 @@ def test_compressed_and_tiled_pages_roundtrip_exact(tmp_path, write, dtype):
     assert image_metadata(dest).attrs["unet_pipe"]["array_sha256"] == hashlib.sha256(data.tobytes()).hexdigest()
 
 
+# Layouts of large slices: plain pages (read at the band's offset, either byte
+# order), strips and tiles (zarr view of the page), one compressed strip per page
+# (decoded whole), and a folder of slices.
+BAND_LAYOUTS = {
+    "plain": {},
+    "plain-big-endian": {"byteorder": ">"},
+    "strips-deflate": {"compression": "zlib", "rowsperstrip": 8},
+    "tiles-lzw": {"tile": (16, 16), "compression": "lzw"},
+    "one-strip-deflate": {"compression": "zlib", "rowsperstrip": 1000},
+    "folder": {},
+    "bigtiff": {"bigtiff": True},
+}
+
+
+@pytest.mark.parametrize("layout", BAND_LAYOUTS)
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_large_slices_are_read_in_bands_with_the_same_result(tmp_path, layout, dtype, monkeypatch):
+    rng = np.random.default_rng(11)
+    data = (rng.random((3, 150, 70)) * 250).astype(dtype)
+    if layout == "folder":
+        src = tmp_path / "slices"
+        src.mkdir()
+        for z in range(3):
+            imwrite(src / f"s{z}.tif", data[z])
+    else:
+        src = tmp_path / "s.tif"
+        imwrite(src, data, **BAND_LAYOUTS[layout])
+    whole = ingest_tiff(src, tmp_path / "whole.ome.zarr", chunks=(1, 16, 32), pyramid_levels=2)
+    import unet_pipe.tiff
+
+    readers = set()
+    original = unet_pipe.tiff._band_reader
+    monkeypatch.setattr(unet_pipe.tiff, "_band_reader", lambda *a: readers.add(original(*a).__name__) or original(*a))
+    banded = ingest_tiff(src, tmp_path / "bands.ome.zarr", chunks=(1, 16, 32), pyramid_levels=2, max_buffer_bytes=1)
+    expected = {"strips-deflate": "read_segments", "tiles-lzw": "read_segments", "one-strip-deflate": "read_whole"}
+    assert readers == {expected.get(layout, "read_plain")}
+    np.testing.assert_array_equal(open_image(banded)[:], data)
+    for level in (0, 1, 2):
+        np.testing.assert_array_equal(_level(banded, level), _level(whole, level))
+    digest = image_metadata(banded).attrs["unet_pipe"]["array_sha256"]
+    assert digest == image_metadata(whole).attrs["unet_pipe"]["array_sha256"] == hashlib.sha256(data.tobytes()).hexdigest()
+
+
+def test_band_reading_reports_nan_and_truncation(tmp_path):
+    data = np.ones((2, 150, 70), np.float32)
+    data[1, 120, 3] = np.nan
+    imwrite(tmp_path / "nan.tif", data)
+    with pytest.raises(InputError, match=r"nan\.tif: page 1 contains NaN"):
+        ingest_tiff(tmp_path / "nan.tif", tmp_path / "n.ome.zarr", chunks=(1, 16, 32), max_buffer_bytes=1)
+    good = np.zeros((2, 150, 70), np.uint8)
+    imwrite(tmp_path / "cut.tif", good)
+    raw = (tmp_path / "cut.tif").read_bytes()
+    (tmp_path / "cut.tif").write_bytes(raw[: len(raw) - 5000])
+    with pytest.raises(InputError, match=r"cut\.tif: .*(corrupt or truncated|not a readable TIFF)"):
+        ingest_tiff(tmp_path / "cut.tif", tmp_path / "c.ome.zarr", chunks=(1, 16, 32), max_buffer_bytes=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.tif", "nan.tif"]
+
+
 def test_voxel_size_from_ome_metadata(tmp_path, tiny_stack):
     imwrite(
         tmp_path / "s.ome.tif",

@@ -42,6 +42,8 @@ DEFAULT_COMPRESSION: dict[str, Any] = {"cname": "zstd", "clevel": 3}
 # ingest CPU than DEFAULT_COMPRESSION at the same ratio.  The block size is
 # stored in each chunk's Blosc header; every Blosc reader handles it.
 INGEST_COMPRESSION: dict[str, Any] = {"cname": "zstd", "clevel": 1, "blocksize": 262144}
+# Ingest reads whole slices while a z-slab of them fits here, else bands of rows.
+MAX_BUFFER_BYTES = 256 * 2**20
 ATTRS_KEY = "unet_pipe"
 _DONE_DIR = ".unet_pipe_done"
 _STAGING_SUFFIX = ".partial"
@@ -190,29 +192,39 @@ class StagedImage:
         return sorted(p.read_text() for p in folder.iterdir() if not p.name.endswith(".tmp"))
 
     # -- streaming writes ------------------------------------------------------------
-    def write_slab(self, z0: int, slab: np.ndarray, pyramid_levels: int, wait: bool = True) -> list:
-        """Write full (y, x) slices ``z0 : z0 + len(slab)`` and their pyramid levels at once.
+    def write_slab(
+        self, z0: int, slab: np.ndarray, pyramid_levels: int, wait: bool = True, y0: int = 0
+    ) -> list:
+        """Write rows ``y0 : y0 + slab.shape[1]`` (full width) of slices ``z0 : z0 + len(slab)``,
+        and the same region of every pyramid level, at once.
 
         Streaming writers (ingest) use this so that the pyramid is computed from
         the slab in memory instead of re-reading level 0 at commit (measured:
         the re-read cost as much as the level-0 write).  ``z0`` must be a
-        multiple of the z chunk size.  With ``wait=False`` the chunk writes go
-        on in the background: the caller must keep ``slab`` unchanged until
-        the returned futures are done.
+        multiple of the z chunk size; a slab of fewer than all rows must start
+        on a multiple of ``chunks[1] * 2**pyramid_levels`` and span such a
+        multiple (or end at the last row), so that every level gets whole
+        chunk rows.  With ``wait=False`` the chunk writes go on in the
+        background: the caller must keep ``slab`` unchanged until the returned
+        futures are done.
         """
-        writes = [self._writer.submit_slab(self.staging / "0", self.array, z0, slab)]
-        current = slab
+        writes = [self._writer.submit_slab(self.staging / "0", self.array, z0, slab, y0)]
+        current, ny, nx = slab, self.shape[1], self.shape[2]
         for level in range(1, pyramid_levels + 1):
-            ny, nx = current.shape[1] // 2, current.shape[2] // 2
+            ny, nx = ny // 2, nx // 2
             if ny < 1 or nx < 1:
                 break
+            if y0 % 2:
+                raise ValueError(f"a band starting at row {y0} of level {level - 1} cannot be downsampled alone")
+            y0 //= 2
             levels = self.__dict__.setdefault("_level_arrays", {})
             if level not in levels:  # zarr metadata calls are slow (event-loop round trips): do them once
                 levels[level] = _create_level(
                     self.group, level, (self.shape[0], ny, nx), self.chunks, self.dtype, self.compression
                 )
-            current = downsample2(current[:, : 2 * ny, : 2 * nx], self.kind)
-            writes.append(self._writer.submit_slab(self.staging / str(level), levels[level], z0, current))
+            rows = current.shape[1] // 2
+            current = downsample2(current[:, : 2 * rows, : 2 * nx], self.kind)
+            writes.append(self._writer.submit_slab(self.staging / str(level), levels[level], z0, current, y0))
         self._streamed_levels = pyramid_levels
         pending = [future for futures in writes for future in futures]
         if wait:
@@ -277,17 +289,25 @@ class _ChunkWriter:
         self.pool = ThreadPoolExecutor(max_workers=workers or min(4, len(os.sched_getaffinity(0))))
         self._meta: dict[int, tuple] = {}
 
-    def submit_slab(self, folder: Path, array: zarr.Array, z0: int, slab: np.ndarray) -> list:
-        """Queue the chunks covering ``array[z0 : z0 + len(slab)]`` (full y, x; z0 chunk-aligned)."""
+    def submit_slab(self, folder: Path, array: zarr.Array, z0: int, slab: np.ndarray, y0: int = 0) -> list:
+        """Queue the chunks covering ``array[z0 : z0 + len(slab), y0 : y0 + slab.shape[1]]`` (full x).
+
+        ``z0`` and ``y0`` must be chunk-aligned and the slab must cover whole
+        chunk rows (or end at the last row).
+        """
         key = id(array)
         if key not in self._meta:  # cache: each zarr property access is an event-loop round trip
             self._meta[key] = (array.chunks, tuple(array.shape), array.compressors[0], array.fill_value or 0, array)
         (cz, cy, cx), shape, compressor, fill, _ = self._meta[key]
-        if z0 % cz or slab.shape[1:] != shape[1:]:
-            raise ValueError("slabs must start on a z-chunk boundary and cover whole slices")
+        height, end = slab.shape[1], y0 + slab.shape[1]
+        if z0 % cz or y0 % cy or slab.shape[2] != shape[2] or end > shape[1] or (end < shape[1] and height % cy):
+            raise ValueError(
+                f"slab of shape {slab.shape} at z={z0}, y={y0} does not cover whole chunk rows of {shape} "
+                f"in chunks of {(cz, cy, cx)}"
+            )
         futures = []
         for iz, zs in enumerate(range(0, len(slab), cz), start=z0 // cz):
-            for iy, ys in enumerate(range(0, slab.shape[1], cy)):
+            for iy, ys in enumerate(range(0, height, cy), start=y0 // cy):
                 # One task and one mkdir per chunk row (measured: per-chunk tasks spent
                 # ~8% of the ingest CPU in the interpreter and the pool's locks).
                 row = f"{folder}/{iz}/{iy}"
@@ -465,10 +485,15 @@ def ingest_tiff(
     overwrite: bool = False,
     provenance: dict | None = None,
     progress: bool = False,
+    max_buffer_bytes: int = MAX_BUFFER_BYTES,
 ) -> Path:
     """Stream a TIFF stack into an OME-Zarr image.
 
-    Memory is bounded by one z-slab of ``chunks[0]`` slices.  Values and dtype
+    Memory is two read buffers of one z-slab of ``chunks[0]`` slices each,
+    while a slab fits in ``max_buffer_bytes``.  Larger slices (stitched
+    montages) with ``chunks[0] == 1`` are read in bands of
+    ``chunks[1] * 2**pyramid_levels`` rows instead, so memory stays bounded
+    by the slice width, not its area.  Values and dtype
     are preserved exactly; the sha256 of the array bytes is stored in the
     attributes (``unet_pipe.array_sha256``).  ``kind='labels'`` requires an
     integer dtype and, with ``like``, the same shape as that image.  Voxel
@@ -502,39 +527,53 @@ def ingest_tiff(
     digest = hashlib.sha256()
     # Double buffering: while the pool encodes and hashes one slab, the main
     # thread reads and downsamples the next (measured 1.6x faster than writing
-    # one slab at a time). Memory: two slabs of chunks[0] slices.
+    # one slab at a time; 4 or 8 buffers were no faster on 2 cores).
     from concurrent.futures import ThreadPoolExecutor
 
-    hasher = ThreadPoolExecutor(max_workers=1)  # one worker: slices are hashed in order
+    nz, ny, nx = source.shape
+    step = staged.array.chunks[0]
+    rows = ny
+    if step == 1 and ny * nx * source.dtype.itemsize > max_buffer_bytes:
+        rows = min(ny, staged.array.chunks[1] * 2**pyramid_levels)
+        log.info("%s: slices of %d x %d read in bands of %d rows", source.path, ny, nx, rows)
+    buffers: list[np.ndarray] = []
+    pending: list[list] = [[], []]
+    turn = 0
+
+    def free_buffer() -> np.ndarray:
+        for future in pending[turn]:
+            future.result()
+        return buffers[turn]
+
+    hasher = ThreadPoolExecutor(max_workers=1)  # one worker: bytes are hashed in order
+
+    def write(z0: int, y0: int, filled: np.ndarray) -> None:
+        nonlocal turn
+        writes = staged.write_slab(z0, filled, pyramid_levels, wait=False, y0=y0)
+        pending[turn] = [*writes, hasher.submit(digest.update, memoryview(filled).cast("B"))]
+        turn = 1 - turn
+
     try:
-        step = staged.array.chunks[0]
-        nbuf = 2  # measured: 4 or 8 buffers were no faster on 2 cores (CPU-bound)
-        buffers = [np.empty((step, *source.shape[1:]), dtype=source.dtype) for _ in range(nbuf)]
-        pending: list[list] = [[] for _ in range(nbuf)]
-        z0, turn = 0, 0
+        buffers += [np.empty((step, rows, nx), dtype=source.dtype) for _ in range(2)]
+        if rows == ny:
+            z0 = 0
 
-        def target(z: int) -> np.ndarray:
-            """Where slice ``z`` is decoded: its row of the current slab buffer."""
-            if z == z0:  # starting a slab: its buffer must be free again
-                for future in pending[turn]:
-                    future.result()
-            return buffers[turn][z - z0]
+            def target(z: int) -> np.ndarray:
+                """Where slice ``z`` is decoded: its row of the current slab buffer."""
+                return (free_buffer() if z == z0 else buffers[turn])[z - z0]
 
-        slices = source.iter_slices(out=target)
-        if progress:
-            from tqdm import tqdm
-
-            slices = tqdm(slices, total=source.shape[0], unit="slice", desc=f"ingest {source.path.name}")
-        for z, data in slices:
-            slab = buffers[turn]
-            if not np.shares_memory(data, slab[z - z0]):  # pages that could not be decoded in place
-                slab[z - z0] = data
-            if z - z0 + 1 == step or z == source.shape[0] - 1:
-                filled = slab[: z - z0 + 1]
-                writes = staged.write_slab(z0, filled, pyramid_levels, wait=False)
-                pending[turn] = [*writes, hasher.submit(digest.update, memoryview(filled).cast("B"))]
-                z0, turn = z + 1, (turn + 1) % nbuf
-        for future in [f for p in pending for f in p]:
+            for z, data in _progress(source.iter_slices(out=target), progress, nz, "slice", source.path.name):
+                slab = buffers[turn]
+                if not np.shares_memory(data, slab[z - z0]):  # pages that could not be decoded in place
+                    slab[z - z0] = data
+                if z - z0 + 1 == step or z == nz - 1:
+                    write(z0, 0, slab[: z - z0 + 1])
+                    z0 = z + 1
+        else:
+            bands = source.iter_bands(rows, out=lambda z, y0, height: free_buffer()[0, :height])
+            for z, y0, band in _progress(bands, progress, nz * -(-ny // rows), "band", source.path.name):
+                write(z, y0, buffers[turn][:, : len(band)])
+        for future in pending[0] + pending[1]:
             future.result()
         staged.commit(
             pyramid_levels,
@@ -550,6 +589,14 @@ def ingest_tiff(
     finally:
         hasher.shutdown(wait=True)
     return dest
+
+
+def _progress(items: Any, enabled: bool, total: int, unit: str, name: str) -> Any:
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, total=total, unit=unit, desc=f"ingest {name}")
 
 
 def describe(path: str | Path) -> str:

@@ -63,6 +63,106 @@ class TiffSource:
                 yield z, page
 
 
+    def iter_bands(
+        self, rows: int, out: Callable[[int, int, int], np.ndarray]
+    ) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Yield ``(z, y0, band)``: each slice in bands of ``rows`` rows, top to bottom.
+
+        For slices too large to hold two of in memory (stitched montages).
+        ``out(z, y0, height)`` returns the C-contiguous ``(height, x)`` array
+        to fill, which is the yielded band.  Uncompressed pages are read
+        straight from the file at the band's offset; strips and tiles through
+        tifffile's zarr view of the page, which decodes only the segments
+        that overlap the band.  Pages whose segments are taller than a band
+        (e.g. one compressed strip per page) are decoded whole, once.
+        """
+        if rows < 1:
+            raise ValueError(f"rows must be positive, got {rows}")
+        if self.is_folder:
+            for z, file in enumerate(self.files):
+                with _open_tiff(file) as tif:
+                    yield from self._page_bands(tif.pages[0], z, file, "slice", rows, out)
+            return
+        file = self.files[0]
+        with _open_tiff(file) as tif:
+            series = tif.series[0]
+            for z in range(self.shape[0]):
+                if series.ndim == 2 or len(series.pages) != series.shape[0]:
+                    whole = _read_series_page(series, z, file)  # rare layouts: whole slices
+                    _check_slice(whole, file, self.shape[1:], self.dtype, what=f"page {z}")
+                    for y0 in range(0, self.shape[1], rows):
+                        band = out(z, y0, min(rows, self.shape[1] - y0))
+                        band[...] = whole[y0 : y0 + len(band)]
+                        yield z, y0, band
+                    continue
+                yield from self._page_bands(series.pages[z], z, file, f"page {z}", rows, out)
+
+    def _page_bands(
+        self, page: Any, z: int, file: Path, what: str, rows: int, out: Callable[[int, int, int], np.ndarray]
+    ) -> Iterator[tuple[int, int, np.ndarray]]:
+        ny, nx = self.shape[1:]
+        if _squeezed(page.shape) != _squeezed((ny, nx)):
+            raise InputError(file, f"{what} has shape {tuple(page.shape)}, expected {(ny, nx)} like the first slice")
+        if np.dtype(page.dtype) != self.dtype:
+            raise InputError(file, f"{what} has dtype {np.dtype(page.dtype)}, expected {self.dtype} like the first slice")
+        try:
+            read = _band_reader(page, rows, nx, self.dtype)
+        except Exception as exc:
+            raise InputError(file, f"{what} is corrupt or truncated ({type(exc).__name__}: {exc})") from None
+        for y0 in range(0, ny, rows):
+            band = out(z, y0, min(rows, ny - y0))
+            try:
+                read(y0, band)
+            except Exception as exc:
+                raise InputError(file, f"{what} is corrupt or truncated ({type(exc).__name__}: {exc})") from None
+            if band.dtype.kind == "f" and not np.isfinite(band).all():
+                raise InputError(file, f"{what} contains NaN or infinite values")
+            yield z, y0, band
+
+
+def _squeezed(shape: Sequence[int]) -> tuple[int, ...]:
+    return tuple(int(n) for n in shape if n != 1)
+
+
+def _band_reader(page: Any, rows: int, nx: int, dtype: np.dtype) -> Callable[[int, np.ndarray], None]:
+    """A function ``read(y0, band)`` that fills ``band`` with rows ``y0 : y0 + len(band)`` of ``page``."""
+    key = page.keyframe
+    plain = (
+        page.is_contiguous
+        and key.compression == 1
+        and key.samplesperpixel == 1
+        and key.bitspersample == 8 * dtype.itemsize
+        and not key.is_tiled
+    )
+    if plain:
+        fh, offset = page.parent.filehandle, int(page.dataoffsets[0])
+        swap = page.parent.byteorder != ("<" if np.little_endian else ">") and dtype.itemsize > 1
+
+        def read_plain(y0: int, band: np.ndarray) -> None:
+            fh.seek(offset + y0 * nx * dtype.itemsize)
+            view = memoryview(band).cast("B")
+            got = fh.readinto(view)
+            if got != len(view):
+                raise ValueError(f"file ends {len(view) - got} bytes early")
+            if swap:
+                band.byteswap(inplace=True)
+
+        return read_plain
+    view = zarr.open_array(page.aszarr(), mode="r")
+    if view.ndim != 2 or view.chunks[0] > rows:
+        whole = np.asarray(view[...]).reshape(-1, nx)
+
+        def read_whole(y0: int, band: np.ndarray) -> None:
+            band[...] = whole[y0 : y0 + len(band)]
+
+        return read_whole
+
+    def read_segments(y0: int, band: np.ndarray) -> None:
+        band[...] = view[y0 : y0 + len(band)]
+
+    return read_segments
+
+
 def _open_tiff(file: Path) -> tifffile.TiffFile:
     try:
         return tifffile.TiffFile(file)
