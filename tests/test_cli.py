@@ -10,7 +10,7 @@ import tifffile
 from unet_pipe.io import image_metadata, open_image
 
 
-def test_synth_then_ingest(tmp_path, run_cli):
+def test_synth_then_ingest(tmp_path, run_cli, monkeypatch):
     code, _, err = run_cli("synth", tmp_path / "d", "--shape", 3, 64, 80, "--seed", 5)
     assert code == 0, err
     code, _, err = run_cli("ingest", tmp_path / "d" / "raw.tif", tmp_path / "raw.ome.zarr", "--chunks", "1,32,32")
@@ -24,6 +24,21 @@ def test_synth_then_ingest(tmp_path, run_cli):
     code, _, err = run_cli("ingest", tmp_path / "d" / "labels.tif", tmp_path / "lab.ome.zarr", "--labels",
                            "--like", tmp_path / "raw.ome.zarr", "--compression", "zstd:5:4096")
     assert code == 0, err
+    import unet_pipe.io
+
+    pools = []
+    original = unet_pipe.io._ChunkWriter.__init__
+
+    def spy(self, workers=None):
+        original(self, workers)
+        pools.append(self.pool._max_workers)
+
+    monkeypatch.setattr(unet_pipe.io._ChunkWriter, "__init__", spy)
+    code, _, err = run_cli("ingest", tmp_path / "d" / "raw.tif", tmp_path / "raw1.ome.zarr", "--threads", 1)
+    assert code == 0 and pools == [1], err
+    np.testing.assert_array_equal(open_image(tmp_path / "raw1.ome.zarr")[:], open_image(tmp_path / "raw.ome.zarr")[:])
+    code, _, err = run_cli("ingest", tmp_path / "d" / "raw.tif", tmp_path / "raw0.ome.zarr", "--threads", 0)
+    assert code == 2 and "--threads must be >= 1" in err and not (tmp_path / "raw0.ome.zarr").exists()
     compressor = open_image(tmp_path / "lab.ome.zarr").compressors[0]
     assert (compressor.cname, compressor.clevel, compressor.blocksize) == ("zstd", 5, 4096)
     np.testing.assert_array_equal(open_image(tmp_path / "lab.ome.zarr")[:], tifffile.imread(tmp_path / "d" / "labels.tif"))

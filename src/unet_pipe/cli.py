@@ -104,6 +104,7 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compression", type=_compression, default=None, metavar="CODEC:LEVEL[:BLOCKSIZE]",
                    help="Blosc codec, level and block size in bytes, 0 = automatic (default: config, else zstd:1:262144)")
     p.add_argument("--config", help="take chunks, compression and pyramid levels from this config")
+    p.add_argument("--threads", type=int, help="chunk-encoding threads (default: the cores this process may use)")
     p.add_argument("--overwrite", action="store_true", help="replace DEST once the new store is complete")
     p.set_defaults(func=_cmd_ingest)
 
@@ -117,6 +118,8 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     chunks = args.chunks or tuple(section.get("chunks", DEFAULT_CHUNKS))
     levels = args.pyramid_levels if args.pyramid_levels is not None else section.get("pyramid_levels", 2)
     params = {"chunks": list(chunks), "pyramid_levels": levels, "labels": args.labels, "voxel_size": args.voxel_size}
+    if args.threads is not None and args.threads < 1:
+        raise UnetPipeError(None, "--threads must be >= 1")
     ingest_tiff(
         args.src,
         args.dest,
@@ -131,6 +134,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         # streaming (attrs unet_pipe.array_sha256): hashing the file would read it twice.
         provenance=provenance(None, {**params, "source": str(args.src)}),
         progress=progress_enabled(args),
+        threads=args.threads,
     )
     log.info("wrote %s", describe(args.dest))
     return 0

@@ -122,6 +122,7 @@ class StagedImage:
         overwrite: bool = False,
         compression: dict[str, Any] | None = None,
         fill_value: Any = 0,
+        threads: int | None = None,
     ) -> None:
         if kind not in ("image", "labels"):
             raise ValueError(f"kind must be 'image' or 'labels', got {kind!r}")
@@ -133,6 +134,7 @@ class StagedImage:
         self.chunks = tuple(min(int(c), max(int(s), 1)) for c, s in zip(chunks, self.shape))
         self.dtype = np.dtype(dtype)
         self.fingerprint = fingerprint
+        self.threads = threads  # chunk-encoding threads of write_slab (default: the usable cores)
         self.compression = {**DEFAULT_COMPRESSION, **(compression or {})}
         if self.dest.exists() and not overwrite:
             raise OutputError(self.dest, "already exists; remove it or pass --overwrite")
@@ -235,7 +237,7 @@ class StagedImage:
     @property
     def _writer(self) -> "_ChunkWriter":
         if not hasattr(self, "_chunk_writer"):
-            self._chunk_writer = _ChunkWriter()
+            self._chunk_writer = _ChunkWriter(self.threads)
         return self._chunk_writer
 
     # -- publish -----------------------------------------------------------------
@@ -286,7 +288,8 @@ class _ChunkWriter:
     def __init__(self, workers: int | None = None) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        self.pool = ThreadPoolExecutor(max_workers=workers or min(4, len(os.sched_getaffinity(0))))
+        # Default: every core this process may use (SLURM and taskset restrict it), at most 16.
+        self.pool = ThreadPoolExecutor(max_workers=workers or min(16, len(os.sched_getaffinity(0))))
         self._meta: dict[int, tuple] = {}
 
     def submit_slab(self, folder: Path, array: zarr.Array, z0: int, slab: np.ndarray, y0: int = 0) -> list:
@@ -486,6 +489,7 @@ def ingest_tiff(
     provenance: dict | None = None,
     progress: bool = False,
     max_buffer_bytes: int = MAX_BUFFER_BYTES,
+    threads: int | None = None,
 ) -> Path:
     """Stream a TIFF stack into an OME-Zarr image.
 
@@ -498,7 +502,11 @@ def ingest_tiff(
     attributes (``unet_pipe.array_sha256``).  ``kind='labels'`` requires an
     integer dtype and, with ``like``, the same shape as that image.  Voxel
     size: the argument if given, else TIFF metadata, else 1 µm with a warning.
+    ``threads``: chunk-encoding threads (default: the cores this process may
+    use, at most 16); reading, downsampling and hashing run beside them.
     """
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
     source = open_tiff_stack(src)
     dest = Path(dest)
     if kind == "labels" and source.dtype.kind not in "uib":
@@ -523,6 +531,7 @@ def ingest_tiff(
         kind=kind,
         overwrite=overwrite,
         compression=INGEST_COMPRESSION if compression is None else compression,
+        threads=threads,
     )
     digest = hashlib.sha256()
     # Double buffering: while the pool encodes and hashes one slab, the main

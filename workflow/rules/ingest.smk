@@ -36,14 +36,14 @@ rule ingest_raw:
         f"{R}/logs/ingest/{{dataset}}.raw.log",
     benchmark:
         f"{R}/benchmarks/ingest/{{dataset}}.raw.tsv"
-    threads: 1
+    threads: 4  # chunk encoding (Blosc releases the GIL); reading and hashing run beside it
     conda:
         CONDA_ENV
     resources:
         mem_mb=2000,
         runtime=120,
     shell:
-        "unet-pipe ingest {input.tiff:q} {output.zarr:q} {params.ingest} {params.voxel_size}"
+        "unet-pipe ingest {input.tiff:q} {output.zarr:q} {params.ingest} {params.voxel_size} --threads {threads}"
         " > {log:q} 2>&1"
 
 
@@ -59,12 +59,12 @@ rule ingest_labels:
         f"{R}/logs/ingest/{{dataset}}.labels.log",
     benchmark:
         f"{R}/benchmarks/ingest/{{dataset}}.labels.tsv"
-    threads: 1
+    threads: 4
     conda:
         CONDA_ENV
     resources:
         mem_mb=2000,
         runtime=120,
     shell:
-        "unet-pipe ingest {input.tiff:q} {output.zarr:q} --labels --like {input.raw:q} {params.ingest}"
+        "unet-pipe ingest {input.tiff:q} {output.zarr:q} --labels --like {input.raw:q} {params.ingest} --threads {threads}"
         " > {log:q} 2>&1"
