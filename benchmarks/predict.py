@@ -37,7 +37,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -229,10 +228,24 @@ def rss_child(shape: tuple[int, int, int], out: Path, threads: int) -> dict:
     start = time.perf_counter()
     result = predict(ckpt, src, dest, workers=1, threads=threads, device="cpu", dtype="uint8", overwrite=True)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    peak = peak_rss_bytes()
     for path in (src, dest):
         shutil.rmtree(path, ignore_errors=True)
     return {"shape": list(shape), "peak_rss": peak, "seconds": seconds, "plan": result.plan.to_dict()}
+
+
+def peak_rss_bytes() -> int:
+    """Peak RSS of this process's own address space (VmHWM).
+
+    Not ``ru_maxrss``: Linux carries the parent's RSS at fork over into the
+    child's ``ru_maxrss``, so a child started after the efficiency run (about
+    1.3 GiB) reported at least that much whatever it used itself.
+    """
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def run_rss_child(shape: tuple[int, int, int], out: Path, threads: int) -> dict:
