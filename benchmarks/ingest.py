@@ -15,7 +15,9 @@ the host's memory: ``throughput_vs_tifffile`` with the file in the page cache
 ``imread`` timed right after another ``imread`` freed the same amount of memory
 (page faults as fast as on bare metal: the strictest baseline), and
 ``_uncached`` with the page cache dropped before each run (as for a stack just
-acquired; root only, else null).
+acquired; root only, else null).  ``speedup_vs_imread_plus_zarr_write`` compares
+with the straightforward implementation on the same libraries: read the whole
+stack, write every level through zarr with the same chunks and codec.
 
 A third stack of two montage-sized slices (32768^2, 2 GB; 20480^2 with --quick)
 measures the band-wise reading that ingest uses for slices over 256 MB.
@@ -50,6 +52,21 @@ import sys, time
 from unet_pipe.io import ingest_tiff
 t = time.perf_counter()
 ingest_tiff(sys.argv[1], sys.argv[2], chunks=(1, 512, 512), pyramid_levels=2)
+print(time.perf_counter() - t, {PEAK})
+"""
+# The straightforward way with the same libraries: read the whole stack, write
+# each level through zarr with the same chunks and codec (no checksum).
+ZARR_BASELINE = f"""
+import sys, time, numcodecs, tifffile, zarr
+from unet_pipe.io import INGEST_COMPRESSION, downsample2
+t = time.perf_counter()
+level = tifffile.imread(sys.argv[1])
+group = zarr.open_group(sys.argv[2], mode="w", zarr_format=2)
+codec = numcodecs.Blosc(**INGEST_COMPRESSION, shuffle=numcodecs.Blosc.SHUFFLE)
+for name in ("0", "1", "2"):
+    group.create_array(name, shape=level.shape, chunks=(1, 512, 512), dtype=level.dtype, compressors=codec,
+                       fill_value=0, chunk_key_encoding={{"name": "v2", "separator": "/"}})[:] = level
+    level = downsample2(level, "image")
 print(time.perf_counter() - t, {PEAK})
 """
 IMREAD = f"""
@@ -103,13 +120,16 @@ def main() -> None:
         # shared and noisy. Outputs are kept until the end: on ext4 without a journal,
         # creating files within ~30 s of deleting thousands of others scans the inode
         # tables (recently_deleted(), measured at 30% of ingest CPU with perf).
-        reads, ingests = [], []
+        reads, ingests, baselines = [], [], []
         for round_ in range(args.rounds):
             reads.append(run(IMREAD, str(small)))
             ingests.append(run(INGEST, str(small), str(work / f"1x-{round_}.ome.zarr")))
             os.sync()
+            baselines.append(run(ZARR_BASELINE, str(small), str(work / f"1x-zarr-{round_}.ome.zarr")))
+            os.sync()
         t_read, rss_read = statistics.median(r[0] for r in reads), max(r[1] for r in reads)
         t_ingest, rss_1x = statistics.median(r[0] for r in ingests), max(r[1] for r in ingests)
+        t_zarr, rss_zarr = statistics.median(r[0] for r in baselines), max(r[1] for r in baselines)
         # 2. imread right after another imread freed its memory: page faults at
         # bare-metal speed. On this VM a fresh 2 GB allocation otherwise faults in
         # pages the host has taken back (10x slower), which only a short run avoids.
@@ -140,6 +160,9 @@ def main() -> None:
             "ingest_s_4x": round(t_ingest_4x, 3),
             "ingest_mb_per_s": round(size_1x / 2**20 / t_ingest, 1),
             "throughput_vs_tifffile": round(t_read / t_ingest, 3),
+            "speedup_vs_imread_plus_zarr_write": round(t_zarr / t_ingest, 3),
+            "imread_plus_zarr_write_s": round(t_zarr, 3),
+            "imread_plus_zarr_write_peak_rss_mb": round(rss_zarr),
             "tifffile_imread_hot_s": round(t_read_hot, 3),
             "throughput_vs_tifffile_hot_imread": round(t_read_hot / t_ingest, 3),
             "throughput_vs_tifffile_uncached": None if t_read_cold is None else round(t_read_cold / t_ingest_cold, 3),
