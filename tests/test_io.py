@@ -101,6 +101,7 @@ BAND_LAYOUTS = {
     "one-strip-deflate": {"compression": "zlib", "rowsperstrip": 1000},
     "folder": {},
     "bigtiff": {"bigtiff": True},
+    "ome": {"ome": True},
 }
 
 
