@@ -123,7 +123,13 @@ def test_large_slices_are_read_in_bands_with_the_same_result(tmp_path, layout, d
 
     readers = set()
     original = unet_pipe.tiff._band_reader
-    monkeypatch.setattr(unet_pipe.tiff, "_band_reader", lambda *a: readers.add(original(*a).__name__) or original(*a))
+
+    def spy(*args):
+        reader = original(*args)
+        readers.add(reader.__name__)
+        return reader
+
+    monkeypatch.setattr(unet_pipe.tiff, "_band_reader", spy)
     banded = ingest_tiff(src, tmp_path / "bands.ome.zarr", chunks=(1, 16, 32), pyramid_levels=2, max_buffer_bytes=1)
     expected = {"strips-deflate": "read_segments", "tiles-lzw": "read_segments", "one-strip-deflate": "read_whole"}
     assert readers == {expected.get(layout, "read_plain")}

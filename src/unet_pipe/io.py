@@ -545,7 +545,6 @@ def ingest_tiff(
     if step == 1 and ny * nx * source.dtype.itemsize > max_buffer_bytes:
         rows = min(ny, staged.array.chunks[1] * 2**pyramid_levels)
         log.info("%s: slices of %d x %d read in bands of %d rows", source.path, ny, nx, rows)
-    buffers: list[np.ndarray] = []
     pending: list[list] = [[], []]
     turn = 0
 
@@ -563,7 +562,7 @@ def ingest_tiff(
         turn = 1 - turn
 
     try:
-        buffers += [np.empty((step, rows, nx), dtype=source.dtype) for _ in range(2)]
+        buffers = [np.empty((step, rows, nx), dtype=source.dtype) for _ in range(2)]
         if rows == ny:
             z0 = 0
 
