@@ -7,6 +7,7 @@ Each stage is one subcommand (``unet-pipe STAGE --help``).  A user mistake
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -429,12 +430,46 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
+_OUTPUT_ARGS = ("dest", "out", "preview", "log", "out_dir", "tensorboard")
+_INPUT_ARGS = ("src", "labels", "probabilities", "checkpoint", "raw", "like", "prediction", "truth", "path",
+               "weights", "metrics", "training_log")
+
+
+def _paths(value: object) -> list[Path]:
+    if isinstance(value, Path):
+        return [value]
+    if isinstance(value, str) and "=" in value:  # train's NAME=PATH
+        return [Path(value.partition("=")[2])]
+    if isinstance(value, (list, tuple)):
+        return [p for v in value for p in _paths(v)]
+    return []
+
+
+@contextlib.contextmanager
+def _guard_outputs(args: argparse.Namespace):
+    """Refuse outputs that overlap inputs; hold a lock on DEST (or --out) while writing."""
+    from unet_pipe.safety import DestLock, check_dest
+
+    inputs = [p for name in _INPUT_ARGS for p in _paths(getattr(args, name, None))]
+    outputs = [p for name in _OUTPUT_ARGS for p in _paths(getattr(args, name, None))]
+    for out in outputs:
+        check_dest(out, inputs)
+    main_out = getattr(args, "dest", None) or getattr(args, "out", None)
+    # Shards of one predict write disjoint regions of one staging store at once: no lock there.
+    if not isinstance(main_out, Path) or getattr(args, "shard", None) or args.func is _cmd_synth:
+        yield
+        return
+    with DestLock(main_out):
+        yield
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
     try:
-        return int(args.func(args) or 0)
+        with _guard_outputs(args):
+            return int(args.func(args) or 0)
     except UnetPipeError as exc:
         print(f"unet-pipe: error: {exc}", file=sys.stderr)
         return 2

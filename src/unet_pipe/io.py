@@ -30,6 +30,7 @@ import numpy as np
 import zarr
 
 from unet_pipe.errors import InputError, OutputError
+from unet_pipe.safety import STAGING_MARKER, check_replaceable, check_writable, is_our_staging, mark_staging, remove_staging, replace_with
 from unet_pipe.tiff import open_tiff_stack
 
 log = logging.getLogger(__name__)
@@ -136,16 +137,22 @@ class StagedImage:
         self.fingerprint = fingerprint
         self.threads = threads  # chunk-encoding threads of write_slab (default: the usable cores)
         self.compression = {**DEFAULT_COMPRESSION, **(compression or {})}
-        if self.dest.exists() and not overwrite:
+        if (self.dest.exists() or self.dest.is_symlink()) and not overwrite:
             raise OutputError(self.dest, "already exists; remove it or pass --overwrite")
+        if overwrite:
+            check_replaceable(self.dest)  # fail now, not after the work
+        # Free space for the full-resolution level and its pyramid, uncompressed (raw EM
+        # compresses ~1.08x); label images compress far better, so ask for an eighth.
+        nbytes = int(np.prod(self.shape, dtype=np.float64) * self.dtype.itemsize)
+        check_writable(self.dest.parent, nbytes * 4 // 3 if kind == "image" else nbytes // 8)
         if resume and self._staging_matches():
             self.group = zarr.open_group(str(self.staging), mode="r+", zarr_format=2)
             self.array = self.group["0"]
             log.info("resuming %s: %d blocks already done", self.dest, len(self.done_keys()))
             return
-        if self.staging.exists():
-            shutil.rmtree(self.staging)
+        remove_staging(self.staging)  # refuses a DEST.partial that is not ours
         self.group = zarr.open_group(str(self.staging), mode="w", zarr_format=2)
+        mark_staging(self.staging)
         self.group.attrs[ATTRS_KEY] = {"staging": {"fingerprint": fingerprint, "complete": False}}
         self.array = self.group.create_array(
             "0",
@@ -159,7 +166,7 @@ class StagedImage:
         (self.staging / _DONE_DIR).mkdir()
 
     def _staging_matches(self) -> bool:
-        if not (self.staging / _DONE_DIR).is_dir():
+        if not (self.staging / _DONE_DIR).is_dir() or not is_our_staging(self.staging):
             return False
         try:
             group = zarr.open_group(str(self.staging), mode="r", zarr_format=2)
@@ -257,21 +264,17 @@ class StagedImage:
         shutil.rmtree(self.staging / _DONE_DIR, ignore_errors=True)
         if hasattr(self, "_chunk_writer"):
             self._chunk_writer.close()
-        if self.dest.exists():  # only reached with overwrite=True: swap, then delete the old store
-            old = self.dest.with_name(self.dest.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.dest, old)
-            os.replace(self.staging, self.dest)
-            shutil.rmtree(old)
-        else:
-            os.replace(self.staging, self.dest)
+        (self.staging / STAGING_MARKER).unlink(missing_ok=True)
+        # With overwrite=True an existing store of ours is swapped out under a unique name.
+        replace_with(self.staging, self.dest)
         return self.dest
 
     def abort(self) -> None:
         """Remove the staging folder (nothing is published)."""
         if hasattr(self, "_chunk_writer"):
             self._chunk_writer.close()
-        shutil.rmtree(self.staging, ignore_errors=True)
+        if is_our_staging(self.staging):
+            shutil.rmtree(self.staging, ignore_errors=True)
 
 
 class _ChunkWriter:

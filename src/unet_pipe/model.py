@@ -44,6 +44,8 @@ from unet_pipe.provenance import git_commit
 CHECKPOINT_FORMAT = "unet-pipe-checkpoint"
 CHECKPOINT_VERSION = 1
 _REQUIRED_KEYS = ("format", "version", "arch", "model_state")
+# The paper's network in float32 with SGD momentum is ~250 MB; 8 GiB leaves room for far bigger nets.
+MAX_CHECKPOINT_BYTES = 8 * 2**30
 
 
 # ---------------------------------------------------------------------------
@@ -352,6 +354,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(path, "checkpoint file not found")
+    size = path.stat().st_size
+    if size > MAX_CHECKPOINT_BYTES:
+        raise CheckpointError(
+            path, f"{size / 2**30:.1f} GiB is far larger than any U-Net checkpoint (limit "
+            f"{MAX_CHECKPOINT_BYTES / 2**30:.0f} GiB); refusing to load it"
+        )
     try:
         with warnings.catch_warnings():
             # Foreign pickles warn about their protocol before being refused; the error says enough.
@@ -373,6 +381,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(
             path, f"checkpoint format version {data['version']} is not supported (expected {CHECKPOINT_VERSION})"
         )
+    state = data["model_state"]
+    if not isinstance(state, dict) or not isinstance(data["arch"], dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(path, "not a unet-pipe checkpoint: 'arch' or 'model_state' has the wrong structure")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(path, f"non-finite weights (NaN or inf) in {len(bad)} tensors, e.g. {bad[0]!r}")
     return data
 
 

@@ -245,7 +245,10 @@ def postprocess(
         "min_size": min_size,
         "probability_scale": scale,
     }
-    fingerprint = repr(sorted(params.items())) + f"|{meta.shape}|{meta.dtype}"
+    from unet_pipe.provenance import input_fingerprint
+
+    # The input's identity too: a run resumed on other probabilities must start over.
+    fingerprint = repr(sorted(params.items())) + f"|{meta.shape}|{meta.dtype}|{input_fingerprint(probabilities)}"
     staged = StagedImage(
         dest,
         shape=meta.shape,

@@ -74,7 +74,7 @@ from unet_pipe.blockwise import (  # noqa: F401 (re-exported)
 from unet_pipe.errors import CheckpointError, ConfigError, InputError, OutputError
 from unet_pipe.io import StagedImage, image_metadata, open_image
 from unet_pipe.model import UNet, model_from_checkpoint
-from unet_pipe.provenance import input_checksum, provenance
+from unet_pipe.provenance import input_checksum, input_fingerprint, provenance
 from unet_pipe.tiling import Roi, TilePlan, make_plan
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def _setup(checkpoint, raw, dest, expected_arch, *, tile, block, batch, tta, dty
     # What changes output values, except the device kind: a prepare job may run on a CPU node
     # and its shards on GPU nodes; the kind is recorded with the plan and checked there.
     fingerprint = json.dumps(
-        {"checkpoint": input_checksum(checkpoint), "raw": input_checksum(raw), "request": request}, sort_keys=True
+        {"checkpoint": input_checksum(checkpoint), "raw": input_fingerprint(raw), "request": request}, sort_keys=True
     )
     return _Setup(checkpoint, raw, dest, model, meta, request, fingerprint)
 

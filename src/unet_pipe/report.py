@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from unet_pipe.errors import UnetPipeError
+from unet_pipe.errors import OutputError, UnetPipeError
 from unet_pipe.evaluate import read_metrics
 from unet_pipe.io import open_image
 from unet_pipe.metrics import instances_from_binary
@@ -288,8 +288,13 @@ def write_report(
     out_md.parent.mkdir(parents=True, exist_ok=True)
     figdir = out_md.parent / f"{out_md.stem}_figures"
     staging = figdir.with_name(figdir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
+    from unet_pipe.safety import is_our_staging, mark_staging, remove_staging
+
+    if figdir.exists() and not is_our_staging(figdir):  # the marker stays in our published figure folder
+        raise OutputError(figdir, "exists but was not created by unet-pipe; move it away")
+    remove_staging(staging)
     staging.mkdir()
+    mark_staging(staging)
     all_metrics = [read_metrics(p) for p in metrics_files]
 
     md = [f"# {title}", ""]
@@ -360,7 +365,7 @@ def write_report(
         md += [f"- versions: {', '.join(f'{k} {v}' for k, v in prov.get('versions', {}).items())}"]
         md += [f"- metrics: {', '.join(f'`{p}`' for p in metrics_files)}", ""]
 
-    shutil.rmtree(figdir, ignore_errors=True)
+    remove_staging(figdir)
     os.replace(staging, figdir)
     tmp = out_md.with_name(out_md.name + ".tmp")
     tmp.write_text("\n".join(md), encoding="utf-8")

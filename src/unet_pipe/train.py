@@ -215,6 +215,22 @@ def validate(
 # --------------------------------------------------------------------------- bookkeeping
 
 
+def _check_outputs(out: Path, partial: Path, log_path: Path | None) -> None:
+    """Before any step: outputs writable, and files we would replace are checkpoints of ours."""
+    from unet_pipe.safety import check_writable
+
+    for path in (out, partial):
+        if path.is_dir() or path.is_symlink():
+            raise OutputError(path, "is a folder or a link, not a checkpoint file; refusing to replace it")
+        if path.exists():
+            try:
+                load_checkpoint(path)
+            except UnetPipeError as exc:
+                raise CheckpointError(path, f"{exc.problem}; refusing to resume or replace it") from None
+    for folder in {out.parent, *([log_path.parent] if log_path is not None else [])}:
+        check_writable(folder, 0)
+
+
 def partial_path(out: str | Path) -> Path:
     """Where periodic checkpoints of a run that writes ``out`` go."""
     out = Path(out)
@@ -335,6 +351,7 @@ def train(
     log_path = Path(log_csv) if log_csv is not None else None
     if out.exists() and not (resume or overwrite):
         raise OutputError(out, "already exists; pass --resume to continue it or --overwrite to start over")
+    _check_outputs(out, partial, log_path)
     train_cfg = config["train"]
     total = int(train_cfg["steps"])
     stop = total if until_step is None else min(int(until_step), total)

@@ -385,9 +385,9 @@ def weight_map(
 
 
 def _fingerprint(labels_path: Path, params: WeightParams) -> str:
-    from unet_pipe.provenance import input_checksum
+    from unet_pipe.provenance import input_fingerprint
 
-    text = json.dumps({"labels": input_checksum(labels_path), "params": asdict(params)}, sort_keys=True)
+    text = json.dumps({"labels": input_fingerprint(labels_path), "params": asdict(params)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

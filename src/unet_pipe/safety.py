@@ -1,0 +1,185 @@
+"""Data safety: the project removes or replaces only what it created.
+
+* **Staging folders** (``DEST.partial``) carry a marker file written when we
+  create them; a ``DEST.partial`` without it belongs to the user and is refused,
+  never removed.
+* **Replacing** an existing ``DEST`` (``--overwrite``) is allowed only for a
+  store this project wrote (its ``.zattrs`` hold our ``unet_pipe`` key); the old
+  store is first moved to a fresh, unique backup name (never one the user may
+  have made, such as ``DEST.old``) and removed after the swap.
+* **Destinations and inputs** never overlap: a destination (or its staging
+  folder) equal to, inside or containing an input is refused, with or without
+  ``--overwrite``.
+* **One writer per destination**: :class:`DestLock` holds ``DEST.unet-pipe.lock``
+  (pid and host) for the run; a second process refuses at once, a lock left by a
+  dead process on this host is detected as stale and replaced.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import uuid
+from pathlib import Path
+from typing import Iterable
+
+from unet_pipe.errors import OutputError
+
+STAGING_MARKER = ".unet-pipe-staging"
+LOCK_SUFFIX = ".unet-pipe.lock"
+ATTRS_KEY = "unet_pipe"
+
+
+def mark_staging(folder: Path) -> None:
+    """Record that ``folder`` was created by us (call right after creating it)."""
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "id": uuid.uuid4().hex}
+    (Path(folder) / STAGING_MARKER).write_text(json.dumps(info))
+
+
+def is_our_staging(folder: Path) -> bool:
+    folder = Path(folder)
+    return folder.is_dir() and not folder.is_symlink() and (folder / STAGING_MARKER).is_file()
+
+
+def remove_staging(folder: Path) -> None:
+    """Remove a staging folder of ours; refuse anything else found under its name."""
+    folder = Path(folder)
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if not is_our_staging(folder):
+        raise OutputError(
+            folder, "exists but was not created by unet-pipe (no staging marker); move it away or choose another DEST"
+        )
+    shutil.rmtree(folder)
+
+
+def is_our_store(path: Path) -> bool:
+    """True for an OME-Zarr folder that this project wrote (our key in its .zattrs)."""
+    path = Path(path)
+    attrs = path / ".zattrs"
+    if path.is_symlink() or not path.is_dir() or not attrs.is_file():
+        return False
+    try:
+        return ATTRS_KEY in json.loads(attrs.read_text())
+    except (ValueError, OSError, TypeError):
+        return False
+
+
+def check_replaceable(dest: Path) -> None:
+    """Refuse ``--overwrite`` of anything but a store of ours."""
+    dest = Path(dest)
+    if dest.is_symlink() or dest.is_file():
+        raise OutputError(dest, "is a file, not an OME-Zarr store written by unet-pipe; refusing to replace it")
+    if dest.exists() and not is_our_store(dest):
+        raise OutputError(dest, "was not written by unet-pipe; refusing to replace it (move it away)")
+
+
+def replace_with(staging: Path, dest: Path) -> None:
+    """Publish ``staging`` as ``dest``, swapping out an existing store of ours."""
+    staging, dest = Path(staging), Path(dest)
+    if not (dest.exists() or dest.is_symlink()):
+        os.replace(staging, dest)
+        return
+    check_replaceable(dest)
+    backup = dest.with_name(f"{dest.name}.unet-pipe-old-{uuid.uuid4().hex[:12]}")
+    os.replace(dest, backup)  # a fresh name: nothing of the user's is in the way
+    os.replace(staging, dest)
+    shutil.rmtree(backup)
+
+
+def _resolved(path: Path) -> Path:
+    return Path(os.path.realpath(os.path.abspath(path)))
+
+
+def check_dest(dest: Path, inputs: Iterable[Path | None], staging_suffix: str = ".partial") -> None:
+    """Refuse a destination (or its staging folder) equal to, inside or containing an input."""
+    dest = Path(dest)
+    outputs = [dest, dest.with_name(dest.name + staging_suffix)]
+    for source in inputs:
+        if source is None:
+            continue
+        src = _resolved(Path(source))
+        for out in outputs:
+            target = _resolved(out)
+            if target == src or src in target.parents or target in src.parents:
+                raise OutputError(
+                    dest, f"overlaps the input {source} (the same path, inside it or containing it); choose another DEST"
+                )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class DestLock:
+    """An exclusive lock on one destination: ``DEST.unet-pipe.lock`` with pid and host."""
+
+    def __init__(self, dest: Path) -> None:
+        self.dest = Path(dest)
+        self.path = self.dest.with_name(self.dest.name + LOCK_SUFFIX)
+        self.held = False
+
+    def _owner(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def acquire(self) -> "DestLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                pid, host = owner.get("pid"), owner.get("host")
+                if host == me["host"] and isinstance(pid, int) and not _pid_alive(pid):
+                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                raise OutputError(
+                    self.dest,
+                    f"is being written by pid {pid} on {host} (lock {self.path.name}); "
+                    "if that process is gone, remove the lock file",
+                ) from None
+            with os.fdopen(fd, "w") as handle:
+                json.dump(me, handle)
+            self.held = True
+            return self
+        raise OutputError(self.dest, f"could not take the lock {self.path.name}")
+
+    def release(self) -> None:
+        if self.held and self._owner().get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)
+        self.held = False
+
+    def __enter__(self) -> "DestLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def check_writable(folder: Path, need_bytes: int = 0) -> None:
+    """Fail before long work if ``folder`` cannot be written or lacks ``need_bytes`` of free space."""
+    import tempfile
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".unet-pipe-probe-"):
+            pass
+    except OSError as exc:
+        raise OutputError(folder, f"cannot write here ({exc.strerror or exc})") from None
+    free = shutil.disk_usage(folder).free
+    if need_bytes > free:
+        raise OutputError(
+            folder, f"needs about {need_bytes / 2**20:.0f} MiB but only {free / 2**20:.0f} MiB are free"
+        )
