@@ -84,3 +84,55 @@ def test_presets_are_valid(preset, isbi_dir, monkeypatch):
     monkeypatch.chdir(REPO)  # preset paths are relative to the repository root
     cfg = load_config(REPO / "config" / preset, check_inputs=True)
     assert cfg["weights"]["w0"] == 10.0
+
+
+def test_config_abuse_is_refused_fast_and_short(tmp_path, demo_config):
+    import time
+
+    levels = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for i, name in enumerate("bcdefghi"):
+        prev = "abcdefghi"[i]
+        levels.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    (tmp_path / "bomb.yaml").write_text("\n".join(levels) + "\n")
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="aliases expand") as info:
+        load_config(tmp_path / "bomb.yaml")
+    assert time.perf_counter() - start < 5 and len(str(info.value)) < 1100
+    (tmp_path / "rec.yaml").write_text("a: &a [1, *a]\n")
+    with pytest.raises(ConfigError, match="aliases expand"):
+        load_config(tmp_path / "rec.yaml")
+    for value in (float("nan"), float("inf"), float("-inf")):
+        bad = copy.deepcopy(demo_config)
+        bad["train"]["lr"] = value
+        with pytest.raises(ConfigError, match=r"key 'train.lr': .* not a finite number"):
+            validate_config(bad)
+    (tmp_path / "inf.yaml").write_text(yaml.safe_dump(demo_config).replace("lr: 0.001", "lr: .inf"))
+    with pytest.raises(ConfigError, match="not a finite number"):
+        load_config(tmp_path / "inf.yaml", check_inputs=False)
+    overlap = copy.deepcopy(demo_config)
+    overlap["train"]["datasets"]["demo"] = {"train": [0, 10], "val": [9, 12]}
+    with pytest.raises(ConfigError, match="overlap"):
+        validate_config(overlap)
+    braces = copy.deepcopy(demo_config)
+    braces["datasets"]["x"] = {"raw": "data/{sample}.tif"}
+    with pytest.raises(ConfigError, match="braces"):
+        validate_config(braces)
+    # A long value (here a long key path) never yields a huge message.
+    long_key = copy.deepcopy(demo_config)
+    long_key["x" * 100000] = 1
+    with pytest.raises(ConfigError) as info:
+        validate_config(long_key)
+    assert len(str(info.value)) < 1100
+
+
+def test_slice_ranges_beyond_the_stack_are_refused(tmp_path):
+    import numpy as np
+    import tifffile
+
+    from unet_pipe.config import check_input_stacks
+
+    tifffile.imwrite(tmp_path / "raw.tif", np.zeros((4, 8, 8), np.uint8), photometric="minisblack")
+    cfg = validate_config({"datasets": {"d": {"raw": "raw.tif", "labels": "raw.tif"}},
+                           "train": {"datasets": {"d": {"train": [0, 3], "val": [3, 6]}}}})
+    with pytest.raises(ConfigError, match=r"train.datasets.d.val': range \[3, 6\] goes beyond the 4 slices"):
+        check_input_stacks(cfg, base=tmp_path)

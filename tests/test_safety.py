@@ -191,3 +191,27 @@ def test_not_enough_free_space_is_refused_up_front(tmp_path):
     with pytest.raises(OutputError, match="MiB are free"):
         StagedImage(tmp_path / "huge.zarr", shape=(10**6, 10**5, 10**5), dtype=np.float32, chunks=(1, 512, 512))
     assert not (tmp_path / "huge.zarr.partial").exists()
+
+
+def test_tiff_pages_or_slices_that_differ_are_refused(tmp_path, run_cli):
+    with tifffile.TiffWriter(tmp_path / "mixed.tif") as tif:
+        for shape in ((16, 16), (16, 16), (16, 20), (16, 16)):
+            tif.write(np.zeros(shape, np.uint8), photometric="minisblack")
+    code, _, err = run_cli("ingest", tmp_path / "mixed.tif", tmp_path / "a.zarr")
+    assert code == 2 and "pages differ in shape or dtype (page 2: shape (16, 20)" in err
+    with tifffile.TiffWriter(tmp_path / "dtypes.tif") as tif:
+        tif.write(np.zeros((16, 16), np.uint8), photometric="minisblack")
+        tif.write(np.zeros((16, 16), np.uint16), photometric="minisblack")
+    code, _, err = run_cli("ingest", tmp_path / "dtypes.tif", tmp_path / "b.zarr")
+    assert code == 2 and "dtype uint16" in err
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    for i in range(3):
+        tifffile.imwrite(folder / f"{i}.tif", np.zeros((8, 8), np.uint8), photometric="minisblack")
+    os.symlink(tmp_path / "gone.tif", folder / "3.tif")
+    code, _, err = run_cli("ingest", folder, tmp_path / "c.zarr")
+    assert code == 2 and "3.tif: slice entry is not a readable file" in err
+    tifffile.imwrite(tmp_path / "i64.tif", np.zeros((4, 8, 8), np.int64), photometric="minisblack")
+    code, _, err = run_cli("ingest", tmp_path / "i64.tif", tmp_path / "d.zarr", "--labels")
+    assert code == 2 and "64-bit integer" in err
+    assert not any(p.name.endswith((".zarr", ".partial")) for p in tmp_path.iterdir())

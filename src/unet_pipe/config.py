@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ def validate_config(config: dict, source: str | Path | None = None) -> dict:
     """
     if not isinstance(config, dict):
         raise ConfigError(source, "the configuration must be a YAML mapping")
+    _check_finite(config, source, "")
     schema = load_schema()
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
@@ -74,8 +76,27 @@ def validate_config(config: dict, source: str | Path | None = None) -> dict:
     return filled
 
 
+def _check_finite(value: Any, source: str | Path | None, key: str) -> None:
+    """Refuse NaN and infinities (YAML ``.nan``/``.inf``, numbers that overflow a float)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(source, f"key '{key or '.'}': {value} is not a finite number")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, source, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_finite(v, source, f"{key}[{i}]")
+
+
 def _check_semantics(config: dict, source: str | Path | None) -> None:
     datasets = config["datasets"]
+    for name, ds in datasets.items():
+        for key in ("raw", "labels"):
+            if isinstance(ds.get(key), str) and ("{" in ds[key] or "}" in ds[key]):
+                raise ConfigError(source, f"key 'datasets.{name}.{key}': braces in paths are not supported "
+                                  "(Snakemake reads them as wildcards); rename the file or folder")
+    if "{" in str(config.get("results", "")) or "}" in str(config.get("results", "")):
+        raise ConfigError(source, "key 'results': braces in paths are not supported (Snakemake wildcards)")
     for name, ranges in config["train"]["datasets"].items():
         if name not in datasets:
             raise ConfigError(source, f"key 'train.datasets.{name}': no such dataset in 'datasets'")
@@ -84,6 +105,13 @@ def _check_semantics(config: dict, source: str | Path | None) -> None:
         for part in ("train", "val"):
             if part in ranges and ranges[part][0] >= ranges[part][1]:
                 raise ConfigError(source, f"key 'train.datasets.{name}.{part}': empty range {ranges[part]}")
+        if "train" in ranges and "val" in ranges:
+            (a0, a1), (b0, b1) = ranges["train"], ranges["val"]
+            if a0 < b1 and b0 < a1:
+                raise ConfigError(
+                    source, f"key 'train.datasets.{name}': train {ranges['train']} and val {ranges['val']} overlap "
+                    "(validation slices must be held out)"
+                )
     for name in config["predict"]["datasets"]:
         if name not in datasets:
             raise ConfigError(source, f"key 'predict.datasets': no such dataset '{name}'")
@@ -97,14 +125,57 @@ def check_inputs_exist(config: dict, base: str | Path = ".", source: str | Path 
                 raise ConfigError(source, f"key 'datasets.{name}.{key}': input '{ds[key]}' does not exist")
 
 
+MAX_CONFIG_BYTES = 2**20
+MAX_EXPANDED_NODES = 100_000
+
+
+def _expanded_size(root: Any) -> int:
+    """Node count of a composed YAML document with every alias expanded (memoised, no recursion)."""
+    if root is None:
+        return 0
+    sizes: dict[int, int] = {}
+    visiting: set[int] = set()
+    stack = [(root, False)]
+    while stack:
+        node, ready = stack.pop()
+        if id(node) in sizes:
+            continue
+        if not ready and id(node) in visiting:
+            return MAX_EXPANDED_NODES + 1  # a recursive alias: infinite
+        visiting.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            sizes[id(node)] = 1
+            continue
+        if ready:
+            sizes[id(node)] = 1 + sum(sizes.get(id(c), 1) for c in children)
+        else:
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in sizes)
+    return sizes[id(root)]
+
+
 def load_config(path: str | Path, check_inputs: bool = True) -> dict:
     """Read a YAML config safely, validate it and fill in defaults."""
     path = Path(path)
     try:
-        with open(path, encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh)
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(path, f"larger than {MAX_CONFIG_BYTES // 2**20} MiB: not a configuration")
+        text = path.read_text(encoding="utf-8")
+        # Size of the document with aliases expanded, computed on the composed node graph
+        # (shared, not expanded): a "billion laughs" file of a few hundred bytes would
+        # otherwise take minutes in the schema check.
+        expanded = _expanded_size(yaml.compose(text, Loader=yaml.SafeLoader))
+        if expanded > MAX_EXPANDED_NODES:
+            raise ConfigError(path, f"YAML aliases expand to {expanded:.3g} nodes (limit {MAX_EXPANDED_NODES}): refused")
+        raw = yaml.safe_load(text)
     except FileNotFoundError:
         raise ConfigError(path, "config file not found") from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, "not a UTF-8 text file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -153,11 +224,22 @@ def check_input_stacks(config: dict, base: str | Path = ".") -> None:
     from unet_pipe.errors import InputError
     from unet_pipe.tiff import open_tiff_stack
 
-    for ds in config["datasets"].values():
+    for ds_name, ds in config["datasets"].items():
         if "raw" not in ds:
             continue
         raw = open_tiff_stack(Path(base) / ds["raw"])
+        _check_ranges(config, ds_name, raw.shape[0], raw.path)
         if "labels" in ds:
             labels = open_tiff_stack(Path(base) / ds["labels"])
             if labels.shape != raw.shape:
                 raise InputError(labels.path, f"shape {labels.shape} differs from {raw.shape} of {raw.path}")
+
+
+def _check_ranges(config: dict, name: str, depth: int, path: Path) -> None:
+    """Train/val slice ranges of dataset ``name`` must lie within its ``depth`` slices."""
+    ranges = config["train"]["datasets"].get(name, {})
+    for part in ("train", "val"):
+        if part in ranges and ranges[part][1] > depth:
+            raise ConfigError(
+                None, f"key 'train.datasets.{name}.{part}': range {ranges[part]} goes beyond the {depth} slices of {path}"
+            )

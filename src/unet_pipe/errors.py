@@ -10,13 +10,18 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def _bounded(text: str, limit: int) -> str:
+    text = text.replace("\r", " ").replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 5] + " ..."
+
+
 class UnetPipeError(Exception):
     """Base class of errors caused by the user's input, not by a bug."""
 
     def __init__(self, path: str | Path | None, problem: str) -> None:
-        self.path = None if path is None else str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}" if self.path else problem)
+        self.path = None if path is None else _bounded(str(path), 300)
+        self.problem = _bounded(str(problem), 700)  # one readable line, whatever the input holds
+        super().__init__(f"{self.path}: {self.problem}" if self.path else self.problem)
 
 
 class InputError(UnetPipeError):

@@ -10,6 +10,7 @@ sizes (z, y, x) in micrometres.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -217,6 +218,20 @@ def _series_geometry(tif: tifffile.TiffFile, file: Path) -> tuple[tuple[int, int
     if not tif.series:
         raise InputError(file, "not a readable TIFF (no image series found)")
     series = tif.series[0]
+    if len(tif.series) > 1:
+        # tifffile splits a stack whose pages differ in shape or dtype into several series:
+        # reading series 0 alone would silently drop slices.
+        first = series.pages[0]
+        odd = next(
+            (i for i, p in enumerate(tif.pages) if p is not None and hasattr(p, "shape")
+             and (tuple(p.shape) != tuple(first.shape) or p.dtype != first.dtype)),
+            None,
+        )
+        where = "" if odd is None else (
+            f" (page {odd}: shape {tuple(tif.pages[odd].shape)}, dtype {tif.pages[odd].dtype}; "
+            f"page 0: shape {tuple(first.shape)}, dtype {first.dtype})"
+        )
+        raise InputError(file, f"holds {len(tif.series)} image series: pages differ in shape or dtype{where}")
     shape = tuple(int(s) for s in series.shape)
     axes = series.axes
     # Drop singleton non-spatial axes (e.g. OME-TIFF 'TCZYX' with T=C=1).
@@ -231,6 +246,9 @@ def _series_geometry(tif: tifffile.TiffFile, file: Path) -> tuple[tuple[int, int
     dtype = np.dtype(series.dtype)
     if dtype.kind not in "uif" and dtype != np.bool_:
         raise InputError(file, f"unsupported dtype {dtype}")
+    if dtype.kind in "ui" and dtype.itemsize > 4:
+        # Labels are stored and post-processed as at most 32-bit ids; narrowing could merge objects.
+        raise InputError(file, f"64-bit integer pixels ({dtype}) are not supported; convert to (u)int32 or smaller")
     return (sizes[0], sizes[1], sizes[2]), dtype
 
 
@@ -279,9 +297,14 @@ def open_tiff_stack(path: str | Path) -> TiffSource:
     if not path.exists():
         raise InputError(path, "not found")
     if path.is_dir():
-        files = natsorted(
-            (p for p in path.iterdir() if p.is_file() and p.suffix.lower() in TIFF_SUFFIXES), key=lambda p: p.name
-        )
+        entries = [p for p in path.iterdir() if p.suffix.lower() in TIFF_SUFFIXES]
+        broken = [p for p in entries if not p.is_file()]  # dangling links, folders named *.tif
+        if broken:
+            raise InputError(broken[0], "slice entry is not a readable file (dangling link or folder)")
+        unreadable = [p for p in entries if not os.access(p, os.R_OK)]
+        if unreadable:
+            raise InputError(unreadable[0], "slice file is not readable (permissions)")
+        files = natsorted(entries, key=lambda p: p.name)
         if not files:
             raise InputError(path, "folder holds no .tif/.tiff slices")
         with _open_tiff(files[0]) as tif:
