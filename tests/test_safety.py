@@ -215,3 +215,19 @@ def test_tiff_pages_or_slices_that_differ_are_refused(tmp_path, run_cli):
     code, _, err = run_cli("ingest", tmp_path / "i64.tif", tmp_path / "d.zarr", "--labels")
     assert code == 2 and "64-bit integer" in err
     assert not any(p.name.endswith((".zarr", ".partial")) for p in tmp_path.iterdir())
+
+
+def test_predict_refuses_raw_of_another_dtype_than_training(tmp_path):
+    from unet_pipe.errors import InputError
+    from unet_pipe.predict import predict
+
+    model = UNet(depth=2, base_channels=4)
+    save_checkpoint(tmp_path / "m.pt", model, extra={"input_dtype": "uint8", "input_normalization": "dtype-max"})
+    for dtype in (np.uint8, np.uint16):
+        s = StagedImage(tmp_path / f"{np.dtype(dtype)}.zarr", shape=(1, 64, 64), dtype=dtype, chunks=(1, 64, 64))
+        s.array[:] = 100
+        s.commit(pyramid_levels=0)
+    predict(tmp_path / "m.pt", tmp_path / "uint8.zarr", tmp_path / "p8.zarr", pyramid_levels=0)
+    with pytest.raises(InputError, match="trained on uint8 raw data but this image is uint16"):
+        predict(tmp_path / "m.pt", tmp_path / "uint16.zarr", tmp_path / "p16.zarr", pyramid_levels=0)
+    assert not (tmp_path / "p16.zarr").exists() and not (tmp_path / "p16.zarr.partial").exists()

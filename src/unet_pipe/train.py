@@ -395,6 +395,11 @@ def _train(
     train_cfg, model_cfg, weights_cfg = config["train"], config["model"], config["weights"]
     seed = int(config["seed"])
     volumes = volumes_from_config(config, open_stores(stores))
+    dtypes = sorted({str(np.dtype(v.raw.dtype)) for v in volumes})
+    if len(dtypes) > 1:
+        raise ConfigError(None, f"training raw stacks have different dtypes {dtypes} (scaled differently); "
+                          "convert them to one dtype")
+    input_dtype = dtypes[0] if dtypes else None
     sampler = TileSampler(
         volumes,
         tile=train_cfg["tile"],
@@ -469,6 +474,7 @@ def _train(
             "tile": sampler.tile,
             "output": sampler.output,
             "input_normalization": "dtype-max",  # see unet_pipe.data.normalize_raw
+            "input_dtype": input_dtype,  # predict refuses raw of another dtype (other scaling)
             "label_mode": weights_cfg["label_mode"],
         }
         save_checkpoint(path, model, optimizer, step=step, config=config, extra=extra)
