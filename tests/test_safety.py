@@ -231,3 +231,36 @@ def test_predict_refuses_raw_of_another_dtype_than_training(tmp_path):
     with pytest.raises(InputError, match="trained on uint8 raw data but this image is uint16"):
         predict(tmp_path / "m.pt", tmp_path / "uint16.zarr", tmp_path / "p16.zarr", pyramid_levels=0)
     assert not (tmp_path / "p16.zarr").exists() and not (tmp_path / "p16.zarr.partial").exists()
+
+
+def test_cli_numbers_and_malformed_ngff_metadata_give_one_line(tmp_path, raw_tif, run_cli):
+    src, _ = raw_tif
+    for bad in (["0", "1", "1"], ["-1", "1", "1"], ["nan", "1", "1"], ["inf", "1", "1"]):
+        code, _, err = run_cli("ingest", src, tmp_path / "v.zarr", "--voxel-size", *bad)
+        assert code == 2 and "--voxel-size must be three finite positive numbers" in err
+    code, _, err = run_cli("synth", tmp_path / "s", "--shape", 100000, 100000, 100000)
+    assert code == 2 and "voxels" in err and not (tmp_path / "s").exists()
+    store = tmp_path / "ok.zarr"
+    assert run_cli("ingest", src, store, "--pyramid-levels", 0)[0] == 0
+    attrs = json.loads((store / ".zattrs").read_text())
+
+    def broken(name, change):
+        import shutil
+
+        copy = tmp_path / name
+        shutil.copytree(store, copy)
+        a = json.loads(json.dumps(attrs))
+        change(a, copy)
+        (copy / ".zattrs").write_text(json.dumps(a))
+        return copy
+
+    cases = {
+        "short_scale.zarr": (lambda a, c: a["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]
+                             .__setitem__("scale", [1.0, 1.0]), "finite positive numbers"),
+        "dotdot.zarr": (lambda a, c: a["multiscales"][0]["datasets"][0].__setitem__("path", "../ok.zarr/0"),
+                        "not a relative name"),
+        "garbled.zarr": (lambda a, c: (c / "0" / ".zarray").write_text("{garbled"), "unreadable array metadata"),
+    }
+    for name, (change, message) in cases.items():
+        code, _, err = run_cli("info", broken(name, change))
+        assert code == 2 and message in err and err.count("\n") <= 1, (name, err)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -73,11 +74,23 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_synth)
 
 
+SYNTH_MAX_VOXELS = 2e9
+
+
+def _check_voxel_size(values: Sequence[float] | None) -> None:
+    if values is not None and not all(math.isfinite(v) and v > 0 for v in values):
+        raise UnetPipeError(None, f"--voxel-size must be three finite positive numbers, got {' '.join(map(str, values))}")
+
+
 def _cmd_synth(args: argparse.Namespace) -> int:
     from unet_pipe.synth import write_synthetic
 
     if min(args.shape) < 1 or min(args.shape[1:]) < 8:
         raise UnetPipeError(None, f"--shape must be at least 1 8 8, got {' '.join(map(str, args.shape))}")
+    if math.prod(args.shape) > SYNTH_MAX_VOXELS:
+        raise UnetPipeError(None, f"--shape {' '.join(map(str, args.shape))} is over {SYNTH_MAX_VOXELS:.0e} voxels "
+                            "(synthetic stacks are made in memory)")
+    _check_voxel_size(args.voxel_size)
     paths = write_synthetic(args.out_dir, args.shape, args.seed, args.voxel_size)
     log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
     return 0
@@ -121,6 +134,9 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     params = {"chunks": list(chunks), "pyramid_levels": levels, "labels": args.labels, "voxel_size": args.voxel_size}
     if args.threads is not None and args.threads < 1:
         raise UnetPipeError(None, "--threads must be >= 1")
+    _check_voxel_size(args.voxel_size)
+    if levels is not None and not 0 <= levels <= 16:
+        raise UnetPipeError(None, f"--pyramid-levels must be in 0..16, got {levels}")
     ingest_tiff(
         args.src,
         args.dest,

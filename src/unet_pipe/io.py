@@ -448,11 +448,24 @@ def image_metadata(path: str | Path) -> ImageMeta:
         ms = attrs["multiscales"][0]
         level0 = ms["datasets"][0]
         scale = next(t["scale"] for t in level0["coordinateTransformations"] if t["type"] == "scale")
-        array = group[level0["path"]]
-    except (KeyError, IndexError, StopIteration, TypeError):
+        name = level0["path"]
+    except (KeyError, IndexError, StopIteration, TypeError, AttributeError):
         raise InputError(path, "not an OME-Zarr image (no valid 'multiscales' metadata)") from None
+    for ds in ms.get("datasets", []):
+        p = ds.get("path") if isinstance(ds, dict) else None
+        if not isinstance(p, str) or not p or p.startswith("/") or ".." in Path(p).parts or "\\" in p:
+            raise InputError(path, f"multiscales dataset path {p!r} is not a relative name inside the store")
+    try:
+        array = group[name]
+    except KeyError:
+        raise InputError(path, f"multiscales names dataset {name!r}, which is missing") from None
+    except Exception as exc:  # garbled .zarray / zarr.json: zarr raises many types
+        raise InputError(path, f"dataset {name!r} has unreadable array metadata ({type(exc).__name__})") from None
     if array.ndim != 3:
         raise InputError(path, f"expected a 3D (z, y, x) image, found {array.ndim} dimensions")
+    if (not isinstance(scale, list) or len(scale) != array.ndim
+            or not all(isinstance(v, (int, float)) and np.isfinite(v) and v > 0 for v in scale)):
+        raise InputError(path, f"scale {scale!r} of level {name!r} must be {array.ndim} finite positive numbers")
     return ImageMeta(
         path=path,
         shape=tuple(array.shape),
