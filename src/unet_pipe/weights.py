@@ -505,6 +505,8 @@ def compute_weight_store(
         # Keep the staging folder for a resume unless nothing useful was written.
         if not staged.done_keys():
             staged.abort()
+        else:
+            log.error("weights for %s stopped; %s kept, rerun to resume", labels_path, staged.staging)
         raise
     return summary
 
