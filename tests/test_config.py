@@ -109,6 +109,10 @@ def test_config_abuse_is_refused_fast_and_short(tmp_path, demo_config):
     (tmp_path / "inf.yaml").write_text(yaml.safe_dump(demo_config).replace("lr: 0.001", "lr: .inf"))
     with pytest.raises(ConfigError, match="not a finite number"):
         load_config(tmp_path / "inf.yaml", check_inputs=False)
+    huge = copy.deepcopy(demo_config)
+    huge["train"]["steps"] = 10**30
+    with pytest.raises(ConfigError, match=r"key 'train.steps': .* too large"):
+        validate_config(huge)
     overlap = copy.deepcopy(demo_config)
     overlap["train"]["datasets"]["demo"] = {"train": [0, 10], "val": [9, 12]}
     with pytest.raises(ConfigError, match="overlap"):

@@ -76,10 +76,16 @@ def validate_config(config: dict, source: str | Path | None = None) -> dict:
     return filled
 
 
+MAX_CONFIG_INT = 2**53
+
+
 def _check_finite(value: Any, source: str | Path | None, key: str) -> None:
     """Refuse NaN and infinities (YAML ``.nan``/``.inf``, numbers that overflow a float)."""
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(source, f"key '{key or '.'}': {value} is not a finite number")
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_CONFIG_INT:
+        # Such numbers overflow numpy/torch integers later, in the middle of a job.
+        raise ConfigError(source, f"key '{key or '.'}': {str(value)[:30]} is too large (limit 2**53)")
     if isinstance(value, dict):
         for k, v in value.items():
             _check_finite(v, source, f"{key}.{k}" if key else str(k))
