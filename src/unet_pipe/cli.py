@@ -472,7 +472,7 @@ def _guard_outputs(args: argparse.Namespace):
         check_dest(out, inputs)
     main_out = getattr(args, "dest", None) or getattr(args, "out", None)
     # Shards of one predict write disjoint regions of one staging store at once: no lock there.
-    if not isinstance(main_out, Path) or getattr(args, "shard", None) or args.func is _cmd_synth:
+    if not isinstance(main_out, Path) or getattr(args, "shard", None):
         yield
         return
     with DestLock(main_out):

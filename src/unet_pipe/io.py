@@ -30,7 +30,16 @@ import numpy as np
 import zarr
 
 from unet_pipe.errors import InputError, OutputError
-from unet_pipe.safety import STAGING_MARKER, check_replaceable, check_writable, is_our_staging, mark_staging, remove_staging, replace_with
+from unet_pipe.safety import (
+    ATTRS_KEY,
+    STAGING_MARKER,
+    check_replaceable,
+    check_writable,
+    is_our_staging,
+    mark_staging,
+    remove_staging,
+    replace_with,
+)
 from unet_pipe.tiff import open_tiff_stack
 
 log = logging.getLogger(__name__)
@@ -45,7 +54,6 @@ DEFAULT_COMPRESSION: dict[str, Any] = {"cname": "zstd", "clevel": 3}
 INGEST_COMPRESSION: dict[str, Any] = {"cname": "zstd", "clevel": 1, "blocksize": 262144}
 # Ingest reads whole slices while a z-slab of them fits here, else bands of rows.
 MAX_BUFFER_BYTES = 256 * 2**20
-ATTRS_KEY = "unet_pipe"
 _DONE_DIR = ".unet_pipe_done"
 _STAGING_SUFFIX = ".partial"
 

@@ -115,15 +115,16 @@ def _default_device(device: str | None) -> str:
     return device
 
 
-def _load_model(checkpoint: Path, expected_arch: dict | None, raw_dtype: Any = None) -> UNet:
+def _load_model(checkpoint: Path, expected_arch: dict | None, raw: Any = None) -> UNet:
+    """The checkpoint's model, checked against the configured architecture and ``raw``'s metadata."""
     model, data = model_from_checkpoint(checkpoint, map_location="cpu")
     trained = (data.get("extra") or {}).get("input_dtype")
-    if raw_dtype is not None and trained is not None and str(np.dtype(raw_dtype)) != trained:
+    if raw is not None and trained is not None and str(raw.dtype) != trained:
         # Inputs are scaled by their dtype's range (unet_pipe.data.normalize_raw): the same gray
         # values in another dtype would reach the net scaled differently and give wrong results.
         raise InputError(
-            None, f"the model was trained on {trained} raw data but this image is {np.dtype(raw_dtype)}; "
-            f"convert the stack to {trained} (same gray-value range) or train on {np.dtype(raw_dtype)} data"
+            raw.path, f"the model was trained on {trained} raw data but this image is {raw.dtype}; "
+            f"convert the stack to {trained} (same gray-value range) or train on {raw.dtype} data"
         )
     if expected_arch is not None:
         differ = {k: (model.arch.get(k), v) for k, v in expected_arch.items() if model.arch.get(k) != v}
@@ -151,10 +152,7 @@ class _Setup:
 def _setup(checkpoint, raw, dest, expected_arch, *, tile, block, batch, tta, dtype, precision) -> _Setup:
     checkpoint, raw, dest = Path(checkpoint), Path(raw), Path(dest)
     meta = image_metadata(raw)  # InputError unless a 3D (z, y, x) OME-Zarr image
-    try:
-        model = _load_model(checkpoint, expected_arch, meta.dtype)
-    except InputError as exc:
-        raise InputError(raw, exc.problem) from None
+    model = _load_model(checkpoint, expected_arch, meta)
     if model.dims == 3 and min(meta.shape) < 2:
         raise InputError(raw, f"a 3D model needs at least 2 voxels per axis, the image has shape {meta.shape}")
     if dtype not in OUTPUT_DTYPES:

@@ -101,12 +101,14 @@ def input_fingerprint(path: str | Path) -> str:
     into old results.
     """
     path = Path(path)
-    base = input_checksum(path)
-    if not path.is_dir() or not (path / ".zattrs").exists():
-        return base
-    if "array_sha256" in json.loads((path / ".zattrs").read_text()).get("unet_pipe", {}):
-        return base
-    digest = hashlib.sha256(base.encode())
+    attrs_file = path / ".zattrs"
+    if not path.is_dir() or not attrs_file.exists():
+        return input_checksum(path)
+    attrs = attrs_file.read_bytes()
+    own = json.loads(attrs).get("unet_pipe", {})
+    if "array_sha256" in own:
+        return own["array_sha256"]
+    digest = hashlib.sha256(attrs)  # one walk: names, sizes and times of every file
     for entry in sorted(path.rglob("*")):
         if entry.is_file():
             st = entry.stat()

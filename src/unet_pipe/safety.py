@@ -28,7 +28,7 @@ from unet_pipe.errors import OutputError
 
 STAGING_MARKER = ".unet-pipe-staging"
 LOCK_SUFFIX = ".unet-pipe.lock"
-ATTRS_KEY = "unet_pipe"
+ATTRS_KEY = "unet_pipe"  # our key in every store's .zattrs (re-exported by unet_pipe.io)
 
 
 def mark_staging(folder: Path) -> None:
