@@ -1,14 +1,18 @@
 """Tile sampling: mirrored reads, crop geometry, label classes, determinism, OME-Zarr stores."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from unet_pipe.data import (
+    IntensityRange,
     TileSampler,
     Volume,
     center_crop,
+    intensity_range,
     label_classes,
     normalize_raw,
     volumes_from_config,
@@ -50,6 +54,42 @@ def test_label_classes_and_normalize() -> None:
     assert normalize_raw(np.array([0, 51, 255], np.uint8)).tolist() == pytest.approx([0.0, 0.2, 1.0])
     assert normalize_raw(np.array([65535], np.uint16)).tolist() == [1.0]
     assert normalize_raw(np.array([0.5], np.float64)).dtype == np.float32
+
+
+def test_intensity_range_percentiles_and_dtype_independence() -> None:
+    # 0..99 in every slice: the 1st and 99th percentiles (linear interpolation) are 0.99 and 98.01.
+    stack = np.tile(np.arange(100, dtype=np.uint8).reshape(1, 10, 10), (3, 1, 1))
+    r = intensity_range(stack)
+    assert (r.low, r.high) == pytest.approx((0.99, 98.01))
+    # Equal gray values in another dtype: the same range, the same network input.
+    r16 = intensity_range(stack.astype(np.uint16))
+    assert r16 == r
+    np.testing.assert_array_equal(normalize_raw(stack, r), normalize_raw(stack.astype(np.uint16), r16))
+    np.testing.assert_array_equal(normalize_raw(stack, r), normalize_raw(stack.astype(np.float32), r))
+    assert normalize_raw(np.array([0.99, 98.01]), r).tolist() == pytest.approx([0.0, 1.0], abs=1e-6)
+    # A uint16 stack that uses a fraction of its range is not left dark (dtype scaling gave <= 0.0015).
+    assert normalize_raw(stack.astype(np.uint16) * 2, intensity_range(stack.astype(np.uint16) * 2)).max() > 1.0
+
+
+def test_intensity_range_refuses_flat_or_nan_and_falls_back_to_min_max() -> None:
+    with pytest.raises(InputError, match="no contrast"):
+        intensity_range(np.full((2, 4, 4), 7, np.uint8), where="flat.ome.zarr")
+    with pytest.raises(InputError, match="NaN"):
+        intensity_range(np.array([[[0.0, np.nan]]]))
+    # 98 % zeros and 2 % 255: both percentiles are 0, so the full range is used instead.
+    sparse = np.zeros((1, 10, 10), np.uint8)
+    sparse[0, 0, :2] = 255
+    assert intensity_range(sparse) == IntensityRange(0.0, 255.0)
+
+
+def test_intensity_range_sample_is_fixed() -> None:
+    # Large stacks are sampled (32 evenly spaced slices, strided): the result depends on the
+    # data only, never on chunking; here slice z holds value z, so slices 0..99 are sampled
+    # at 32 evenly spaced positions and the percentiles fall on those values.
+    stack = np.broadcast_to(np.arange(100, dtype=np.uint16)[:, None, None], (100, 2, 2))
+    r = intensity_range(stack)
+    zs = np.unique(np.linspace(0, 99, 32).round().astype(int))
+    assert (r.low, r.high) == pytest.approx(tuple(np.percentile(np.repeat(zs, 4), (1, 99))))
 
 
 def test_center_crop() -> None:
@@ -144,7 +184,7 @@ def test_tiles_from_ome_zarr_stores(tmp_path) -> None:
     config = {"train": {"datasets": {"v": {"train": [0, 3], "val": [3, 4]}}}}
     stores = {"v": {k: open_image(p) for k, p in paths.items()}}
     from_zarr = TileSampler(volumes_from_config(config, stores), tile=44, depth=2)
-    from_numpy = TileSampler([vol], tile=44, depth=2)
+    from_numpy = TileSampler([dataclasses.replace(vol, intensity=intensity_range(vol.raw))], tile=44, depth=2)
     for seed in range(3):
         a = from_zarr.sample(np.random.default_rng(seed))
         b = from_numpy.sample(np.random.default_rng(seed))

@@ -331,3 +331,29 @@ def test_resume_refuses_another_device_kind(stack, tmp_path) -> None:
     plan_file.write_text(json.dumps({**data, "device": "cuda"}))  # as if a GPU shard had started it
     with pytest.raises(ConfigError, match="was started on cuda"):
         predict(stack["ckpt"], stack["raw_path"], dest, shard=(1, 3), tile=32)
+
+
+def test_percentile_normalisation_makes_dtype_irrelevant(tmp_path) -> None:
+    """A checkpoint with the percentile rule: the stack is normalised by its own 1st/99th
+    percentiles, so equal gray values stored as uint8, uint16 or float32 give equal
+    probabilities (the legacy dtype scaling gave uint16 inputs 1/257 of the uint8 ones)."""
+    from unet_pipe.data import intensity_range, normalize_raw
+
+    net = make_net()
+    ckpt = tmp_path / "m.pt"
+    rule = {"rule": "percentile", "percentiles": [1.0, 99.0], "volumes": {}}
+    save_checkpoint(ckpt, net, extra={"input_normalization": rule})
+    values = np.random.default_rng(3).integers(20, 200, (2, 40, 36)).astype(np.uint8)
+    outs = []
+    for dtype in (np.uint8, np.uint16, np.float32):
+        raw = write_image(tmp_path / f"raw_{np.dtype(dtype).name}.ome.zarr", values.astype(dtype), (1, 16, 16))
+        predict(ckpt, raw, tmp_path / f"p_{np.dtype(dtype).name}.ome.zarr", tile=16, threads=1)
+        outs.append(read_probabilities(tmp_path / f"p_{np.dtype(dtype).name}.ome.zarr"))
+        attrs = image_metadata(tmp_path / f"p_{np.dtype(dtype).name}.ome.zarr").attrs["unet_pipe"]
+        assert attrs["provenance"]["params"]["intensity"] == pytest.approx(intensity_range(values).to_list())
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(outs[0], outs[2])
+    # And the values are the network's on (raw - low) / (high - low): the reference scales
+    # by 1/255 itself, so hand it raw values pre-mapped to 255 * normalised.
+    expected = reference(net, 255.0 * normalize_raw(values, intensity_range(values)))
+    np.testing.assert_allclose(outs[0], expected, atol=TOL)

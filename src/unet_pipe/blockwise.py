@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from unet_pipe.data import normalize_raw
+from unet_pipe.data import IntensityRange, normalize_raw
 from unet_pipe.errors import ConfigError
 from unet_pipe.io import StagedImage, open_image
 from unet_pipe.model import UNet, model_from_checkpoint
@@ -133,7 +133,8 @@ def _tta_transforms() -> list[tuple[int, bool]]:
 class Predictor:
     """Maps a batch of raw input windows to foreground probabilities of the valid outputs.
 
-    ``windows``: ``(B, z, y, x)`` raw values (z = 1 for a 2D model); returns
+    ``windows``: ``(B, z, y, x)`` raw values (z = 1 for a 2D model), normalised with
+    ``intensity`` (:func:`unet_pipe.data.normalize_raw`); returns
     float32 ``(B, z', y', x')``.  ``tta`` averages the probabilities of the 8
     rotations/flips in (y, x) (paper: ISBI 2012).  On CUDA the forward runs
     under autocast (bfloat16 where supported, else float16) unless
@@ -141,7 +142,14 @@ class Predictor:
     are always float32.
     """
 
-    def __init__(self, model: UNet, device: str | torch.device = "cpu", tta: bool = False, precision: str = "auto"):
+    def __init__(
+        self,
+        model: UNet,
+        device: str | torch.device = "cpu",
+        tta: bool = False,
+        precision: str = "auto",
+        intensity: IntensityRange | None = None,
+    ):
         self.device = torch.device(device)
         # Channels-last lets oneDNN/cuDNN use their fastest convolutions (measured 1.8x for
         # the paper's U-Net on CPU); values agree with NCHW to float reassociation.
@@ -150,6 +158,7 @@ class Predictor:
         self.dims = model.dims
         self.n_classes = model.arch["n_classes"]
         self.tta = tta
+        self.intensity = intensity
         self.amp_dtype: torch.dtype | None = None
         if self.device.type == "cuda" and precision == "auto":
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -168,7 +177,7 @@ class Predictor:
         return probs[:, 1:2] if self.n_classes == 2 else 1.0 - probs[:, 0:1]
 
     def __call__(self, windows: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(normalize_raw(windows))
+        x = torch.from_numpy(normalize_raw(windows, self.intensity))
         x = x.unsqueeze(1) if self.dims == 3 else x  # 2D: the z axis (size 1) is the channel axis
         x = x.contiguous(memory_format=self.memory_format)
         if self.device.type == "cuda":
@@ -212,6 +221,7 @@ class BlockJob:
     tta: bool
     dtype: str  # stored dtype (OUTPUT_DTYPES)
     precision: str
+    intensity: IntensityRange | None  # the raw stack's normalisation (None: legacy dtype scaling)
     threads: int  # torch intra-op threads per compute slot (CPU)
     slots: int  # concurrent forward passes per process (CPU workers; GPUs count themselves)
 
@@ -254,7 +264,9 @@ def _register(job: BlockJob, model: UNet | None = None) -> _Context:
         ctx = _Context(raw=open_image(job.raw), devices=pool, threads=threads)
         for device in dict.fromkeys(devices):
             replica = model if device == "cpu" else _copy_model(model)
-            ctx.predictors[device] = Predictor(replica, device, tta=job.tta, precision=job.precision)
+            ctx.predictors[device] = Predictor(
+                replica, device, tta=job.tta, precision=job.precision, intensity=job.intensity
+            )
         for device in devices:
             pool.put(device)
         _CONTEXTS[job.token] = ctx

@@ -19,8 +19,11 @@ Conventions
 * The output window is drawn uniformly among the positions that lie inside the
   image (or that cover it, when the image is smaller than the window): every
   target pixel is a real, labelled pixel.
-* Raw data is scaled to [0, 1] by its dtype's maximum (integer types) — use
-  :func:`normalize_raw` at inference too.  Labels become classes ``{0:
+* Raw gray values are normalised per stack by a rule measured on the stack
+  itself (:func:`intensity_range`: its 1st and 99th percentiles map to 0 and 1),
+  in training and at inference alike (:func:`normalize_raw`), so equal gray
+  values give equal inputs whatever the dtype (uint8, uint16, float) and a
+  stack that uses a fraction of its dtype's range is not left dark.  Labels become classes ``{0:
   membrane/background, 1: cell}`` (:func:`label_classes`).
 * All randomness comes from an explicit ``numpy.random.Generator``; the stores
   are read lazily, one tile at a time.
@@ -44,10 +47,66 @@ LABEL_MODES = ("binary", "instances")
 # --------------------------------------------------------------------------- values
 
 
-def normalize_raw(raw: np.ndarray) -> np.ndarray:
-    """Raw gray values as float32: integer dtypes divided by their maximum (uint8: /255),
-    floating data unchanged, bool as 0/1."""
+#: The normalisation rule: these percentiles of a stack's gray values map to 0 and 1.
+#: Percentiles rather than min/max so that a few saturated or dead pixels do not set the scale
+#: (the convention of cellpose, stardist/csbdeep's percentile normalisation; nnU-Net's z-score
+#: is the same idea with mean and std).
+PERCENTILES = (1.0, 99.0)
+#: Voxels read to measure them: at most this many slices, evenly spaced, each read at a
+#: stride that keeps about ``_SAMPLE_PER_SLICE`` pixels.  Deterministic, and independent of
+#: chunking, block size and worker count.
+_SAMPLE_SLICES = 32
+_SAMPLE_PER_SLICE = 1 << 20
+
+
+@dataclass(frozen=True)
+class IntensityRange:
+    """Gray values ``low`` and ``high`` that map to 0 and 1 (the stack's 1st/99th percentiles)."""
+
+    low: float
+    high: float
+
+    def to_list(self) -> list[float]:
+        return [self.low, self.high]
+
+
+def intensity_range(raw: Any, percentiles: tuple[float, float] = PERCENTILES, where: Any = None) -> IntensityRange:
+    """The normalisation range of a ``(z, y, x)`` stack (numpy or zarr), measured on a fixed
+    subsample: up to 32 evenly spaced slices, each at a stride of about 1 M pixels.
+
+    Raises :class:`InputError` (naming ``where``) when the stack has no contrast or holds
+    non-finite values in the sample.
+    """
+    shape = tuple(raw.shape)
+    if len(shape) != 3 or 0 in shape:
+        raise InputError(where, f"expected a non-empty (z, y, x) stack, got shape {shape}")
+    nz = shape[0]
+    zs = np.unique(np.linspace(0, nz - 1, min(nz, _SAMPLE_SLICES)).round().astype(int))
+    stride = max(1, int(np.ceil(np.sqrt(shape[1] * shape[2] / _SAMPLE_PER_SLICE))))
+    sample = np.concatenate([np.asarray(raw[int(z), ::stride, ::stride], dtype=np.float64).ravel() for z in zs])
+    if not np.all(np.isfinite(sample)):
+        raise InputError(where, "raw data holds NaN or infinite values")
+    low, high = (float(v) for v in np.percentile(sample, percentiles))
+    if not high > low:
+        # Nearly constant stacks (e.g. a sparse foreground): fall back to the full range.
+        low, high = float(sample.min()), float(sample.max())
+    if not high > low:
+        raise InputError(where, f"raw data has no contrast (every sampled value is {low:g})")
+    return IntensityRange(low, high)
+
+
+def normalize_raw(raw: np.ndarray, intensity: IntensityRange | None = None) -> np.ndarray:
+    """Raw gray values as float32 network input.
+
+    With ``intensity``: ``(raw - low) / (high - low)`` (not clipped: values beyond the
+    percentiles keep their contrast).  Without (checkpoints made before the percentile
+    rule): integer dtypes divided by their maximum (uint8: /255), floats unchanged.
+    Element-wise, so a tile normalises exactly as the same pixels of the whole stack.
+    """
     a = np.asarray(raw)
+    if intensity is not None:
+        scale = np.float32(1.0 / (intensity.high - intensity.low))
+        return ((a.astype(np.float32) - np.float32(intensity.low)) * scale).astype(np.float32, copy=False)
     if a.dtype == np.bool_:
         return a.astype(np.float32)
     if np.issubdtype(a.dtype, np.integer):
@@ -97,6 +156,7 @@ class Volume:
     weights: Any
     train: tuple[int, int]
     val: tuple[int, int] | None = None
+    intensity: IntensityRange | None = None  # None: the legacy dtype-maximum scaling
 
     def check(self) -> None:
         """Raise InputError/ConfigError when the arrays or ranges do not fit."""
@@ -199,7 +259,7 @@ class TileSampler:
             weights = np.ones(shape, dtype=np.float32)
         squeeze = 0 if self.dims == 2 else slice(None)
         return Tile(
-            image=normalize_raw(raw)[squeeze],
+            image=normalize_raw(raw, volume.intensity)[squeeze],
             classes=label_classes(labels, self.label_mode, self.foreground_value)[squeeze],
             weights=np.ascontiguousarray(weights[squeeze]),
             volume=volume.name,
@@ -218,20 +278,24 @@ class TileSampler:
 
 def volumes_from_config(config: dict, stores: dict[str, dict[str, Any]]) -> list[Volume]:
     """Volumes of ``config['train']['datasets']`` with arrays from ``stores``:
-    ``{name: {'raw': array, 'labels': array, 'weights': array or None}}``."""
+    ``{name: {'raw': array, 'labels': array, 'weights': array or None}}``; each raw stack
+    is normalised by its own :func:`intensity_range` (measured on the whole stack, as
+    prediction measures the stack it segments)."""
     volumes = []
     for name, ranges in config["train"]["datasets"].items():
         if name not in stores or stores[name].get("raw") is None or stores[name].get("labels") is None:
             raise ConfigError(None, f"key 'train.datasets.{name}': no raw/labels stores given for this dataset")
         val = ranges.get("val")
+        raw = stores[name]["raw"]
         volumes.append(
             Volume(
                 name=name,
-                raw=stores[name]["raw"],
+                raw=raw,
                 labels=stores[name]["labels"],
                 weights=stores[name].get("weights"),
                 train=(int(ranges["train"][0]), int(ranges["train"][1])),
                 val=None if val is None else (int(val[0]), int(val[1])),
+                intensity=intensity_range(raw, where=getattr(raw, "path", name)),
             )
         )
     return volumes

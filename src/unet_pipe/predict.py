@@ -71,6 +71,7 @@ from unet_pipe.blockwise import (  # noqa: F401 (re-exported)
     tile_memory_budget,
     tune_allocator,
 )
+from unet_pipe.data import IntensityRange, intensity_range
 from unet_pipe.errors import CheckpointError, ConfigError, InputError, OutputError
 from unet_pipe.io import StagedImage, image_metadata, open_image
 from unet_pipe.model import UNet, model_from_checkpoint
@@ -115,17 +116,28 @@ def _default_device(device: str | None) -> str:
     return device
 
 
-def _load_model(checkpoint: Path, expected_arch: dict | None, raw: Any = None) -> UNet:
-    """The checkpoint's model, checked against the configured architecture and ``raw``'s metadata."""
+def _load_model(checkpoint: Path, expected_arch: dict | None, raw: Any = None) -> tuple[UNet, IntensityRange | None]:
+    """The checkpoint's model, checked against the configured architecture, and the
+    normalisation of ``raw`` by the checkpoint's rule (None: legacy dtype scaling)."""
     model, data = model_from_checkpoint(checkpoint, map_location="cpu")
-    trained = (data.get("extra") or {}).get("input_dtype")
-    if raw is not None and trained is not None and str(raw.dtype) != trained:
-        # Inputs are scaled by their dtype's range (unet_pipe.data.normalize_raw): the same gray
-        # values in another dtype would reach the net scaled differently and give wrong results.
-        raise InputError(
-            raw.path, f"the model was trained on {trained} raw data but this image is {raw.dtype}; "
-            f"convert the stack to {trained} (same gray-value range) or train on {raw.dtype} data"
-        )
+    extra = data.get("extra") or {}
+    rule = extra.get("input_normalization")
+    intensity = None
+    if isinstance(rule, dict) and rule.get("rule") == "percentile":
+        if raw is not None:
+            # The stack is normalised by its own percentiles, as every training stack was by its own.
+            intensity = intensity_range(open_image(raw.path), tuple(rule["percentiles"]), where=raw.path)
+    elif rule not in (None, "dtype-max"):
+        raise CheckpointError(checkpoint, f"unknown input normalisation {str(rule)[:80]!r}")
+    else:
+        trained = extra.get("input_dtype")
+        if raw is not None and trained is not None and str(raw.dtype) != trained:
+            # Checkpoints made before the percentile rule scale inputs by their dtype's range: the
+            # same gray values in another dtype would reach the net scaled differently.
+            raise InputError(
+                raw.path, f"the model was trained on {trained} raw data but this image is {raw.dtype}; "
+                f"convert the stack to {trained} (same gray-value range) or retrain with this version"
+            )
     if expected_arch is not None:
         differ = {k: (model.arch.get(k), v) for k, v in expected_arch.items() if model.arch.get(k) != v}
         if differ:
@@ -133,7 +145,7 @@ def _load_model(checkpoint: Path, expected_arch: dict | None, raw: Any = None) -
             raise CheckpointError(checkpoint, f"architecture does not match the configured model ({detail})")
     if model.arch["in_channels"] != 1:
         raise CheckpointError(checkpoint, f"expects {model.arch['in_channels']} input channels; EM stacks have 1")
-    return model
+    return model, intensity
 
 
 @dataclass
@@ -147,12 +159,13 @@ class _Setup:
     meta: Any
     request: dict
     fingerprint: str
+    intensity: IntensityRange | None
 
 
 def _setup(checkpoint, raw, dest, expected_arch, *, tile, block, batch, tta, dtype, precision) -> _Setup:
     checkpoint, raw, dest = Path(checkpoint), Path(raw), Path(dest)
     meta = image_metadata(raw)  # InputError unless a 3D (z, y, x) OME-Zarr image
-    model = _load_model(checkpoint, expected_arch, meta)
+    model, intensity = _load_model(checkpoint, expected_arch, meta)
     if model.dims == 3 and min(meta.shape) < 2:
         raise InputError(raw, f"a 3D model needs at least 2 voxels per axis, the image has shape {meta.shape}")
     if dtype not in OUTPUT_DTYPES:
@@ -164,13 +177,14 @@ def _setup(checkpoint, raw, dest, expected_arch, *, tile, block, batch, tta, dty
         "tta": bool(tta),
         "dtype": dtype,
         "precision": precision,
+        "intensity": None if intensity is None else intensity.to_list(),
     }
     # What changes output values, except the device kind: a prepare job may run on a CPU node
     # and its shards on GPU nodes; the kind is recorded with the plan and checked there.
     fingerprint = json.dumps(
         {"checkpoint": input_checksum(checkpoint), "raw": input_fingerprint(raw), "request": request}, sort_keys=True
     )
-    return _Setup(checkpoint, raw, dest, model, meta, request, fingerprint)
+    return _Setup(checkpoint, raw, dest, model, meta, request, fingerprint, intensity)
 
 
 def _staging_matches(dest: Path, fingerprint: str) -> bool:
@@ -336,6 +350,7 @@ def predict(
         tta=bool(tta),
         dtype=dtype,
         precision=precision,
+        intensity=setup.intensity,
         threads=max(1, cores // workers),
         slots=workers,
     )

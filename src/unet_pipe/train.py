@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from unet_pipe.augment import AugmentParams, augment_sample
 from unet_pipe.blockwise import available_cores
 from unet_pipe.data import (
+    PERCENTILES,
     TileSampler,
     Volume,
     center_crop,
@@ -175,7 +176,8 @@ def load_validation(volumes: list[Volume], label_mode: str, foreground_value: in
             truth = instances_from_binary(labels, foreground_value)
         else:
             truth = labels.astype(np.uint32)
-        out.append(ValidationData(v.name, normalize_raw(np.asarray(v.raw[z0:z1])), classes, truth))
+        raw = normalize_raw(np.asarray(v.raw[z0:z1]), v.intensity)
+        out.append(ValidationData(v.name, raw, classes, truth))
     return out
 
 
@@ -395,11 +397,12 @@ def _train(
     train_cfg, model_cfg, weights_cfg = config["train"], config["model"], config["weights"]
     seed = int(config["seed"])
     volumes = volumes_from_config(config, open_stores(stores))
-    dtypes = sorted({str(np.dtype(v.raw.dtype)) for v in volumes})
-    if len(dtypes) > 1:
-        raise ConfigError(None, f"training raw stacks have different dtypes {dtypes} (scaled differently); "
-                          "convert them to one dtype")
-    input_dtype = dtypes[0] if dtypes else None
+    input_dtypes = {v.name: str(np.dtype(v.raw.dtype)) for v in volumes}
+    normalization = {
+        "rule": "percentile",  # unet_pipe.data.intensity_range; predict applies it to its own stack
+        "percentiles": list(PERCENTILES),
+        "volumes": {v.name: v.intensity.to_list() for v in volumes if v.intensity is not None},
+    }
     sampler = TileSampler(
         volumes,
         tile=train_cfg["tile"],
@@ -473,8 +476,8 @@ def _train(
             "seconds": elapsed + (time.perf_counter() - started),
             "tile": sampler.tile,
             "output": sampler.output,
-            "input_normalization": "dtype-max",  # see unet_pipe.data.normalize_raw
-            "input_dtype": input_dtype,  # predict refuses raw of another dtype (other scaling)
+            "input_normalization": normalization,
+            "input_dtypes": input_dtypes,
             "label_mode": weights_cfg["label_mode"],
         }
         save_checkpoint(path, model, optimizer, step=step, config=config, extra=extra)
