@@ -18,6 +18,7 @@ include: "workflow/rules/ingest.smk"
 include: "workflow/rules/weights.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/predict.smk"
+include: "workflow/rules/calibrate.smk"
 include: "workflow/rules/postprocess.smk"
 include: "workflow/rules/evaluate.smk"
 

@@ -36,6 +36,10 @@ def test_demo_config_is_valid_and_defaults_filled(demo_config):
         (lambda c: c["ingest"].update(chunks=[1, 2]), r"key 'ingest.chunks'"),
         (lambda c: c["datasets"]["demo"].update(raw="x.tif"), r"key 'datasets.demo': give either 'synthetic' or 'raw'"),
         (lambda c: c["train"]["datasets"].update(nope={"train": [0, 1]}), r"'train.datasets.nope': no such dataset"),
+        (lambda c: c["train"]["datasets"]["demo"].pop("val"), r"'postprocess.method': auto chooses the decisions"),
+        (lambda c: c.update(calibrate={"datasets": {"nope": [0, 1]}}), r"'calibrate.datasets.nope': no labelled"),
+        (lambda c: c.update(calibrate={"datasets": {"demo": [3, 3]}}), r"'calibrate.datasets.demo': empty range"),
+        (lambda c: c["postprocess"].update(method="magic"), r"key 'postprocess.method'"),
     ],
 )
 def test_bad_config_names_the_key(demo_config, mutate, message):
@@ -140,3 +144,18 @@ def test_slice_ranges_beyond_the_stack_are_refused(tmp_path):
                            "train": {"datasets": {"d": {"train": [0, 3], "val": [3, 6]}}}})
     with pytest.raises(ConfigError, match=r"train.datasets.d.val': range \[3, 6\] goes beyond the 4 slices"):
         check_input_stacks(cfg, base=tmp_path)
+    cfg = validate_config({"datasets": {"d": {"raw": "raw.tif", "labels": "raw.tif"}},
+                           "train": {"datasets": {"d": {"train": [0, 3], "val": [3, 4]}}},
+                           "calibrate": {"datasets": {"d": [2, 5]}}})
+    with pytest.raises(ConfigError, match=r"calibrate.datasets.d': range \[2, 5\] goes beyond the 4 slices"):
+        check_input_stacks(cfg, base=tmp_path)
+
+
+def test_calibration_slices_default_to_the_val_ranges(demo_config):
+    from unet_pipe.config import calibration_slices
+
+    cfg = validate_config(demo_config)
+    assert cfg["postprocess"]["method"] == "auto"
+    assert calibration_slices(cfg) == {"demo": [9, 12]}
+    cfg["calibrate"]["datasets"] = {"demo": [6, 9]}
+    assert calibration_slices(cfg) == {"demo": [6, 9]}

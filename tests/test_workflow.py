@@ -110,7 +110,7 @@ def test_train_on_one_dataset_predict_another(tmp_path):
     proc = run_snakemake(tmp_path, "-n", "--quiet", "rules", config=cfg)
     assert job_counts(proc) == {
         "synth": 1, "ingest_raw": 2, "ingest_labels": 1, "weights": 1, "train": 1, "predict_prepare": 2,
-        "predict": 2, "predict_gather": 2, "postprocess": 2, "evaluate": 1, "report": 1, "all": 1,
+        "predict": 2, "predict_gather": 2, "calibrate": 1, "postprocess": 2, "evaluate": 1, "report": 1, "all": 1,
     }
 
 
@@ -182,12 +182,17 @@ def test_second_run_does_nothing_and_training_change_reruns_downstream_only(clea
     changed["train"]["steps"] += 1
     dry = run_snakemake(workdir, "-n", config=changed)
     assert set(job_counts(dry)) == {
-        "train", "predict_prepare", "predict", "predict_gather", "postprocess", "evaluate", "report", "all"
+        "train", "predict_prepare", "predict", "predict_gather", "calibrate", "postprocess", "evaluate", "report",
+        "all",
     }
     post = kill_config()
-    post["postprocess"]["threshold"] = 0.6
+    post["postprocess"].update(method="threshold", threshold=0.6)  # fixed decisions: no calibration
     dry = run_snakemake(workdir, "-n", config=post)
     assert set(job_counts(dry)) == {"postprocess", "evaluate", "report", "all"}
+    recalibrate = kill_config()
+    recalibrate["calibrate"] = {"methods": ["threshold"]}
+    dry = run_snakemake(workdir, "-n", config=recalibrate)
+    assert set(job_counts(dry)) == {"calibrate", "postprocess", "evaluate", "report", "all"}
     run_snakemake(workdir, "-n", config=kill_config())  # restore the config file
 
 

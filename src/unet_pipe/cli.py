@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from unet_pipe import __version__
+from unet_pipe.cli_calibrate import add_calibrate
 from unet_pipe.cli_model import add_predict, add_train
 from unet_pipe.errors import UnetPipeError
 
@@ -292,6 +293,10 @@ def _add_postprocess(sub: argparse._SubParsersAction) -> None:
         "(default 5; about a quarter of the cell radius)",
     )
     p.add_argument("--min-size", type=int, default=0, help="segments smaller than this (pixels) become membrane")
+    p.add_argument(
+        "--decisions", type=Path, metavar="decisions.json",
+        help="take method, thresholds, seeds and min size from `unet-pipe calibrate` (instead of the options)",
+    )
     p.add_argument("--pyramid-levels", type=int, default=2)
     p.add_argument("--overwrite", action="store_true", help="replace DEST once the new store is complete")
     p.add_argument("--no-resume", action="store_true", help="start over instead of resuming DEST.partial")
@@ -301,6 +306,13 @@ def _add_postprocess(sub: argparse._SubParsersAction) -> None:
 def _cmd_postprocess(args: argparse.Namespace) -> int:
     from unet_pipe.postprocess import postprocess
 
+    if args.decisions is not None:
+        from unet_pipe.calibrate import read_decisions
+
+        chosen = read_decisions(args.decisions)
+        for key in ("method", "threshold", "seed_threshold", "seed_prominence", "min_size"):
+            setattr(args, key, chosen[key])
+        log.info("decisions from %s: %s", args.decisions, {k: chosen[k] for k in ("method", "threshold", "min_size")})
     if not 0.0 <= args.threshold <= args.seed_threshold <= 1.0:
         raise UnetPipeError(None, "need 0 <= --threshold <= --seed-threshold <= 1")
     if args.seed_prominence <= 0:
@@ -347,6 +359,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val", nargs=2, type=int, metavar=("START", "STOP"), help="tag [START, STOP) as held-out slices")
     p.add_argument("--threshold", type=float, default=0.5, help="cell where p > THRESHOLD for the pixel error")
     p.add_argument(
+        "--decisions", type=Path, metavar="decisions.json",
+        help="use the calibrated cell threshold (`unet-pipe calibrate`) and record the decisions",
+    )
+    p.add_argument(
         "--truth-mode", choices=("binary", "instances"), default="binary",
         help="binary: 0 = membrane, cells = --foreground-value (default nonzero), instances by connected "
         "components per slice; instances: truth holds ids (0 = membrane)",
@@ -358,6 +374,12 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from unet_pipe.evaluate import evaluate
 
+    decisions = None
+    if args.decisions is not None:
+        from unet_pipe.calibrate import read_decisions
+
+        decisions = read_decisions(args.decisions)
+        args.threshold = decisions["cell_threshold"]
     evaluate(
         args.prediction,
         args.truth,
@@ -371,6 +393,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         truth_mode=args.truth_mode,
         foreground_value=args.foreground_value,
+        decisions=decisions,
         progress=progress_enabled(args),
     )
     log.info("wrote %s and %s", args.out, args.out.with_suffix(".csv"))
@@ -414,6 +437,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_info,
     _add_weights,
     add_train,
+    add_calibrate,
     _add_postprocess,
     _add_evaluate,
     _add_report,
@@ -448,7 +472,7 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 
 _OUTPUT_ARGS = ("dest", "out", "preview", "log", "out_dir", "tensorboard")
 _INPUT_ARGS = ("src", "labels", "probabilities", "checkpoint", "raw", "like", "prediction", "truth", "path",
-               "weights", "metrics", "training_log")
+               "weights", "metrics", "training_log", "decisions")
 
 
 def _paths(value: object) -> list[Path]:

@@ -121,6 +121,26 @@ def _check_semantics(config: dict, source: str | Path | None) -> None:
     for name in config["predict"]["datasets"]:
         if name not in datasets:
             raise ConfigError(source, f"key 'predict.datasets': no such dataset '{name}'")
+    for name, (start, stop) in config["calibrate"]["datasets"].items():
+        if name not in datasets or ("labels" not in datasets[name] and "synthetic" not in datasets[name]):
+            raise ConfigError(source, f"key 'calibrate.datasets.{name}': no labelled dataset of that name")
+        if start >= stop:
+            raise ConfigError(source, f"key 'calibrate.datasets.{name}': empty range {[start, stop]}")
+    if config["postprocess"]["method"] == "auto" and config["train"]["datasets"] and not calibration_slices(config):
+        raise ConfigError(
+            source, "key 'postprocess.method': auto chooses the decisions on labelled slices, but no training "
+            "dataset has a 'val' range and 'calibrate.datasets' is empty; add one, or set the method to "
+            "threshold or watershed with its parameters"
+        )
+
+
+def calibration_slices(config: dict) -> dict[str, list[int]]:
+    """The slices calibration chooses on: ``calibrate.datasets``, else every training
+    dataset's ``val`` range (``{name: [start, stop]}``)."""
+    given = config.get("calibrate", {}).get("datasets") or {}
+    if given:
+        return {name: list(r) for name, r in given.items()}
+    return {name: list(r["val"]) for name, r in config["train"]["datasets"].items() if "val" in r}
 
 
 def check_inputs_exist(config: dict, base: str | Path = ".", source: str | Path | None = None) -> None:
@@ -243,9 +263,9 @@ def check_input_stacks(config: dict, base: str | Path = ".") -> None:
 
 def _check_ranges(config: dict, name: str, depth: int, path: Path) -> None:
     """Train/val slice ranges of dataset ``name`` must lie within its ``depth`` slices."""
-    ranges = config["train"]["datasets"].get(name, {})
-    for part in ("train", "val"):
-        if part in ranges and ranges[part][1] > depth:
-            raise ConfigError(
-                None, f"key 'train.datasets.{name}.{part}': range {ranges[part]} goes beyond the {depth} slices of {path}"
-            )
+    ranges = {f"train.datasets.{name}.{part}": r for part, r in config["train"]["datasets"].get(name, {}).items()}
+    if name in config["calibrate"]["datasets"]:
+        ranges[f"calibrate.datasets.{name}"] = config["calibrate"]["datasets"][name]
+    for key, r in ranges.items():
+        if r[1] > depth:
+            raise ConfigError(None, f"key '{key}': range {r} goes beyond the {depth} slices of {path}")

@@ -133,6 +133,7 @@ def evaluate(
     threshold: float = 0.5,
     truth_mode: TruthMode = "binary",
     foreground_value: int | None = None,
+    decisions: dict[str, Any] | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Score ``instances`` (and ``probabilities``) against ``truth``; write JSON and CSV.
@@ -140,7 +141,8 @@ def evaluate(
     ``slices``: half-open ``[start, stop)`` z range to evaluate (default all);
     ``train_slices``/``val_slices``: ranges tagged ``train``/``val`` in the
     per-slice rows and summarised separately (other slices are ``other``).
-    ``raw`` is only recorded, for the report's figures.  Returns the JSON dict;
+    ``raw`` is only recorded, for the report's figures; ``decisions`` (from
+    :func:`unet_pipe.calibrate.read_decisions`) are recorded with the metrics.  Returns the JSON dict;
     the CSV goes to ``out_json`` with suffix ``.csv``.
     """
     instances, truth, out_json = Path(instances), Path(truth), Path(out_json)
@@ -201,6 +203,7 @@ def evaluate(
         "threshold": threshold,
         "truth_mode": truth_mode,
         "foreground_value": foreground_value,
+        "decisions": decisions,
     }
     result = {
         "dataset": dataset or _dataset_name(instances),

@@ -188,14 +188,21 @@ def validate(
 
     Instances come from :func:`unet_pipe.postprocess.instances_from_probabilities`
     with the config's ``postprocess`` settings, per slice, as the pipeline
-    segments them; the pixel error thresholds the cell probability the same way.
+    segments them (method ``auto``, chosen only after training: threshold 0.5
+    and connected components); the pixel error thresholds the cell probability
+    the same way.
     """
     from unet_pipe.postprocess import instances_from_probabilities
 
-    threshold = float(postprocess_cfg.get("threshold", 0.5))
-    method = postprocess_cfg.get("method", "threshold")
-    # The postprocess stage's own options (watershed seeds, minimum size) where given.
-    options = {k: postprocess_cfg[k] for k in ("seed_threshold", "seed_prominence", "min_size") if k in postprocess_cfg}
+    method = postprocess_cfg.get("method", "auto")
+    if method == "auto":
+        # The decisions are calibrated after training (unet_pipe.calibrate); monitoring uses the
+        # uncalibrated default: connected components of p > 0.5.
+        method, threshold, options = "threshold", 0.5, {}
+    else:
+        threshold = float(postprocess_cfg.get("threshold", 0.5))
+        # The postprocess stage's own options (watershed seeds, minimum size) where given.
+        options = {k: postprocess_cfg[k] for k in ("seed_threshold", "seed_prominence", "min_size") if k in postprocess_cfg}
     wrong = total = 0
     errors: list[np.ndarray] = []
     was_training = model.training

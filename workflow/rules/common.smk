@@ -4,7 +4,7 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-from unet_pipe.config import check_input_stacks, check_inputs_exist, validate_config
+from unet_pipe.config import calibration_slices, check_input_stacks, check_inputs_exist, validate_config
 from unet_pipe.errors import UnetPipeError
 
 # One clear line for a bad config or an unreadable TIFF, before any job starts.
@@ -124,8 +124,14 @@ def train_config_json(wildcards):
     return json.dumps(section, sort_keys=True)
 
 
-# ---------------------------------------------------------------- predict
-PREDICTED = config["predict"]["datasets"] or DATASETS
+# ---------------------------------------------------------------- predict / calibrate
+# postprocess.method auto: decisions chosen on labelled calibration slices (unet_pipe.calibrate),
+# whose datasets are therefore predicted too.
+AUTO_DECISIONS = config["postprocess"]["method"] == "auto"
+CALIBRATION = calibration_slices(config) if AUTO_DECISIONS else {}
+CALIBRATION_DATASETS = sorted(CALIBRATION)
+PREDICTED = sorted(set(config["predict"]["datasets"] or DATASETS) | set(CALIBRATION_DATASETS))
+DECISIONS = f"{R}/model/decisions.json"
 
 
 def predict_args(wildcards):
@@ -159,13 +165,47 @@ def predict_shard(wildcards):
 
 
 def postprocess_args(wildcards):
-    """Flags of ``unet-pipe postprocess`` from the postprocess section (params: a change reruns it)."""
+    """Flags of ``unet-pipe postprocess`` from the postprocess section (params: a change reruns it).
+
+    With method auto the method and its parameters come from the decisions file (an input).
+    """
+    import shlex
+
     section = config["postprocess"]
+    levels = f"--pyramid-levels {config['ingest']['pyramid_levels']}"
+    if AUTO_DECISIONS:
+        return f"--decisions {shlex.quote(DECISIONS)} {levels}"
     return (
         f"--method {section['method']} --threshold {section['threshold']}"
         f" --seed-threshold {section['seed_threshold']} --seed-prominence {section['seed_prominence']}"
-        f" --min-size {section['min_size']} --pyramid-levels {config['ingest']['pyramid_levels']}"
+        f" --min-size {section['min_size']} {levels}"
     )
+
+
+def decisions_input(wildcards):
+    """The calibrated decisions when postprocess.method is auto (else nothing)."""
+    return [DECISIONS] if AUTO_DECISIONS else []
+
+
+def calibrate_args(wildcards, input):
+    """``--probabilities/--truth/--slices NAME=...`` per calibration dataset, and the truth convention."""
+    import shlex
+
+    args = []
+    for name, prob, truth in zip(CALIBRATION_DATASETS, input.probabilities, input.truth):
+        start, stop = CALIBRATION[name]
+        args += [
+            f"--probabilities {shlex.quote(f'{name}={prob}')}",
+            f"--truth {shlex.quote(f'{name}={truth}')}",
+            f"--slices {shlex.quote(f'{name}={start}:{stop}')}",
+        ]
+    weights = config["weights"]
+    if weights["label_mode"] == "binary":
+        args.append(f"--truth-mode binary --foreground-value {weights['foreground_value']}")
+    else:
+        args.append("--truth-mode instances")
+    args.append(f"--methods {','.join(config['calibrate']['methods'])}")
+    return " ".join(args)
 
 
 def evaluated_datasets():
@@ -175,7 +215,12 @@ def evaluated_datasets():
 
 def evaluate_args(wildcards):
     """Flags of ``unet-pipe evaluate``: threshold, truth convention and the train/val slice tags."""
-    args = [f"--threshold {config['postprocess']['threshold']}"]
+    import shlex
+
+    if AUTO_DECISIONS:
+        args = [f"--decisions {shlex.quote(DECISIONS)}"]
+    else:
+        args = [f"--threshold {config['postprocess']['threshold']}"]
     weights = config["weights"]
     if weights["label_mode"] == "binary":
         args.append(f"--truth-mode binary --foreground-value {weights['foreground_value']}")

@@ -8,6 +8,7 @@ rule evaluate:
         probabilities=f"{R}/{{dataset}}/probabilities.ome.zarr",
         truth=f"{R}/{{dataset}}/labels.ome.zarr",
         raw=f"{R}/{{dataset}}/raw.ome.zarr",
+        decisions=decisions_input,
     output:
         metrics=f"{R}/{{dataset}}/metrics.json",
         per_slice=f"{R}/{{dataset}}/metrics.csv",

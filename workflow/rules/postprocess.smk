@@ -5,6 +5,7 @@
 rule postprocess:
     input:
         probabilities=f"{R}/{{dataset}}/probabilities.ome.zarr",
+        decisions=decisions_input,
     output:
         instances=directory(f"{R}/{{dataset}}/instances.ome.zarr"),
     params:

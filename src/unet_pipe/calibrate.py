@@ -1,0 +1,271 @@
+"""Calibration: the decisions ``postprocess`` and ``evaluate`` use, chosen on the user's own slices.
+
+A network trained with the paper's loss does not put its decision boundary at
+p = 0.5: class balancing and the border term weigh thin membranes far more
+than cell pixels (about 25 : 1 on ISBI), which pushes p(cell) down, and how far
+depends on the data.  So no threshold, watershed setting or minimum size is a
+constant of unet-pipe: each is chosen here from the predicted probabilities of
+labelled *calibration slices* (by default the validation range of each training
+dataset; ``calibrate.datasets`` names others) by this documented rule:
+
+1. **Scales from the truth.**  ``area`` = the median area (px) of the truth
+   segments on the calibration slices, ``radius = sqrt(area / pi)``.
+   Size-like parameters are fractions of these, so they follow the data's cell
+   size instead of ISBI's.
+2. **Cell decision (pixel error).**  Thresholds ``t`` in 0.05, 0.10, ..., 0.95;
+   the one with the lowest pixel error (cell where ``p > t``) over all
+   calibration pixels; ties go to the threshold nearest 0.5.
+3. **Instances.**  Candidates: ``threshold`` + connected components for every
+   ``t`` of the grid; and the seeded ``watershed`` for the three thresholds
+   with the best Rand score among those, with ``seed_threshold = t + f (1 - t)``
+   for ``f`` in {0.5, 0.8} and ``seed_prominence`` in {radius / 8, radius / 4,
+   radius / 2}; each with ``min_size`` 0 and ``area / 20``.  Each candidate is
+   scored by the mean over calibration slices of the foreground-restricted Rand
+   score (1 - the ISBI 2012 Rand error).  The best wins; candidates within
+   ``TIE`` of the best are tied and resolved by the lower pixel error of the
+   instance mask, then the simpler setting (threshold before watershed,
+   ``min_size`` 0 first), then ``t`` nearest 0.5.
+
+Every candidate and its scores go into ``decisions.json`` with the scales, the
+slices, and the provenance of the inputs, so a user can see why a setting won
+and how close the others came.  When the calibration slices are also the
+slices that ``evaluate`` reports (the default), those numbers are optimistic;
+``calibrate.datasets`` gives a separate range (e.g. ISBI: choose on 20-24,
+report on 25-29).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from unet_pipe.errors import InputError
+from unet_pipe.evaluate import write_json_atomic
+from unet_pipe.io import image_metadata, open_image
+from unet_pipe.metrics import instances_from_binary, rand_error_per_slice
+from unet_pipe.postprocess import METHODS, as_probability, instances_from_probabilities, open_probabilities
+from unet_pipe.provenance import provenance
+
+log = logging.getLogger(__name__)
+
+THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * k, 2) for k in range(1, 20))
+SEED_FRACTIONS: tuple[float, ...] = (0.5, 0.8)
+PROMINENCE_FRACTIONS: tuple[float, ...] = (1 / 8, 1 / 4, 1 / 2)
+MIN_SIZE_FRACTION = 1 / 20
+WATERSHED_THRESHOLDS = 3  # best threshold-method thresholds the watershed is tried at
+TIE = 1e-3  # Rand scores closer than this are ties
+CRITERION = (
+    "instances: highest mean foreground-restricted Rand score over the calibration slices; "
+    f"scores within {TIE} are ties, resolved by the lower pixel error of the instance mask, then the "
+    "simpler setting (threshold before watershed, min_size 0 first), then the threshold nearest 0.5. "
+    "cell threshold: lowest pixel error, ties to the threshold nearest 0.5."
+)
+DECISION_KEYS = ("method", "threshold", "seed_threshold", "seed_prominence", "min_size")
+
+
+def truth_scales(truth_instances: Iterable[np.ndarray]) -> dict[str, float]:
+    """Median truth segment area (px) and the radius of a disc of that area."""
+    areas: list[np.ndarray] = []
+    for t in truth_instances:
+        counts = np.bincount(np.asarray(t).ravel())
+        areas.append(counts[1:][counts[1:] > 0])
+    all_areas = np.concatenate(areas) if areas else np.array([])
+    if all_areas.size == 0:
+        raise InputError(None, "the calibration slices hold no truth segments (no cell pixels)")
+    area = float(np.median(all_areas))
+    return {"median_area_px": area, "radius_px": math.sqrt(area / math.pi), "segments": int(all_areas.size)}
+
+
+def _pixel_error(prob: Sequence[np.ndarray], cells: Sequence[np.ndarray], t: float) -> float:
+    wrong = sum(int(np.count_nonzero((p > t) != c)) for p, c in zip(prob, cells))
+    return wrong / sum(c.size for c in cells)
+
+
+def _score(
+    params: dict[str, Any], prob: Sequence[np.ndarray], cells: Sequence[np.ndarray], truth: Sequence[np.ndarray]
+) -> dict[str, Any]:
+    options = {k: params[k] for k in ("seed_threshold", "seed_prominence", "min_size") if k in params}
+    errors, wrong, total = [], 0, 0
+    for p, c, t in zip(prob, cells, truth):
+        inst = instances_from_probabilities(p, params["method"], params["threshold"], **options)
+        errors.append(float(rand_error_per_slice(inst, t)[0]))
+        wrong += int(np.count_nonzero((inst != 0) != c))
+        total += c.size
+    finite = [e for e in errors if not math.isnan(e)]
+    rand_error = float(np.mean(finite)) if finite else math.nan
+    return {**params, "rand_score": 1.0 - rand_error, "rand_error": rand_error, "pixel_error": wrong / total}
+
+
+def _rank_key(c: dict[str, Any]) -> tuple:
+    simpler = (0 if c["method"] == "threshold" else 1, c["min_size"])
+    return (c["pixel_error"], simpler, abs(c["threshold"] - 0.5), c.get("seed_threshold", 0), c.get("seed_prominence", 0))
+
+
+def choose(candidates: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The winning candidate by the documented rule (see the module docstring)."""
+    scored = [c for c in candidates if not math.isnan(c["rand_score"])]
+    if not scored:
+        raise InputError(None, "no calibration slice has truth foreground: nothing to calibrate on")
+    best = max(c["rand_score"] for c in scored)
+    tied = [c for c in scored if c["rand_score"] >= best - TIE]
+    return min(tied, key=_rank_key)
+
+
+def calibrate_slices(
+    prob: Sequence[np.ndarray],
+    cells: Sequence[np.ndarray],
+    truth: Sequence[np.ndarray],
+    methods: Sequence[str] = METHODS,
+) -> dict[str, Any]:
+    """Choose the decisions on 2D slices: probabilities, truth cell masks, truth instances.
+
+    Returns ``{'decisions', 'cell_threshold', 'scales', 'pixel_candidates',
+    'candidates'}`` (see the module docstring for the rule).
+    """
+    if not prob or len(prob) != len(cells) or len(prob) != len(truth):
+        raise ValueError("need the same positive number of probability, cell and truth slices")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or not methods:
+        raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {list(methods)}")
+    scales = truth_scales(truth)
+    pixel = [{"threshold": t, "pixel_error": _pixel_error(prob, cells, t)} for t in THRESHOLDS]
+    cell = min(pixel, key=lambda c: (c["pixel_error"], abs(c["threshold"] - 0.5)))
+    min_sizes = sorted({0, int(round(MIN_SIZE_FRACTION * scales["median_area_px"]))})
+    candidates = []
+    if "threshold" in methods or "watershed" in methods:
+        plain = [_score({"method": "threshold", "threshold": t, "min_size": m}, prob, cells, truth)
+                 for t in THRESHOLDS for m in min_sizes]  # fmt: skip
+        if "threshold" in methods:
+            candidates += plain
+    if "watershed" in methods:
+        ranked = sorted(plain, key=lambda c: (-c["rand_score"] if not math.isnan(c["rand_score"]) else math.inf))
+        best_t = list(dict.fromkeys(c["threshold"] for c in ranked))[:WATERSHED_THRESHOLDS]
+        for t in best_t:
+            for f in SEED_FRACTIONS:
+                for g in PROMINENCE_FRACTIONS:
+                    for m in min_sizes:
+                        params = {
+                            "method": "watershed", "threshold": t, "seed_threshold": round(t + f * (1 - t), 4),
+                            "seed_prominence": round(max(g * scales["radius_px"], 0.5), 3), "min_size": m,
+                        }  # fmt: skip
+                        candidates.append(_score(params, prob, cells, truth))
+    winner = choose(candidates)
+    decisions = {k: winner[k] for k in DECISION_KEYS if k in winner}
+    decisions.setdefault("seed_threshold", max(0.9, decisions["threshold"]))
+    decisions.setdefault("seed_prominence", round(max(PROMINENCE_FRACTIONS[1] * scales["radius_px"], 0.5), 3))
+    return {
+        "decisions": decisions,
+        "scores": {k: winner[k] for k in ("rand_score", "rand_error", "pixel_error")},
+        "cell_threshold": cell["threshold"],
+        "cell_pixel_error": cell["pixel_error"],
+        "scales": scales,
+        "pixel_candidates": pixel,
+        "candidates": candidates,
+    }
+
+
+def load_slices(
+    probabilities: str | Path,
+    truth: str | Path,
+    slices: Sequence[int],
+    truth_mode: str = "binary",
+    foreground_value: int | None = 255,
+) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """The calibration slices ``[start, stop)`` of one dataset, as lists of 2D arrays."""
+    probabilities, truth = Path(probabilities), Path(truth)
+    prob_arr, scale = open_probabilities(probabilities)
+    truth_meta = image_metadata(truth)
+    if tuple(prob_arr.shape) != truth_meta.shape:
+        raise InputError(truth, f"shape {truth_meta.shape} differs from {tuple(prob_arr.shape)} of {probabilities}")
+    if truth_meta.dtype.kind not in "uib":
+        raise InputError(truth, f"truth labels must be integers, found dtype {truth_meta.dtype}")
+    start, stop = (int(s) for s in slices)
+    if not 0 <= start < stop <= truth_meta.shape[0]:
+        raise InputError(truth, f"calibration slices [{start}, {stop}) outside the stack of {truth_meta.shape[0]}")
+    truth_arr = open_image(truth)
+    prob, cells, inst = [], [], []
+    for z in range(start, stop):
+        t = np.asarray(truth_arr[z])
+        if truth_mode == "binary":
+            c = t == foreground_value
+            i = instances_from_binary(c)
+        else:
+            c, i = t != 0, t
+        p = as_probability(prob_arr[z], scale)
+        if not np.all(np.isfinite(p)):
+            raise InputError(probabilities, f"slice {z} holds non-finite probabilities")
+        prob.append(p)
+        cells.append(c)
+        inst.append(i)
+    return prob, cells, inst
+
+
+def calibrate(
+    datasets: Mapping[str, Mapping[str, Any]],
+    out_json: str | Path,
+    *,
+    truth_mode: str = "binary",
+    foreground_value: int | None = 255,
+    methods: Sequence[str] = METHODS,
+) -> dict[str, Any]:
+    """Choose the decisions on ``{name: {'probabilities': path, 'truth': path, 'slices': [a, b]}}``
+    and write them, with every candidate's scores, to ``out_json`` (atomically)."""
+    prob, cells, truth = [], [], []
+    inputs: dict[str, Path] = {}
+    for name, spec in sorted(datasets.items()):
+        p, c, t = load_slices(spec["probabilities"], spec["truth"], spec["slices"], truth_mode, foreground_value)
+        prob += p
+        cells += c
+        truth += t
+        inputs[f"{name}.probabilities"] = Path(spec["probabilities"])
+        inputs[f"{name}.truth"] = Path(spec["truth"])
+    if not prob:
+        raise InputError(None, "no calibration slices given")
+    result = calibrate_slices(prob, cells, truth, methods)
+    params = {
+        "slices": {name: [int(v) for v in spec["slices"]] for name, spec in sorted(datasets.items())},
+        "truth_mode": truth_mode,
+        "foreground_value": foreground_value,
+        "methods": list(methods),
+    }
+    out = {"criterion": CRITERION, **params, **result, "provenance": provenance(inputs, params)}
+    write_json_atomic(out_json, out)
+    d = result["decisions"]
+    log.info(
+        "calibrated on %d slices: cell threshold %.2f (pixel error %.4f); instances %s at %.2f "
+        "(Rand error %.4f)", len(prob), result["cell_threshold"], result["cell_pixel_error"], d["method"],
+        d["threshold"], result["scores"]["rand_error"],
+    )  # fmt: skip
+    return out
+
+
+def read_decisions(path: str | Path) -> dict[str, Any]:
+    """The decisions of a ``decisions.json`` written by :func:`calibrate`, checked.
+
+    Returns ``{'method', 'threshold', 'seed_threshold', 'seed_prominence',
+    'min_size', 'cell_threshold'}``.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        d = dict(data["decisions"])
+        d["cell_threshold"] = float(data["cell_threshold"])
+    except FileNotFoundError:
+        raise InputError(path, "decisions file not found (run `unet-pipe calibrate` first)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise InputError(path, f"not a unet-pipe decisions file ({type(exc).__name__})") from None
+    ok = (
+        d.get("method") in METHODS
+        and all(isinstance(d.get(k), (int, float)) and math.isfinite(d[k])
+                for k in ("threshold", "seed_threshold", "seed_prominence", "min_size", "cell_threshold"))
+        and 0 <= d["threshold"] <= d["seed_threshold"] <= 1 and 0 <= d["cell_threshold"] <= 1
+        and d["seed_prominence"] > 0 and d["min_size"] >= 0
+    )  # fmt: skip
+    if not ok:
+        raise InputError(path, "decisions out of range or missing (method, thresholds, prominence, min_size)")
+    d["min_size"] = int(d["min_size"])
+    return {k: d[k] for k in (*DECISION_KEYS, "cell_threshold")}

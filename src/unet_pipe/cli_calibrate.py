@@ -1,0 +1,78 @@
+"""Command line of the calibration stage: ``unet-pipe calibrate`` (thin wrapper)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+from pathlib import Path
+
+from unet_pipe.errors import UnetPipeError
+
+log = logging.getLogger("unet_pipe")
+
+
+def add_calibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="choose the cell threshold and instance method on labelled calibration slices",
+        description=(
+            "Choose the decisions that postprocess and evaluate use (cell threshold; threshold + "
+            "connected components or seeded watershed with its seeds and minimum size) from the "
+            "predicted probabilities of labelled slices, by the rule documented in "
+            "unet_pipe.calibrate: the best mean foreground-restricted Rand score, ties by pixel "
+            "error. Writes OUT (JSON) with every candidate tried and its scores."
+        ),
+    )
+    for key, what in (("probabilities", "predicted cell probabilities"), ("truth", "label store")):
+        p.add_argument(
+            f"--{key}", action="append", default=[], required=True, metavar="NAME=PATH",
+            help=f"{what} of dataset NAME (repeatable)",
+        )
+    p.add_argument(
+        "--slices", action="append", default=[], required=True, metavar="NAME=START:STOP",
+        help="calibration slices [START, STOP) of dataset NAME (repeatable)",
+    )
+    p.add_argument("--out", required=True, type=Path, metavar="decisions.json")
+    p.add_argument("--truth-mode", choices=("binary", "instances"), default="binary")
+    p.add_argument("--foreground-value", type=int, default=255, help="cell value of binary truth (default 255)")
+    p.add_argument(
+        "--methods", default="threshold,watershed", help="instance methods to consider (default: threshold,watershed)"
+    )
+    p.set_defaults(func=_cmd_calibrate)
+
+
+def _named(values: list[str], option: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for value in values:
+        name, sep, rest = value.partition("=")
+        if not sep or not name or not rest:
+            raise UnetPipeError(None, f"{option} expects NAME=VALUE, got {value!r}")
+        if name in out:
+            raise UnetPipeError(None, f"{option} names dataset {name!r} twice")
+        out[name] = rest
+    return out
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from unet_pipe.calibrate import calibrate
+    from unet_pipe.postprocess import METHODS
+
+    prob = _named(args.probabilities, "--probabilities")
+    truth = _named(args.truth, "--truth")
+    slices = _named(args.slices, "--slices")
+    if not set(prob) == set(truth) == set(slices):
+        raise UnetPipeError(None, "--probabilities, --truth and --slices must name the same datasets")
+    datasets = {}
+    for name in prob:
+        match = re.fullmatch(r"(\d+):(\d+)", slices[name])
+        if not match or int(match[1]) >= int(match[2]):
+            raise UnetPipeError(None, f"--slices {name}={slices[name]}: expected START:STOP with START < STOP")
+        datasets[name] = {"probabilities": prob[name], "truth": truth[name], "slices": [int(match[1]), int(match[2])]}
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods or any(m not in METHODS for m in methods):
+        raise UnetPipeError(None, f"--methods must list some of {', '.join(METHODS)}, got {args.methods!r}")
+    calibrate(
+        datasets, args.out, truth_mode=args.truth_mode, foreground_value=args.foreground_value, methods=methods
+    )
+    log.info("wrote %s", args.out)
+    return 0

@@ -1,0 +1,169 @@
+"""Calibration: decisions chosen on labelled slices by the documented rule, and the stages using them."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from unet_pipe.calibrate import (
+    THRESHOLDS,
+    calibrate_slices,
+    choose,
+    read_decisions,
+    truth_scales,
+)
+from unet_pipe.errors import InputError
+from unet_pipe.io import StagedImage, open_image
+
+
+def _grid_cells(n: int = 4, size: int = 12, membrane: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """An n x n grid of square cells (size px) separated by membranes: (cells bool, instances)."""
+    side = n * (size + membrane) + membrane
+    cells = np.zeros((side, side), bool)
+    inst = np.zeros((side, side), np.uint32)
+    k = 0
+    for i in range(n):
+        for j in range(n):
+            k += 1
+            y, x = membrane + i * (size + membrane), membrane + j * (size + membrane)
+            cells[y : y + size, x : x + size] = True
+            inst[y : y + size, x : x + size] = k
+    return cells, inst
+
+
+def test_truth_scales_by_hand() -> None:
+    t = np.zeros((10, 10), np.uint32)
+    t[0:2, 0:2] = 1  # area 4
+    t[3:6, 3:6] = 2  # area 9
+    t[6:10, 6:10] = 3  # area 16
+    s = truth_scales([t])
+    assert s["median_area_px"] == 9.0 and s["segments"] == 3
+    assert s["radius_px"] == pytest.approx(math.sqrt(9 / math.pi))
+    with pytest.raises(InputError, match="no truth segments"):
+        truth_scales([np.zeros((3, 3), np.uint32)])
+
+
+def test_biased_probabilities_get_a_threshold_below_one_half() -> None:
+    # The loss's membrane emphasis pushes p(cell) down: cells at 0.3, membranes at 0.1.
+    # At 0.5 everything is membrane; thresholds 0.10 ... 0.25 are all exact, and the
+    # rule breaks the tie towards 0.5: 0.25.
+    cells, inst = _grid_cells()
+    p = np.where(cells, 0.3, 0.1).astype(np.float32)
+    out = calibrate_slices([p, p], [cells, cells], [inst, inst])
+    assert out["cell_threshold"] == 0.25 and out["cell_pixel_error"] == 0.0
+    assert out["decisions"]["method"] == "threshold"
+    assert out["decisions"]["threshold"] == 0.25 and out["decisions"]["min_size"] == 0
+    assert out["scores"]["rand_error"] == pytest.approx(0.0, abs=1e-12)
+    # Every candidate is recorded with its scores; at 0.5 all pixels are membrane.
+    at_half = [c for c in out["candidates"] if c["method"] == "threshold" and c["threshold"] == 0.5 and c["min_size"] == 0]
+    assert at_half[0]["pixel_error"] == pytest.approx(cells.mean())
+    assert len([c for c in out["candidates"] if c["method"] == "threshold"]) == 2 * len(THRESHOLDS)
+    # Size scales from the truth: 144 px cells; min sizes tried 0 and 144 / 20 -> 7.
+    assert out["scales"]["median_area_px"] == 144.0
+    assert {c["min_size"] for c in out["candidates"]} == {0, 7}
+
+
+def test_watershed_wins_where_a_membrane_is_missing() -> None:
+    # Two cells whose membrane the net missed over a neck: the threshold merges them
+    # at every level, the watershed's seeds (one per cell body) split them.
+    cells, inst = np.zeros((40, 80), bool), np.zeros((40, 80), np.uint32)
+    yy, xx = np.mgrid[:40, :80]
+    left = (yy - 20) ** 2 + (xx - 20) ** 2 < 16**2
+    right = (yy - 20) ** 2 + (xx - 58) ** 2 < 16**2
+    neck = (abs(yy - 20) < 3) & (xx >= 30) & (xx < 50)
+    inst[left | (neck & (xx < 39))] = 1
+    inst[right | (neck & (xx > 39))] = 2
+    cells = inst > 0
+    p = np.where(left | right | neck, 0.95, 0.02).astype(np.float32)
+    out = calibrate_slices([p], [cells], [inst])
+    assert out["decisions"]["method"] == "watershed"
+    merged = [c for c in out["candidates"] if c["method"] == "threshold"]
+    assert min(c["rand_error"] for c in merged) > 0.3  # two equal cells merged: V_rand = 1/2
+    assert out["scores"]["rand_error"] < 0.05
+    # Restricted to the threshold method, calibration has to live with the merge.
+    only = calibrate_slices([p], [cells], [inst], methods=["threshold"])
+    assert only["decisions"]["method"] == "threshold" and only["scores"]["rand_error"] > 0.3
+
+
+def test_ties_prefer_lower_pixel_error_then_simpler() -> None:
+    a = {"method": "watershed", "threshold": 0.5, "min_size": 0, "rand_score": 0.9000, "pixel_error": 0.10}
+    b = {"method": "threshold", "threshold": 0.3, "min_size": 0, "rand_score": 0.8995, "pixel_error": 0.10}
+    c = {"method": "threshold", "threshold": 0.4, "min_size": 5, "rand_score": 0.8992, "pixel_error": 0.09}
+    d = {"method": "threshold", "threshold": 0.5, "min_size": 0, "rand_score": 0.80, "pixel_error": 0.01}
+    assert choose([a, b, d]) is b  # a, b tied (within 1e-3), same pixel error: threshold is simpler
+    assert choose([a, b, c, d]) is c  # c tied too, lower pixel error wins; d is not tied
+    assert choose([d]) is d
+
+
+def _store(path, data, kind="image"):
+    staged = StagedImage(path, shape=data.shape, dtype=data.dtype, chunks=(1,) + data.shape[1:], kind=kind)
+    staged.array[:] = data
+    return staged.commit(pyramid_levels=0)
+
+
+def test_cli_calibrate_then_postprocess_and_evaluate_use_the_decisions(tmp_path, run_cli) -> None:
+    cells, inst = _grid_cells()
+    labels = np.stack([np.where(cells, 255, 0)] * 4).astype(np.uint8)
+    prob = np.stack([np.where(cells, 0.3, 0.1)] * 4).astype(np.float32)
+    prob_path = _store(tmp_path / "p.ome.zarr", prob)
+    truth_path = _store(tmp_path / "l.ome.zarr", labels, "labels")
+    out = tmp_path / "model" / "decisions.json"
+    code, _, err = run_cli(
+        "calibrate", "--probabilities", f"x={prob_path}", "--truth", f"x={truth_path}", "--slices", "x=2:4",
+        "--out", out,
+    )  # fmt: skip
+    assert code == 0, err
+    data = json.loads(out.read_text())
+    assert data["slices"] == {"x": [2, 4]} and data["criterion"].startswith("instances: highest mean")
+    assert read_decisions(out)["threshold"] == 0.25
+    code, _, err = run_cli("postprocess", prob_path, tmp_path / "i.ome.zarr", "--decisions", out)
+    assert code == 0, err
+    got = np.asarray(open_image(tmp_path / "i.ome.zarr")[:])
+    assert got.max() == 4 * 16 and np.array_equal(got[0] > 0, cells)  # 16 cells per slice, exact
+    code, _, err = run_cli(
+        "evaluate", "--prediction", tmp_path / "i.ome.zarr", "--truth", truth_path, "--probabilities", prob_path,
+        "--out", tmp_path / "m.json", "--decisions", out, "--foreground-value", "255",
+    )  # fmt: skip
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["params"]["threshold"] == 0.25 and metrics["params"]["decisions"]["method"] == "threshold"
+    assert metrics["summary"]["all"]["pixel_error"] == 0.0 and metrics["summary"]["all"]["rand_error"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (None, "decisions file not found"),
+        ("{not json", "not a unet-pipe decisions file"),
+        ('{"decisions": {"method": "threshold"}, "cell_threshold": 0.5}', "out of range or missing"),
+        ('{"decisions": {"method": "magic", "threshold": 0.5, "seed_threshold": 0.9, "seed_prominence": 1, '
+         '"min_size": 0}, "cell_threshold": 0.5}', "out of range or missing"),
+        ('{"decisions": {"method": "threshold", "threshold": 1.5, "seed_threshold": 0.9, "seed_prominence": 1, '
+         '"min_size": 0}, "cell_threshold": 0.5}', "out of range or missing"),
+    ],
+)
+def test_bad_decisions_file_is_one_line(tmp_path, run_cli, content, problem) -> None:
+    path = tmp_path / "d.json"
+    if content is not None:
+        path.write_text(content)
+    prob_path = _store(tmp_path / "p.ome.zarr", np.zeros((1, 8, 8), np.float32))
+    code, _, err = run_cli("postprocess", prob_path, tmp_path / "i.ome.zarr", "--decisions", path)
+    assert code == 2 and problem in err and err.count("\n") == 1
+    assert not (tmp_path / "i.ome.zarr").exists()
+
+
+def test_cli_calibrate_bad_arguments(tmp_path, run_cli) -> None:
+    p = _store(tmp_path / "p.ome.zarr", np.zeros((2, 8, 8), np.float32))
+    t = _store(tmp_path / "l.ome.zarr", np.zeros((2, 8, 8), np.uint8), "labels")
+    base = ["calibrate", "--probabilities", f"x={p}", "--truth", f"x={t}", "--out", tmp_path / "d.json"]
+    code, _, err = run_cli(*base, "--slices", "x=1:1")
+    assert code == 2 and "START < STOP" in err
+    code, _, err = run_cli(*base, "--slices", "y=0:1")
+    assert code == 2 and "same datasets" in err
+    code, _, err = run_cli(*base, "--slices", "x=0:9")
+    assert code == 2 and "outside the stack of 2" in err
+    code, _, err = run_cli(*base, "--slices", "x=0:2")  # all membrane: nothing to calibrate on
+    assert code == 2 and "no truth segments" in err
+    assert not (tmp_path / "d.json").exists()
