@@ -38,6 +38,8 @@ __all__ = [
     "rand_error_per_slice",
     "variation_of_information",
     "segmentation_scores",
+    "InfoScores",
+    "foreground_scores",
     "iou",
     "instances_from_binary",
 ]
@@ -242,6 +244,53 @@ def _vi_from_table(tab: _Table) -> tuple[float, float]:
     h_pred = _entropy(tab.pred_sizes, tab.n, tab.singletons)
     # H(pred | truth) = H(truth, pred) - H(truth), and symmetrically.
     return _snap_zero(h_joint - h_truth), _snap_zero(h_joint - h_pred)
+
+
+@dataclass(frozen=True)
+class InfoScores:
+    """Foreground-restricted information-theoretic scores of one 2D slice (1 = perfect).
+
+    With ``S`` the prediction and ``T`` the truth on the truth foreground
+    (predicted background = singletons, as for :class:`RandScores`):
+    ``v_info_split = I(S;T) / H(S)`` (penalises splits), ``v_info_merge =
+    I(S;T) / H(T)`` (penalises merges), ``v_info = I(S;T) / (0.5 H(S) + 0.5
+    H(T))`` (Arganda-Carreras et al. 2015, alpha = 0.5).  Where an entropy is
+    0 the segmentation is one segment: a ratio with 0 / 0 counts as 1 (the
+    partitions agree), so a one-segment truth predicted as one segment scores 1.
+    """
+
+    v_info: float
+    v_info_split: float
+    v_info_merge: float
+
+
+def _info_from_table(tab: _Table) -> InfoScores:
+    h_joint = _entropy(tab.pairs, tab.n, tab.singletons)
+    h_truth = _entropy(tab.truth_sizes, tab.n)
+    h_pred = _entropy(tab.pred_sizes, tab.n, tab.singletons)
+    mutual = _snap_zero(h_truth + h_pred - h_joint)
+
+    def ratio(num: float, den: float) -> float:
+        # den == 0 means one segment on that side, so I = 0 too: no information
+        # to lose, the partitions agree.
+        return 1.0 if den < 1e-12 else num / den
+
+    return InfoScores(
+        v_info=ratio(mutual, 0.5 * h_pred + 0.5 * h_truth),
+        v_info_split=ratio(mutual, h_pred),
+        v_info_merge=ratio(mutual, h_truth),
+    )
+
+
+def foreground_scores(
+    pred_instances: np.ndarray, truth_instances: np.ndarray
+) -> tuple[RandScores, InfoScores] | None:
+    """V_rand and V_info scores of one 2D slice from one contingency table;
+    None when the truth has no foreground (the scores are undefined)."""
+    tab = _table(pred_instances, truth_instances)
+    if tab.n == 0:
+        return None
+    return _rand_from_table(tab), _info_from_table(tab)
 
 
 def segmentation_scores(
