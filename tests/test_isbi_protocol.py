@@ -28,14 +28,17 @@ def test_thinning_leaves_a_one_pixel_line_in_a_thick_membrane():
     cells = np.ones((3, 7), bool)
     cells[:, 2:5] = False
     np.testing.assert_array_equal(thin_boundaries(cells), [[1, 1, 1, 0, 2, 2, 2]] * 3)
-    # Membrane x = 2-3 (2 px): no pixel is equidistant, the flooding order breaks
-    # the tie; still exactly one line pixel per row, left of it id 1, right id 2.
+    # Membrane x = 2-3 (2 px): each side takes its nearer column, no pixel is
+    # equidistant, so no line is left (the two ids still differ).
     cells = np.ones((2, 6), bool)
     cells[:, 2:4] = False
-    thin = thin_boundaries(cells)
-    for row in thin:
-        (x,) = np.flatnonzero(row == 0)
-        assert x in (2, 3) and set(row[:x]) == {1} and set(row[x + 1:]) == {2}
+    np.testing.assert_array_equal(thin_boundaries(cells), [[1, 1, 1, 2, 2, 2]] * 2)
+    # Two one-pixel cells at (0, 0) and (0, 2) of a 3x3 image.  Step 1: (0, 1)
+    # touches both (line), (1, 0) joins 1, (1, 2) joins 2.  Step 2: (2, 0) -> 1,
+    # (2, 2) -> 2, (1, 1) touches 1 and 2 (line).  Step 3: (2, 1) likewise.
+    cells = np.zeros((3, 3), bool)
+    cells[0, 0] = cells[0, 2] = True
+    np.testing.assert_array_equal(thin_boundaries(cells), [[1, 0, 2]] * 3)
     # No cell: no segment to grow, every pixel stays boundary.
     np.testing.assert_array_equal(thin_boundaries(np.zeros((2, 2), bool)), np.zeros((2, 2)))
 

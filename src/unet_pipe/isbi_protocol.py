@@ -9,13 +9,14 @@ and ``VariationOfInformation.getMaximalVInfoAfterThinning`` with thresholds
    cell where ``p > t`` (strict).
 2. **Border thinning** of the proposal: its 4-connected cell components seed a
    watershed flooded over the boundary (non-cell) pixels with 4-connectivity,
-   breadth-first, so every boundary pixel joins the nearest segment (geodesic
-   distance through the boundary) and only a 1-pixel watershed line (id 0) is
-   left where two segments meet.  The challenge did this with Fiji's classic
-   watershed on the binary map; ours is scikit-image's marker watershed on a flat
-   image (FIFO flooding = breadth-first), which can differ only in how ties on
-   the line are broken.  Thick predicted membranes are therefore not penalised;
-   a missing membrane (merge) or a spurious one (split) still is.
+   breadth-first, so every boundary pixel joins the segment it is geodesically
+   nearest to, and only pixels equidistant from two segments stay boundary (a
+   line at most 1 pixel wide; none where a membrane has even width).  The
+   challenge did this with Fiji's classic watershed (``WatershedTransform2D``,
+   connectivity 4) on the binary map, whose flooding of a plateau follows the
+   same geodesic distance; the two can differ only in how ties on the line are
+   broken.  Thick predicted membranes are therefore not penalised; a missing
+   membrane (merge) or a spurious one (split) still is.
 3. The truth is **not** thinned: its cells are the 4-connected cell components
    of the binary labels and its boundary pixels are excluded (foreground
    restriction).  Truth-foreground pixels on the proposal's remaining watershed
@@ -36,7 +37,6 @@ from typing import Sequence
 
 import numpy as np
 import scipy.ndimage as ndi
-from skimage.segmentation import watershed
 
 from unet_pipe.metrics import foreground_scores
 
@@ -60,20 +60,50 @@ def thin_boundaries(cells: np.ndarray) -> np.ndarray:
     """Segments of a 2D binary cell map with its boundaries thinned to 1-pixel lines.
 
     ``cells``: ``(y, x)`` bool, True = cell.  Returns int32 ids: the
-    4-connected cell components grown over the boundary pixels (4-connected
-    breadth-first flooding) and ``0`` on the watershed lines between them.
-    Without any cell the result is all 0 (every pixel a boundary).
+    4-connected cell components grown over the boundary pixels by breadth-first
+    flooding with 4-connectivity (each boundary pixel joins the segment it is
+    geodesically nearest to), ``0`` on the pixels reached from two segments at
+    once (the watershed line).  Without any cell the result is all 0.
     """
     cells = np.asarray(cells, dtype=bool)
     if cells.ndim != 2:
         raise ValueError(f"expected a 2D cell map, got shape {cells.shape}")
     markers, n = ndi.label(cells, structure=_FOUR_CONNECTED, output=np.int32)
-    if n == 0:
+    if n == 0 or n == markers.size:
         return markers
-    # A flat image: the priority queue then orders by insertion age, i.e. the
-    # flooding is breadth-first from all seeds at once (geodesic distance).
-    flat = np.zeros(cells.shape, dtype=np.uint8)
-    return watershed(flat, markers, connectivity=1, watershed_line=True).astype(np.int32, copy=False)
+    # Layer-by-layer flooding on flat indices of a padded copy (the pad is a wall,
+    # so neighbour indices never leave the array).  Measured on ISBI slices it
+    # is several times faster than skimage.segmentation.watershed on a flat image
+    # (whose FIFO flooding is the same breadth-first order but breaks ties
+    # sequentially, leaving staircase lines in even-width membranes).
+    height, width = cells.shape[0] + 2, cells.shape[1] + 2
+    padded = np.pad(markers, 1, constant_values=_WALL)
+    grown = padded > 0
+    first = (padded[1:-1, 1:-1] == 0) & (
+        grown[:-2, 1:-1] | grown[2:, 1:-1] | grown[1:-1, :-2] | grown[1:-1, 2:]
+    )
+    ys, xs = np.nonzero(first)
+    frontier = (ys + 1) * width + (xs + 1)
+    lab = padded.ravel()
+    offsets = np.array([-width, -1, 1, width])
+    stamp = np.zeros(lab.size, dtype=np.intp)
+    while frontier.size:
+        nb = lab[frontier[:, None] + offsets]
+        positive = nb > 0
+        hi = np.where(positive, nb, 0).max(axis=1)
+        lo = np.where(positive, nb, np.iinfo(np.int32).max).min(axis=1)
+        joined = lo == hi
+        lab[frontier] = np.where(joined, hi, _LINE)
+        # Only pixels that joined a segment flood on; a line pixel is a dam.
+        cand = (frontier[joined][:, None] + offsets).ravel()
+        cand = cand[lab[cand] == 0]
+        stamp[cand] = np.arange(cand.size)  # drop duplicates without sorting
+        frontier = cand[stamp[cand] == np.arange(cand.size)]
+    lab[lab < 0] = 0
+    return lab.reshape(height, width)[1:-1, 1:-1].copy()
+
+
+_WALL, _LINE = -2, -1
 
 
 @dataclass(frozen=True)
