@@ -165,8 +165,9 @@ def _compact(ids: np.ndarray) -> np.ndarray:
 
 
 def _table(pred_instances: np.ndarray, truth_instances: np.ndarray) -> _Table:
-    # Own counting (a sparse COO->CSR sum, as skimage.metrics.contingency_table
-    # does) rather than relabelling singletons and calling skimage: one table
+    # Own counting (a dense bincount of pair keys, or for huge id ranges a sparse
+    # COO->CSR sum as skimage.metrics.contingency_table does) rather than
+    # relabelling singletons and calling skimage: one table
     # serves Rand and VI, singletons are handled in closed form.  Measured per
     # 512 x 512 ISBI slice: 7 ms each for Rand and VI here, 54 and 74 ms via
     # relabel + skimage (benchmarks/postprocess.py times the current code).
@@ -186,11 +187,19 @@ def _table(pred_instances: np.ndarray, truth_instances: np.ndarray) -> _Table:
         return _Table(empty, truth_sizes, empty, singletons, n)
     ta = t[assigned]
     pa = _compact(p[assigned])
-    table = sparse.coo_array(
-        (np.ones(ta.size, dtype=np.int64), (ta, pa)), shape=(int(ta.max()) + 1, int(pa.max()) + 1)
-    ).tocsr()
-    table.sum_duplicates()
-    pairs = table.data[table.data > 0]
+    n_truth, n_pred = int(ta.max()) + 1, int(pa.max()) + 1
+    if n_truth * n_pred <= 4 * ta.size + (1 << 20):
+        # A dense count of (truth, pred) pairs when the table is small (always so
+        # for a 2D slice of cells): one bincount, several times faster than the
+        # sparse COO -> CSR conversion, which is kept for huge id ranges.
+        counts = np.bincount(ta * n_pred + pa)
+        pairs = counts[counts > 0]
+    else:
+        table = sparse.coo_array(
+            (np.ones(ta.size, dtype=np.int64), (ta, pa)), shape=(n_truth, n_pred)
+        ).tocsr()
+        table.sum_duplicates()
+        pairs = table.data[table.data > 0]
     pred_sizes = np.bincount(pa)
     return _Table(pairs, truth_sizes, pred_sizes[pred_sizes > 0], singletons, n)
 
