@@ -76,6 +76,24 @@ def test_evaluate_hand_values(tmp_path, tiny_case):
     assert s["all"]["iou"] == pytest.approx(24 / 25)  # pooled: 24 shared of 25 in the union
     assert s["val"]["rand_error"] == pytest.approx(1 / 3) and s["val"]["slices"] == 2
     assert s["train"]["rand_error"] == 0.0 and "other" not in s
+    # ISBI protocol, from the probabilities (cells 230/255 = 0.902, membrane 10/255,
+    # slice 0's extra pixel 200/255 = 0.784).  Slices 0 and 1, t = 0.0 ... 0.9: the
+    # cell pixels form one segment; thinning floods the membrane column into it:
+    # the truth's one 12-px cell is matched, V_rand = V_info = 1 (slice 1's split
+    # is in the instances, not in the probabilities).  t = 1.0: no cell, 12
+    # singletons: V_rand = 12 / (0.5 * 12 + 0.5 * 144) = 2/13; H(T) = 0, I = 0:
+    # V_info = 0.  Best of each: 1 at t = 0.0 (ties go to the lowest t).
+    for subset in ("all", "train", "val"):
+        assert (s[subset]["v_rand"], s[subset]["v_rand_threshold"]) == (1.0, 0.0)
+        assert (s[subset]["v_info"], s[subset]["v_info_threshold"]) == (1.0, 0.0)
+    np.testing.assert_allclose(s["all"]["protocol_curve"]["v_rand"], [1.0] * 10 + [2 / 13])
+    np.testing.assert_allclose(s["all"]["protocol_curve"]["v_info"], [1.0] * 10 + [0.0])
+    assert s["all"]["protocol_curve"]["thresholds"][1] == 0.1
+    # Warping error at 0.5: slice 0's extra cell pixel (0, 3) sits beside the cell
+    # (4-adjacent to it only on the left, membrane elsewhere): simple, warped
+    # away; slices 1 and 2 agree with the truth.  All 0, while the pixel error is not.
+    assert [rows[z]["warping_error"] for z in range(3)] == [0.0, 0.0, 0.0]
+    assert rows[0]["v_rand_at_decision"] == 1.0 and math.isnan(rows[2]["v_rand_at_decision"])
     # JSON on disk: strict (NaN -> null), the same numbers; CSV: one row per slice.
     on_disk = json.loads(out.read_text())
     assert on_disk["per_slice"][2]["rand_error"] is None
@@ -86,6 +104,8 @@ def test_evaluate_hand_values(tmp_path, tiny_case):
         table = list(csv.DictReader(fh))
     assert [r["z"] for r in table] == ["0", "1", "2"]
     assert float(table[1]["rand_error"]) == pytest.approx(1 / 3) and table[2]["rand_error"] == ""
+    assert table[0]["warping_error"] == "0" and table[2]["v_info_at_decision"] == ""
+    assert on_disk["summary"]["val"]["v_rand_threshold"] == 0.0
     assert read_metrics(out)["dataset"] == "tiny"
 
 
@@ -96,6 +116,7 @@ def test_evaluate_slice_range_and_instance_truth(tmp_path, tiny_case):
     assert [r["z"] for r in result["per_slice"]] == [1]
     assert result["summary"]["all"]["rand_error"] == pytest.approx(1 / 3)
     assert math.isnan(result["summary"]["all"]["pixel_error"])  # no probabilities given
+    assert math.isnan(result["summary"]["all"]["v_rand"]) and math.isnan(result["summary"]["all"]["warping_error"])
 
 
 def test_evaluate_rejects_mismatched_inputs(tmp_path, tiny_case):
@@ -136,6 +157,7 @@ def test_report_writes_markdown_and_figures(tmp_path, tiny_case):
     out = write_report(tmp_path / "report" / "report.md", [metrics], training_logs=[log, tmp_path / "nope.csv"])
     text = out.read_text()
     assert "| tiny | val | 2 | 0.0000 | 0.3333 |" in text  # val: slices 1-2, Rand error of slice 1 only
+    assert "| 0.000000 | 1.0000 (0.0) | 1.0000 (0.0) |" in text  # warping error, V_rand, V_info (best t)
     assert "![tiny: slices](report_figures/tiny_slices.png)" in text
     assert "| val_rand_error | 0.3 |" in text and "| seconds | 1.5 |" in text
     assert "nope.csv not readable" in text
@@ -179,3 +201,4 @@ def test_isbi_truth_scores_perfectly(tmp_path, isbi_dir):
     prob = _store(tmp_path / "prob.ome.zarr", labels, chunks=(1, 512, 512))  # uint8 0/255 = p 0/1
     s = evaluate(inst, truth, tmp_path / "m.json", probabilities=prob)["summary"]["all"]
     assert (s["rand_error"], s["pixel_error"], s["vi"], s["iou"]) == (0.0, 0.0, 0.0, 1.0)
+    assert (s["v_rand"], s["v_info"], s["warping_error"]) == (1.0, 1.0, 0.0)

@@ -31,6 +31,7 @@ import numpy as np
 
 from unet_pipe.errors import InputError
 from unet_pipe.io import image_metadata, open_image
+from unet_pipe.isbi_protocol import ISBI_THRESHOLDS, ThinnedScores, best_over_thresholds, thinned_scores
 from unet_pipe.metrics import (
     binarize,
     instances_from_binary,
@@ -39,6 +40,7 @@ from unet_pipe.metrics import (
 )
 from unet_pipe.postprocess import as_probability, open_probabilities
 from unet_pipe.provenance import provenance
+from unet_pipe.warping import warping_error
 
 log = logging.getLogger(__name__)
 
@@ -52,18 +54,37 @@ SUMMARY_KEYS: tuple[str, ...] = (
     "vi_merge",
     "vi",
     "iou",
+    "warping_error",
+    "v_rand_at_decision",
+    "v_info_at_decision",
 )
+# The challenge's scores, each at its best threshold over the sweep of the whole
+# subset (one threshold per subset, not per slice): summary only.
+PROTOCOL_KEYS: tuple[str, ...] = ("v_rand", "v_rand_threshold", "v_info", "v_info_threshold")
 CSV_FIELDS: tuple[str, ...] = ("z", "subset", *SUMMARY_KEYS, "truth_segments", "predicted_segments")
 DEFINITIONS: dict[str, str] = {
     "pixel_error": "fraction of pixels whose class (cell: p > threshold) differs from the truth",
-    "rand_error": "1 - V_rand, foreground-restricted (ISBI 2012; predicted background = singletons), 2D per slice",
+    "rand_error": "1 - V_rand of the instances as they are (no thinning, no threshold sweep), "
+    "foreground-restricted (predicted background = singletons), 2D per slice",
     "v_rand_split": "sum p_ij^2 / sum t_i^2 (1 = no split of true segments)",
     "v_rand_merge": "sum p_ij^2 / sum s_j^2 (1 = no merge of true segments)",
     "vi_split": "H(prediction | truth) in bits on the truth foreground (over-segmentation)",
     "vi_merge": "H(truth | prediction) in bits on the truth foreground (under-segmentation)",
     "vi": "vi_split + vi_merge",
     "iou": "intersection over union of cell foreground (instances > 0 vs truth cells), pooled over slices",
-    "summary": "mean over slices (slices without truth foreground excluded from Rand/VI); iou pooled",
+    "warping_error": "Jain et al. 2010: pixels still wrong after warping the truth towards the cell mask "
+    "(p > threshold) by simple-point flips (cells 4-, membrane 8-connected), over all pixels; "
+    "0 = no topological error",
+    "v_rand": "ISBI 2012 final score (Arganda-Carreras et al. 2015): foreground-restricted "
+    "sum p_ij^2 / (0.5 sum s_j^2 + 0.5 sum t_i^2) after thinning the predicted boundaries of "
+    "p > t to 1-pixel watershed lines, mean over slices, best over t = 0.0, 0.1, ..., 1.0 "
+    "(v_rand_threshold: that t); 1 = perfect",
+    "v_info": "ISBI 2012 final score: foreground-restricted I(S;T) / (0.5 H(S) + 0.5 H(T)) after the "
+    "same thinning, mean over slices, best over the same thresholds (v_info_threshold: that t)",
+    "v_rand_at_decision": "per slice: V_rand after thinning at the decision threshold",
+    "v_info_at_decision": "per slice: V_info after thinning at the decision threshold",
+    "summary": "mean over slices (slices without truth foreground excluded from Rand/VI); iou pooled; "
+    "v_rand/v_info: best threshold of the subset's mean curve (summary.<subset>.protocol_curve)",
 }
 
 
@@ -93,6 +114,7 @@ def score_slice(
         "_union": int(np.count_nonzero(pred_cells | truth_cells)),
     }
     row["iou"] = row["_intersection"] / row["_union"] if row["_union"] else 1.0
+    row.update(_protocol_scores(prob, truth_instances, truth_cells, threshold))
     rs, (split, merge) = segmentation_scores(instances, truth_instances)
     if rs is not None:
         row.update(
@@ -104,8 +126,30 @@ def score_slice(
     return row
 
 
+def _protocol_scores(
+    prob: np.ndarray | None, truth_instances: np.ndarray, truth_cells: np.ndarray, threshold: float
+) -> dict[str, Any]:
+    """Warping error at the decision threshold and V_rand/V_info after thinning over
+    the ISBI thresholds (kept in ``_thinned`` for the subset summaries) and at the
+    decision threshold.  All NaN without probabilities: the protocol scores the probability map."""
+    if prob is None:
+        return {"warping_error": math.nan, "v_rand_at_decision": math.nan,
+                "v_info_at_decision": math.nan, "_thinned": None}
+    extra = () if threshold in ISBI_THRESHOLDS else (float(threshold),)
+    scores = thinned_scores(prob, truth_instances, ISBI_THRESHOLDS + extra)
+    k = scores.thresholds.index(float(threshold))
+    n = len(ISBI_THRESHOLDS)
+    return {
+        "warping_error": warping_error(prob > threshold, truth_cells),
+        "v_rand_at_decision": float(scores.v_rand[k]),
+        "v_info_at_decision": float(scores.v_info[k]),
+        "_thinned": ThinnedScores(ISBI_THRESHOLDS, scores.v_rand[:n], scores.v_info[:n]),
+    }
+
+
 def summarize(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """Summary of per-slice rows: NaN-aware means, IoU pooled over pixels."""
+    """Summary of per-slice rows: NaN-aware means, IoU pooled over pixels, and the
+    ISBI protocol's best-threshold V_rand/V_info over the rows' slices."""
     rows = list(rows)
     out: dict[str, Any] = {"slices": len(rows)}
     for key in SUMMARY_KEYS:
@@ -116,6 +160,13 @@ def summarize(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
         values = np.array([r[key] for r in rows], dtype=np.float64)
         values = values[np.isfinite(values)]
         out[key] = float(values.mean()) if values.size else math.nan
+    best = best_over_thresholds([r["_thinned"] for r in rows if r.get("_thinned") is not None])
+    if best is None:
+        out.update({k: math.nan for k in PROTOCOL_KEYS})
+    else:
+        protocol = best.as_dict()
+        out["protocol_curve"] = protocol.pop("curve")
+        out.update(protocol)
     return out
 
 
@@ -218,8 +269,10 @@ def evaluate(
     write_csv_atomic(out_json.with_suffix(".csv"), result["per_slice"], CSV_FIELDS)
     main = summary.get("val", summary["all"])
     log.info(
-        "%s: Rand error %.4f, pixel error %.4f, VI %.3f, IoU %.3f (%s)",
+        "%s: Rand error %.4f, pixel error %.4f, VI %.3f, IoU %.3f, warping error %.6f, "
+        "V_rand %.4f, V_info %.4f (%s)",
         result["dataset"], main["rand_error"], main["pixel_error"], main["vi"], main["iou"],
+        main["warping_error"], main["v_rand"], main["v_info"],
         "val slices" if "val" in summary else "all slices",
     )
     return result

@@ -44,7 +44,12 @@ _TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("vi_split", "VI split (bits)", "{:.3f}"),
     ("vi_merge", "VI merge (bits)", "{:.3f}"),
     ("iou", "IoU", "{:.4f}"),
+    ("warping_error", "warping error", "{:.6f}"),
+    ("v_rand", "V_rand thinned (t)", "{:.4f}"),
+    ("v_info", "V_info thinned (t)", "{:.4f}"),
 )
+# Protocol scores are shown with the threshold at which they were best.
+_BEST_THRESHOLD_OF = {"v_rand": "v_rand_threshold", "v_info": "v_info_threshold"}
 _X_COLUMNS = ("step", "iteration", "epoch")
 _TIME_COLUMNS = ("seconds", "time", "elapsed", "wall_time")
 _MAX_PANEL_PIXELS = 1024  # larger slices are shown strided: a report needs no more
@@ -258,6 +263,12 @@ def _fmt(value: Any, spec: str) -> str:
     return spec.format(value)
 
 
+def _summary_cell(summary: dict[str, Any], key: str, spec: str) -> str:
+    text = _fmt(summary.get(key), spec)
+    t = summary.get(_BEST_THRESHOLD_OF.get(key, ""))
+    return f"{text} ({t:.1f})" if text != "–" and isinstance(t, (int, float)) else text
+
+
 def _summary_table(all_metrics: Sequence[dict[str, Any]]) -> list[str]:
     header = "| dataset | subset | " + " | ".join(label for _, label, _ in _TABLE_COLUMNS) + " |"
     lines = [header, "|" + "---|" * (len(_TABLE_COLUMNS) + 2)]
@@ -266,7 +277,7 @@ def _summary_table(all_metrics: Sequence[dict[str, Any]]) -> list[str]:
             s = m["summary"].get(subset)
             if s is None:
                 continue
-            cells = " | ".join(_fmt(s.get(key), spec) for key, _, spec in _TABLE_COLUMNS)
+            cells = " | ".join(_summary_cell(s, key, spec) for key, _, spec in _TABLE_COLUMNS)
             lines.append(f"| {m['dataset']} | {subset} | {cells} |")
     return lines
 
@@ -301,9 +312,12 @@ def write_report(
     md += ["## Summary", ""]
     if all_metrics:
         md += _summary_table(all_metrics)
-        md += ["", "Rand error and VI are the ISBI 2012 foreground-restricted scores, "
-               "computed per 2D slice and averaged; *val* rows are the slices held out "
-               "from training (the honest numbers).", ""]
+        md += ["", "Rand error and VI are the ISBI 2012 foreground-restricted scores of the "
+               "instances, computed per 2D slice and averaged; *val* rows are the slices held out "
+               "from training (the honest numbers).  The challenge's final measures are V_rand and "
+               "V_info thinned (predicted boundaries thinned to 1-pixel lines, best threshold t of "
+               "the probability map in brackets) and the warping error (topological errors at the "
+               "decision threshold); they need the probabilities.", ""]
     else:
         md += ["No metrics files given.", ""]
 
@@ -323,13 +337,14 @@ def write_report(
         rows = m["per_slice"]
         md += [f"Per-slice values: `{Path(source).with_suffix('.csv')}`.", ""]
         if len(rows) <= _MAX_TABLE_ROWS:
-            md += ["| z | subset | pixel error | Rand error | VI split | VI merge | IoU |",
-                   "|---|---|---|---|---|---|---|"]
+            md += ["| z | subset | pixel error | Rand error | VI split | VI merge | IoU | warping error |",
+                   "|---|---|---|---|---|---|---|---|"]
             for r in rows:
                 md.append(
                     f"| {r['z']} | {r.get('subset', '')} | {_fmt(r.get('pixel_error'), '{:.4f}')} | "
                     f"{_fmt(r.get('rand_error'), '{:.4f}')} | {_fmt(r.get('vi_split'), '{:.3f}')} | "
-                    f"{_fmt(r.get('vi_merge'), '{:.3f}')} | {_fmt(r.get('iou'), '{:.4f}')} |"
+                    f"{_fmt(r.get('vi_merge'), '{:.3f}')} | {_fmt(r.get('iou'), '{:.4f}')} | "
+                    f"{_fmt(r.get('warping_error'), '{:.6f}')} |"
                 )
             md.append("")
 
