@@ -161,17 +161,31 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def _add_check_config(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("check-config", help="validate a config file against the schema")
-    p.add_argument("config", metavar="CONFIG.yaml")
+    p = sub.add_parser(
+        "check-config",
+        help="validate a config file (or several, composed as overlays) against the schema",
+        description=(
+            "Validate CONFIG.yaml against the schema. Several files are composed in order as "
+            "`snakemake --configfile A.yaml B.yaml` composes them: dataset maps (datasets, "
+            "train.datasets, predict.datasets) of a later file replace the earlier ones, every other "
+            "section merges key by key (lists and values replaced). --print shows the result."
+        ),
+    )
+    p.add_argument("config", metavar="CONFIG.yaml", nargs="+")
+    p.add_argument("--print", action="store_true", help="print the composed config (defaults filled) as YAML")
     p.add_argument("--no-inputs", action="store_true", help="do not check that input TIFF paths exist")
     p.set_defaults(func=_cmd_check_config)
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    from unet_pipe.config import load_config
+    from unet_pipe.config import config_source, load_configs
 
-    load_config(args.config, check_inputs=not args.no_inputs)
-    log.info("%s: valid", args.config)
+    config = load_configs(args.config, check_inputs=not args.no_inputs)
+    if args.print:
+        import yaml
+
+        print(yaml.safe_dump(config, sort_keys=False), end="")
+    log.info("%s: valid", config_source(args.config))
     return 0
 
 
