@@ -110,6 +110,22 @@ def test_configfiles_compose_as_overlays(tmp_path):
     assert train["train"]["datasets"] == {"mine": {"train": [0, 3], "val": [3, 4]}}
 
 
+def test_init_from_is_an_input_of_train(tmp_path):
+    """train.init_from is a file input of rule train: missing, the DAG names it; present, train lists it."""
+    cfg = small_config()
+    cfg["train"]["init_from"] = "pretrained/model.pt"
+    proc = run_snakemake(tmp_path, "-n", config=cfg, check=False)
+    assert proc.returncode != 0 and "pretrained/model.pt" in proc.stdout + proc.stderr
+    (tmp_path / "pretrained").mkdir()
+    (tmp_path / "pretrained" / "model.pt").write_bytes(b"")
+    text = run_snakemake(tmp_path, "-n", config=cfg).stdout
+    train_job = text[text.index("rule train:"):].split("\n\n")[0]
+    assert re.search(r"input: .*pretrained/model\.pt", train_job), train_job
+    cfg["train"]["init_from"] = "results/model/checkpoint.pt"
+    proc = run_snakemake(tmp_path, "-n", config=cfg, check=False)
+    assert "key 'train.init_from': is this run's own model/checkpoint.pt" in proc.stderr
+
+
 def test_bad_tiff_stops_before_any_job(tmp_path):
     (tmp_path / "broken.tif").write_bytes(b"II*\x00" + b"\x00" * 10)
     proc = run_snakemake(tmp_path, "--cores", "1", config=raw_only_config("broken.tif"), check=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,11 @@ def _check_semantics(config: dict, source: str | Path | None) -> None:
                     source, f"key 'train.datasets.{name}': train {ranges['train']} and val {ranges['val']} overlap "
                     "(validation slices must be held out)"
                 )
+    init = config["train"].get("init_from")
+    if init is not None and os.path.normpath(init) == os.path.normpath(f"{config['results']}/model/checkpoint.pt"):
+        # The workflow's own output: as an input of train it would be a cycle.
+        raise ConfigError(source, "key 'train.init_from': is this run's own model/checkpoint.pt; copy it elsewhere "
+                          "or use another 'results' folder")
     for name in config["predict"]["datasets"]:
         if name not in datasets:
             raise ConfigError(source, f"key 'predict.datasets': no such dataset '{name}'")

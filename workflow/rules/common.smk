@@ -122,6 +122,12 @@ def train_stores_args(wildcards, input):
     return " ".join(args)
 
 
+def init_from_input(wildcards):
+    """``train.init_from`` as an input of train (an empty list when training from scratch)."""
+    path = config["train"]["init_from"]
+    return [] if path is None else [path]
+
+
 def train_config_json(wildcards):
     """What training reads from the config, as one JSON string (a change reruns training).
 
