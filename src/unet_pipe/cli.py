@@ -189,6 +189,63 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_install_profile(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "install-profile",
+        help="install profiles/NAME where `snakemake --profile NAME` finds it by name",
+        description=(
+            "Copy the repository's profiles/NAME to Snakemake's user profile folder "
+            "($XDG_CONFIG_HOME/snakemake, default ~/.config/snakemake; --site: /etc/xdg/snakemake), so that "
+            "`snakemake --profile NAME` works from the repository root. For the slurm profile the CPU and GPU "
+            "partitions come from the options, else from $UNET_PIPE_PARTITION_CPU/$UNET_PIPE_PARTITION_GPU, "
+            "else are asked for on a terminal. A folder of that name that unet-pipe did not install, or "
+            "that was edited since, is never replaced."
+        ),
+    )
+    p.add_argument("name", metavar="NAME", help="profile in profiles/ (slurm or local)")
+    p.add_argument("--partition-cpu", metavar="PARTITION", help="SLURM partition of the CPU jobs")
+    p.add_argument("--partition-gpu", metavar="PARTITION", help="SLURM partition of train and predict (GPU jobs)")
+    p.add_argument("--account", help="SLURM account to charge (default: $UNET_PIPE_SLURM_ACCOUNT, else none)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--config-dir", type=Path, metavar="DIR", help="install into DIR/NAME instead")
+    where.add_argument("--site", action="store_true", help="install for every user (site config folder)")
+    p.set_defaults(func=_cmd_install_profile)
+
+
+def _partition(args: argparse.Namespace, kind: str) -> str:
+    import os
+
+    from unet_pipe.profiles import PARTITION_ENV
+
+    given = getattr(args, f"partition_{kind}") or os.environ.get(PARTITION_ENV[kind])
+    if given:
+        return given
+    if not sys.stdin.isatty():
+        raise UnetPipeError(
+            None, f"no {kind.upper()} partition: pass --partition-{kind} or set {PARTITION_ENV[kind]} "
+            "(`sinfo -s` lists your cluster's partitions)"
+        )
+    answer = input(f"SLURM partition for {kind.upper()} jobs (`sinfo -s` lists them): ").strip()
+    if not answer:
+        raise UnetPipeError(None, f"no {kind.upper()} partition given")
+    return answer
+
+
+def _cmd_install_profile(args: argparse.Namespace) -> int:
+    import os
+
+    from unet_pipe.profiles import ACCOUNT_ENV, install_profile, profile_search_dir, repository_profiles
+
+    source = repository_profiles() / args.name
+    partitions = None
+    if (source / "config.yaml").is_file() and "slurm_partition:" in (source / "config.yaml").read_text():
+        partitions = {kind: _partition(args, kind) for kind in ("cpu", "gpu")}
+    root = args.config_dir if args.config_dir is not None else profile_search_dir(site=args.site)
+    dest = install_profile(args.name, root, partitions, args.account or os.environ.get(ACCOUNT_ENV) or None, source)
+    log.info("installed %s (from %s); from the repository root run: snakemake --profile %s", dest, source, args.name)
+    return 0
+
+
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="print shape, dtype, chunks and voxel size of an OME-Zarr image")
     p.add_argument("path", metavar="IMAGE.ome.zarr", type=Path)
@@ -425,6 +482,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_synth,
     _add_ingest,
     _add_check_config,
+    _add_install_profile,
     _add_info,
     _add_weights,
     add_train,
