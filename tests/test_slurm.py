@@ -372,7 +372,7 @@ JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 MpiDefault=none
 ReturnToService=2
-MinJobAge=300
+MinJobAge=3600
 SchedulerType=sched/builtin
 GresTypes=gpu
 NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} Gres=gpu:1 State=UNKNOWN
@@ -487,7 +487,7 @@ def test_gpu_partition_hands_out_the_declared_gpu(slurm_cluster, tmp_path):
 # the run quick and observable (partitions are the profile's own).
 SLURM_TEST_ARGS = (
     # No accounting database here, so sacct cannot answer; squeue can
-    # (finished jobs stay listed for MinJobAge = 300 s).
+    # (finished jobs stay listed for MinJobAge = 3600 s: a loaded 2-core machine took 543 s for the run, and squeue had forgotten the first job).
     "--slurm-status-command", "squeue",
     # No account exists (plugin 2.8 ignores the flag; its guess fails and it
     # submits without -A, as wanted).
