@@ -487,7 +487,8 @@ def test_gpu_partition_hands_out_the_declared_gpu(slurm_cluster, tmp_path):
 # the run quick and observable (partitions are the profile's own).
 SLURM_TEST_ARGS = (
     # No accounting database here, so sacct cannot answer; squeue can
-    # (finished jobs stay listed for MinJobAge = 3600 s: a loaded 2-core machine took 543 s for the run, and squeue had forgotten the first job).
+    # (finished jobs stay listed for MinJobAge = 3600 s: on a loaded 2-core machine the run
+    # took 543 s, and with 300 s squeue had forgotten the first job).
     "--slurm-status-command", "squeue",
     # No account exists (plugin 2.8 ignores the flag; its guess fails and it
     # submits without -A, as wanted).
