@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints/ci.txt
 	$(BIN)/python -m pip install -q -c constraints/ci.txt -e ".[dev]"
 	touch $(STAMP)
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-fast lint clean slurm-profile
 install: $(STAMP)
 
 ## Run the whole pipeline on the embedded synthetic default (outputs in results/).
@@ -26,6 +26,15 @@ test: $(STAMP)
 ## Everything but the slow end-to-end tests.
 test-fast: $(STAMP)
 	PATH="$(BIN):$$PATH" python -m pytest -m "not slow"
+
+## Install profiles/slurm as the profile `slurm`, so that `snakemake --profile slurm` works
+## from the repository root: make slurm-profile PARTITION_CPU=cpu PARTITION_GPU=gpu [ACCOUNT=...]
+## (or UNET_PIPE_PARTITION_CPU/_GPU in the environment; asked for on a terminal otherwise).
+## Uses the unet-pipe on PATH (e.g. the cluster's conda environment), else .venv's.
+UNET_PIPE ?= $(shell command -v unet-pipe || echo $(BIN)/unet-pipe)
+slurm-profile:
+	$(UNET_PIPE) install-profile slurm $(if $(PARTITION_CPU),--partition-cpu $(PARTITION_CPU)) \
+	  $(if $(PARTITION_GPU),--partition-gpu $(PARTITION_GPU)) $(if $(ACCOUNT),--account $(ACCOUNT))
 
 lint: $(STAMP)
 	PATH="$(BIN):$$PATH" snakemake --lint

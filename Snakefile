@@ -7,6 +7,8 @@ min_version("9.0")
 
 # The demo config is the default; a --configfile given on the command line
 # replaces it instead of being merged into it (no demo dataset in your runs).
+# Several --configfile files are overlays, composed in order by unet-pipe's
+# rule (workflow/rules/common.smk, unet_pipe.config.compose_configs).
 if not workflow.overwrite_configfiles:
 
     configfile: "config/config.yaml"

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import tifffile
+import yaml
 
 from unet_pipe.io import image_metadata, open_image
 
@@ -83,3 +84,23 @@ def test_check_config(tmp_path, run_cli):
     bad.write_text("datasets: {demo: {synthetic: {}}}\nweights: {w0: -1}\n")
     code, _, err = run_cli("check-config", bad)
     assert code == 2 and "key 'weights.w0'" in err
+
+
+def test_check_config_composes_overlays(tmp_path, run_cli):
+    base = tmp_path / "preset.yaml"
+    base.write_text("datasets: {a: {synthetic: {}}}\nweights: {w0: 3.0, sigma: 2.0}\npredict: {datasets: [a]}\n")
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("datasets: {b: {synthetic: {seed: 4}}}\nweights: {sigma: 7.0}\n")
+    code, out, _ = run_cli("check-config", "--print", base, mine)
+    assert code == 0
+    cfg = yaml.safe_load(out)
+    assert cfg["datasets"] == {"b": {"synthetic": {"seed": 4, "shape": [12, 256, 256]}, "voxel_size": None}}
+    assert (cfg["weights"]["w0"], cfg["weights"]["sigma"]) == (3.0, 7.0)
+    assert cfg["predict"]["datasets"] == []
+    # In the other order the preset's `a` replaces `b`: order matters.
+    code, out, _ = run_cli("check-config", "--print", mine, base)
+    assert code == 0 and list(yaml.safe_load(out)["datasets"]) == ["a"]
+    # An error names the composed files.
+    mine.write_text("weights: {w0: -1}\n")
+    code, _, err = run_cli("check-config", base, mine)
+    assert code == 2 and f"{base}+{mine}: key 'weights.w0'" in err

@@ -159,3 +159,77 @@ def test_calibration_slices_default_to_the_val_ranges(demo_config):
     assert calibration_slices(cfg) == {"demo": [9, 12]}
     cfg["calibrate"]["datasets"] = {"demo": [6, 9]}
     assert calibration_slices(cfg) == {"demo": [6, 9]}
+
+
+
+# ------------------------------------------------------------------ overlays
+
+
+def test_compose_replaces_dataset_maps_and_merges_sections():
+    from unet_pipe.config import compose_configs
+
+    preset = {
+        "results": "results/preset",
+        "datasets": {"isbi": {"raw": "isbi.tif", "labels": "isbi-labels.tif"}, "isbi_test": {"raw": "t.tif"}},
+        "model": {"depth": 4, "base_channels": 16},
+        "train": {"datasets": {"isbi": {"train": [0, 25]}}, "steps": 5000, "augment": {"rotate": True, "shift": 0.0}},
+        "predict": {"datasets": ["isbi", "isbi_test"], "tta": True},
+        "calibrate": {"datasets": {"isbi": [20, 25]}, "methods": ["threshold"]},
+        "ingest": {"chunks": [1, 512, 512]},
+    }
+    mine = {
+        "results": "results/mine",
+        "datasets": {"mine": {"raw": "m.tif", "labels": "ml.tif"}},
+        "train": {"datasets": {"mine": {"train": [0, 8]}}, "augment": {"shift": 2.0}},
+        "ingest": {"chunks": [1, 256, 256]},
+    }
+    before = copy.deepcopy(preset)
+    assert compose_configs([preset, mine]) == {
+        "results": "results/mine",
+        "datasets": {"mine": {"raw": "m.tif", "labels": "ml.tif"}},
+        "model": {"depth": 4, "base_channels": 16},
+        "train": {"datasets": {"mine": {"train": [0, 8]}}, "steps": 5000, "augment": {"rotate": True, "shift": 2.0}},
+        # predict/calibrate.datasets named the preset's datasets: dropped with them (defaults apply).
+        "predict": {"tta": True},
+        "calibrate": {"methods": ["threshold"]},
+        "ingest": {"chunks": [1, 256, 256]},
+    }
+    assert preset == before  # layers are not changed
+    # Without `datasets`, a later train.datasets replaces the earlier one alone (a subset of the
+    # preset's datasets); the preset's datasets and predict.datasets stay.
+    assert compose_configs([preset, {"train": {"datasets": {"isbi": {"train": [0, 5]}}}, "predict": {"tta": False}}]) == {
+        **before,
+        "train": {"datasets": {"isbi": {"train": [0, 5]}}, "steps": 5000, "augment": {"rotate": True, "shift": 0.0}},
+        "predict": {"datasets": ["isbi", "isbi_test"], "tta": False},
+    }
+    # A later dataset entry replaces the earlier one whole (its keys are not merged), and
+    # a null or a list replaces a mapping or a list.
+    assert compose_configs(
+        [{"datasets": {"a": {"synthetic": {"seed": 1}}}, "predict": {"tile": 64}},
+         {"datasets": {"a": {"raw": "a.tif"}}, "predict": {"tile": None}}]
+    ) == {"datasets": {"a": {"raw": "a.tif"}}, "predict": {"tile": None}}
+
+
+def test_two_files_compose_into_a_valid_config(tmp_path, monkeypatch):
+    from unet_pipe.config import load_configs
+
+    monkeypatch.chdir(REPO)
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(
+        "results: results/mine\n"
+        "datasets: {mine: {synthetic: {shape: [4, 96, 96]}}}\n"
+        "train: {datasets: {mine: {train: [0, 3], val: [3, 4]}}, steps: 7}\n"
+    )
+    # Inputs are not checked: the preset's ISBI paths must not matter once replaced.
+    cfg = load_configs([REPO / "config" / "isbi2012-cpu.yaml", mine], check_inputs=True)
+    assert sorted(cfg["datasets"]) == ["mine"]
+    assert cfg["train"]["datasets"] == {"mine": {"train": [0, 3], "val": [3, 4]}}
+    assert cfg["predict"]["datasets"] == []  # default: every dataset (the preset's named isbi)
+    assert (cfg["train"]["steps"], cfg["train"]["tile"], cfg["model"]["depth"]) == (7, 252, 4)
+    assert cfg["predict"]["tta"] is True and cfg["results"] == "results/mine"
+    mine.write_text("train: {steps: 0}\n")
+    with pytest.raises(ConfigError, match=r"isbi2012-cpu\.yaml\+.*mine\.yaml: key 'train.steps'"):
+        load_configs([REPO / "config" / "isbi2012-cpu.yaml", mine], check_inputs=False)
+    mine.write_text("- a list\n")
+    with pytest.raises(ConfigError, match=r"mine\.yaml: the configuration must be a YAML mapping"):
+        load_configs([REPO / "config" / "isbi2012-cpu.yaml", mine], check_inputs=False)

@@ -8,9 +8,10 @@ gres (``File=/dev/null``) so the ``gpu`` partition of ``profiles/slurm``
 schedules GPU rules.  Nothing is mocked: real sbatch, squeue, slurmd and
 srun (behind a shim that only sets SLURM_CONF, see ``_write_srun_shim``).
 
-The test runs the workflow once locally and once with ``--profile
-profiles/slurm`` (partitions as in the profile: the test cluster is built
-with the profile's partition names), checks that every job went through
+The test runs the workflow once locally and once with ``--profile slurm``
+exactly as a user types it after ``unet-pipe install-profile slurm``
+(partitions as in the profile: the test cluster is built with the profile's
+partition names), checks that every job went through
 sbatch (SLURM job ids in the Snakemake log and in ``.snakemake/slurm_logs``)
 and that the array data of every output (and the metrics) equal the local
 run's.
@@ -93,11 +94,16 @@ def test_every_profile_entry_is_commented(name):
     assert not bare, f"profiles/{name}/config.yaml: entries without a comment: {bare}"
 
 
-def _dry_run(profile: str, workdir: Path) -> dict[str, list[dict[str, str]]]:
-    """Jobs of the demo DAG under a profile (``snakemake -n``): rule -> resources of each job."""
+def _dry_run(profile: str, workdir: Path, env: dict[str, str] | None = None) -> dict[str, list[dict[str, str]]]:
+    """Jobs of the demo DAG under a profile (``snakemake -n``): rule -> resources of each job.
+
+    ``profile``: a folder of profiles/, or, with ``env``, a name Snakemake looks up itself
+    (run from the repository root, as users type it).
+    """
+    given = profile if env is not None else str(REPO / "profiles" / profile)
     result = subprocess.run(
-        _snakemake_command(workdir, REPO / "config" / "config.yaml", "--profile", str(REPO / "profiles" / profile), "-n"),
-        env=_hermetic_env(), capture_output=True, text=True, timeout=120,
+        _snakemake_command(workdir, REPO / "config" / "config.yaml", "--profile", given, "-n"),
+        env=env or _hermetic_env(), capture_output=True, text=True, timeout=120, cwd=REPO,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     jobs: dict[str, list[dict[str, str]]] = {}
@@ -152,6 +158,102 @@ def test_local_profile_limits_gpu_jobs(tmp_path):
     profile = yaml.safe_load((REPO / "profiles" / "local" / "config.yaml").read_text())
     assert profile["resources"]["gpu"] == 1
     assert _dry_run("local", tmp_path)
+
+
+# ------------------------------------------------------------------ `--profile slurm` by name
+
+
+def _install_profile(config_home: Path, *args: str) -> subprocess.CompletedProcess:
+    """``unet-pipe install-profile ARGS`` with Snakemake's user config folder in ``config_home``."""
+    env = {**_hermetic_env(), "XDG_CONFIG_HOME": str(config_home)}
+    for name in ("UNET_PIPE_PARTITION_CPU", "UNET_PIPE_PARTITION_GPU", "UNET_PIPE_SLURM_ACCOUNT"):
+        env.pop(name, None)
+    return subprocess.run(
+        [sys.executable, "-m", "unet_pipe", "install-profile", *args],
+        env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )
+
+
+def test_installed_profile_is_found_by_name_with_the_sites_partitions(tmp_path):
+    """`unet-pipe install-profile slurm` then, from the repository root, `snakemake --profile slurm`."""
+    home = tmp_path / "config"
+    done = _install_profile(home, "slurm", "--partition-cpu", "short", "--partition-gpu", "gpu_a100")
+    assert done.returncode == 0, done.stderr
+    installed = yaml.safe_load((home / "snakemake" / "slurm" / "config.yaml").read_text())
+    original = yaml.safe_load((PROFILE / "config.yaml").read_text())
+    assert installed["default-resources"]["slurm_partition"] == "short"
+    assert {rule: res["slurm_partition"] for rule, res in installed["set-resources"].items()} == {
+        "train": "gpu_a100", "predict": "gpu_a100"
+    }
+    for section in ("default-resources", "set-resources"):  # nothing else changed
+        installed.pop(section), original.pop(section)
+    assert installed == original
+
+    jobs = _dry_run("slurm", tmp_path / "run", env={**_hermetic_env(), "XDG_CONFIG_HOME": str(home)})
+    partitions = {rule: {res["slurm_partition"] for res in resources} for rule, resources in jobs.items()}
+    assert partitions.pop("train") == {"gpu_a100"} and partitions.pop("predict") == {"gpu_a100"}
+    assert partitions and set().union(*partitions.values()) == {"short"}
+    # Without the install step Snakemake does not find it (the issue's failure).
+    missing = subprocess.run(
+        _snakemake_command(tmp_path / "bare", REPO / "config" / "config.yaml", "--profile", "slurm", "-n"),
+        env={**_hermetic_env(), "XDG_CONFIG_HOME": str(tmp_path / "empty"), "XDG_CONFIG_DIRS": str(tmp_path / "empty")},
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )
+    assert missing.returncode != 0 and "no profile.yaml (or config.yaml) found" in missing.stderr
+
+
+def test_install_profile_never_replaces_a_users_profile(tmp_path, monkeypatch):
+    from unet_pipe.errors import ConfigError, OutputError
+    from unet_pipe.profiles import install_profile
+
+    home = tmp_path / "config"
+    mine = home / "snakemake" / "slurm"
+    mine.mkdir(parents=True)
+    (mine / "config.yaml").write_text("executor: slurm\njobs: 7\n")
+    refused = _install_profile(home, "slurm", "--partition-cpu", "a", "--partition-gpu", "b")
+    assert refused.returncode == 2 and "unet-pipe did not install (no marker)" in refused.stderr
+    assert (mine / "config.yaml").read_text() == "executor: slurm\njobs: 7\n" and sorted(p.name for p in mine.iterdir()) == ["config.yaml"]
+
+    # Ours (marked) is replaced by a reinstall, with partitions from the environment this time.
+    root = tmp_path / "other"
+    install_profile("slurm", root, {"cpu": "a", "gpu": "b"})
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "unused"))
+    env_install = subprocess.run(
+        [sys.executable, "-m", "unet_pipe", "install-profile", "slurm", "--config-dir", str(root)],
+        env={**_hermetic_env(), "UNET_PIPE_PARTITION_CPU": "c2", "UNET_PIPE_PARTITION_GPU": "g2"},
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )
+    assert env_install.returncode == 0, env_install.stderr
+    assert yaml.safe_load((root / "slurm" / "config.yaml").read_text())["default-resources"]["slurm_partition"] == "c2"
+    assert sorted(p.name for p in root.iterdir()) == ["slurm"]  # no staging or backup folder left
+    # Edited since: refused, the edit kept.
+    edited = (root / "slurm" / "config.yaml").read_text() + "jobs: 3\n"
+    (root / "slurm" / "config.yaml").write_text(edited)
+    with pytest.raises(OutputError, match="edited since unet-pipe installed it"):
+        install_profile("slurm", root, {"cpu": "a", "gpu": "b"})
+    assert (root / "slurm" / "config.yaml").read_text() == edited
+    # Neither partitions given, nor in the environment, nor a terminal to ask: one line, exit 2.
+    none = _install_profile(tmp_path / "x", "slurm")
+    assert none.returncode == 2 and none.stderr.strip().endswith(
+        "unet-pipe: error: no CPU partition: pass --partition-cpu or set UNET_PIPE_PARTITION_CPU "
+        "(`sinfo -s` lists your cluster's partitions)"
+    )
+    with pytest.raises(ConfigError, match="not a SLURM partition name"):
+        install_profile("slurm", tmp_path / "y", {"cpu": "a b", "gpu": "g"})
+    assert not (tmp_path / "y").exists()
+
+
+def test_installed_profile_points_its_files_into_the_repository(tmp_path):
+    """A profile value naming a file next to it (Snakemake resolves those in the profile folder)
+    still names that file of the repository once installed elsewhere."""
+    from unet_pipe.profiles import install_profile
+
+    source = tmp_path / "repo" / "profiles" / "site"
+    source.mkdir(parents=True)
+    (source / "jobscript.sh").write_text("#!/bin/sh\n")
+    (source / "config.yaml").write_text("# a comment\njobscript: jobscript.sh  # the job wrapper\njobs: 4\n")
+    dest = install_profile("site", tmp_path / "home", source=source)
+    assert yaml.safe_load((dest / "config.yaml").read_text()) == {"jobscript": str(source / "jobscript.sh"), "jobs": 4}
 
 
 # ------------------------------------------------------------------ install
@@ -270,7 +372,7 @@ JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 MpiDefault=none
 ReturnToService=2
-MinJobAge=300
+MinJobAge=3600
 SchedulerType=sched/builtin
 GresTypes=gpu
 NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} Gres=gpu:1 State=UNKNOWN
@@ -385,7 +487,8 @@ def test_gpu_partition_hands_out_the_declared_gpu(slurm_cluster, tmp_path):
 # the run quick and observable (partitions are the profile's own).
 SLURM_TEST_ARGS = (
     # No accounting database here, so sacct cannot answer; squeue can
-    # (finished jobs stay listed for MinJobAge = 300 s).
+    # (finished jobs stay listed for MinJobAge = 3600 s: on a loaded 2-core machine the run
+    # took 543 s, and with 300 s squeue had forgotten the first job).
     "--slurm-status-command", "squeue",
     # No account exists (plugin 2.8 ignores the flag; its guess fails and it
     # submits without -A, as wanted).
@@ -432,7 +535,8 @@ def _start_snakemake(workdir: Path, config: Path, env: dict[str, str], *args: st
     workdir.mkdir(parents=True, exist_ok=True)
     command = _snakemake_command(workdir, config, *args)
     with open(f"{workdir}.out", "w") as out:
-        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+        # From the repository root, where users run it (profiles given by name are looked up there first).
+        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, text=True, cwd=REPO)
 
 
 def _finish(proc: subprocess.Popen, workdir: Path, timeout: float = 600) -> str:
@@ -492,7 +596,17 @@ def test_demo_dag_through_slurm_equals_local_run(slurm_cluster, tmp_path):
     local = _start_snakemake(
         local_dir, config, slurm_cluster.env, "--profile", str(REPO / "profiles" / "local"), "--cores", "2"
     )
-    slurm = _start_snakemake(slurm_dir, config, slurm_cluster.env, "--profile", str(PROFILE), *SLURM_TEST_ARGS)
+    # The literal `snakemake --profile slurm` of the README, from the repository root: the profile
+    # installed by name (`unet-pipe install-profile`) with this cluster's partitions (the profile's own
+    # names) into a private XDG_CONFIG_HOME, where Snakemake looks profiles up by name.
+    default_partition, per_rule, gpu_rules = _profile_partitions()
+    home = tmp_path / "config-home"
+    installed = _install_profile(
+        home, "slurm", "--partition-cpu", default_partition, "--partition-gpu", per_rule[sorted(gpu_rules)[0]]
+    )
+    assert installed.returncode == 0, installed.stderr
+    slurm_env = {**slurm_cluster.env, "XDG_CONFIG_HOME": str(home)}
+    slurm = _start_snakemake(slurm_dir, config, slurm_env, "--profile", "slurm", *SLURM_TEST_ARGS)
     _finish(local, local_dir)
     local_s = time.monotonic() - started
     _finish(slurm, slurm_dir)

@@ -11,7 +11,7 @@ from torch import nn
 
 from unet_pipe.config import validate_config
 from unet_pipe.data import Volume
-from unet_pipe.errors import CheckpointError, OutputError
+from unet_pipe.errors import CheckpointError, ConfigError, OutputError
 from unet_pipe.model import UNet, load_checkpoint
 from unet_pipe.synth import synthesize
 from unet_pipe.train import (
@@ -210,6 +210,62 @@ def test_resume_and_overwrite_guards(tmp_path, stores) -> None:
     with pytest.raises(CheckpointError, match="not a unet-pipe checkpoint"):
         _train(config, stores, tmp_path / "evil.pt", device="cpu", resume=True)
     assert _train(config, stores, tmp_path / "m.pt", device="cpu", overwrite=True)["finished"]
+
+
+def test_init_from_starts_from_another_runs_weights(tmp_path, stores) -> None:
+    """Fine-tuning: step 0 holds the source's weights exactly; optimiser and step start afresh;
+    a resumed fine-tuning run continues its own weights (bit-identical to an uninterrupted one)."""
+    from unet_pipe.provenance import file_sha256
+
+    source = tmp_path / "source.pt"
+    _train(_config(steps=3), stores, source, device="cpu")
+    src = load_checkpoint(source)
+    tuned = _config(steps=4, lr_schedule="constant", init_from=str(source))
+    tuned["model"]["dropout"] = 0.0  # does not shape the weights: allowed to differ
+    zero = _train(tuned, stores, tmp_path / "t0.pt", device="cpu", until_step=0)
+    assert zero["step"] == 0 and not zero["finished"]
+    at0 = load_checkpoint(partial_path(tmp_path / "t0.pt"))
+    assert at0["step"] == 0 and sorted(at0["model_state"]) == sorted(src["model_state"])
+    for key, value in src["model_state"].items():
+        assert torch.equal(at0["model_state"][key], value), key
+    assert at0["optimizer_state"]["state"] == {}  # no momentum taken over from the source run
+    assert at0["extra"]["init_from"] == {"path": str(source), "sha256": file_sha256(source)}
+    assert at0["config"]["train"]["init_from"] == str(source)
+    # From scratch (same seed), step 0 is the He initialisation, not the source.
+    scratch = _config(steps=4, lr_schedule="constant")
+    _train(scratch, stores, tmp_path / "s0.pt", device="cpu", until_step=0)
+    assert not torch.equal(load_checkpoint(partial_path(tmp_path / "s0.pt"))["model_state"]["head.weight"],
+                           src["model_state"]["head.weight"])
+
+    # Interrupted at step 2 and resumed == 4 steps at once: resume does not re-initialise.
+    _train(tuned, stores, tmp_path / "full.pt", device="cpu")
+    _train(tuned, stores, tmp_path / "r.pt", device="cpu", until_step=2)
+    _train(tuned, stores, tmp_path / "r.pt", device="cpu", resume=True)
+    _assert_same_checkpoint(load_checkpoint(tmp_path / "full.pt"), load_checkpoint(tmp_path / "r.pt"))
+    assert load_checkpoint(tmp_path / "r.pt")["extra"]["init_from"]["sha256"] == file_sha256(source)
+    # A source replaced while a fine-tuning run was interrupted: resuming is refused.
+    _train(tuned, stores, tmp_path / "q.pt", device="cpu", until_step=2)
+    _train(_config(steps=2), stores, source, device="cpu", overwrite=True)
+    with pytest.raises(CheckpointError, match=r"q\.pt\.partial: started from train.init_from .* has changed"):
+        _train(tuned, stores, tmp_path / "q.pt", device="cpu", resume=True)
+
+
+def test_init_from_refuses_another_architecture(tmp_path, stores) -> None:
+    source = tmp_path / "source.pt"
+    _train(_config(steps=1), stores, source, device="cpu")
+    wider = _config(steps=2, init_from=str(source))
+    wider["model"]["base_channels"] = 8
+    with pytest.raises(CheckpointError) as info:
+        _train(wider, stores, tmp_path / "w.pt", device="cpu")
+    assert str(info.value) == (
+        f"{source}: train.init_from: architecture differs from the config's model section: base_channels 4 (config: 8)"
+    )
+    assert not (tmp_path / "w.pt").exists() and not partial_path(tmp_path / "w.pt").exists()
+    (tmp_path / "foreign.pt").write_bytes(b"\x80\x04not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"foreign\.pt: not a unet-pipe checkpoint"):
+        _train(_config(steps=2, init_from=str(tmp_path / "foreign.pt")), stores, tmp_path / "f.pt", device="cpu")
+    with pytest.raises(ConfigError, match="this run's own checkpoint"):
+        _train(_config(steps=2, init_from=str(source)), stores, source, device="cpu", resume=True)
 
 
 def test_tensorboard_gets_the_csv_scalars(tmp_path, stores, monkeypatch) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -86,6 +87,43 @@ def test_configfile_replaces_the_demo_config(tmp_path):
     text = proc.stdout + proc.stderr
     assert "results/mine/raw.ome.zarr" in text
     assert "results/demo" not in text
+
+
+def test_configfiles_compose_as_overlays(tmp_path):
+    """`--configfile PRESET mine.yaml`: mine's datasets replace the preset's, its other keys merge in,
+    and `--config key=value` applies on top (Snakemake alone would deep-merge the preset's `isbi` in)."""
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(
+        "results: results/mine\n"
+        "datasets: {mine: {synthetic: {shape: [4, 96, 96]}}}\n"
+        "train: {datasets: {mine: {train: [0, 3], val: [3, 4]}}, steps: 7}\n"
+    )
+    preset = REPO / "config" / "isbi2012-cpu.yaml"
+    proc = run_snakemake(tmp_path, "-n", "-p", "--configfile", str(preset), str(mine), "--config", "seed=5")
+    text = proc.stdout + proc.stderr
+    assert "results/mine/mine/raw.ome.zarr" in text
+    assert "isbi" not in text.replace(str(preset), "")
+    # What training gets: the preset's network and tile, mine's steps and datasets, --config's seed.
+    train = json.loads(re.search(r"--config-json '([^']*)'", text).group(1))
+    assert sorted(train["datasets"]) == ["mine"] and train["seed"] == 5
+    assert (train["train"]["steps"], train["train"]["tile"], train["model"]["depth"]) == (7, 252, 4)
+    assert train["train"]["datasets"] == {"mine": {"train": [0, 3], "val": [3, 4]}}
+
+
+def test_init_from_is_an_input_of_train(tmp_path):
+    """train.init_from is a file input of rule train: missing, the DAG names it; present, train lists it."""
+    cfg = small_config()
+    cfg["train"]["init_from"] = "pretrained/model.pt"
+    proc = run_snakemake(tmp_path, "-n", config=cfg, check=False)
+    assert proc.returncode != 0 and "pretrained/model.pt" in proc.stdout + proc.stderr
+    (tmp_path / "pretrained").mkdir()
+    (tmp_path / "pretrained" / "model.pt").write_bytes(b"")
+    text = run_snakemake(tmp_path, "-n", config=cfg).stdout
+    train_job = text[text.index("rule train:"):].split("\n\n")[0]
+    assert re.search(r"input: .*pretrained/model\.pt", train_job), train_job
+    cfg["train"]["init_from"] = "results/model/checkpoint.pt"
+    proc = run_snakemake(tmp_path, "-n", config=cfg, check=False)
+    assert "key 'train.init_from': is this run's own model/checkpoint.pt" in proc.stderr
 
 
 def test_bad_tiff_stops_before_any_job(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,11 @@ def _check_semantics(config: dict, source: str | Path | None) -> None:
                     source, f"key 'train.datasets.{name}': train {ranges['train']} and val {ranges['val']} overlap "
                     "(validation slices must be held out)"
                 )
+    init = config["train"].get("init_from")
+    if init is not None and os.path.normpath(init) == os.path.normpath(f"{config['results']}/model/checkpoint.pt"):
+        # The workflow's own output: as an input of train it would be a cycle.
+        raise ConfigError(source, "key 'train.init_from': is this run's own model/checkpoint.pt; copy it elsewhere "
+                          "or use another 'results' folder")
     for name in config["predict"]["datasets"]:
         if name not in datasets:
             raise ConfigError(source, f"key 'predict.datasets': no such dataset '{name}'")
@@ -184,8 +190,11 @@ def _expanded_size(root: Any) -> int:
     return sizes[id(root)]
 
 
-def load_config(path: str | Path, check_inputs: bool = True) -> dict:
-    """Read a YAML config safely, validate it and fill in defaults."""
+def read_config_file(path: str | Path) -> dict:
+    """Read one YAML config file safely (size, alias-expansion and UTF-8 checks); no validation.
+
+    Returns the mapping as written: a layer of :func:`compose_configs`.
+    """
     path = Path(path)
     try:
         if path.stat().st_size > MAX_CONFIG_BYTES:
@@ -200,16 +209,83 @@ def load_config(path: str | Path, check_inputs: bool = True) -> dict:
         raw = yaml.safe_load(text)
     except FileNotFoundError:
         raise ConfigError(path, "config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(path, "a folder, not a config file") from None
     except UnicodeDecodeError:
         raise ConfigError(path, "not a UTF-8 text file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(path, f"not valid YAML{where}") from None
-    config = validate_config(raw, path)
+    if not isinstance(raw, dict):
+        raise ConfigError(path, "the configuration must be a YAML mapping")
+    return raw
+
+
+# The "dataset maps": keys whose value names datasets. A later layer's value
+# replaces an earlier one's whole (never merged name by name), and a layer that
+# gives ``datasets`` also drops the earlier layers' ``train.datasets`` and
+# ``predict.datasets``: they name the datasets it replaced, so keeping them would
+# either leak a preset's dataset into the run or point at one that is gone.
+DATASET_MAPS = ("datasets", "train.datasets", "predict.datasets", "calibrate.datasets")
+
+
+def _merge_layer(base: dict, layer: dict, prefix: str = "") -> dict:
+    merged = dict(base)
+    for key, value in layer.items():
+        path = f"{prefix}{key}"
+        if path not in DATASET_MAPS and isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge_layer(merged[key], value, f"{path}.")
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def compose_configs(layers: list[dict]) -> dict:
+    """Compose config layers in order, later over earlier (inputs are not changed).
+
+    * dataset maps (:data:`DATASET_MAPS`: ``datasets``, ``train.datasets``,
+      ``predict.datasets``, ``calibrate.datasets``) are replaced whole by a later
+      layer that gives them; a layer giving ``datasets`` also discards the earlier
+      ``train.datasets``, ``predict.datasets`` and ``calibrate.datasets`` (those it
+      does not give take their defaults);
+    * every other mapping is merged key by key, recursively;
+    * lists, scalars and null replace the earlier value.
+    """
+    composed: dict = {}
+    for layer in layers:
+        if "datasets" in layer:
+            for section in ("train", "predict", "calibrate"):
+                if isinstance(composed.get(section), dict) and "datasets" in composed[section]:
+                    composed[section] = {k: v for k, v in composed[section].items() if k != "datasets"}
+        composed = _merge_layer(composed, layer)
+    return composed
+
+
+def config_source(paths: list[str | Path]) -> str:
+    """How errors name a composed config: its files joined by '+' (one file: that file)."""
+    return "+".join(str(p) for p in paths)
+
+
+def load_configs(
+    paths: list[str | Path], check_inputs: bool = True, overrides: dict | None = None
+) -> dict:
+    """Read config files, compose them (:func:`compose_configs`, ``overrides`` last), validate, fill defaults."""
+    if not paths:
+        raise ConfigError(None, "no config file given")
+    layers = [read_config_file(p) for p in paths]
+    if overrides:
+        layers.append(dict(overrides))
+    source = config_source(list(paths))
+    config = validate_config(compose_configs(layers), source)
     if check_inputs:
-        check_inputs_exist(config, source=path)
+        check_inputs_exist(config, source=source)
     return config
+
+
+def load_config(path: str | Path, check_inputs: bool = True) -> dict:
+    """Read one YAML config safely, validate it and fill in defaults."""
+    return load_configs([path], check_inputs=check_inputs)
 
 
 def schema_markdown() -> str:

@@ -39,7 +39,7 @@ from torch import nn
 
 import unet_pipe
 from unet_pipe.errors import CheckpointError
-from unet_pipe.provenance import git_commit
+from unet_pipe.provenance import file_sha256, git_commit
 
 CHECKPOINT_FORMAT = "unet-pipe-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -420,3 +420,35 @@ def model_from_checkpoint(path: str | Path, map_location: str | torch.device = "
     model.to(map_location)
     model.eval()
     return model, data
+
+
+# Entries of ``UNet.arch`` that do not shape the weights: a fine-tuning run may change them.
+_ARCH_FREE = ("dropout",)
+
+
+def init_weights_from(model: UNet, path: str | Path) -> dict:
+    """Copy the model weights of checkpoint ``path`` into ``model`` (fine-tuning); return its record.
+
+    Only the weights are taken (``load_checkpoint``: ``weights_only`` loading),
+    never the optimiser state, step or generator states.  The checkpoint's
+    architecture must equal ``model.arch`` but for :data:`_ARCH_FREE`; a
+    difference raises :class:`CheckpointError` naming it.  The record,
+    ``{"path", "sha256"}``, identifies the source for provenance.
+    """
+    path = Path(path)
+    data = load_checkpoint(path)
+    differing = [
+        f"{key} {data['arch'].get(key)!r} (config: {value!r})"
+        for key, value in model.arch.items()
+        if key not in _ARCH_FREE and data["arch"].get(key) != value
+    ]
+    if differing:
+        raise CheckpointError(
+            path, f"train.init_from: architecture differs from the config's model section: {', '.join(differing)}"
+        )
+    try:
+        model.load_state_dict(data["model_state"], strict=True)
+    except RuntimeError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        raise CheckpointError(path, f"train.init_from: weights do not fit the model: {lines[-1][:300]}") from None
+    return {"path": str(path), "sha256": file_sha256(path)}

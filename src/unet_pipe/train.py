@@ -48,7 +48,8 @@ from unet_pipe.data import (
 )
 from unet_pipe.errors import CheckpointError, ConfigError, OutputError, UnetPipeError
 from unet_pipe.metrics import instances_from_binary, rand_error_per_slice
-from unet_pipe.model import UNet, load_checkpoint, save_checkpoint
+from unet_pipe.model import UNet, init_weights_from, load_checkpoint, save_checkpoint
+from unet_pipe.provenance import file_sha256
 from unet_pipe.tiling import Roi, fit_tile, predict_tiled, unet_axis_geometry, volume_geometry
 
 log = logging.getLogger(__name__)
@@ -240,6 +241,23 @@ def _check_outputs(out: Path, partial: Path, log_path: Path | None) -> None:
         check_writable(folder, 0)
 
 
+def _check_init_unchanged(source: Path, record: Mapping[str, Any] | None) -> None:
+    """A resumed fine-tuning run continues only while its train.init_from file is the one it started from.
+
+    Resuming keeps the run's own weights (never re-initialised); but if the source
+    checkpoint was replaced meanwhile, continuing would mix two starting points.
+    """
+    if not record:
+        return
+    path = Path(record["path"])
+    current = file_sha256(path) if path.is_file() else "missing"
+    if current != record["sha256"]:
+        raise CheckpointError(
+            source, f"started from train.init_from {path} (sha256 {record['sha256'][:12]}), which has changed "
+            "since; pass --overwrite to start over"
+        )
+
+
 def partial_path(out: str | Path) -> Path:
     """Where periodic checkpoints of a run that writes ``out`` go."""
     out = Path(out)
@@ -362,6 +380,9 @@ def train(
         raise OutputError(out, "already exists; pass --resume to continue it or --overwrite to start over")
     _check_outputs(out, partial, log_path)
     train_cfg = config["train"]
+    init = train_cfg.get("init_from")
+    if init is not None and Path(init).resolve() in (out.resolve(), partial.resolve()):
+        raise ConfigError(init, "train.init_from is this run's own checkpoint; copy it to another name first")
     total = int(train_cfg["steps"])
     stop = total if until_step is None else min(int(until_step), total)
     dev = resolve_device(device)
@@ -442,6 +463,7 @@ def _train(
         if source is None:
             log.info("nothing to resume at %s; starting from step 0", out)
     optimizer_state = None
+    init_record: dict | None = None  # the checkpoint whose weights started this run (fine-tuning)
     if source is not None:
         ckpt = load_checkpoint(source)
         if ckpt["arch"] != model.arch:
@@ -465,7 +487,13 @@ def _train(
             scaler.load_state_dict(extra["scaler"])
         history = [dict(r) for r in extra.get("history", []) if int(r["step"]) <= step]
         elapsed = float(extra.get("seconds", 0.0))
+        init_record = extra.get("init_from")
+        _check_init_unchanged(source, init_record)
         log.info("resuming %s at step %d of %d", source, step, total)
+    elif train_cfg.get("init_from") is not None:
+        # Fine-tuning: weights only; the optimiser, schedule and step start afresh.
+        init_record = init_weights_from(model, train_cfg["init_from"])
+        log.info("initialised from %s (sha256 %s)", init_record["path"], init_record["sha256"][:12])
 
     model.to(dev)
     model.train()
@@ -486,6 +514,7 @@ def _train(
             "input_normalization": normalization,
             "input_dtypes": input_dtypes,
             "label_mode": weights_cfg["label_mode"],
+            "init_from": init_record,  # {"path", "sha256"} of train.init_from, kept across resumes
         }
         save_checkpoint(path, model, optimizer, step=step, config=config, extra=extra)
 

@@ -4,18 +4,33 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-from unet_pipe.config import calibration_slices, check_input_stacks, check_inputs_exist, validate_config
+from unet_pipe.config import (
+    calibration_slices,
+    check_input_stacks,
+    check_inputs_exist,
+    compose_configs,
+    read_config_file,
+    validate_config,
+)
 from unet_pipe.errors import UnetPipeError
 
 # One clear line for a bad config or an unreadable TIFF, before any job starts.
 # TIFF headers are checked once, by the main Snakemake process (not in every job).
 try:
-    _validated = validate_config(config, source="config")
+    # Snakemake deep-merges several --configfile files, so a preset's dataset
+    # would leak into a user's run: compose them again by unet-pipe's rule
+    # (unet_pipe.config.compose_configs: dataset maps replaced, other sections
+    # merged key by key), with --config key=value as the last layer.
+    # workflow.configfiles: the --configfile files, else the Snakefile's demo default.
+    _layers = [read_config_file(path) for path in workflow.configfiles]
+    _layers.append(dict(workflow.config_settings.config))
+    _validated = validate_config(compose_configs(_layers), source="config")
     check_inputs_exist(_validated, source="config")
     if workflow.is_main_process:
         check_input_stacks(_validated)
 except UnetPipeError as _err:
     sys.exit(f"unet-pipe: error: {_err}")
+config.clear()
 config.update(_validated)
 # The Snakemake-native check against the same schema (fills nothing new).
 validate(config, schema="../schemas/config.schema.yaml")
@@ -106,6 +121,12 @@ def train_stores_args(wildcards, input):
         for name, path in zip(TRAIN_DATASETS, input[key]):
             args.append(f"--{key} {shlex.quote(f'{name}={path}')}")
     return " ".join(args)
+
+
+def init_from_input(wildcards):
+    """``train.init_from`` as an input of train (an empty list when training from scratch)."""
+    path = config["train"]["init_from"]
+    return [] if path is None else [path]
 
 
 def train_config_json(wildcards):

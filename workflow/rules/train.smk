@@ -7,6 +7,9 @@ rule train:
         raw=expand(f"{R}/{{dataset}}/raw.ome.zarr", dataset=TRAIN_DATASETS),
         labels=expand(f"{R}/{{dataset}}/labels.ome.zarr", dataset=TRAIN_DATASETS),
         weights=expand(f"{R}/{{dataset}}/weights.ome.zarr", dataset=TRAIN_DATASETS),
+        # Fine-tuning: the checkpoint in train.init_from (none when null); an input, so
+        # replacing that file reruns training (its path is in params.config too).
+        init_from=init_from_input,
     output:
         checkpoint=f"{R}/model/checkpoint.pt",
         log_csv=f"{R}/model/training.csv",
