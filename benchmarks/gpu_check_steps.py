@@ -291,7 +291,11 @@ def step_gigavoxel(params: dict, report: Report) -> None:
         window=list(plan.window), block=list(plan.block), batch=plan.batch, useful_fraction=plan.useful_fraction,
     )
     flops, tiles = plan_flops(arch, plan)
-    report.stage("conv_rate", model_flops=flops, tiles=tiles, achieved_flops_per_s=flops / result.seconds)
+    # Output voxels the tiles computed per voxel of the stack (1 = no tile reaches past the stack):
+    # the FLOPs above are the executed ones, so this says how many of them were useful.
+    computed = tiles * math.prod(plan.tile) / voxels
+    report.stage("conv_rate", model_flops=flops, tiles=tiles, achieved_flops_per_s=flops / result.seconds,
+                 computed_output_ratio=computed)
     rates, dtype = conv_rates(arch, tuple(plan.window), plan.batch, device, sizes["conv_reps"])
     best = max(rates.values())
     report.stage("pyramid", conv_rates=rates, conv_rate_dtype=dtype, conv_rate_flops_per_s=best,

@@ -119,6 +119,8 @@ def test_dry_mode_runs_every_step(tmp_path) -> None:
     assert giga["fraction_of_conv_rate"] == pytest.approx(
         giga["achieved_flops_per_s"] / giga["conv_rate_flops_per_s"], rel=1e-9)
     assert giga["tiles"] >= 4 and 0 < giga["useful_fraction"] <= 1 and giga["output_dtype"] == "uint8"
+    assert giga["computed_output_ratio"] == pytest.approx(
+        giga["tiles"] * math.prod(giga["tile"]) / giga["voxels"], rel=1e-12) and giga["computed_output_ratio"] >= 1
 
     isbi = result["isbi"]
     from unet_pipe.model import UNet
