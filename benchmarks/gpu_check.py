@@ -130,8 +130,10 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def isbi_location(given: str | None) -> Path:
-    """``--isbi``, else $UNET_PIPE_ISBI_DIR, else ``.isbi/`` (the carried copy), else ../shared."""
-    for candidate in (given, os.environ.get("UNET_PIPE_ISBI_DIR"), ROOT / ".isbi"):
+    """``--isbi`` (as given), else $UNET_PIPE_ISBI_DIR, else ``.isbi/`` (the carried copy), else ../shared."""
+    if given:
+        return Path(given)
+    for candidate in (os.environ.get("UNET_PIPE_ISBI_DIR"), ROOT / ".isbi"):
         if candidate and (Path(candidate) / "train-volume.tif").exists():
             return Path(candidate)
     return ROOT.parent / "shared" / "data" / "isbi2012"
