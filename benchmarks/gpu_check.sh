@@ -42,7 +42,7 @@ if [ "${1:-}" = "--fetch" ]; then
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl "${specs[@]}"
     src=${UNET_PIPE_ISBI_DIR:-../shared/data/isbi2012}
-    mkdir -p .isbi
+    rm -rf .isbi && mkdir -p .isbi
     cp "$src/train-volume.tif" "$src/train-labels.tif" .isbi/
     du -sh .whl .isbi
     exit 0
