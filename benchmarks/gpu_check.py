@@ -19,7 +19,9 @@ Steps (the JSON has one object per step, with the same keys in both modes):
   gigavoxel, the model FLOPs of the run's tiles per second against the best
   rate of single dense 3x3 convolutions at the network's channel counts and
   the run's tile and batch (bf16, channels-last, cuDNN autotuned) measured in
-  the same process: ``fraction_of_conv_rate``.
+  the same process: ``fraction_of_conv_rate``; and the same tiles through the
+  bare model on the device (no zarr, no block bookkeeping):
+  ``efficiency_vs_bare_model`` says whether the pipeline or the model limits.
 * ``isbi``: ``config/isbi2012.yaml`` (depth 5, 64 channels, 572 -> 388 tiles,
   AMP) trained on slices 0-24 for a fixed time: a warm-up run times
   ``warmup_steps`` steps, then a fresh run gets ``steps = budget / time per
@@ -57,7 +59,8 @@ STEP_KEYS: dict[str, tuple[str, ...]] = {
             "python", "packages", "device", "seconds", "error"),
     "tests": ("passed", "failed", "skipped", "errors", "deselected", "failures", "seconds", "error"),
     "gigavoxel": ("shape", "chunks", "voxels", "gigavoxels", "write_input_seconds", "network", "precision",
-                  "tile", "window", "block", "batch", "tiles", "useful_fraction", "computed_output_ratio", "output_dtype", "predict_seconds",
+                  "tile", "window", "block", "batch", "tiles", "useful_fraction", "computed_output_ratio",
+                  "bare_model_seconds", "efficiency_vs_bare_model", "output_dtype", "predict_seconds",
                   "voxels_per_s", "seconds_per_gigavoxel", "model_flops", "achieved_flops_per_s",
                   "conv_rate_flops_per_s", "conv_rate_dtype", "conv_rates", "fraction_of_conv_rate",
                   "pyramid_seconds", "seconds", "error"),

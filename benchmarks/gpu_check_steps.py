@@ -222,6 +222,26 @@ def conv_rates(arch: dict, window: tuple[int, ...], batch: int, device: str, rep
     return rates, str(dtype).removeprefix("torch.")
 
 
+def bare_model_seconds(checkpoint: Path, plan: Any, device: str, tiles: int, reps: int = 3) -> float:
+    """Seconds the run's tiles take through the bare model on ``device`` (``unet_pipe``'s Predictor:
+    normalise, host-to-device copy, forward, softmax, copy back; no zarr, no blocks), from the
+    median of ``reps`` timed batches of random windows of the plan after one warm-up batch."""
+    import numpy as np
+
+    from unet_pipe.model import model_from_checkpoint
+    from unet_pipe.predict import Predictor
+
+    predictor = Predictor(model_from_checkpoint(checkpoint)[0], device)
+    windows = np.random.default_rng(0).integers(0, 256, (plan.batch, *plan.window), dtype=np.uint8)
+    times = []
+    for i in range(reps + 1):
+        t0 = time.perf_counter()
+        predictor(windows)  # returns a numpy array: the device work is finished
+        if i:
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2] * tiles / plan.batch
+
+
 def write_synthetic_stack(dest: Path, shape: tuple[int, int, int], chunks: tuple[int, int, int], base: int) -> Path:
     """A uint8 EM-like OME-Zarr, one slice at a time: slices tiled from rotations and flips of one
     synthetic slice (``unet_pipe.synth``), varying with z, so no slice or chunk row repeats its neighbour's."""
@@ -294,8 +314,10 @@ def step_gigavoxel(params: dict, report: Report) -> None:
     # Output voxels the tiles computed per voxel of the stack (1 = no tile reaches past the stack):
     # the FLOPs above are the executed ones, so this says how many of them were useful.
     computed = tiles * math.prod(plan.tile) / voxels
-    report.stage("conv_rate", model_flops=flops, tiles=tiles, achieved_flops_per_s=flops / result.seconds,
+    report.stage("bare model", model_flops=flops, tiles=tiles, achieved_flops_per_s=flops / result.seconds,
                  computed_output_ratio=computed)
+    bare = bare_model_seconds(ckpt, plan, device, tiles)
+    report.stage("conv_rate", bare_model_seconds=bare, efficiency_vs_bare_model=bare / result.seconds)
     rates, dtype = conv_rates(arch, tuple(plan.window), plan.batch, device, sizes["conv_reps"])
     best = max(rates.values())
     report.stage("pyramid", conv_rates=rates, conv_rate_dtype=dtype, conv_rate_flops_per_s=best,

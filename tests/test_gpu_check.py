@@ -116,7 +116,9 @@ def test_dry_mode_runs_every_step(tmp_path) -> None:
     assert giga["achieved_flops_per_s"] == pytest.approx(giga["model_flops"] / giga["predict_seconds"], rel=1e-9)
     assert giga["conv_rate_flops_per_s"] == max(giga["conv_rates"].values()) > 0
     assert len(giga["conv_rates"]) == 3 and giga["conv_rate_dtype"] == "float32"  # depth 3, CPU
-    assert 0 < giga["fraction_of_conv_rate"] < 2
+    assert 0 < giga["fraction_of_conv_rate"] < 2 and giga["bare_model_seconds"] > 0
+    assert giga["efficiency_vs_bare_model"] == pytest.approx(
+        giga["bare_model_seconds"] / giga["predict_seconds"], rel=1e-9)
     assert giga["fraction_of_conv_rate"] == pytest.approx(
         giga["achieved_flops_per_s"] / giga["conv_rate_flops_per_s"], rel=1e-9)
     assert giga["tiles"] >= 4 and 0 < giga["useful_fraction"] <= 1 and giga["output_dtype"] == "uint8"
