@@ -13,7 +13,6 @@ import copy
 import importlib.util
 import json
 import math
-import os
 import platform
 import re
 import subprocess
