@@ -10,6 +10,7 @@ import zarr
 from unet_pipe.errors import ConfigError
 from unet_pipe.tiling import (
     SLICE_AXIS,
+    _block_and_tile,
     AxisGeometry,
     Roi,
     TilePlan,
@@ -247,6 +248,20 @@ def test_plan_defaults_written_out() -> None:
         make_plan(paper, (30, 512, 512), (1, 512, 512), tile=100, memory=budget)
     with pytest.raises(ConfigError, match="multiple of the chunk edge 512"):
         make_plan(paper, (30, 1024, 1024), (1, 512, 512), block=[1, 700, 700], memory=budget)
+
+
+def test_plan_counts_the_shorter_last_block() -> None:
+    """8192 px with at most 3840-px tiles (paper net, margin 92, pooling 16): blocks of 7680 would
+    need 2 tiles each plus a whole 3840 tile for the last 512 px, (2 + 1) * 4028 = 12084 input px;
+    one 8192 block in three 2736 tiles needs 3 * 2924 = 8772 (the last tile reaches 16 px past)."""
+    axis = unet_axis_geometry(5)
+    assert _block_and_tile(8192, 512, 3840, axis, fit=True) == (8192, 2736)
+    # A fixed tile: blocks of 3072 = 6 chunks (tiles of 3840 each) cost 3 tiles, as 8192 would
+    # (3 tiles of 3840), and the smaller block wins ties.
+    assert _block_and_tile(8192, 512, 3840, axis, fit=False) == (3072, 3840)
+    paper = {"in_channels": 1, "n_classes": 2, "depth": 5, "base_channels": 64, "dims": 2, "dropout": 0.5}
+    plan = make_plan(paper, (16, 8192, 8192), (1, 512, 512), memory=40 * 10**9)
+    assert (plan.tile, plan.block, plan.batch) == ((1, 2736, 2736), (1, 8192, 8192), 1)
 
 
 def test_plan_roundtrips() -> None:

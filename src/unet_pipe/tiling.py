@@ -463,16 +463,21 @@ def _enough_tile(max_tile: int, axis: AxisGeometry, dims: int, slack: float = 0.
 def _block_and_tile(extent: int, chunk: int, max_tile: int, axis: AxisGeometry, fit: bool) -> tuple[int, int]:
     """Block edge (whole chunks) and tile edge along one axis that minimise network input per output voxel.
 
-    Cost of a block ``b`` cut into ``n`` tiles of input ``I``: ``n * I / b``.
-    ``fit`` lets the tile shrink (never grow) to split the block evenly.
-    A larger block must be more than 1 % cheaper to win (smaller blocks: more
-    parallelism, less memory, finer resume).
+    Cost of blocks ``b`` cut into tiles of input ``I``: the tiles of every
+    block of the axis, the shorter last block included (it is computed with
+    the same tile), times ``I``, over ``extent``.  ``fit`` lets the tile
+    shrink (never grow) to split the block evenly.  A larger block must be
+    more than 1 % cheaper to win (smaller blocks: more parallelism, less
+    memory, finer resume).
     """
     best: tuple[float, int, int] | None = None
     for k in range(1, -(-extent // chunk) + 1):
         b = min(k * chunk, extent)
         t = fit_tile(b, max_tile, axis.step) if fit else max_tile
-        cost = -(-b // t) * axis.net_input(t) / b
+        # The remainder counts: 8192 px in blocks of 7680 with 3840-px tiles computed a whole
+        # 3840-px tile for the last 512 px, 1.5x the network input of one 8192 block of three tiles.
+        full, rest = divmod(extent, b)
+        cost = (full * -(-b // t) + -(-rest // t)) * axis.net_input(t) / extent
         if best is None or cost < best[0] * 0.99:
             best = (cost, b, t)
         if k * chunk >= 8 * max_tile:  # beyond this the last tile's waste is already < 1/8
