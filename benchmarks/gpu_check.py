@@ -27,9 +27,8 @@ Steps (the JSON has one object per step, with the same keys in both modes):
   ``warmup_steps`` steps, then a fresh run gets ``steps = budget / time per
   step``, so its cosine schedule is still a function of the step and the run
   can be repeated exactly with that step count.  Then predicted with 8-fold
-  TTA, segmented and evaluated on slices 25-29 at the calibrated decision when
-  the CLI has ``calibrate`` (chosen on slices 20-24), else at the config's
-  threshold; ``decision.source`` says which.
+  TTA, segmented and evaluated on slices 25-29 at the decisions that
+  ``unet_pipe.calibrate`` chooses on the preset's calibration slices (20-24).
 
 ``--dry``: the same steps on the CPU at tiny sizes (a depth-3 net with 4 base
 channels, ISBI cropped to 160^2, a 3 s training budget, a 4 x 512^2 stack

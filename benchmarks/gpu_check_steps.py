@@ -370,68 +370,24 @@ def isbi_config(params: dict, raw: Path, labels: Path, work: Path) -> dict:
     return validate_config(config, "gpu_check")
 
 
-def has_calibrate() -> bool:
-    """Whether this checkout's CLI has a ``calibrate`` subcommand."""
-    import argparse
-
-    from unet_pipe.cli import build_parser
-
-    for action in build_parser()._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return "calibrate" in action.choices
-    return False
-
-
-# ---------------------------------------------------------------------------------------------
-# HOOK(calibrate): issue 11 adds `unet-pipe calibrate` (checkpoint + validation slices ->
-# decisions JSON with the threshold and the instance method).  Its arguments were not fixed when
-# this was written: ADJUST `calibrate_command` and `read_decision` to them once it lands.  Until
-# then, or if the call fails, the ISBI step evaluates at the config's postprocess threshold and
-# says so in `decision.source` / `decision.note`.
+# Decisions: `unet_pipe.calibrate` on the config's calibration slices (calibrate.datasets, else
+# the val range), as the workflow's calibrate rule does.
 # ---------------------------------------------------------------------------------------------
 
-CALIBRATION_SLICES = (20, 25)  # choose on training slices 20-24, report on the held-out 25-29 (issue 11)
 
+def decide(config: dict, probabilities: Path, stores: dict, work: Path) -> dict:
+    from unet_pipe.calibrate import calibrate
+    from unet_pipe.config import calibration_slices
 
-def calibrate_command(checkpoint: Path, stores: dict, config_path: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "unet_pipe", "calibrate", str(checkpoint),
-            "--raw", f"isbi={stores['raw']}", "--labels", f"isbi={stores['labels']}",
-            "--slices", *map(str, CALIBRATION_SLICES), "--config", str(config_path), "--out", str(out)]
+    slices = calibration_slices(config)["isbi"]
+    out = calibrate(
+        {"isbi": {"probabilities": probabilities, "truth": stores["labels"], "slices": slices}},
+        work / "decisions.json", truth_mode="binary", foreground_value=config["weights"]["foreground_value"],
+        methods=config["calibrate"]["methods"],
+    )  # fmt: skip
+    return {**out["decisions"], "cell_threshold": out["cell_threshold"], "source": "calibrate",
+            "note": f"chosen on slices {slices[0]}-{slices[1] - 1}"}  # fmt: skip
 
-
-def read_decision(path: Path) -> dict:
-    """``threshold``, ``method`` (and watershed options) from the decisions JSON, wherever they sit."""
-    data = json.loads(path.read_text())
-    for key in ("chosen", "decision", "best", "isbi"):
-        if isinstance(data.get(key), dict) and "threshold" in data[key]:
-            data = data[key]
-            break
-    keys = ("threshold", "method", "seed_threshold", "seed_prominence", "min_size")
-    decision = {k: data[k] for k in keys if k in data}
-    if "threshold" not in decision:
-        raise ValueError(f"{path} has no 'threshold'")
-    return decision
-
-
-def decide(config: dict, checkpoint: Path, stores: dict, work: Path) -> dict:
-    post = config["postprocess"]
-    default = {"source": "default", "threshold": float(post["threshold"]), "method": post["method"],
-               "seed_threshold": post["seed_threshold"], "seed_prominence": post["seed_prominence"], "note": None}
-    if not has_calibrate():
-        return {**default, "note": "the CLI has no calibrate subcommand: the config's threshold"}
-    config_path = work / "isbi_config.json"
-    config_path.write_text(json.dumps(config))  # JSON is YAML: the config the run used
-    out = work / "decisions.json"
-    done = subprocess.run(calibrate_command(checkpoint, stores, config_path, out), capture_output=True, text=True)
-    if done.returncode != 0 or not out.exists():
-        return {**default, "note": f"calibrate failed ({done.returncode}): {done.stderr.strip()[-300:]}"}
-    try:
-        return {**default, **read_decision(out), "source": "calibrate",
-                "note": f"chosen on slices {CALIBRATION_SLICES[0]}-{CALIBRATION_SLICES[1] - 1}"}
-    except (ValueError, KeyError, json.JSONDecodeError) as exc:
-        return {**default, "note": f"calibrate output not understood: {exc}"}
-
-# ------------------------------------------------------------------------- end HOOK(calibrate)
 
 
 def step_isbi(params: dict, report: Report) -> None:
@@ -492,7 +448,7 @@ def step_isbi(params: dict, report: Report) -> None:
     predict(checkpoint, stores["raw"], probabilities, device=device, tta=config["predict"]["tta"],
             dtype=config["predict"]["dtype"], expected_arch=dict(model_cfg), pyramid_levels=0, overwrite=True)
     report.stage("decide", predict_seconds=time.perf_counter() - t0)
-    decision = decide(config, checkpoint, stores, work)
+    decision = decide(config, probabilities, stores, work)
     report.stage("evaluate", decision=decision)
     instances = work / "instances.ome.zarr"
     postprocess(probabilities, instances, method=decision["method"], threshold=decision["threshold"],
@@ -500,7 +456,7 @@ def step_isbi(params: dict, report: Report) -> None:
                 pyramid_levels=0, overwrite=True)
     metrics = evaluate(instances, stores["labels"], work / "isbi_metrics.json", probabilities=probabilities,
                        slices=ranges["val"], val_slices=ranges["val"],
-                       threshold=decision["threshold"], truth_mode="binary",
+                       threshold=decision["cell_threshold"], truth_mode="binary",
                        foreground_value=config["weights"]["foreground_value"])
     scores = metrics["summary"].get("val", metrics["summary"]["all"])
     report.stage("done", pixel_error=scores["pixel_error"], rand_error=scores["rand_error"])

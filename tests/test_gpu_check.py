@@ -46,17 +46,6 @@ def test_plan_flops_counts_every_tile_of_the_plan() -> None:
     assert gpu_check_steps.plan_flops(arch, plan) == (8 * 47376, 8)  # 2 blocks of 2 x 2 tiles
 
 
-def test_read_decision_finds_the_threshold(tmp_path) -> None:
-    path = tmp_path / "d.json"
-    path.write_text(json.dumps({"candidates": [], "chosen": {"threshold": 0.3, "method": "watershed", "seed_threshold": 0.8}}))
-    assert gpu_check_steps.read_decision(path) == {"threshold": 0.3, "method": "watershed", "seed_threshold": 0.8}
-    path.write_text(json.dumps({"threshold": 0.25, "method": "threshold", "score": 0.9}))
-    assert gpu_check_steps.read_decision(path) == {"threshold": 0.25, "method": "threshold"}
-    path.write_text(json.dumps({"method": "threshold"}))
-    with pytest.raises(ValueError, match="no 'threshold'"):
-        gpu_check_steps.read_decision(path)
-
-
 def test_targets_and_strict_json() -> None:
     result = {"mode": "gpu", "isbi": {"pixel_error": 0.071},
               "gigavoxel": {"fraction_of_conv_rate": 0.5, "seconds_per_gigavoxel": None}}
@@ -130,12 +119,14 @@ def test_dry_mode_runs_every_step(tmp_path) -> None:
 
     assert isbi["network"] == {"depth": 3, "base_channels": 4, "dims": 2, "tile": 124, "output": 84}
     assert isbi["parameters"] == sum(p.numel() for p in UNet(depth=3, base_channels=4).parameters())
-    assert isbi["train_slices"] == [0, 25] and isbi["val_slices"] == [25, 30] and isbi["tta"] is True
+    assert isbi["train_slices"] == [0, 20] and isbi["val_slices"] == [25, 30] and isbi["tta"] is True
     assert isbi["seconds_per_step"] > 0 and isbi["train_budget_seconds"] == 3.0
     assert isbi["steps"] == max(isbi["warmup_steps"], int(isbi["train_budget_seconds"] / isbi["seconds_per_step"]))
     assert isbi["train_seconds"] > 0 and math.isfinite(isbi["final_loss"]) and isbi["predict_seconds"] > 0
     assert 0 <= isbi["pixel_error"] <= 1 and 0 <= isbi["rand_error"] <= 1
-    assert isbi["decision"]["source"] in ("default", "calibrate") and 0 < isbi["decision"]["threshold"] < 1
+    decision = isbi["decision"]
+    assert decision["source"] == "calibrate" and decision["method"] in ("threshold", "watershed")
+    assert 0 < decision["threshold"] < 1 and 0 < decision["cell_threshold"] < 1
     metrics = json.loads((tmp_path / "out" / "isbi_metrics.json").read_text())
     assert metrics["summary"]["all"]["pixel_error"] == pytest.approx(isbi["pixel_error"], abs=1e-12)
     assert [r["z"] for r in metrics["per_slice"]] == [25, 26, 27, 28, 29]
