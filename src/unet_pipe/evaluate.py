@@ -167,6 +167,11 @@ def evaluate(
     train = _slice_range(train_slices, nz, "train", instances) or range(0)
     val = _slice_range(val_slices, nz, "val", instances) or range(0)
 
+    if truth_mode == "binary" and foreground_value is not None:
+        info = np.iinfo(truth_meta.dtype) if truth_meta.dtype.kind in "ui" else None
+        if info is not None and not info.min <= foreground_value <= info.max:
+            raise InputError(truth, f"--foreground-value {foreground_value} cannot occur in {truth_meta.dtype} labels")
+    any_cells = False
     rows: list[dict[str, Any]] = []
     z_iter: Iterable[int] = zs
     if progress:
@@ -178,6 +183,7 @@ def evaluate(
         if truth_mode == "binary":
             cells = t == foreground_value if foreground_value is not None else binarize(t)
             truth_inst = instances_from_binary(cells)
+            any_cells = any_cells or bool(cells.any())
         else:
             cells = t != 0
             truth_inst = t
@@ -186,6 +192,9 @@ def evaluate(
         subset = "val" if z in val else "train" if z in train else "other"
         rows.append({"z": z, "subset": subset, **row})
 
+    if truth_mode == "binary" and foreground_value is not None and not any_cells:
+        # A wrong cell value scores every slice as all membrane: a plausible-looking wrong result.
+        raise InputError(truth, f"no pixel equals --foreground-value {foreground_value} in the evaluated slices")
     summary = {"all": summarize(rows)}
     for subset in ("train", "val", "other"):
         chosen = [r for r in rows if r["subset"] == subset]

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 import unet_pipe
-from unet_pipe.errors import CheckpointError
+from unet_pipe.errors import CheckpointError, OutputError
 from unet_pipe.provenance import git_commit
 
 CHECKPOINT_FORMAT = "unet-pipe-checkpoint"
@@ -339,6 +339,9 @@ def save_checkpoint(
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk (ENOSPC) or a folder gone read-only mid-run
+        Path(tmp).unlink(missing_ok=True)
+        raise OutputError(path, f"could not be written ({exc.strerror or exc}); an earlier {path.name} is unchanged") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -28,6 +28,7 @@ from unet_pipe.errors import OutputError
 
 STAGING_MARKER = ".unet-pipe-staging"
 LOCK_SUFFIX = ".unet-pipe.lock"
+DONE_DIR = ".unet_pipe_done"  # per-block done records inside a staging folder
 ATTRS_KEY = "unet_pipe"  # our key in every store's .zattrs (re-exported by unet_pipe.io)
 
 
@@ -108,6 +109,32 @@ def check_dest(dest: Path, inputs: Iterable[Path | None], staging_suffix: str = 
                 )
 
 
+def leftover_note(dest: Path, *, since: float, remove_empty: bool) -> str:
+    """What a failed run left for ``dest``, as a clause for its one-line error.
+
+    A staging folder of ours with finished blocks is kept (a rerun on the same
+    inputs resumes it); one without is removed when ``remove_empty`` (the run
+    held the lock, so nobody else is using it).  A periodic checkpoint
+    ``OUT.partial`` written since ``since`` (train) is kept for ``--resume``.
+    """
+    staging = Path(dest).with_name(Path(dest).name + ".partial")
+    if staging.is_file() and not staging.is_symlink():
+        if staging.stat().st_mtime < since:
+            return ""
+        return f"; {staging.name} kept: rerun with --resume to continue from it"
+    if not is_our_staging(staging):
+        return ""
+    records = staging / DONE_DIR
+    done = sum(1 for p in records.iterdir() if not p.name.endswith(".tmp")) if records.is_dir() else 0
+    if done:
+        blocks = f"{done} finished block{'s' * (done > 1)}"
+        return f"; {staging.name} kept with {blocks}: rerunning on the same inputs resumes it"
+    if remove_empty:
+        shutil.rmtree(staging, ignore_errors=True)
+        return "; nothing was written"
+    return f"; {staging.name} kept (no finished blocks yet)"
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -133,7 +160,10 @@ class DestLock:
             return {}
 
     def acquire(self) -> "DestLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(self.path.parent, f"cannot create the output folder ({exc.strerror or exc})") from None
         me = {"pid": os.getpid(), "host": socket.gethostname()}
         for _ in range(2):
             try:

@@ -506,7 +506,7 @@ def compute_weight_store(
         if not staged.done_keys():
             staged.abort()
         else:
-            log.error("weights for %s stopped; %s kept, rerun to resume", labels_path, staged.staging)
+            log.debug("weights for %s stopped; %s kept, rerun to resume", labels_path, staged.staging)
         raise
     return summary
 
