@@ -263,9 +263,9 @@ BAD_OPTIONS = [
     (["postprocess", "{prob}", "{out}", "--min-size", "-1"], "--min-size must be a finite number >= 0, got -1"),
     (["postprocess", "{prob}", "{out}", "--min-size", "4097"], "min_size 4097 exceeds the slice area of"),
     (["postprocess", "{prob}", "{out}", "--pyramid-levels", "1000"], "--pyramid-levels must be a finite number in [0, 16]"),
-    (["weights", "{labels}", "{out}", "--sigma", "1e300"], "--sigma must be a finite number in (0, 10000], got 1e+300"),
-    (["weights", "{labels}", "{out}", "--sigma", "0"], "--sigma must be a finite number in (0, 10000], got 0.0"),
-    (["weights", "{labels}", "{out}", "--w0", "nan"], "--w0 must be a finite number in [0, 1e+06], got nan"),
+    (["weights", "{labels}", "{out}", "--sigma", "1e300"], "weights.sigma must be a number of pixels in (0, 10000], got 1e+300"),
+    (["weights", "{labels}", "{out}", "--sigma", "0"], "weights.sigma must be a number of pixels in (0, 10000], got 0.0"),
+    (["weights", "{labels}", "{out}", "--w0", "nan"], "weights.w0 must be a finite number in [0, 1e+06], got nan"),
     (["weights", "{labels}", "{out}", "--tolerance", "nan"], "weights tolerance must lie in (0, 1), got nan"),
     (["weights", "{labels}", "{out}", "--threads", "0"], "--threads must be a finite number in [1, 1024], got 0"),
     (["weights", "{labels}", "--preview", "{out}.png", "--slice", "-99"], "has no slice -99 (z must lie in [0, 2))"),
@@ -331,3 +331,128 @@ def test_two_predicts_on_one_dest_the_second_refuses_the_first_completes(tmp_pat
     assert not lock.exists() and not (tmp_path / "out.zarr.partial").exists()
     predict(ckpt, raw, tmp_path / "clean.zarr", tile=32, block=[1, 32, 32], workers=1, batch=1, threads=1)
     assert open_image(dest)[:].tobytes() == open_image(tmp_path / "clean.zarr")[:].tobytes()
+
+
+# ------------------------------------------------ further cases of the same classes
+
+
+def test_dest_links_and_dest_inside_another_store_are_refused(stores, tmp_path, run_cli):
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "in.tif", stores["data"], photometric="minisblack")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "keep").write_text("x")
+    os.symlink(tmp_path / "in.tif", tmp_path / "to_input.zarr")
+    os.symlink(tmp_path / "foreign", tmp_path / "to_foreign.zarr")
+    before = {p: sorted(x.name for x in p.rglob("*")) for p in (tmp_path / "foreign", stores["raw"])}
+    cases = [
+        (["ingest", tmp_path / "in.tif", tmp_path / "to_input.zarr"], "overlaps the input"),
+        (["ingest", tmp_path / "in.tif", tmp_path / "to_foreign.zarr"], "already exists"),
+        (["ingest", tmp_path / "in.tif", tmp_path / "to_foreign.zarr", "--overwrite"], "is a link, not an OME-Zarr store"),
+        (["ingest", tmp_path / "in.tif", stores["raw"] / "sub.zarr"], f"is inside the zarr store {stores['raw']}"),
+        (["postprocess", stores["prob"], stores["raw"] / "0" / "inst.zarr"], "is inside the zarr store"),
+        (["evaluate", "--prediction", stores["labels"], "--truth", stores["labels"], "--out", stores["raw"] / "m.json"],
+         "is inside the zarr store"),
+    ]
+    for argv, message in cases:
+        code, _, err = run_cli("-q", *argv)
+        assert code == 2 and err.count("\n") == 1 and message in err, (argv, err)
+    assert {p: sorted(x.name for x in p.rglob("*")) for p in before} == before
+    assert (tmp_path / "in.tif").is_file() and (tmp_path / "foreign" / "keep").read_text() == "x"
+
+
+def test_overwrite_of_a_store_that_is_being_written_is_refused(tmp_path, run_cli):
+    import tifffile
+
+    from unet_pipe.safety import DestLock
+
+    tifffile.imwrite(tmp_path / "in.tif", np.full((2, 16, 16), 7, np.uint8), photometric="minisblack")
+    assert run_cli("-q", "ingest", tmp_path / "in.tif", tmp_path / "ours.zarr")[0] == 0
+    tifffile.imwrite(tmp_path / "in.tif", np.full((2, 16, 16), 9, np.uint8), photometric="minisblack")
+    with DestLock(tmp_path / "ours.zarr"):
+        code, _, err = run_cli("-q", "ingest", tmp_path / "in.tif", tmp_path / "ours.zarr", "--overwrite")
+    assert code == 2 and "is being written by pid" in err
+    assert (open_image(tmp_path / "ours.zarr")[:] == 7).all()
+
+
+def test_checkpoint_that_is_a_device_or_a_folder_is_refused(stores, tmp_path, run_cli):
+    os.symlink("/dev/zero", tmp_path / "zero.pt")  # endless, size 0: torch.load would read forever
+    (tmp_path / "folder.pt").mkdir()
+    for ckpt in (tmp_path / "zero.pt", tmp_path / "folder.pt"):
+        code, _, err = run_cli("-q", "predict", ckpt, stores["raw"], tmp_path / "out.zarr")
+        assert code == 2 and f"{ckpt.name}: is not a regular file, so not a checkpoint" in err
+    assert _outputs(tmp_path) == []
+
+
+def test_empty_and_pageless_tiffs_are_one_line(tmp_path, run_cli):
+    import tifffile
+
+    (tmp_path / "empty.tif").write_bytes(b"")
+    with tifffile.TiffWriter(tmp_path / "nopages.tif"):
+        pass  # a valid header and no image
+    for name, message in (("empty.tif", "not a readable TIFF"), ("nopages.tif", "not a readable TIFF (no image")):
+        code, _, err = run_cli("-q", "ingest", tmp_path / name, tmp_path / "out.zarr")
+        assert code == 2 and err.count("\n") == 1 and f"{name}: {message}" in err, err
+    assert _outputs(tmp_path) == []
+
+
+def test_results_folder_inside_an_input_folder_is_refused(tmp_path, run_cli):
+    import tifffile
+
+    (tmp_path / "slices").mkdir()
+    tifffile.imwrite(tmp_path / "slices" / "0.tif", np.zeros((8, 8), np.uint8))
+    for results in ("slices", "slices/results", "./slices/../slices"):
+        (tmp_path / "c.yaml").write_text(f"datasets: {{d: {{raw: {tmp_path / 'slices'}}}}}\nresults: {tmp_path / results}\n")
+        code, _, err = run_cli("check-config", tmp_path / "c.yaml")
+        assert code == 2 and "lies inside the input" in err and "keep results apart" in err, (results, err)
+    (tmp_path / "c.yaml").write_text(f"datasets: {{d: {{raw: {tmp_path / 'slices'}}}}}\nresults: {tmp_path / 'out'}\n")
+    assert run_cli("check-config", tmp_path / "c.yaml")[0] == 0
+
+
+def test_synth_shape_beyond_the_memory_is_refused(tmp_path, run_cli, monkeypatch):
+    import psutil
+
+    class OneGiB:
+        available = 2**30
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: OneGiB)
+    code, _, err = run_cli("synth", tmp_path / "s", "--shape", 20, 1024, 1024)  # 80 bytes a voxel: 1.6 GiB
+    assert code == 2 and "needs about 1.6 GiB of memory, 1.0 GiB are available" in err
+    assert not (tmp_path / "s").exists()
+
+
+def test_train_refuses_weights_of_other_labels_and_labels_of_another_shape(stores, tmp_path, run_cli):
+    import yaml
+
+    from unet_pipe.config import validate_config
+    from unet_pipe.train import check_weights_match
+    from unet_pipe.weights import WeightParams, compute_weight_store
+
+    other = _store(tmp_path / "other.zarr", np.where(stores["data"] > 50, 255, 0).astype(np.uint8), "labels")
+    compute_weight_store(stores["labels"], tmp_path / "w.zarr", WeightParams(), pyramid_levels=0)
+    check_weights_match(stores["labels"], tmp_path / "w.zarr")  # its own labels: accepted
+    small = _store(tmp_path / "small.zarr", np.zeros((2, 32, 32), np.uint8), "labels")
+    config = validate_config({
+        "datasets": {"s": {"synthetic": {"shape": [2, 64, 64]}}},
+        "model": {"depth": 2, "base_channels": 4},
+        "train": {"datasets": {"s": {"train": [0, 2]}}, "tile": 44, "steps": 2},
+    })
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    for labels, weights, message in ((other, ["--weights", f"s={tmp_path / 'w.zarr'}"], "w.zarr: was computed from other labels"),
+                                     (small, [], "labels shape (2, 32, 32) differs from raw shape (2, 64, 64)")):
+        code, _, err = run_cli("-q", "train", tmp_path / "c.yaml", "--raw", f"s={stores['raw']}", "--labels",
+                               f"s={labels}", *weights, "--out", tmp_path / "out.pt")
+        assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert _outputs(tmp_path) == []
+
+
+def test_unicode_and_newlines_in_paths(tmp_path, run_cli):
+    import tifffile
+
+    data = np.arange(2 * 16 * 16, dtype=np.uint16).reshape(2, 16, 16)
+    tifffile.imwrite(tmp_path / "ünï cødé.tif", data, photometric="minisblack")
+    dest = tmp_path / "a\nb ü.zarr"
+    assert run_cli("-q", "ingest", tmp_path / "ünï cødé.tif", dest)[0] == 0
+    np.testing.assert_array_equal(open_image(dest)[:], data)
+    code, _, err = run_cli("-q", "ingest", tmp_path / "no\nsuch ü.tif", tmp_path / "c.zarr")
+    assert code == 2 and err.count("\n") == 1 and "no such ü.tif" in err, err  # the newline is shown as a space

@@ -76,6 +76,8 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
 
 
 SYNTH_MAX_VOXELS = 2e9
+#: Peak memory of synthesize() per voxel (tracemalloc, shape 4 x 512 x 512: 80 bytes).
+SYNTH_BYTES_PER_VOXEL = 80
 #: More threads than this is a typo, not a machine (torch crashed at 100000).
 MAX_THREADS = 1024
 MAX_PYRAMID_LEVELS = 16
@@ -120,6 +122,12 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         raise UnetPipeError(None, f"--shape {' '.join(map(str, args.shape))} is over {SYNTH_MAX_VOXELS:.0e} voxels "
                             "(synthetic stacks are made in memory)")
     _check_voxel_size(args.voxel_size)
+    import psutil
+
+    need, free = math.prod(args.shape) * SYNTH_BYTES_PER_VOXEL, psutil.virtual_memory().available
+    if need > free:  # else the kernel kills the process part-way, with no message
+        raise UnetPipeError(None, f"--shape {' '.join(map(str, args.shape))} needs about {need / 2**30:.1f} GiB of "
+                            f"memory, {free / 2**30:.1f} GiB are available")
     paths = write_synthetic(args.out_dir, args.shape, args.seed, args.voxel_size)
     log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
     return 0
@@ -262,9 +270,6 @@ def _cmd_weights(args: argparse.Namespace) -> int:
         raise UnetPipeError(None, "give DEST.ome.zarr, --preview PNG, or both")
     check_option("--threads", args.threads, 1, MAX_THREADS)
     check_option("--pyramid-levels", args.pyramid_levels, 0, MAX_PYRAMID_LEVELS)
-    # A border term wider than any stack only overflows (exp of huge numbers); 1e4 px is generous.
-    check_option("--sigma", args.sigma, 0, 1e4, above=True)
-    check_option("--w0", args.w0, 0, 1e6)
     config = load_config(args.config)
     params = WeightParams.from_config(
         config["weights"] if config else None,
@@ -504,12 +509,13 @@ def _paths(value: object) -> list[Path]:
 @contextlib.contextmanager
 def _guard_outputs(args: argparse.Namespace):
     """Refuse outputs that overlap inputs; hold a lock on DEST (or --out) while writing."""
-    from unet_pipe.safety import DestLock, check_dest, leftover_note
+    from unet_pipe.safety import DestLock, check_dest, check_not_inside_store, leftover_note
 
     inputs = [p for name in _INPUT_ARGS for p in _paths(getattr(args, name, None))]
     outputs = [p for name in _OUTPUT_ARGS for p in _paths(getattr(args, name, None))]
     for out in outputs:
         check_dest(out, inputs)
+        check_not_inside_store(out)
     main_out = getattr(args, "dest", None) or getattr(args, "out", None)
     if not isinstance(main_out, Path):
         yield

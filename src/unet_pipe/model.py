@@ -355,8 +355,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     arbitrary code (possibly malicious), a foreign file, or missing keys.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(path, "checkpoint file not found")
+    if not path.is_file():  # a folder, or a device such as /dev/zero (endless, size 0)
+        raise CheckpointError(path, "is not a regular file, so not a checkpoint")
     size = path.stat().st_size
     if size > MAX_CHECKPOINT_BYTES:
         raise CheckpointError(

@@ -70,7 +70,9 @@ def is_our_store(path: Path) -> bool:
 def check_replaceable(dest: Path) -> None:
     """Refuse ``--overwrite`` of anything but a store of ours."""
     dest = Path(dest)
-    if dest.is_symlink() or dest.is_file():
+    if dest.is_symlink():
+        raise OutputError(dest, "is a link, not an OME-Zarr store written by unet-pipe; refusing to replace it")
+    if dest.is_file():
         raise OutputError(dest, "is a file, not an OME-Zarr store written by unet-pipe; refusing to replace it")
     if dest.exists() and not is_our_store(dest):
         raise OutputError(dest, "was not written by unet-pipe; refusing to replace it (move it away)")
@@ -133,6 +135,17 @@ def leftover_note(dest: Path, *, since: float, remove_empty: bool) -> str:
         shutil.rmtree(staging, ignore_errors=True)
         return "; nothing was written"
     return f"; {staging.name} kept (no finished blocks yet)"
+
+
+_ZARR_METADATA = (".zgroup", ".zarray", ".zattrs", "zarr.json")
+
+
+def check_not_inside_store(dest: Path) -> None:
+    """Refuse a destination inside an existing zarr store (it would become part of that store)."""
+    target = _resolved(Path(dest))
+    for folder in target.parents:
+        if any((folder / name).is_file() for name in _ZARR_METADATA):
+            raise OutputError(dest, f"is inside the zarr store {folder}; choose a DEST outside it")
 
 
 def _pid_alive(pid: int) -> bool:
