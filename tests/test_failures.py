@@ -66,7 +66,7 @@ def test_truncated_chunk_is_refused_not_decoded_into_garbage(stores):
     array = open_image(stores["raw"])
     np.testing.assert_array_equal(array[0], stores["data"][0])  # other chunks read as before
     np.testing.assert_array_equal(array[1, :32], stores["data"][1, :32])
-    with pytest.raises(InputError, match=r"chunk 0/1/1/0 is corrupt \(ValueError: 20 bytes but its Blosc header says 1040"):
+    with pytest.raises(InputError, match=r"chunk 0/1/1/0 is corrupt \(a zarr chunk has 20 bytes but its Blosc header says 1040"):
         array[1]
     with pytest.raises(InputError, match="raw.zarr: chunk 0/1/1/0 is corrupt"):
         np.asarray(array)
@@ -456,3 +456,38 @@ def test_unicode_and_newlines_in_paths(tmp_path, run_cli):
     np.testing.assert_array_equal(open_image(dest)[:], data)
     code, _, err = run_cli("-q", "ingest", tmp_path / "no\nsuch ü.tif", tmp_path / "c.zarr")
     assert code == 2 and err.count("\n") == 1 and "no such ü.tif" in err, err  # the newline is shown as a space
+
+
+def test_damaged_staging_store_is_removed_not_resumed_forever(stores, tmp_path, run_cli, monkeypatch):
+    """A resumed postprocess reads its finished slabs back: a damaged one ends the run, once."""
+    import unet_pipe.postprocess as pp
+
+    monkeypatch.setattr(pp.StagedImage, "commit", lambda self, *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # killed after both slabs, before publishing
+        pp.postprocess(stores["prob"], tmp_path / "out.zarr", pyramid_levels=0)
+    monkeypatch.undo()
+    _corrupt(tmp_path / "out.zarr.partial", "truncated")
+    code, _, err = run_cli("-q", "postprocess", stores["prob"], tmp_path / "out.zarr", "--pyramid-levels", "0")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "a zarr chunk has 20 bytes but its Blosc header says" in err
+    assert err.endswith("; the damaged out.zarr.partial was removed: rerun to start over\n")
+    assert _outputs(tmp_path) == []
+    assert run_cli("-q", "postprocess", stores["prob"], tmp_path / "out.zarr", "--pyramid-levels", "0")[0] == 0
+
+
+def test_full_disk_while_writing_metrics_leaves_no_file(stores, tmp_path, run_cli, monkeypatch):
+    from pathlib import Path as P
+
+    write_text = P.write_text
+
+    def full(self, *args, **kwargs):
+        if self.name.endswith(".tmp"):
+            write_text(self, "{\"half")  # what a full disk leaves: a partial file
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(P, "write_text", full)
+    code, _, err = run_cli("-q", "evaluate", "--prediction", stores["labels"], "--truth", stores["labels"],
+                           "--out", tmp_path / "out.json")
+    assert code == 2 and err.count("\n") == 1 and "No space left on device" in err
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith((".out", "out"))]

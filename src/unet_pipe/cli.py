@@ -509,6 +509,7 @@ def _paths(value: object) -> list[Path]:
 @contextlib.contextmanager
 def _guard_outputs(args: argparse.Namespace):
     """Refuse outputs that overlap inputs; hold a lock on DEST (or --out) while writing."""
+    from unet_pipe.integrity import CorruptChunk
     from unet_pipe.safety import DestLock, check_dest, check_not_inside_store, leftover_note
 
     inputs = [p for name in _INPUT_ARGS for p in _paths(getattr(args, name, None))]
@@ -528,7 +529,12 @@ def _guard_outputs(args: argparse.Namespace):
             yield
         except (UnetPipeError, OSError) as exc:
             # Say on the error line what the failure left: a resumable staging folder, or nothing.
-            exc.leftover = leftover_note(main_out, since=started, remove_empty=not shard)  # type: ignore[union-attr]
+            # A chunk that failed to decode outside open_image (which names the input store) is
+            # one of our staging store's: it is damaged, and resuming it would fail again.
+            damaged = isinstance(exc, CorruptChunk) and exc.path is None
+            exc.leftover = leftover_note(  # type: ignore[union-attr]
+                main_out, since=started, remove_empty=not shard, damaged=damaged
+            )
             raise
 
 

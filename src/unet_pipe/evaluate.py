@@ -23,7 +23,6 @@ import csv
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
@@ -39,6 +38,7 @@ from unet_pipe.metrics import (
 )
 from unet_pipe.postprocess import as_probability, open_probabilities
 from unet_pipe.provenance import provenance
+from unet_pipe.safety import atomic_output
 
 log = logging.getLogger(__name__)
 
@@ -253,20 +253,18 @@ def _json_safe(value: Any) -> Any:
 def write_json_atomic(path: str | Path, data: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    text = json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n"
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_csv_atomic(path: str | Path, rows: Sequence[dict[str, Any]], fields: Sequence[str]) -> None:
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+    with atomic_output(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(fields), extrasaction="ignore")
         writer.writeheader()
         for row in rows:
             writer.writerow({k: _csv_value(row.get(k)) for k in fields})
-    os.replace(tmp, path)
 
 
 def _csv_value(value: Any) -> Any:

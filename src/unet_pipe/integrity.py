@@ -28,6 +28,13 @@ from unet_pipe.errors import InputError, UnetPipeError
 _BLOSC_HEADER = 16  # bytes; bytes 12..16 hold the compressed size, little endian
 
 
+class CorruptChunk(InputError):
+    """A chunk that cannot be decoded.  Raised by the codec, which does not know the
+    store; :class:`CheckedArray` re-raises it naming the store and chunk, and a read
+    outside it (our own staging store, read when resuming or publishing) still ends in
+    one line."""
+
+
 class CheckedBlosc(numcodecs.Blosc):
     """Blosc that refuses a buffer whose length differs from the size in its header."""
 
@@ -36,13 +43,17 @@ class CheckedBlosc(numcodecs.Blosc):
     def decode(self, buf: Any, out: Any = None) -> Any:
         data = ensure_contiguous_ndarray(buf).view(np.uint8).reshape(-1)
         if data.nbytes < _BLOSC_HEADER:
-            raise ValueError(f"{data.nbytes} bytes, shorter than a Blosc header (truncated or overwritten)")
+            raise CorruptChunk(None, f"a zarr chunk of {data.nbytes} bytes is shorter than a Blosc header "
+                               "(truncated or overwritten)")
         recorded = int.from_bytes(data[12:16].tobytes(), "little")
         if recorded != data.nbytes:
-            raise ValueError(
-                f"{data.nbytes} bytes but its Blosc header says {recorded} (truncated or overwritten)"
+            raise CorruptChunk(
+                None, f"a zarr chunk has {data.nbytes} bytes but its Blosc header says {recorded} (truncated or overwritten)"
             )
-        return super().decode(buf, out)
+        try:
+            return super().decode(buf, out)
+        except RuntimeError as exc:  # numcodecs: "error during blosc decompression: -1"
+            raise CorruptChunk(None, f"a zarr chunk could not be decompressed ({exc})") from None
 
 
 numcodecs.register_codec(CheckedBlosc)
@@ -64,8 +75,10 @@ class CheckedArray:
     def __getitem__(self, selection: Any) -> Any:
         try:
             return self._array[selection]
-        except UnetPipeError:
-            raise
+        except UnetPipeError as exc:
+            if not isinstance(exc, CorruptChunk):
+                raise
+            raise self._explain(selection, exc) from None
         except Exception as exc:  # zarr and the codecs raise many types for one bad chunk
             raise self._explain(selection, exc) from None
 
@@ -111,12 +124,14 @@ class CheckedArray:
             try:
                 self._array[region]
             except Exception as bad:
+                reason = bad.problem if isinstance(bad, CorruptChunk) else f"{type(bad).__name__}: {bad}"
                 separator = getattr(self._array.metadata, "dimension_separator", None) or "/"
                 key = separator.join(map(str, index))
                 return InputError(
                     self._store,
-                    f"chunk {self._level}/{key} is corrupt ({type(bad).__name__}: {bad}); "
+                    f"chunk {self._level}/{key} is corrupt ({reason}); "
                     "rewrite the store (rerun the stage that made it)",
                 )
         # Not one chunk alone: report the failure itself, still on one line with the store named.
-        return InputError(self._store, f"level {self._level!r} could not be read ({type(exc).__name__}: {exc})")
+        reason = exc.problem if isinstance(exc, CorruptChunk) else f"{type(exc).__name__}: {exc}"
+        return InputError(self._store, f"level {self._level!r} could not be read ({reason})")

@@ -16,13 +16,14 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
 import uuid
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from unet_pipe.errors import OutputError
 
@@ -111,12 +112,13 @@ def check_dest(dest: Path, inputs: Iterable[Path | None], staging_suffix: str = 
                 )
 
 
-def leftover_note(dest: Path, *, since: float, remove_empty: bool) -> str:
+def leftover_note(dest: Path, *, since: float, remove_empty: bool, damaged: bool = False) -> str:
     """What a failed run left for ``dest``, as a clause for its one-line error.
 
     A staging folder of ours with finished blocks is kept (a rerun on the same
-    inputs resumes it); one without is removed when ``remove_empty`` (the run
-    held the lock, so nobody else is using it).  A periodic checkpoint
+    inputs resumes it); one without, or a ``damaged`` one (a chunk of it cannot
+    be decoded, so resuming would fail again), is removed when ``remove_empty``
+    (the run held the lock, so nobody else is using it).  A periodic checkpoint
     ``OUT.partial`` written since ``since`` (train) is kept for ``--resume``.
     """
     staging = Path(dest).with_name(Path(dest).name + ".partial")
@@ -126,6 +128,11 @@ def leftover_note(dest: Path, *, since: float, remove_empty: bool) -> str:
         return f"; {staging.name} kept: rerun with --resume to continue from it"
     if not is_our_staging(staging):
         return ""
+    if damaged:
+        if not remove_empty:
+            return f"; {staging.name} is damaged: remove it and start over"
+        shutil.rmtree(staging, ignore_errors=True)
+        return f"; the damaged {staging.name} was removed: rerun to start over"
     records = staging / DONE_DIR
     done = sum(1 for p in records.iterdir() if not p.name.endswith(".tmp")) if records.is_dir() else 0
     if done:
@@ -146,6 +153,23 @@ def check_not_inside_store(dest: Path) -> None:
     for folder in target.parents:
         if any((folder / name).is_file() for name in _ZARR_METADATA):
             raise OutputError(dest, f"is inside the zarr store {folder}; choose a DEST outside it")
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it to ``path`` on success, remove it on failure.
+
+    A full disk or a crash mid-write thus leaves neither a half-written
+    ``path`` nor a stray temporary file.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _pid_alive(pid: int) -> bool:

@@ -49,6 +49,7 @@ from unet_pipe.errors import CheckpointError, ConfigError, InputError, OutputErr
 from unet_pipe.metrics import instances_from_binary, rand_error_per_slice
 from unet_pipe.model import UNet, load_checkpoint, save_checkpoint
 from unet_pipe.tiling import Roi, fit_tile, predict_tiled, unet_axis_geometry, volume_geometry
+from unet_pipe.safety import atomic_output
 
 log = logging.getLogger(__name__)
 
@@ -259,12 +260,10 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
 
 def _write_csv_atomic(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+    with atomic_output(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         writer.writerows(_format_row(r) for r in rows)
-    os.replace(tmp, path)
 
 
 def _format_row(row: Mapping[str, Any]) -> dict:
