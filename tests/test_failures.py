@@ -491,3 +491,20 @@ def test_full_disk_while_writing_metrics_leaves_no_file(stores, tmp_path, run_cl
                            "--out", tmp_path / "out.json")
     assert code == 2 and err.count("\n") == 1 and "No space left on device" in err
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith((".out", "out"))]
+
+
+def test_two_outputs_of_one_command_in_one_place_are_refused(stores, tmp_path, run_cli):
+    (tmp_path / "c.yaml").write_text("datasets: {s: {synthetic: {}}}\ntrain: {datasets: {s: {train: [0, 1]}}}\n")
+    cases = [
+        (["train", tmp_path / "c.yaml", "--raw", f"s={stores['raw']}", "--labels", f"s={stores['labels']}",
+          "--out", tmp_path / "out.pt", "--log", tmp_path / "out.pt"], "out.pt: overlaps the output"),
+        (["weights", stores["labels"], tmp_path / "out.zarr", "--preview", tmp_path / "out.zarr" / "p.png"],
+         "overlaps the output"),
+        # The per-slice CSV goes to OUT with suffix .csv: an OUT ending in .csv would be replaced by it.
+        (["evaluate", "--prediction", stores["labels"], "--truth", stores["labels"], "--out", tmp_path / "out.csv"],
+         "--out must not end in .csv"),
+    ]
+    for argv, message in cases:
+        code, _, err = run_cli("-q", *argv)
+        assert code == 2 and err.count("\n") == 1 and message in err, (argv, err)
+    assert _outputs(tmp_path) == []

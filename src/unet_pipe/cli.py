@@ -393,6 +393,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from unet_pipe.evaluate import evaluate
 
     check_option("--threshold", args.threshold, 0, 1)
+    if args.out.suffix == ".csv":  # the per-slice CSV goes to OUT with suffix .csv: it would replace OUT
+        raise UnetPipeError(args.out, "--out must not end in .csv (the per-slice table is written there); use .json")
     evaluate(
         args.prediction,
         args.truth,
@@ -514,9 +516,11 @@ def _guard_outputs(args: argparse.Namespace):
 
     inputs = [p for name in _INPUT_ARGS for p in _paths(getattr(args, name, None))]
     outputs = [p for name in _OUTPUT_ARGS for p in _paths(getattr(args, name, None))]
-    for out in outputs:
+    for i, out in enumerate(outputs):
         check_dest(out, inputs)
         check_not_inside_store(out)
+        # Two outputs of one command in one place (train --log equal to --out): one would replace the other.
+        check_dest(out, outputs[i + 1:], kind="output")
     main_out = getattr(args, "dest", None) or getattr(args, "out", None)
     if not isinstance(main_out, Path):
         yield

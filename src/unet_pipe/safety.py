@@ -96,8 +96,11 @@ def _resolved(path: Path) -> Path:
     return Path(os.path.realpath(os.path.abspath(path)))
 
 
-def check_dest(dest: Path, inputs: Iterable[Path | None], staging_suffix: str = ".partial") -> None:
-    """Refuse a destination (or its staging folder) equal to, inside or containing an input."""
+def check_dest(
+    dest: Path, inputs: Iterable[Path | None], staging_suffix: str = ".partial", kind: str = "input"
+) -> None:
+    """Refuse a destination (or its staging folder) equal to, inside or containing an input
+    (or, with ``kind="output"``, another output of the same command)."""
     dest = Path(dest)
     outputs = [dest, dest.with_name(dest.name + staging_suffix)]
     for source in inputs:
@@ -108,7 +111,7 @@ def check_dest(dest: Path, inputs: Iterable[Path | None], staging_suffix: str = 
             target = _resolved(out)
             if target == src or src in target.parents or target in src.parents:
                 raise OutputError(
-                    dest, f"overlaps the input {source} (the same path, inside it or containing it); choose another DEST"
+                    dest, f"overlaps the {kind} {source} (the same path, inside it or containing it); choose another DEST"
                 )
 
 
