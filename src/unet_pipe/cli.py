@@ -11,8 +11,9 @@ import contextlib
 import logging
 import math
 import sys
+import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 from unet_pipe import __version__
 from unet_pipe.cli_calibrate import add_calibrate
@@ -76,6 +77,35 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
 
 
 SYNTH_MAX_VOXELS = 2e9
+#: Peak memory of synthesize() per voxel (tracemalloc, shape 4 x 512 x 512: 80 bytes).
+SYNTH_BYTES_PER_VOXEL = 80
+#: More threads than this is a typo, not a machine (torch crashed at 100000).
+MAX_THREADS = 1024
+MAX_PYRAMID_LEVELS = 16
+
+
+def check_option(option: str, value: float | Sequence[float] | None, low: float | None = None,
+                 high: float | None = None, *, above: bool = False) -> None:
+    """Refuse a numeric option that is not finite or lies outside [low, high] (``above``: > low).
+
+    Called by every subcommand for its counts, sizes and thresholds, so that a
+    zero, a negative, NaN, inf or an absurd value is one line and exit 2 before
+    any work, never a traceback or a silently empty result.
+    """
+    if value is None:
+        return
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    for v in values:
+        bad = not math.isfinite(v) or (low is not None and (v <= low if above else v < low))
+        if bad or (high is not None and v > high):
+            if low is not None and high is not None:
+                wanted = f"in {'(' if above else '['}{low:g}, {high:g}]"
+            elif low is not None:
+                wanted = f"{'>' if above else '>='} {low:g}"
+            else:
+                wanted = f"<= {high:g}"
+            shown = " ".join(str(x) for x in values)
+            raise UnetPipeError(None, f"{option} must be a finite number {wanted}, got {shown}")
 
 
 def _check_voxel_size(values: Sequence[float] | None) -> None:
@@ -86,12 +116,19 @@ def _check_voxel_size(values: Sequence[float] | None) -> None:
 def _cmd_synth(args: argparse.Namespace) -> int:
     from unet_pipe.synth import write_synthetic
 
+    check_option("--seed", args.seed, 0)
     if min(args.shape) < 1 or min(args.shape[1:]) < 8:
         raise UnetPipeError(None, f"--shape must be at least 1 8 8, got {' '.join(map(str, args.shape))}")
     if math.prod(args.shape) > SYNTH_MAX_VOXELS:
         raise UnetPipeError(None, f"--shape {' '.join(map(str, args.shape))} is over {SYNTH_MAX_VOXELS:.0e} voxels "
                             "(synthetic stacks are made in memory)")
     _check_voxel_size(args.voxel_size)
+    import psutil
+
+    need, free = math.prod(args.shape) * SYNTH_BYTES_PER_VOXEL, psutil.virtual_memory().available
+    if need > free:  # else the kernel kills the process part-way, with no message
+        raise UnetPipeError(None, f"--shape {' '.join(map(str, args.shape))} needs about {need / 2**30:.1f} GiB of "
+                            f"memory, {free / 2**30:.1f} GiB are available")
     paths = write_synthetic(args.out_dir, args.shape, args.seed, args.voxel_size)
     log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
     return 0
@@ -133,11 +170,9 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     chunks = args.chunks or tuple(section.get("chunks", DEFAULT_CHUNKS))
     levels = args.pyramid_levels if args.pyramid_levels is not None else section.get("pyramid_levels", 2)
     params = {"chunks": list(chunks), "pyramid_levels": levels, "labels": args.labels, "voxel_size": args.voxel_size}
-    if args.threads is not None and args.threads < 1:
-        raise UnetPipeError(None, "--threads must be >= 1")
+    check_option("--threads", args.threads, 1, MAX_THREADS)
     _check_voxel_size(args.voxel_size)
-    if levels is not None and not 0 <= levels <= 16:
-        raise UnetPipeError(None, f"--pyramid-levels must be in 0..16, got {levels}")
+    check_option("--pyramid-levels", levels, 0, MAX_PYRAMID_LEVELS)
     ingest_tiff(
         args.src,
         args.dest,
@@ -305,8 +340,8 @@ def _cmd_weights(args: argparse.Namespace) -> int:
 
     if args.dest is None and args.preview is None:
         raise UnetPipeError(None, "give DEST.ome.zarr, --preview PNG, or both")
-    if args.threads < 1 or (args.pyramid_levels is not None and args.pyramid_levels < 0):
-        raise UnetPipeError(None, "--threads must be >= 1 and --pyramid-levels >= 0")
+    check_option("--threads", args.threads, 1, MAX_THREADS)
+    check_option("--pyramid-levels", args.pyramid_levels, 0, MAX_PYRAMID_LEVELS)
     config = load_config(args.config)
     params = WeightParams.from_config(
         config["weights"] if config else None,
@@ -386,10 +421,9 @@ def _cmd_postprocess(args: argparse.Namespace) -> int:
         log.info("decisions from %s: %s", args.decisions, {k: chosen[k] for k in ("method", "threshold", "min_size")})
     if not 0.0 <= args.threshold <= args.seed_threshold <= 1.0:
         raise UnetPipeError(None, "need 0 <= --threshold <= --seed-threshold <= 1")
-    if args.seed_prominence <= 0:
-        raise UnetPipeError(None, "--seed-prominence must be positive")
-    if args.min_size < 0 or args.pyramid_levels < 0:
-        raise UnetPipeError(None, "--min-size and --pyramid-levels must not be negative")
+    check_option("--seed-prominence", args.seed_prominence, 0, above=True)
+    check_option("--min-size", args.min_size, 0)  # above the slice area: refused by postprocess()
+    check_option("--pyramid-levels", args.pyramid_levels, 0, MAX_PYRAMID_LEVELS)
     postprocess(
         args.probabilities,
         args.dest,
@@ -445,6 +479,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from unet_pipe.evaluate import evaluate
 
+    check_option("--threshold", args.threshold, 0, 1)
+    if args.out.suffix == ".csv":  # the per-slice CSV goes to OUT with suffix .csv: it would replace OUT
+        raise UnetPipeError(args.out, "--out must not end in .csv (the per-slice table is written there); use .json")
     decisions = None
     if args.decisions is not None:
         from unet_pipe.calibrate import read_decisions
@@ -494,6 +531,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 def _cmd_report(args: argparse.Namespace) -> int:
     from unet_pipe.report import write_report
 
+    check_option("--figures", args.figures, 0)  # more than the slices: all of them
     write_report(args.out, args.metrics, training_logs=args.training_log, figures=args.figures, title=args.title)
     log.info("wrote %s", args.out)
     return 0
@@ -521,8 +559,17 @@ def progress_enabled(args: argparse.Namespace) -> bool:
     return not args.quiet and sys.stderr.isatty()
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors in the project's one-line form (exit 2, as argparse does)."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("unet-pipe").strip()  # "predict", or "" for the top level
+        line = UnetPipeError(command or None, f"{message} (see {self.prog} --help)")
+        self.exit(2, f"unet-pipe: error: {line}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="unet-pipe", description="U-Net segmentation of EM stacks (Ronneberger et al. 2015), stage by stage."
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -560,19 +607,35 @@ def _paths(value: object) -> list[Path]:
 @contextlib.contextmanager
 def _guard_outputs(args: argparse.Namespace):
     """Refuse outputs that overlap inputs; hold a lock on DEST (or --out) while writing."""
-    from unet_pipe.safety import DestLock, check_dest
+    from unet_pipe.integrity import CorruptChunk
+    from unet_pipe.safety import DestLock, check_dest, check_not_inside_store, leftover_note
 
     inputs = [p for name in _INPUT_ARGS for p in _paths(getattr(args, name, None))]
     outputs = [p for name in _OUTPUT_ARGS for p in _paths(getattr(args, name, None))]
-    for out in outputs:
+    for i, out in enumerate(outputs):
         check_dest(out, inputs)
+        check_not_inside_store(out)
+        # Two outputs of one command in one place (train --log equal to --out): one would replace the other.
+        check_dest(out, outputs[i + 1:], kind="output")
     main_out = getattr(args, "dest", None) or getattr(args, "out", None)
-    # Shards of one predict write disjoint regions of one staging store at once: no lock there.
-    if not isinstance(main_out, Path) or getattr(args, "shard", None):
+    if not isinstance(main_out, Path):
         yield
         return
-    with DestLock(main_out):
-        yield
+    # Shards of one predict write disjoint regions of one staging store at once: no lock there.
+    shard = bool(getattr(args, "shard", None) or getattr(args, "z_range", None))
+    started = time.time() - 1  # mtimes may be coarser than the clock
+    with contextlib.nullcontext() if shard else DestLock(main_out):
+        try:
+            yield
+        except (UnetPipeError, OSError) as exc:
+            # Say on the error line what the failure left: a resumable staging folder, or nothing.
+            # A chunk that failed to decode outside open_image (which names the input store) is
+            # one of our staging store's: it is damaged, and resuming it would fail again.
+            damaged = isinstance(exc, CorruptChunk) and exc.path is None
+            exc.leftover = leftover_note(  # type: ignore[union-attr]
+                main_out, since=started, remove_empty=not shard, damaged=damaged
+            )
+            raise
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -583,7 +646,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _guard_outputs(args):
             return int(args.func(args) or 0)
     except UnetPipeError as exc:
-        print(f"unet-pipe: error: {exc}", file=sys.stderr)
+        print(f"unet-pipe: error: {exc}{getattr(exc, 'leftover', '')}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # The environment, not a bug: a full disk (ENOSPC), a folder made read-only, an I/O error.
+        where = exc.filename or getattr(args, "dest", None) or getattr(args, "out", None)
+        line = UnetPipeError(where, exc.strerror or f"{type(exc).__name__}: {exc}")
+        print(f"unet-pipe: error: {line}{getattr(exc, 'leftover', '')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("unet-pipe: interrupted", file=sys.stderr)

@@ -64,7 +64,7 @@ def _named_paths(values: list[str], option: str) -> dict[str, Path]:
 def _cmd_train(args: argparse.Namespace) -> int:
     import json
 
-    from unet_pipe.cli import load_config, progress_enabled
+    from unet_pipe.cli import MAX_THREADS, check_option, load_config, progress_enabled
     from unet_pipe.config import validate_config
     from unet_pipe.errors import ConfigError
     from unet_pipe.train import train
@@ -78,8 +78,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError("--config-json", f"not valid JSON ({exc.msg} at position {exc.pos})") from None
     else:
         config = load_config(args.config)
-    if args.threads is not None and args.threads < 1:
-        raise UnetPipeError(None, "--threads must be >= 1")
+    check_option("--threads", args.threads, 1, MAX_THREADS)
+    check_option("--until-step", args.until_step, 1)
     given = {key: _named_paths(getattr(args, key), f"--{key}") for key in ("raw", "labels", "weights")}
     results = args.results if args.results is not None else Path(config["results"])
     stores: dict[str, dict[str, Path]] = {}
@@ -166,8 +166,17 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
 def _cmd_predict(args: argparse.Namespace) -> int:
     import json
 
-    from unet_pipe.cli import load_config, progress_enabled
+    from unet_pipe.cli import MAX_PYRAMID_LEVELS, MAX_THREADS, check_option, load_config, progress_enabled
     from unet_pipe.predict import finalize, predict, tune_allocator
+
+    check_option("--threads", args.threads, 1, MAX_THREADS)
+    check_option("--workers", args.workers, 1, MAX_THREADS)
+    check_option("--batch", args.batch, 1)
+    check_option("--pyramid-levels", args.pyramid_levels, 0, MAX_PYRAMID_LEVELS)
+    if args.shard and not 0 <= args.shard[0] < args.shard[1]:
+        raise UnetPipeError(None, f"--shard must be I N with 0 <= I < N, got {args.shard[0]} {args.shard[1]}")
+    if args.z_range and not 0 <= args.z_range[0] < args.z_range[1]:
+        raise UnetPipeError(None, f"--z-range must be A B with 0 <= A < B, got {args.z_range[0]} {args.z_range[1]}")
 
     tune_allocator()  # this process only predicts: keep big activations' pages for reuse
     config = load_config(args.config)

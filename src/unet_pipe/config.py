@@ -155,6 +155,13 @@ def check_inputs_exist(config: dict, base: str | Path = ".", source: str | Path 
         for key in ("raw", "labels"):
             if key in ds and not (Path(base) / ds[key]).exists():
                 raise ConfigError(source, f"key 'datasets.{name}.{key}': input '{ds[key]}' does not exist")
+            if key in ds:
+                # Results written into an input (a folder of slices) would change that input.
+                results = Path(os.path.realpath(Path(base) / config["results"]))
+                given = Path(os.path.realpath(Path(base) / ds[key]))
+                if results == given or given in results.parents:
+                    raise ConfigError(source, f"key 'results': '{config['results']}' is or lies inside the input "
+                                      f"'{ds[key]}' (datasets.{name}.{key}); keep results apart from the inputs")
 
 
 MAX_CONFIG_BYTES = 2**20

@@ -23,6 +23,10 @@ class UnetPipeError(Exception):
         self.problem = _bounded(str(problem), 700)  # one readable line, whatever the input holds
         super().__init__(f"{self.path}: {self.problem}" if self.path else self.problem)
 
+    def __reduce__(self) -> tuple:
+        # Raised in dask or process-pool workers: must survive pickling with both fields.
+        return (type(self), (self.path, self.problem))
+
 
 class InputError(UnetPipeError):
     """An input file (TIFF, OME-Zarr) is missing, corrupt or inconsistent."""

@@ -23,7 +23,6 @@ import csv
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
@@ -40,6 +39,7 @@ from unet_pipe.metrics import (
 )
 from unet_pipe.postprocess import as_probability, open_probabilities
 from unet_pipe.provenance import provenance
+from unet_pipe.safety import atomic_output
 from unet_pipe.warping import warping_error
 
 log = logging.getLogger(__name__)
@@ -220,6 +220,11 @@ def evaluate(
     train = _slice_range(train_slices, nz, "train", instances) or range(0)
     val = _slice_range(val_slices, nz, "val", instances) or range(0)
 
+    if truth_mode == "binary" and foreground_value is not None:
+        info = np.iinfo(truth_meta.dtype) if truth_meta.dtype.kind in "ui" else None
+        if info is not None and not info.min <= foreground_value <= info.max:
+            raise InputError(truth, f"--foreground-value {foreground_value} cannot occur in {truth_meta.dtype} labels")
+    any_cells = False
     rows: list[dict[str, Any]] = []
     z_iter: Iterable[int] = zs
     if progress:
@@ -231,6 +236,7 @@ def evaluate(
         if truth_mode == "binary":
             cells = t == foreground_value if foreground_value is not None else binarize(t)
             truth_inst = instances_from_binary(cells)
+            any_cells = any_cells or bool(cells.any())
         else:
             cells = t != 0
             truth_inst = t
@@ -239,6 +245,9 @@ def evaluate(
         subset = "val" if z in val else "train" if z in train else "other"
         rows.append({"z": z, "subset": subset, **row})
 
+    if truth_mode == "binary" and foreground_value is not None and not any_cells:
+        # A wrong cell value scores every slice as all membrane: a plausible-looking wrong result.
+        raise InputError(truth, f"no pixel equals --foreground-value {foreground_value} in the evaluated slices")
     summary = {"all": summarize(rows)}
     for subset in ("train", "val", "other"):
         chosen = [r for r in rows if r["subset"] == subset]
@@ -300,20 +309,18 @@ def _json_safe(value: Any) -> Any:
 def write_json_atomic(path: str | Path, data: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    text = json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n"
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_csv_atomic(path: str | Path, rows: Sequence[dict[str, Any]], fields: Sequence[str]) -> None:
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+    with atomic_output(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(fields), extrasaction="ignore")
         writer.writeheader()
         for row in rows:
             writer.writerow({k: _csv_value(row.get(k)) for k in fields})
-    os.replace(tmp, path)
 
 
 def _csv_value(value: Any) -> Any:

@@ -30,8 +30,10 @@ import numpy as np
 import zarr
 
 from unet_pipe.errors import InputError, OutputError
+from unet_pipe.integrity import CheckedArray
 from unet_pipe.safety import (
     ATTRS_KEY,
+    DONE_DIR,
     STAGING_MARKER,
     check_replaceable,
     check_writable,
@@ -54,7 +56,7 @@ DEFAULT_COMPRESSION: dict[str, Any] = {"cname": "zstd", "clevel": 3}
 INGEST_COMPRESSION: dict[str, Any] = {"cname": "zstd", "clevel": 1, "blocksize": 262144}
 # Ingest reads whole slices while a z-slab of them fits here, else bands of rows.
 MAX_BUFFER_BYTES = 256 * 2**20
-_DONE_DIR = ".unet_pipe_done"
+_DONE_DIR = DONE_DIR
 _STAGING_SUFFIX = ".partial"
 
 
@@ -485,15 +487,20 @@ def image_metadata(path: str | Path) -> ImageMeta:
     )
 
 
-def open_image(path: str | Path, level: int = 0) -> zarr.Array:
-    """Open one level (0 = full resolution) of an OME-Zarr image read-only."""
+def open_image(path: str | Path, level: int = 0) -> CheckedArray:
+    """Open one level (0 = full resolution) of an OME-Zarr image read-only.
+
+    Reads of a corrupt or truncated chunk raise :class:`InputError` naming the
+    store and the chunk (see :mod:`unet_pipe.integrity`).
+    """
     path = Path(path)
     image_metadata(path)  # validates
     group = _open_group(path)
     ms = group.attrs["multiscales"][0]
     if not 0 <= level < len(ms["datasets"]):
         raise InputError(path, f"has no pyramid level {level}")
-    return group[ms["datasets"][level]["path"]]
+    name = ms["datasets"][level]["path"]
+    return CheckedArray(group[name], path, name)
 
 
 # --------------------------------------------------------------------- ingestion

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 import unet_pipe
-from unet_pipe.errors import CheckpointError
+from unet_pipe.errors import CheckpointError, OutputError
 from unet_pipe.provenance import file_sha256, git_commit
 
 CHECKPOINT_FORMAT = "unet-pipe-checkpoint"
@@ -339,6 +339,9 @@ def save_checkpoint(
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk (ENOSPC) or a folder gone read-only mid-run
+        Path(tmp).unlink(missing_ok=True)
+        raise OutputError(path, f"could not be written ({exc.strerror or exc}); an earlier {path.name} is unchanged") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -352,8 +355,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     arbitrary code (possibly malicious), a foreign file, or missing keys.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(path, "checkpoint file not found")
+    if not path.is_file():  # a folder, or a device such as /dev/zero (endless, size 0)
+        raise CheckpointError(path, "is not a regular file, so not a checkpoint")
     size = path.stat().st_size
     if size > MAX_CHECKPOINT_BYTES:
         raise CheckpointError(

@@ -35,7 +35,7 @@ import scipy.ndimage as ndi
 from skimage.morphology import h_maxima
 from skimage.segmentation import watershed
 
-from unet_pipe.errors import InputError
+from unet_pipe.errors import ConfigError, InputError
 from unet_pipe.io import ATTRS_KEY, StagedImage, image_metadata, open_image
 from unet_pipe.provenance import provenance
 
@@ -237,6 +237,10 @@ def postprocess(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     prob, scale = open_probabilities(probabilities)
     meta = image_metadata(probabilities)
+    if min_size > meta.shape[1] * meta.shape[2]:
+        # Every segment would become membrane: an empty result that looks like a finished one.
+        raise ConfigError(None, f"min_size {min_size} exceeds the slice area of {probabilities} "
+                          f"({meta.shape[1]} x {meta.shape[2]} pixels)")
     params = {
         "method": method,
         "threshold": threshold,
@@ -296,7 +300,7 @@ def postprocess(
         )
     except BaseException:
         # Keep the staging folder: its done records make the rerun resume.
-        log.error("postprocess of %s interrupted; rerun to resume", probabilities)
+        log.debug("postprocess of %s interrupted; rerun to resume", probabilities)
         raise
     log.info("wrote %s: %d instances", dest, next_id - 1)
     return Path(dest)

@@ -299,7 +299,7 @@ def write_report(
     out_md.parent.mkdir(parents=True, exist_ok=True)
     figdir = out_md.parent / f"{out_md.stem}_figures"
     staging = figdir.with_name(figdir.name + ".partial")
-    from unet_pipe.safety import is_our_staging, mark_staging, remove_staging
+    from unet_pipe.safety import atomic_output, is_our_staging, mark_staging, remove_staging
 
     if figdir.exists() and not is_our_staging(figdir):  # the marker stays in our published figure folder
         raise OutputError(figdir, "exists but was not created by unet-pipe; move it away")
@@ -382,9 +382,8 @@ def write_report(
 
     remove_staging(figdir)
     os.replace(staging, figdir)
-    tmp = out_md.with_name(out_md.name + ".tmp")
-    tmp.write_text("\n".join(md), encoding="utf-8")
-    os.replace(tmp, out_md)
+    with atomic_output(out_md) as tmp:
+        tmp.write_text("\n".join(md), encoding="utf-8")
     return out_md
 
 

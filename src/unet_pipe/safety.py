@@ -16,18 +16,20 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
 import uuid
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from unet_pipe.errors import OutputError
 
 STAGING_MARKER = ".unet-pipe-staging"
 LOCK_SUFFIX = ".unet-pipe.lock"
+DONE_DIR = ".unet_pipe_done"  # per-block done records inside a staging folder
 ATTRS_KEY = "unet_pipe"  # our key in every store's .zattrs (re-exported by unet_pipe.io)
 
 
@@ -69,7 +71,9 @@ def is_our_store(path: Path) -> bool:
 def check_replaceable(dest: Path) -> None:
     """Refuse ``--overwrite`` of anything but a store of ours."""
     dest = Path(dest)
-    if dest.is_symlink() or dest.is_file():
+    if dest.is_symlink():
+        raise OutputError(dest, "is a link, not an OME-Zarr store written by unet-pipe; refusing to replace it")
+    if dest.is_file():
         raise OutputError(dest, "is a file, not an OME-Zarr store written by unet-pipe; refusing to replace it")
     if dest.exists() and not is_our_store(dest):
         raise OutputError(dest, "was not written by unet-pipe; refusing to replace it (move it away)")
@@ -92,8 +96,11 @@ def _resolved(path: Path) -> Path:
     return Path(os.path.realpath(os.path.abspath(path)))
 
 
-def check_dest(dest: Path, inputs: Iterable[Path | None], staging_suffix: str = ".partial") -> None:
-    """Refuse a destination (or its staging folder) equal to, inside or containing an input."""
+def check_dest(
+    dest: Path, inputs: Iterable[Path | None], staging_suffix: str = ".partial", kind: str = "input"
+) -> None:
+    """Refuse a destination (or its staging folder) equal to, inside or containing an input
+    (or, with ``kind="output"``, another output of the same command)."""
     dest = Path(dest)
     outputs = [dest, dest.with_name(dest.name + staging_suffix)]
     for source in inputs:
@@ -104,8 +111,68 @@ def check_dest(dest: Path, inputs: Iterable[Path | None], staging_suffix: str = 
             target = _resolved(out)
             if target == src or src in target.parents or target in src.parents:
                 raise OutputError(
-                    dest, f"overlaps the input {source} (the same path, inside it or containing it); choose another DEST"
+                    dest, f"overlaps the {kind} {source} (the same path, inside it or containing it); choose another DEST"
                 )
+
+
+def leftover_note(dest: Path, *, since: float, remove_empty: bool, damaged: bool = False) -> str:
+    """What a failed run left for ``dest``, as a clause for its one-line error.
+
+    A staging folder of ours with finished blocks is kept (a rerun on the same
+    inputs resumes it); one without, or a ``damaged`` one (a chunk of it cannot
+    be decoded, so resuming would fail again), is removed when ``remove_empty``
+    (the run held the lock, so nobody else is using it).  A periodic checkpoint
+    ``OUT.partial`` written since ``since`` (train) is kept for ``--resume``.
+    """
+    staging = Path(dest).with_name(Path(dest).name + ".partial")
+    if staging.is_file() and not staging.is_symlink():
+        if staging.stat().st_mtime < since:
+            return ""
+        return f"; {staging.name} kept: rerun with --resume to continue from it"
+    if not is_our_staging(staging):
+        return ""
+    if damaged:
+        if not remove_empty:
+            return f"; {staging.name} is damaged: remove it and start over"
+        shutil.rmtree(staging, ignore_errors=True)
+        return f"; the damaged {staging.name} was removed: rerun to start over"
+    records = staging / DONE_DIR
+    done = sum(1 for p in records.iterdir() if not p.name.endswith(".tmp")) if records.is_dir() else 0
+    if done:
+        blocks = f"{done} finished block{'s' * (done > 1)}"
+        return f"; {staging.name} kept with {blocks}: rerunning on the same inputs resumes it"
+    if remove_empty:
+        shutil.rmtree(staging, ignore_errors=True)
+        return "; nothing was written"
+    return f"; {staging.name} kept (no finished blocks yet)"
+
+
+_ZARR_METADATA = (".zgroup", ".zarray", ".zattrs", "zarr.json")
+
+
+def check_not_inside_store(dest: Path) -> None:
+    """Refuse a destination inside an existing zarr store (it would become part of that store)."""
+    target = _resolved(Path(dest))
+    for folder in target.parents:
+        if any((folder / name).is_file() for name in _ZARR_METADATA):
+            raise OutputError(dest, f"is inside the zarr store {folder}; choose a DEST outside it")
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it to ``path`` on success, remove it on failure.
+
+    A full disk or a crash mid-write thus leaves neither a half-written
+    ``path`` nor a stray temporary file.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _pid_alive(pid: int) -> bool:
@@ -133,7 +200,10 @@ class DestLock:
             return {}
 
     def acquire(self) -> "DestLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(self.path.parent, f"cannot create the output folder ({exc.strerror or exc})") from None
         me = {"pid": os.getpid(), "host": socket.gethostname()}
         for _ in range(2):
             try:

@@ -32,6 +32,8 @@ import tifffile
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from unet_pipe.safety import atomic_output
+
 DEFAULT_SHAPE: tuple[int, int, int] = (12, 256, 256)
 DEFAULT_VOXEL_SIZE: tuple[float, float, float] = (0.05, 0.004, 0.004)  # µm: ISBI-like 50 x 4 x 4 nm
 
@@ -219,17 +221,16 @@ def synthesize(
 
 def _write_tiff_atomic(path: Path, data: np.ndarray, voxel_size: Sequence[float]) -> None:
     vz, vy, vx = voxel_size
-    tmp = path.with_name(f".{path.name}.tmp")
     imagej = data.dtype in (np.uint8, np.uint16, np.float32)
-    tifffile.imwrite(
-        tmp,
-        data,
-        imagej=imagej,
-        resolution=(1 / vx, 1 / vy),
-        metadata={"spacing": vz, "unit": "um", "axes": "ZYX"} if imagej else {"axes": "ZYX"},
-        photometric="minisblack",
-    )
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        tifffile.imwrite(
+            tmp,
+            data,
+            imagej=imagej,
+            resolution=(1 / vx, 1 / vy),
+            metadata={"spacing": vz, "unit": "um", "axes": "ZYX"} if imagej else {"axes": "ZYX"},
+            photometric="minisblack",
+        )
 
 
 def write_synthetic(

@@ -46,11 +46,12 @@ from unet_pipe.data import (
     normalize_raw,
     volumes_from_config,
 )
-from unet_pipe.errors import CheckpointError, ConfigError, OutputError, UnetPipeError
+from unet_pipe.errors import CheckpointError, ConfigError, InputError, OutputError, UnetPipeError
 from unet_pipe.metrics import instances_from_binary, rand_error_per_slice
 from unet_pipe.model import UNet, init_weights_from, load_checkpoint, save_checkpoint
 from unet_pipe.provenance import file_sha256
 from unet_pipe.tiling import Roi, fit_tile, predict_tiled, unet_axis_geometry, volume_geometry
+from unet_pipe.safety import atomic_output
 
 log = logging.getLogger(__name__)
 
@@ -286,12 +287,10 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
 
 def _write_csv_atomic(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+    with atomic_output(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         writer.writerows(_format_row(r) for r in rows)
-    os.replace(tmp, path)
 
 
 def _format_row(row: Mapping[str, Any]) -> dict:
@@ -331,12 +330,31 @@ class _Tensorboard:
             self.writer.close()
 
 
+def check_weights_match(labels: Path, weights: Path) -> None:
+    """Refuse a weight map that records other labels than ``labels`` (same shape, other content).
+
+    ``unet-pipe weights`` records its labels' checksum in the provenance; a
+    weight map of another labelling trains silently on wrong borders.
+    """
+    from unet_pipe.io import ATTRS_KEY, image_metadata
+    from unet_pipe.provenance import input_checksum
+
+    recorded = image_metadata(weights).attrs.get(ATTRS_KEY, {}).get("provenance", {}).get("inputs", {}).get("labels")
+    if not isinstance(recorded, dict) or "sha256" not in recorded:
+        return  # not made by `unet-pipe weights` (e.g. given by the user): nothing to compare
+    if recorded["sha256"] != input_checksum(labels):
+        raise InputError(weights, f"was computed from other labels ({recorded.get('path')}) than {labels}; "
+                         "recompute it with `unet-pipe weights`")
+
+
 def open_stores(stores: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Open OME-Zarr paths lazily (``unet_pipe.io.open_image``); arrays pass through."""
     from unet_pipe.io import open_image
 
     opened: dict[str, dict[str, Any]] = {}
     for name, parts in stores.items():
+        if isinstance(parts.get("labels"), (str, Path)) and isinstance(parts.get("weights"), (str, Path)):
+            check_weights_match(Path(parts["labels"]), Path(parts["weights"]))
         opened[name] = {}
         for key, value in parts.items():
             if isinstance(value, (str, Path)):

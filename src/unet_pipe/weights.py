@@ -71,6 +71,10 @@ LABEL_MODES = ("binary", "instances")
 MODES = ("2d", "3d")
 
 
+MAX_W0 = 1e6
+MAX_SIGMA = 1e4  # pixels; the schema holds the same bounds
+
+
 @dataclass(frozen=True)
 class WeightParams:
     """Parameters of the weight map (the ``weights`` section of the config).
@@ -89,10 +93,11 @@ class WeightParams:
     mode: str = "2d"
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.w0) and self.w0 >= 0):
-            raise ConfigError(None, f"weights.w0 must be a finite number >= 0, got {self.w0}")
-        if not (math.isfinite(self.sigma) and self.sigma > 0):
-            raise ConfigError(None, f"weights.sigma must be a positive number of pixels, got {self.sigma}")
+        # Upper bounds: beyond them the weights overflow float32 or the halo overflows (sigma 1e300).
+        if not (math.isfinite(self.w0) and 0 <= self.w0 <= MAX_W0):
+            raise ConfigError(None, f"weights.w0 must be a finite number in [0, {MAX_W0:g}], got {self.w0}")
+        if not (math.isfinite(self.sigma) and 0 < self.sigma <= MAX_SIGMA):
+            raise ConfigError(None, f"weights.sigma must be a number of pixels in (0, {MAX_SIGMA:g}], got {self.sigma}")
         if not (0 < self.tolerance < 1):
             raise ConfigError(None, f"weights tolerance must lie in (0, 1), got {self.tolerance}")
         if self.label_mode not in LABEL_MODES:
@@ -506,7 +511,7 @@ def compute_weight_store(
         if not staged.done_keys():
             staged.abort()
         else:
-            log.error("weights for %s stopped; %s kept, rerun to resume", labels_path, staged.staging)
+            log.debug("weights for %s stopped; %s kept, rerun to resume", labels_path, staged.staging)
         raise
     return summary
 
