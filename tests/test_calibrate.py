@@ -167,3 +167,18 @@ def test_cli_calibrate_bad_arguments(tmp_path, run_cli) -> None:
     code, _, err = run_cli(*base, "--slices", "x=0:2")  # all membrane: nothing to calibrate on
     assert code == 2 and "no truth segments" in err
     assert not (tmp_path / "d.json").exists()
+
+
+def test_report_says_where_decisions_were_chosen_and_warns_on_overlap() -> None:
+    from unet_pipe.report import _decisions_lines
+
+    d = {"method": "watershed", "threshold": 0.3, "seed_threshold": 0.65, "seed_prominence": 2.5, "min_size": 7,
+         "cell_threshold": 0.25, "slices": {"isbi": [20, 25]}}
+    held_out = {"dataset": "isbi", "params": {"decisions": d, "val_slices": [25, 30]}}
+    text = "\n".join(_decisions_lines([held_out]))
+    assert "on isbi slices 20-24" in text and "cell threshold p > 0.25" in text
+    assert "watershed at p > 0.30, seeds p > 0.65 with prominence 2.5 px, min size 7 px" in text
+    assert "optimistic" not in text
+    same = {"dataset": "isbi", "params": {"decisions": {**d, "slices": {"isbi": [25, 30]}}, "val_slices": [25, 30]}}
+    assert "those val numbers saw the decisions and are optimistic" in "\n".join(_decisions_lines([same]))
+    assert _decisions_lines([{"dataset": "x", "params": {"decisions": None}}]) == []

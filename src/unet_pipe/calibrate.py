@@ -247,7 +247,8 @@ def read_decisions(path: str | Path) -> dict[str, Any]:
     """The decisions of a ``decisions.json`` written by :func:`calibrate`, checked.
 
     Returns ``{'method', 'threshold', 'seed_threshold', 'seed_prominence',
-    'min_size', 'cell_threshold'}``.
+    'min_size', 'cell_threshold', 'slices'}`` (``slices``: the calibration slices
+    per dataset, ``{}`` when the file does not say).
     """
     path = Path(path)
     try:
@@ -268,4 +269,5 @@ def read_decisions(path: str | Path) -> dict[str, Any]:
     if not ok:
         raise InputError(path, "decisions out of range or missing (method, thresholds, prominence, min_size)")
     d["min_size"] = int(d["min_size"])
-    return {k: d[k] for k in (*DECISION_KEYS, "cell_threshold")}
+    slices = data.get("slices") if isinstance(data.get("slices"), dict) else {}
+    return {**{k: d[k] for k in (*DECISION_KEYS, "cell_threshold")}, "slices": slices}

@@ -321,6 +321,7 @@ def write_report(
     else:
         md += ["No metrics files given.", ""]
 
+    md += _decisions_lines(all_metrics)
     for source, m in zip(metrics_files, all_metrics):
         name = m["dataset"]
         md += [f"## {name}", ""]
@@ -385,6 +386,36 @@ def write_report(
     with atomic_output(out_md) as tmp:
         tmp.write_text("\n".join(md), encoding="utf-8")
     return out_md
+
+
+def _decisions_lines(all_metrics: Sequence[dict[str, Any]]) -> list[str]:
+    """What the decisions were and where they were chosen (a warning when they saw the val slices)."""
+    lines: list[str] = []
+    for m in all_metrics:
+        d = (m.get("params") or {}).get("decisions")
+        if not d:
+            continue
+        lines += ["## Decisions", ""]
+        where = ", ".join(f"{n} slices {a}-{b - 1}" for n, (a, b) in sorted(d.get("slices", {}).items()))
+        inst = f"{d['method']} at p > {d['threshold']:.2f}"
+        if d["method"] == "watershed":
+            inst += f", seeds p > {d['seed_threshold']:.2f} with prominence {d['seed_prominence']:g} px"
+        inst += f", min size {d['min_size']} px"
+        lines += [f"Chosen by `unet-pipe calibrate` on {where or 'the calibration slices'} "
+                  f"(`decisions.json` lists every candidate): cell threshold p > {d['cell_threshold']:.2f} "
+                  f"(pixel error); instances: {inst}.", ""]
+        overlap = []
+        for other in all_metrics:
+            val = (other.get("params") or {}).get("val_slices")
+            cal = d.get("slices", {}).get(other.get("dataset"))
+            if val and cal and cal[0] < val[1] and val[0] < cal[1]:
+                overlap.append(other["dataset"])
+        if overlap:
+            lines += [f"**The calibration slices overlap the val slices of {', '.join(overlap)}: those val "
+                      "numbers saw the decisions and are optimistic.** Set `calibrate.datasets` to "
+                      "other labelled slices for unbiased ones.", ""]
+        break  # one decisions file per run
+    return lines
 
 
 def _safe(name: str) -> str:
