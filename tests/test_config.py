@@ -36,7 +36,6 @@ def test_demo_config_is_valid_and_defaults_filled(demo_config):
         (lambda c: c["ingest"].update(chunks=[1, 2]), r"key 'ingest.chunks'"),
         (lambda c: c["datasets"]["demo"].update(raw="x.tif"), r"key 'datasets.demo': give either 'synthetic' or 'raw'"),
         (lambda c: c["train"]["datasets"].update(nope={"train": [0, 1]}), r"'train.datasets.nope': no such dataset"),
-        (lambda c: c["train"]["datasets"]["demo"].pop("val"), r"'postprocess.method': auto chooses the decisions"),
         (lambda c: c.update(calibrate={"datasets": {"nope": [0, 1]}}), r"'calibrate.datasets.nope': no labelled"),
         (lambda c: c.update(calibrate={"datasets": {"demo": [3, 3]}}), r"'calibrate.datasets.demo': empty range"),
         (lambda c: c["postprocess"].update(method="magic"), r"key 'postprocess.method'"),
@@ -149,6 +148,20 @@ def test_slice_ranges_beyond_the_stack_are_refused(tmp_path):
                            "calibrate": {"datasets": {"d": [2, 5]}}})
     with pytest.raises(ConfigError, match=r"calibrate.datasets.d': range \[2, 5\] goes beyond the 4 slices"):
         check_input_stacks(cfg, base=tmp_path)
+
+
+def test_auto_decisions_need_calibration_slices_in_the_workflow(demo_config, tmp_path, run_cli):
+    from unet_pipe.config import check_workflow
+
+    demo_config["train"]["datasets"]["demo"].pop("val")
+    cfg = validate_config(demo_config)  # a stage on its own (e.g. train) needs no calibration
+    with pytest.raises(ConfigError, match=r"'postprocess.method': auto chooses the decisions"):
+        check_workflow(cfg)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(demo_config))
+    code, _, err = run_cli("check-config", tmp_path / "c.yaml")
+    assert code == 2 and "auto chooses the decisions" in err
+    demo_config["postprocess"]["method"] = "threshold"
+    check_workflow(validate_config(demo_config))
 
 
 def test_calibration_slices_default_to_the_val_ranges(demo_config):

@@ -214,9 +214,10 @@ def _add_check_config(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    from unet_pipe.config import config_source, load_configs
+    from unet_pipe.config import check_workflow, config_source, load_configs
 
     config = load_configs(args.config, check_inputs=not args.no_inputs)
+    check_workflow(config, config_source(args.config))
     if args.print:
         import yaml
 

@@ -132,6 +132,11 @@ def _check_semantics(config: dict, source: str | Path | None) -> None:
             raise ConfigError(source, f"key 'calibrate.datasets.{name}': no labelled dataset of that name")
         if start >= stop:
             raise ConfigError(source, f"key 'calibrate.datasets.{name}': empty range {[start, stop]}")
+
+
+def check_workflow(config: dict, source: str | Path | None = None) -> None:
+    """What the whole workflow needs beyond a valid config (``check-config`` and the workflow's
+    pre-check; a stage run on its own, e.g. ``unet-pipe train``, does not need it)."""
     if config["postprocess"]["method"] == "auto" and config["train"]["datasets"] and not calibration_slices(config):
         raise ConfigError(
             source, "key 'postprocess.method': auto chooses the decisions on labelled slices, but no training "

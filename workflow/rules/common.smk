@@ -7,6 +7,7 @@ from snakemake.utils import validate
 from unet_pipe.config import (
     calibration_slices,
     check_input_stacks,
+    check_workflow,
     check_inputs_exist,
     compose_configs,
     read_config_file,
@@ -25,6 +26,7 @@ try:
     _layers = [read_config_file(path) for path in workflow.configfiles]
     _layers.append(dict(workflow.config_settings.config))
     _validated = validate_config(compose_configs(_layers), source="config")
+    check_workflow(_validated, source="config")
     check_inputs_exist(_validated, source="config")
     if workflow.is_main_process:
         check_input_stacks(_validated)
