@@ -169,3 +169,41 @@ def test_training_resume_refuses_another_precision(tmp_path, stores) -> None:
     train(_config(precision="bfloat16"), stores, tmp_path / "r.pt", device="cpu", threads=1, until_step=3)
     with pytest.raises(CheckpointError, match="was trained in bfloat16 but this run resolves the precision to float32"):
         train(_config(precision="float32"), stores, tmp_path / "r.pt", device="cpu", threads=1, resume=True)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_precision_options(tmp_path, raw, stores, run_cli) -> None:
+    """--precision reaches predict (stored attributes) and train (checkpoint); a config sets the default."""
+    import yaml
+
+    net = make_net()
+    ckpt = save_checkpoint(tmp_path / "net.pt", net)
+    src = write_image(tmp_path / "slice.ome.zarr", raw[:1], (1, 32, 32))
+    code, _, err = run_cli("-q", "predict", ckpt, src, tmp_path / "p.ome.zarr", "--precision", "bfloat16",
+                           "--threads", "1")  # fmt: skip
+    assert code == 0, err
+    assert image_metadata(tmp_path / "p.ome.zarr").attrs["unet_pipe"]["compute"]["precision"] == "bfloat16"
+    with pytest.raises(SystemExit) as exited:  # argparse's own exit for a bad choice
+        run_cli("predict", ckpt, src, tmp_path / "q.ome.zarr", "--precision", "half")
+    assert exited.value.code == 2
+
+    from unet_pipe.io import StagedImage
+
+    args = []
+    for key, array in stores["s"].items():
+        staged = StagedImage(tmp_path / f"{key}.ome.zarr", shape=array.shape, dtype=array.dtype, chunks=(1, 40, 40),
+                             kind="labels" if key == "labels" else "image")  # fmt: skip
+        staged.array[:] = array
+        staged.commit(pyramid_levels=0)
+        args += [f"--{key}", f"s={tmp_path / f'{key}.ome.zarr'}"]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(_config(steps=2, val_every=5, precision="float32")))
+    code, _, err = run_cli("-q", "train", tmp_path / "c.yaml", *args, "--out", tmp_path / "m.pt", "--threads", "1",
+                           "--precision", "bfloat16")  # fmt: skip
+    assert code == 0, err
+    trained = load_checkpoint(tmp_path / "m.pt")
+    assert trained["extra"]["precision"] == "bfloat16" and trained["config"]["train"]["precision"] == "bfloat16"
+    code, _, err = run_cli("-q", "train", tmp_path / "c.yaml", *args, "--out", tmp_path / "n.pt", "--threads", "1")
+    assert code == 0, err
+    assert load_checkpoint(tmp_path / "n.pt")["extra"]["precision"] == "float32"  # the config's setting
