@@ -207,3 +207,12 @@ def test_cli_precision_options(tmp_path, raw, stores, run_cli) -> None:
     code, _, err = run_cli("-q", "train", tmp_path / "c.yaml", *args, "--out", tmp_path / "n.pt", "--threads", "1")
     assert code == 0, err
     assert load_checkpoint(tmp_path / "n.pt")["extra"]["precision"] == "float32"  # the config's setting
+
+
+def test_cuda_resolution_without_touching_a_gpu(monkeypatch) -> None:
+    """auto on CUDA: training float16 (with a scaler); prediction bf16 where the GPU has it, else fp16."""
+    assert resolve_precision("auto", "cuda", training=True) == "float16"
+    assert resolve_precision("bfloat16", "cuda:1", training=True) == "bfloat16"
+    for supported, expected in ((True, "bfloat16"), (False, "float16")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: supported)
+        assert resolve_precision("auto", "cuda") == expected
