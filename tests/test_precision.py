@@ -13,7 +13,7 @@ from test_train import _assert_same_checkpoint, _config
 
 from unet_pipe import precision as precision_module
 from unet_pipe.data import normalize_raw
-from unet_pipe.errors import CheckpointError, ConfigError
+from unet_pipe.errors import CheckpointError, ConfigError, OutputError
 from unet_pipe.io import image_metadata
 from unet_pipe.model import load_checkpoint, save_checkpoint
 from unet_pipe.precision import cpu_bf16_native, resolve_precision
@@ -139,6 +139,9 @@ def test_predict_in_bf16_records_precision_and_refuses_mixing(tmp_path, raw, mon
     monkeypatch.setattr(predict_module, "resolve_precision", lambda *_: "float32")
     with pytest.raises(ConfigError, match="started in bfloat16 but this machine resolves the precision to float32"):
         predict(ckpt, src, dest, tile=[24, 40], device="cpu", precision="auto", z_range=(1, 3), threads=1)
+    # Another requested precision is another request: the fingerprint differs, no shard joins.
+    with pytest.raises(OutputError, match="no matching staging store"):
+        predict(ckpt, src, dest, tile=[24, 40], device="cpu", precision="bfloat16", z_range=(1, 3), threads=1)
 
 
 # --------------------------------------------------------------------------- training

@@ -173,9 +173,10 @@ def _setup(checkpoint, raw, dest, expected_arch, *, tile, block, batch, tta, dty
         "dtype": dtype,
         "precision": precision,
     }
-    # What changes output values, except the device kind and what `precision: auto` resolves to
-    # there: a prepare job may run on a CPU node and its shards on GPU nodes; both are recorded
-    # with the plan and checked by every shard and resume (one run never mixes precisions).
+    # What changes output values (the requested precision included: another request starts
+    # over), except the device kind and what `precision: auto` resolves to there: a prepare job
+    # may run on a CPU node and its shards on GPU nodes, so both are recorded with the plan by
+    # the first shard and checked by every later shard and resume (a run never mixes precisions).
     fingerprint = json.dumps(
         {"checkpoint": input_checksum(checkpoint), "raw": input_fingerprint(raw), "request": request}, sort_keys=True
     )
@@ -251,7 +252,7 @@ def _shared_plan(staged: StagedImage, device: str, precision: str, make: Callabl
     if made_in is not None and made_in != precision:
         raise ConfigError(
             None, f"{staged.staging} was started in {made_in} but this machine resolves the precision to {precision};"
-            f" continue it with --precision {made_in} (or on a machine like the first) or delete it"
+            " continue it on a machine like the first (a run never mixes precisions) or delete it"
         )
     return plan
 
