@@ -15,8 +15,17 @@ changing machine load hits both sides alike):
   slices when the data is absent).
 * ``flop_rate_vs_conv_limit``: the model FLOPs of that end-to-end run per
   second, divided by the best rate of single large 3x3 convolutions (64->64 at
-  512^2, 256->256 at 128^2, 512->512 at 64^2; same threads, dtype and memory
-  format) measured in the same run: the attainable hardware rate.
+  512^2, 256->256 at 128^2, 512->512 at 64^2; same threads, precision and
+  memory format) measured in the same run: the attainable hardware rate.
+* ``conv_limits``: that conv limit in every precision the CPU offers: float32
+  always, bfloat16 too (weights and inputs in bfloat16), marked ``native:
+  false`` where the CPU has neither AMX-BF16 nor AVX512-BF16 (oneDNN then
+  emulates it).
+* ``flop_rate_vs_best_conv_limit``: the end-to-end FLOP rate at the precision
+  ``auto`` chose (``precision``) divided by the best conv limit among the
+  native precisions: how much of the machine's best arithmetic predict uses.
+* ``speedup_vs_float32`` (only where ``auto`` chose bfloat16): end-to-end
+  float32 time / end-to-end time at the chosen precision.
 * ``rss_ratio_4x_vs_1x``: peak RSS of a fresh process predicting a stack 4x
   larger (4x the slices) divided by the same on the 1x stack, with a small model
   (depth 2, 1 channel) so the gigavoxels run in minutes.  The input is
@@ -26,7 +35,10 @@ changing machine load hits both sides alike):
   of the efficiency run.
 * ``voxels_per_s``: end-to-end throughput of that run (paper model, this machine).
 
-Usage: ``python benchmarks/predict.py [--quick] [--out DIR] [--threads N]``.
+The JSON also records the CPU model, its bfloat16 flags as detected and the
+precision used.
+
+Usage: ``python benchmarks/predict.py [--quick] [--out DIR] [--threads N] [--precision P]``.
 Full: 8 ISBI slices, stacks of 1.01 and 4.03 gigavoxels (15 and 60 slices of
 8192^2); ``--quick``: 2 slices, 0.13 and 0.54 gigavoxels.  The last line of
 stdout is one JSON object.
@@ -36,7 +48,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -45,6 +56,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from unet_pipe.precision import autocast, cpu_bf16_native, precision_record, resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 ISBI = ROOT.parent / "shared" / "data" / "isbi2012" / "test-volume.tif"
@@ -122,13 +135,17 @@ def conv_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
     return total
 
 
-def conv_limit(threads: int, rounds: int) -> tuple[float, str]:
-    """Best FLOP rate of single large 3x3 convolutions (channels-last, float32, CPU)."""
+def conv_limit(threads: int, rounds: int, precision: str = "float32") -> tuple[float, str]:
+    """Best FLOP rate of single large 3x3 convolutions (channels-last, CPU) in ``precision``.
+
+    bfloat16: weights and inputs in bfloat16 (no per-call casts: the hardware's rate).
+    """
     torch.set_num_threads(threads)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[precision]
     best, which = 0.0, ""
     for channels, size in ((64, 512), (256, 128), (512, 64)):
-        conv = torch.nn.Conv2d(channels, channels, 3).to(memory_format=torch.channels_last).eval()
-        x = torch.rand(1, channels, size, size).contiguous(memory_format=torch.channels_last)
+        conv = torch.nn.Conv2d(channels, channels, 3).to(dtype=dtype, memory_format=torch.channels_last).eval()
+        x = torch.rand(1, channels, size, size, dtype=dtype).contiguous(memory_format=torch.channels_last)
         flops = 2 * channels * channels * 9 * (size - 2) ** 2
         with torch.inference_mode():
             conv(x)
@@ -155,7 +172,7 @@ def bare_forward(predictor, raw: np.ndarray, plan) -> tuple[float, int, int]:
             batches.append(x.contiguous(memory_format=predictor.memory_format))
     flops = sum(conv_flops(predictor.model, x) for x in batches[:1]) * sum(len(x) for x in batches) // len(batches[0])
     model = predictor.model
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(predictor.device, predictor.precision):
         start = time.perf_counter()
         for x in batches:
             model(x)
@@ -163,12 +180,15 @@ def bare_forward(predictor, raw: np.ndarray, plan) -> tuple[float, int, int]:
     return seconds, flops, int(np.prod(plan.shape))
 
 
-def efficiency_run(out: Path, slices: int, threads: int, rounds: int) -> dict:
+def efficiency_run(out: Path, slices: int, threads: int, rounds: int, precision: str, native: list[str]) -> dict:
     """Rounds of [end-to-end predict, bare model, conv limit], after a warm-up predict.
 
     Each round's end-to-end time is compared with the mean of the bare-model
     times measured just before and after it, and its FLOP rate with the better
     conv limit around it; the figures are the medians over the rounds.
+    ``precision``: the request (``auto``: what predict chooses on this CPU);
+    ``native``: the precisions this CPU computes natively, whose conv limits
+    are measured in every round too (the best of them is the machine's limit).
     """
     from unet_pipe.model import UNet, model_from_checkpoint, save_checkpoint
     from unet_pipe.predict import Predictor, predict
@@ -179,27 +199,39 @@ def efficiency_run(out: Path, slices: int, threads: int, rounds: int) -> dict:
     ckpt = save_checkpoint(out / "paper.pt", UNet())  # depth 5, 64 channels: the paper's network
     dest = out / "eff_pred.ome.zarr"
 
-    def end_to_end() -> tuple[float, object]:
+    used = resolve_precision(precision, "cpu")
+
+    def end_to_end(run_precision: str = used) -> tuple[float, object]:
         shutil.rmtree(dest, ignore_errors=True)
         start = time.perf_counter()
-        result = predict(ckpt, src, dest, workers=1, threads=threads, device="cpu", overwrite=True)
+        result = predict(
+            ckpt, src, dest, workers=1, threads=threads, device="cpu", overwrite=True, precision=run_precision
+        )
         return time.perf_counter() - start, result.plan
 
     _, plan = end_to_end()  # warm-up; gives the auto-chosen plan
     torch.set_num_threads(threads)
-    predictor = Predictor(model_from_checkpoint(ckpt)[0], "cpu")
+    predictor = Predictor(model_from_checkpoint(ckpt)[0], "cpu", precision=used)
     bare_s, flops, _ = bare_forward(predictor, raw, plan)
-    bare, limits, e2e = [bare_s], [conv_limit(threads, 2)[0]], []
+    measured = list(dict.fromkeys([used, *native]))
+    bare, e2e = [bare_s], []
+    limits = {name: [conv_limit(threads, 2, name)[0]] for name in measured}
     for r in range(rounds):
         e2e.append(end_to_end()[0])
         bare.append(bare_forward(predictor, raw, plan)[0])
-        limits.append(conv_limit(threads, 2)[0])
+        for name in measured:
+            limits[name].append(conv_limit(threads, 2, name)[0])
         torch.set_num_threads(threads)
-        log(f"  round {r}: end-to-end {e2e[-1]:.2f} s, bare model {bare[-2]:.2f} / {bare[-1]:.2f} s, "
-            f"conv limit {limits[-1] / 1e9:.0f} GFLOP/s")  # fmt: skip
+        log(f"  round {r}: end-to-end {e2e[-1]:.2f} s, bare model {bare[-2]:.2f} / {bare[-1]:.2f} s, conv limit "
+            + ", ".join(f"{name} {limits[name][-1] / 1e9:.0f}" for name in measured) + " GFLOP/s")  # fmt: skip
+    # Where auto chose bfloat16: one float32 run for the speed-up (the issue's >= 3x target on AMX).
+    fp32_s = end_to_end("float32")[0] if used != "float32" else None
     voxels = int(np.prod(raw.shape))
     efficiency = [(bare[r] + bare[r + 1]) / 2 / e2e[r] for r in range(rounds)]
-    flop_ratio = [flops / e2e[r] / max(limits[r], limits[r + 1]) for r in range(rounds)]
+    flop_ratio = [flops / e2e[r] / max(limits[used][r], limits[used][r + 1]) for r in range(rounds)]
+    best_ratio = [
+        flops / e2e[r] / max(max(limits[name][r], limits[name][r + 1]) for name in native) for r in range(rounds)
+    ]
     return {
         "source": source,
         "shape": list(raw.shape),
@@ -210,9 +242,13 @@ def efficiency_run(out: Path, slices: int, threads: int, rounds: int) -> dict:
         "flop_ratio": float(np.median(flop_ratio)),
         "e2e_s": float(np.median(e2e)),
         "bare_s": float(np.median(bare)),
-        "conv_limit": float(np.median(limits)),
+        "conv_limit": float(np.median(limits[used])),
+        "conv_limits": {name: float(np.median(values)) for name, values in limits.items()},
+        "best_ratio": float(np.median(best_ratio)),
         "voxels": voxels,
         "flops": flops,
+        "precision": used,
+        "fp32_e2e_s": fp32_s,
     }
 
 
@@ -262,6 +298,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 slices; 0.13 and 0.54 gigavoxel stacks")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "predict")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="precision of the efficiency run (default auto: what predict chooses here)")
     parser.add_argument("--rss-child", nargs=3, type=int, metavar=("Z", "Y", "X"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -275,8 +313,17 @@ def main() -> None:
     slices, rounds = (2, 3) if args.quick else (8, 3)
     rss_shapes = [(2, 8192, 8192), (8, 8192, 8192)] if args.quick else [(15, 8192, 8192), (60, 8192, 8192)]
     log(f"efficiency: paper U-Net on {slices} slices, {rounds} rounds ...")
-    eff = efficiency_run(args.out, slices, args.threads, rounds)
-    _, which = conv_limit(args.threads, 2)
+    offered = {"float32": True, "bfloat16": cpu_bf16_native()}
+    native = [name for name, is_native in offered.items() if is_native]
+    eff = efficiency_run(args.out, slices, args.threads, rounds, args.precision, native)
+    _, which = conv_limit(args.threads, 2, eff["precision"])
+    limits = {}
+    for name, is_native in offered.items():
+        rate = eff["conv_limits"].get(name)
+        if rate is None:  # an emulated precision the run did not use: measured once, for the record
+            log(f"conv limit in {name} (emulated) ...")
+            rate = conv_limit(args.threads, 2, name)[0]
+        limits[name] = {"gflop_per_s": round(rate / 1e9, 1), "native": is_native}
     rss = []
     for shape in rss_shapes:
         log(f"peak RSS: small U-Net on a lazily generated {shape} stack ({np.prod(shape) / 1e9:.2f} Gvox) ...")
@@ -286,7 +333,11 @@ def main() -> None:
     e2e_rate = eff["voxels"] / eff["e2e_s"]
     bare_rate = eff["voxels"] / eff["bare_s"]
     small = rss[-1]
-    print(f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}")
+    record = precision_record(eff["precision"])
+    print(f"machine: {record['cpu_model']}, bf16 flags {record['cpu_bf16_flags'] or 'none'}, {args.threads} threads, "
+          f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}); precision {eff['precision']}")
+    print("conv limits: " + ", ".join(f"{k} {v['gflop_per_s']} GFLOP/s ({'native' if v['native'] else 'emulated'})"
+                                      for k, v in limits.items()))
     print(f"input: {eff['source']} {eff['shape']}; plan tile {eff['plan']['tile']} window {eff['window']} "
           f"block {eff['plan']['block']} batch {eff['plan']['batch']}")  # fmt: skip
     print(f"end-to-end {e2e_rate / 1e3:.1f} kvox/s vs bare model {bare_rate / 1e3:.1f} kvox/s (medians)")
@@ -297,6 +348,16 @@ def main() -> None:
     figures = {
         "efficiency_vs_bare_model": round(eff["efficiency"], 3),
         "flop_rate_vs_conv_limit": round(eff["flop_ratio"], 3),
+        "flop_rate_vs_best_conv_limit": round(eff["best_ratio"], 3),
+        "model_gflop_per_s": round(eff["flops"] / eff["e2e_s"] / 1e9, 1),
+        "conv_limits": limits,
+        "precision": eff["precision"],
+        "speedup_vs_float32": round(eff["fp32_e2e_s"] / eff["e2e_s"], 3) if eff["fp32_e2e_s"] else None,
+        "cpu_model": record["cpu_model"],
+        "cpu_bf16_flags": record["cpu_bf16_flags"],
+        "cpu_bf16_native": record["cpu_bf16_native"],
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": args.threads,
         "rss_ratio_4x_vs_1x": round(rss[1]["peak_rss"] / rss[0]["peak_rss"], 3),
         "useful_output_fraction": round(eff["useful_fraction"], 3),
         "voxels_per_s": round(e2e_rate, 1),

@@ -4,7 +4,7 @@ The machinery behind :func:`unet_pipe.predict.predict`, which owns the request
 (checks, fingerprint, staging store, shared plan, shards, publishing):
 
 * :class:`Predictor`: a model on one device mapping a batch of raw input
-  windows to foreground probabilities (channels-last, mixed precision on CUDA,
+  windows to foreground probabilities (channels-last, bfloat16/float16 autocast,
   optional 8-fold test-time augmentation).
 * :class:`BlockJob` and :func:`compute_block`: one output block read (with
   mirrored context), run tile batch by tile batch on a compute slot, encoded
@@ -36,9 +36,9 @@ import numpy as np
 import torch
 
 from unet_pipe.data import IntensityRange, normalize_raw
-from unet_pipe.errors import ConfigError
 from unet_pipe.io import StagedImage, open_image
 from unet_pipe.model import UNet, model_from_checkpoint
+from unet_pipe.precision import autocast, resolve_precision
 from unet_pipe.tiling import Roi, TilePlan, block_tiles, iter_batches, read_mirrored, run_tiles
 
 #: Output dtypes and the factor that maps stored values back to probabilities.
@@ -136,10 +136,11 @@ class Predictor:
     ``windows``: ``(B, z, y, x)`` raw values (z = 1 for a 2D model), normalised with
     ``intensity`` (:func:`unet_pipe.data.normalize_raw`); returns
     float32 ``(B, z', y', x')``.  ``tta`` averages the probabilities of the 8
-    rotations/flips in (y, x) (paper: ISBI 2012).  On CUDA the forward runs
-    under autocast (bfloat16 where supported, else float16) unless
-    ``precision='float32'`` (then also without TF32); softmax and averaging
-    are always float32.
+    rotations/flips in (y, x) (paper: ISBI 2012).  ``precision``: a request
+    or a resolved precision (:func:`unet_pipe.precision.resolve_precision`;
+    ``auto`` = bfloat16 autocast on CPUs with native bfloat16 and on GPUs that
+    support it, float16 on other GPUs, else float32); ``float32`` on CUDA also
+    turns TF32 off.  Softmax and averaging are always float32.
     """
 
     def __init__(
@@ -159,20 +160,12 @@ class Predictor:
         self.n_classes = model.arch["n_classes"]
         self.tta = tta
         self.intensity = intensity
-        self.amp_dtype: torch.dtype | None = None
-        if self.device.type == "cuda" and precision == "auto":
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        elif precision not in ("auto", "float32"):
-            raise ConfigError(None, f"precision must be 'auto' or 'float32', got {precision!r}")
+        # A resolved precision (a job's workers all use the one the run chose) or a request.
+        self.precision = resolve_precision(precision, self.device)
 
     def _foreground(self, x: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda" and self.amp_dtype is None:
-            # precision='float32' means float32: no TF32 convolutions (cuDNN's default).
-            with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-                logits = self.model(x)
-        else:
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                logits = self.model(x)
+        with autocast(self.device, self.precision):
+            logits = self.model(x)
         probs = torch.softmax(logits.float(), dim=1)
         return probs[:, 1:2] if self.n_classes == 2 else 1.0 - probs[:, 0:1]
 
@@ -220,7 +213,7 @@ class BlockJob:
     plan: TilePlan
     tta: bool
     dtype: str  # stored dtype (OUTPUT_DTYPES)
-    precision: str
+    precision: str  # resolved (unet_pipe.precision.RESOLVED): every worker uses the run's choice
     intensity: IntensityRange | None  # the raw stack's normalisation (None: legacy dtype scaling)
     threads: int  # torch intra-op threads per compute slot (CPU)
     slots: int  # concurrent forward passes per process (CPU workers; GPUs count themselves)

@@ -48,6 +48,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--until-step", type=int, metavar="N", help="stop after step N (checkpoint to OUT.partial)")
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores of this process)")
     p.add_argument("--tensorboard", type=Path, metavar="DIR", help="also log to TensorBoard (needs tensorboard)")
+    p.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default=None,
+                   help="auto: bfloat16 on CPUs with AMX/AVX512-BF16, float32 on other CPUs, float16 AMP on CUDA "
+                        "(default: the config's train.precision)")
     p.set_defaults(func=_cmd_train)
 
 
@@ -80,6 +83,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         config = load_config(args.config)
     check_option("--threads", args.threads, 1, MAX_THREADS)
     check_option("--until-step", args.until_step, 1)
+    if args.precision is not None:  # recorded in the checkpoint's config like the rest
+        config["train"] = {**config["train"], "precision": args.precision}
     given = {key: _named_paths(getattr(args, key), f"--{key}") for key in ("raw", "labels", "weights")}
     results = args.results if args.results is not None else Path(config["results"])
     stores: dict[str, dict[str, Path]] = {}
@@ -105,9 +110,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         tensorboard_dir=args.tensorboard,
     )
     log.info(
-        "step %d%s: loss %.4f, validation pixel error %.4f, Rand error %.4f (%.0f s); wrote %s",
+        "step %d%s: loss %.4f, validation pixel error %.4f, Rand error %.4f (%.0f s, %s on %s); wrote %s",
         summary["step"], "" if summary["finished"] else " (stopped early)", summary["loss"],
-        summary["val_pixel_error"], summary["val_rand_error"], summary["seconds"], summary["checkpoint"],
+        summary["val_pixel_error"], summary["val_rand_error"], summary["seconds"], summary["precision"],
+        summary["cpu_model"], summary["checkpoint"],
     )
     return 0
 
@@ -144,8 +150,9 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
                    help="average over the 8 rotations/flips (paper, ISBI 2012)")
     p.add_argument("--dtype", choices=["float32", "float16", "uint8"], default=None,
                    help="stored dtype (uint8 = round(255 p); default float32)")
-    p.add_argument("--precision", choices=["auto", "float32"], default="auto",
-                   help="auto: mixed precision on GPU, float32 on CPU")
+    p.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default=None,
+                   help="auto: bfloat16 on CPUs with AMX/AVX512-BF16 and on GPUs (else float16), float32 on other "
+                        "CPUs (default: the config's predict.precision, else auto)")
     p.add_argument("--scheduler", metavar="ADDRESS", help="run the blocks on this dask.distributed scheduler")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--shard", nargs=2, type=int, metavar=("I", "N"),
@@ -158,7 +165,7 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--expect-arch", metavar="JSON",
                    help='fail unless the checkpoint architecture has these values, e.g. \'{"depth": 5}\'')
     p.add_argument("--pyramid-levels", type=int, default=None, help="2x (y, x) downsampled levels (default 2)")
-    p.add_argument("--config", help="take tile, tta, dtype and the expected architecture from this config")
+    p.add_argument("--config", help="take tile, tta, dtype, precision and the expected architecture from this config")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DEST once the new one is complete")
     p.set_defaults(func=_cmd_predict)
 
@@ -194,7 +201,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         batch=args.batch,
         tta=args.tta if args.tta is not None else section.get("tta", False),
         dtype=args.dtype or section.get("dtype", "float32"),
-        precision=args.precision,
+        precision=args.precision or section.get("precision", "auto"),
         pyramid_levels=args.pyramid_levels if args.pyramid_levels is not None
         else (config["ingest"]["pyramid_levels"] if config else 2),
         expected_arch=expected,

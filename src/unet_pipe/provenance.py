@@ -35,6 +35,33 @@ def package_versions() -> dict[str, str]:
 
 
 @lru_cache(maxsize=1)
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's entries of ``/proc/cpuinfo`` (empty off Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    entries: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            break  # every processor repeats the same model and flags
+        key, sep, value = line.partition(":")
+        if sep:
+            entries[key.strip()] = value.strip()
+    return entries
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere)."""
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine() or "unknown"
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where there is none, e.g. macOS)."""
+    return frozenset(_cpuinfo().get("flags", "").split())
+
+
+@lru_cache(maxsize=1)
 def git_commit() -> str | None:
     """The commit of the checkout this package runs from, if it is one (``+dirty`` if modified)."""
     root = Path(__file__).resolve().parents[2]
@@ -125,4 +152,5 @@ def provenance(inputs: Mapping[str, str | Path] | None = None, params: Mapping[s
         "inputs": {name: {"path": str(p), "sha256": input_checksum(p)} for name, p in (inputs or {}).items()},
         "versions": package_versions(),
         "git_commit": git_commit(),
+        "cpu": cpu_model(),
     }

@@ -10,7 +10,12 @@ checkpoints, and a run interrupted at a checkpoint and continued with
 holds the model, the optimizer, the step, all three generator states (plus
 CUDA's and the AMP grad scaler's on GPU) and the metric history.  The learning
 rate is a pure function of the step (:func:`learning_rate`), so no scheduler
-state is needed.  On CUDA, cuDNN is put in deterministic mode too, but mixed
+state is needed.  Precision (:mod:`unet_pipe.precision`, ``train.precision``):
+``auto`` trains under bfloat16 autocast on CPUs with native bfloat16
+(AMX/AVX512-BF16), float32 on other CPUs, float16 autocast with a gradient
+scaler on CUDA; the precision used is stored in the checkpoint and a resume
+that would resolve another is refused.  bfloat16 CPU runs are bit-identical
+too.  On CUDA, cuDNN is put in deterministic mode too, but mixed
 precision and atomics make GPU runs reproducible only approximately.
 
 Files.  Periodic checkpoints go to ``<out>.partial``; the finished model is
@@ -49,7 +54,8 @@ from unet_pipe.data import (
 from unet_pipe.errors import CheckpointError, ConfigError, InputError, OutputError, UnetPipeError
 from unet_pipe.metrics import instances_from_binary, rand_error_per_slice
 from unet_pipe.model import UNet, init_weights_from, load_checkpoint, save_checkpoint
-from unet_pipe.provenance import file_sha256
+from unet_pipe.precision import autocast, precision_record, resolve_precision
+from unet_pipe.provenance import cpu_model, file_sha256
 from unet_pipe.tiling import Roi, fit_tile, predict_tiled, unet_axis_geometry, volume_geometry
 from unet_pipe.safety import atomic_output
 
@@ -57,8 +63,9 @@ log = logging.getLogger(__name__)
 
 CSV_COLUMNS = ("step", "loss", "lr", "val_pixel_error", "val_rand_error", "seconds")
 # Config keys that may change between a run and its resumption (they do not
-# change what a step computes).
-_RESUMABLE_CHANGES = ("steps", "val_every", "checkpoint_every")
+# change what a step computes).  The precision is checked on what it resolved to instead
+# (an `auto` run resumed on a machine that resolves it differently is refused).
+_RESUMABLE_CHANGES = ("steps", "val_every", "checkpoint_every", "precision")
 _VALIDATION_TILE = 512  # largest output tile edge (px) used to predict validation slices
 _AMP_MAX_SKIPPED = 20  # consecutive non-finite AMP losses before giving up
 
@@ -127,6 +134,7 @@ def predict_probabilities(
     raw: np.ndarray,
     device: torch.device,
     max_tile: int = _VALIDATION_TILE,
+    precision: str = "float32",
 ) -> np.ndarray:
     """Cell probability ``1 - softmax(logits)[0]`` of a normalised ``(z, y, x)`` float32 stack.
 
@@ -135,19 +143,19 @@ def predict_probabilities(
     pass), for validation; the pipeline's block-wise predictor is
     :mod:`unet_pipe.predict`.  2D nets predict slice by slice, 3D nets the
     stack.  The model is used as given (call ``model.eval()`` first).
+    ``precision``: resolved (:mod:`unet_pipe.precision`), training's own.
     """
     geometry = volume_geometry(unet_axis_geometry(model.depth), model.dims)
     tile = tuple(
         1 if (axis == 0 and model.dims == 2) else fit_tile(extent, max_tile, g.step)
         for axis, (extent, g) in enumerate(zip(raw.shape, geometry))
     )
-    use_amp = device.type == "cuda"
 
     def forward(windows: np.ndarray) -> np.ndarray:
         # 2D: the z axis of length 1 serves as the channel axis, (B, 1, Y, X).
         x = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32))
         x = (x if model.dims == 2 else x[:, None]).to(device)
-        with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+        with torch.no_grad(), autocast(device, precision):
             logits = model(x)
         prob = 1.0 - torch.softmax(logits.float(), dim=1)[:, 0]
         return (prob[:, None] if model.dims == 2 else prob).cpu().numpy()
@@ -184,7 +192,11 @@ def load_validation(volumes: list[Volume], label_mode: str, foreground_value: in
 
 
 def validate(
-    model: UNet, data: list[ValidationData], device: torch.device, postprocess_cfg: Mapping[str, Any]
+    model: UNet,
+    data: list[ValidationData],
+    device: torch.device,
+    postprocess_cfg: Mapping[str, Any],
+    precision: str = "float32",
 ) -> tuple[float, float]:
     """Pixel error and foreground-restricted Rand error (mean over held-out slices).
 
@@ -211,7 +223,7 @@ def validate(
     model.eval()
     try:
         for d in data:
-            prob = predict_probabilities(model, d.raw, device)
+            prob = predict_probabilities(model, d.raw, device, precision=precision)
             wrong += int(np.count_nonzero((prob > threshold) != (d.classes == 1)))
             total += prob.size
             pred = np.stack([instances_from_probabilities(p, method, threshold, **options) for p in prob])
@@ -470,8 +482,11 @@ def _train(
         dropout=model_cfg["dropout"],
     )
     tile_rng, aug_gen = _derived_seeds(seed)
-    use_amp = dev.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    precision = resolve_precision(train_cfg.get("precision", "auto"), dev, training=True)
+    use_cuda = dev.type == "cuda"
+    # float16's narrow range needs loss scaling; bfloat16 has float32's range and needs none.
+    use_scaler = precision == "float16"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     history: list[dict] = []
     step, elapsed = 0, 0.0
 
@@ -492,16 +507,21 @@ def _train(
             raise CheckpointError(
                 source, f"was trained with a different config (key '{key}' differs); delete it or pass --overwrite to start over"
             )
+        extra = ckpt.get("extra") or {}
+        if extra.get("precision", precision) != precision:
+            raise CheckpointError(
+                source, f"was trained in {extra['precision']} but this run resolves the precision to {precision}; "
+                f"resume with --precision {extra['precision']} (or on a machine like the first) or pass --overwrite"
+            )
         model.load_state_dict(ckpt["model_state"])
         optimizer_state = ckpt["optimizer_state"]
         step = int(ckpt["step"])
-        extra = ckpt.get("extra") or {}
         torch.set_rng_state(ckpt["torch_rng_state"])
         tile_rng.bit_generator.state = extra["tile_rng"]
         aug_gen.set_state(extra["aug_rng"])
-        if use_amp and extra.get("cuda_rng") is not None:
+        if use_cuda and extra.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(extra["cuda_rng"])
-        if use_amp and extra.get("scaler"):
+        if use_scaler and extra.get("scaler"):
             scaler.load_state_dict(extra["scaler"])
         history = [dict(r) for r in extra.get("history", []) if int(r["step"]) <= step]
         elapsed = float(extra.get("seconds", 0.0))
@@ -523,8 +543,9 @@ def _train(
         extra = {
             "tile_rng": tile_rng.bit_generator.state,
             "aug_rng": aug_gen.get_state(),
-            "cuda_rng": torch.cuda.get_rng_state() if use_amp else None,
-            "scaler": scaler.state_dict() if use_amp else None,
+            "cuda_rng": torch.cuda.get_rng_state() if use_cuda else None,
+            "scaler": scaler.state_dict() if use_scaler else None,
+            **precision_record(precision),  # the precision used, the CPU model and its bf16 flags
             "history": history,
             "seconds": elapsed + (time.perf_counter() - started),
             "tile": sampler.tile,
@@ -545,11 +566,18 @@ def _train(
     csv_file = open(log_path, "a", newline="", encoding="utf-8") if log_path is not None else None
     writer = csv.DictWriter(csv_file, fieldnames=CSV_COLUMNS) if csv_file is not None else None
     bar = tqdm(total=total, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
+    compute_threads = torch.get_num_threads()  # set by train()
     try:
         while step < stop:
             lr = learning_rate(step, total, train_cfg["lr"], train_cfg["lr_schedule"])
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            if dev.type == "cpu":
+                # One tile's sampling and augmentation are small element-wise ops: on 2 threads
+                # of a loaded machine (load 7 on 2 cores) every OpenMP region waited for a
+                # descheduled thread: 0.24 s per 188^2 tile against 0.013 s on one thread
+                # (measured), next to 0.6-1.7 s for a depth-4/base-16 step.
+                torch.set_num_threads(1)
             image, classes, weights = sampler.batch(train_cfg["batch_size"], tile_rng)
             image, classes, weights = image.to(dev), classes.to(dev), weights.to(dev)
             image, classes, weights = augment_sample(
@@ -557,13 +585,15 @@ def _train(
             )
             classes = center_crop(classes, model.margin, model.dims)
             weights = center_crop(weights, model.margin, model.dims)
+            if dev.type == "cpu":
+                torch.set_num_threads(compute_threads)
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=use_amp):
+            with autocast(dev, precision):
                 logits = model(image)
             loss = weighted_cross_entropy(logits, classes, weights)
             if not torch.isfinite(loss):
                 skipped += 1
-                if not use_amp or skipped > _AMP_MAX_SKIPPED:
+                if not use_scaler or skipped > _AMP_MAX_SKIPPED:
                     raise ConfigError(
                         None, f"training diverged at step {step + 1} (loss {loss.item()}); lower 'train.lr'"
                     )
@@ -575,7 +605,7 @@ def _train(
             step += 1
             row: dict[str, Any] = {"step": step, "loss": float(loss.detach()), "lr": lr}
             if val_data and (step % train_cfg["val_every"] == 0 or step == total):
-                last_val = validate(model, val_data, dev, config.get("postprocess", {}))
+                last_val = validate(model, val_data, dev, config.get("postprocess", {}), precision)
                 row["val_pixel_error"], row["val_rand_error"] = last_val
                 log.info(
                     "step %d: loss %.4f, validation pixel error %.4f, Rand error %.4f",
@@ -612,6 +642,8 @@ def _train(
         "val_pixel_error": last_val[0],
         "val_rand_error": last_val[1],
         "seconds": history[-1]["seconds"] if history else 0.0,
+        "precision": precision,
+        "cpu_model": cpu_model(),
     }
 
 

@@ -165,6 +165,7 @@ def predict_args(wildcards):
     section = config["predict"]
     args = [
         f"--dtype {section['dtype']}",
+        f"--precision {section['precision']}",
         "--tta" if section["tta"] else "--no-tta",
         f"--pyramid-levels {config['ingest']['pyramid_levels']}",
         # A checkpoint of another architecture is refused, not silently used.
