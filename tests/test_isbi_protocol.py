@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
+from synthetic_cells import voronoi_cells
 
 from unet_pipe.isbi_protocol import (
     ISBI_THRESHOLDS,
@@ -131,21 +132,9 @@ def test_best_over_thresholds_averages_slices_and_breaks_ties_low():
         best_over_thresholds([a, ThinnedScores((0.1,), np.ones(1), np.ones(1))])
 
 
-def _voronoi_cells(shape: tuple[int, int], n: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    seeds = np.zeros(shape, np.int64)
-    seeds[rng.integers(0, shape[0], n), rng.integers(0, shape[1], n)] = np.arange(1, n + 1)
-    _, (iy, ix) = ndi.distance_transform_edt(seeds == 0, return_indices=True)
-    ids = seeds[iy, ix]
-    membrane = np.zeros(shape, bool)
-    membrane[:, :-1] |= ids[:, :-1] != ids[:, 1:]
-    membrane[:-1] |= ids[:-1] != ids[1:]
-    return ~membrane
-
-
 @pytest.mark.parametrize("seed", [0, 3])
 def test_perfect_and_thickened_predictions(seed):
-    cells = _voronoi_cells((64, 64), 10, seed)
+    cells = voronoi_cells((64, 64), 10, seed)
     truth = instances_from_binary(cells)
     # The truth itself as probabilities: 1 at every threshold below 1.
     perfect = thinned_scores(cells.astype(np.float64), truth)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
+from synthetic_cells import voronoi_cells
 
 from unet_pipe.metrics import pixel_error
 from unet_pipe.warping import SIMPLE_POINT_TABLE, is_simple, warp_truth, warping_error
@@ -93,19 +94,6 @@ def test_added_object_and_hole_stay():
     assert warping_error(~speck, cell) == pytest.approx(1 / 25)  # hole added
 
 
-def _voronoi_truth(shape: tuple[int, int], n: int, seed: int) -> np.ndarray:
-    """Cell mask of Voronoi cells separated by 1-pixel membranes (True = cell)."""
-    rng = np.random.default_rng(seed)
-    seeds = np.zeros(shape, np.int64)
-    seeds[rng.integers(0, shape[0], n), rng.integers(0, shape[1], n)] = np.arange(1, n + 1)
-    _, (iy, ix) = ndi.distance_transform_edt(seeds == 0, return_indices=True)
-    ids = seeds[iy, ix]
-    membrane = np.zeros(shape, bool)
-    membrane[:, :-1] |= ids[:, :-1] != ids[:, 1:]
-    membrane[:-1] |= ids[:-1] != ids[1:]
-    return ~membrane
-
-
 def _topology(mask: np.ndarray) -> tuple[int, int]:
     """(4-connected cell components, 8-connected membrane components incl. the outside)."""
     padded = np.pad(mask, 1)
@@ -115,7 +103,7 @@ def _topology(mask: np.ndarray) -> tuple[int, int]:
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_warp_keeps_the_truth_topology_whatever_the_prediction(seed):
-    truth = _voronoi_truth((48, 48), 9, seed)
+    truth = voronoi_cells((48, 48), 9, seed)
     rng = np.random.default_rng(seed)
     pred = truth ^ (rng.random(truth.shape) < 0.15)  # 15% of pixels flipped at random
     warped = warp_truth(truth, pred)
@@ -127,7 +115,7 @@ def test_warp_keeps_the_truth_topology_whatever_the_prediction(seed):
 
 
 def test_thicker_membranes_are_no_topological_error():
-    truth = _voronoi_truth((64, 64), 8, seed=5)
+    truth = voronoi_cells((64, 64), 8, seed=5)
     thick = ndi.binary_erosion(truth, ndi.generate_binary_structure(2, 1), border_value=1)
     assert _topology(thick) == _topology(truth)  # precondition: no cell vanished or broke
     assert pixel_error(thick, truth) > 0.05
@@ -135,7 +123,7 @@ def test_thicker_membranes_are_no_topological_error():
 
 
 def test_removed_membrane_between_two_cells_is_a_merge():
-    truth = _voronoi_truth((64, 64), 8, seed=5)
+    truth = voronoi_cells((64, 64), 8, seed=5)
     ids, _ = ndi.label(truth, ndi.generate_binary_structure(2, 1))
     # Open the membrane between cell 1 and one neighbour b: the membrane pixels
     # whose 4-neighbours' smallest cell id is 1 and largest is b.

@@ -41,25 +41,14 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_calibrate)
 
 
-def _named(values: list[str], option: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for value in values:
-        name, sep, rest = value.partition("=")
-        if not sep or not name or not rest:
-            raise UnetPipeError(None, f"{option} expects NAME=VALUE, got {value!r}")
-        if name in out:
-            raise UnetPipeError(None, f"{option} names dataset {name!r} twice")
-        out[name] = rest
-    return out
-
-
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from unet_pipe.calibrate import calibrate
+    from unet_pipe.cli_model import named_values
     from unet_pipe.postprocess import METHODS
 
-    prob = _named(args.probabilities, "--probabilities")
-    truth = _named(args.truth, "--truth")
-    slices = _named(args.slices, "--slices")
+    prob = named_values(args.probabilities, "--probabilities")
+    truth = named_values(args.truth, "--truth")
+    slices = named_values(args.slices, "--slices", "START:STOP")
     if not set(prob) == set(truth) == set(slices):
         raise UnetPipeError(None, "--probabilities, --truth and --slices must name the same datasets")
     datasets = {}

@@ -54,14 +54,21 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_train)
 
 
-def _named_paths(values: list[str], option: str) -> dict[str, Path]:
-    out: dict[str, Path] = {}
+def named_values(values: list[str], option: str, what: str = "PATH") -> dict[str, str]:
+    """``NAME=VALUE`` options (repeatable) as a dict; a malformed or repeated NAME is one line."""
+    out: dict[str, str] = {}
     for value in values:
-        name, sep, path = value.partition("=")
-        if not sep or not name or not path:
-            raise UnetPipeError(None, f"{option} expects NAME=PATH, got {value!r}")
-        out[name] = Path(path)
+        name, sep, rest = value.partition("=")
+        if not sep or not name or not rest:
+            raise UnetPipeError(None, f"{option} expects NAME={what}, got {value!r}")
+        if name in out:
+            raise UnetPipeError(None, f"{option} names dataset {name!r} twice")
+        out[name] = rest
     return out
+
+
+def _named_paths(values: list[str], option: str) -> dict[str, Path]:
+    return {name: Path(path) for name, path in named_values(values, option).items()}
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
