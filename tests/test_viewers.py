@@ -124,3 +124,31 @@ def test_cli_view_and_bad_labels_argument(stores, tmp_path, run_cli):
     assert list(read_nodes(dest)) == [".", "labels", "labels/instances"]
     code, _, err = run_cli("view", stores["raw"], tmp_path / "w.ome.zarr", "--labels", "instances")
     assert code == 2 and err.strip() == "unet-pipe: error: --labels 'instances': expected NAME=PATH"
+
+
+@pytest.mark.slow
+def test_every_store_of_a_workflow_run_reads_in_ome_zarr_py(tmp_path):
+    """The tiny demo DAG (4 x 96 x 96, one pyramid level): each published store, as a viewer sees it."""
+    from test_workflow import run_snakemake, small_config
+
+    run_snakemake(tmp_path, "--cores", "2", config=small_config())
+    results = tmp_path / "results" / "demo"
+    expected_scales = [[0.05, 0.004, 0.004], [0.05, 0.008, 0.008]]
+    for store in ("raw", "labels", "weights", "probabilities", "instances"):
+        node = read_nodes(results / f"{store}.ome.zarr")["."]
+        assert node.metadata["axes"] == AXES, store
+        assert [t[0]["scale"] for t in node.metadata["coordinateTransformations"]] == expected_scales, store
+        level0, level1 = (np.asarray(a) for a in node.data)
+        assert level0.shape == (4, 96, 96) and level1.shape == (4, 48, 48), store
+        np.testing.assert_array_equal(level0, open_image(results / f"{store}.ome.zarr")[:])
+        if store in ("labels", "instances"):  # nearest: the top-left pixel of each 2 x 2 block
+            np.testing.assert_array_equal(level1, level0[:, ::2, ::2])
+        else:  # 2 x 2 mean (integers rounded half up)
+            mean = level0.reshape(4, 48, 2, 48, 2).mean(axis=(2, 4), dtype=np.float64)
+            np.testing.assert_allclose(level1, np.floor(mean + 0.5) if level0.dtype.kind in "ui" else mean,
+                                       rtol=1e-6)
+    nodes = read_nodes(results / "view.ome.zarr")
+    assert list(nodes) == [".", "labels", "labels/labels", "labels/instances"]
+    np.testing.assert_array_equal(np.asarray(nodes["."].data[0]), open_image(results / "raw.ome.zarr")[:])
+    np.testing.assert_array_equal(np.asarray(nodes["labels/instances"].data[1]),
+                                  open_image(results / "instances.ome.zarr", 1)[:])
