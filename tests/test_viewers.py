@@ -126,6 +126,27 @@ def test_cli_view_and_bad_labels_argument(stores, tmp_path, run_cli):
     assert code == 2 and err.strip() == "unet-pipe: error: --labels 'instances': expected NAME=PATH"
 
 
+def test_ingested_labels_name_their_image_for_the_reader(tmp_path):
+    """``ingest --labels --like RAW``: the label store opens with its raw image underneath."""
+    import tifffile
+
+    from unet_pipe.io import ingest_tiff
+
+    raw_tif, labels_tif = tmp_path / "raw.tif", tmp_path / "labels.tif"
+    tifffile.imwrite(raw_tif, np.arange(2 * 8 * 8, dtype=np.uint8).reshape(2, 8, 8))
+    tifffile.imwrite(labels_tif, np.eye(8, dtype=np.uint8)[None].repeat(2, axis=0) * 255)
+    raw = ingest_tiff(raw_tif, tmp_path / "raw.ome.zarr", chunks=(1, 4, 4), voxel_size=VOXEL, pyramid_levels=1)
+    labels = ingest_tiff(labels_tif, tmp_path / "labels.ome.zarr", chunks=(1, 4, 4), kind="labels", like=raw,
+                         pyramid_levels=1)
+    attrs = json.loads((labels / ".zattrs").read_text())
+    assert attrs["image-label"] == {"version": "0.4", "source": {"image": "../raw.ome.zarr"}}
+    nodes = list(ome_reader.Reader(ome_io.parse_url(str(labels)))())
+    assert [Path(n.zarr.path).name for n in nodes] == ["raw.ome.zarr", "labels.ome.zarr"]
+    assert [n.visible for n in nodes] == [False, True]  # the reader's choice: the image is loaded, hidden
+    np.testing.assert_array_equal(np.asarray(nodes[0].data[0]), np.arange(128, dtype=np.uint8).reshape(2, 8, 8))
+    np.testing.assert_array_equal(np.asarray(nodes[1].data[1]), np.eye(4, dtype=np.uint8)[None].repeat(2, axis=0) * 255)
+
+
 @pytest.mark.slow
 def test_every_store_of_a_workflow_run_reads_in_ome_zarr_py(tmp_path):
     """The tiny demo DAG (4 x 96 x 96, one pyramid level): each published store, as a viewer sees it."""
