@@ -23,6 +23,7 @@ include: "workflow/rules/predict.smk"
 include: "workflow/rules/calibrate.smk"
 include: "workflow/rules/postprocess.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/view.smk"
 
 
 rule all:

@@ -148,7 +148,8 @@ def test_train_on_one_dataset_predict_another(tmp_path):
     proc = run_snakemake(tmp_path, "-n", "--quiet", "rules", config=cfg)
     assert job_counts(proc) == {
         "synth": 1, "ingest_raw": 2, "ingest_labels": 1, "weights": 1, "train": 1, "predict_prepare": 2,
-        "predict": 2, "predict_gather": 2, "calibrate": 1, "postprocess": 2, "evaluate": 1, "report": 1, "all": 1,
+        "predict": 2, "predict_gather": 2, "calibrate": 1, "postprocess": 2, "evaluate": 1, "report": 1, "view": 2,
+        "all": 1,
     }
 
 
@@ -221,16 +222,16 @@ def test_second_run_does_nothing_and_training_change_reruns_downstream_only(clea
     dry = run_snakemake(workdir, "-n", config=changed)
     assert set(job_counts(dry)) == {
         "train", "predict_prepare", "predict", "predict_gather", "calibrate", "postprocess", "evaluate", "report",
-        "all",
+        "view", "all",
     }
     post = kill_config()
     post["postprocess"].update(method="threshold", threshold=0.6)  # fixed decisions: no calibration
     dry = run_snakemake(workdir, "-n", config=post)
-    assert set(job_counts(dry)) == {"postprocess", "evaluate", "report", "all"}
+    assert set(job_counts(dry)) == {"postprocess", "evaluate", "report", "view", "all"}
     recalibrate = kill_config()
     recalibrate["calibrate"] = {"methods": ["threshold"]}
     dry = run_snakemake(workdir, "-n", config=recalibrate)
-    assert set(job_counts(dry)) == {"calibrate", "postprocess", "evaluate", "report", "all"}
+    assert set(job_counts(dry)) == {"calibrate", "postprocess", "evaluate", "report", "view", "all"}
     run_snakemake(workdir, "-n", config=kill_config())  # restore the config file
 
 

@@ -258,8 +258,19 @@ class StagedImage:
         return self._chunk_writer
 
     # -- publish -----------------------------------------------------------------
-    def commit(self, pyramid_levels: int = 2, provenance: dict | None = None, extra_attrs: dict | None = None) -> Path:
-        """Build the pyramid, write metadata and rename the staging folder to ``dest``."""
+    def commit(
+        self,
+        pyramid_levels: int = 2,
+        provenance: dict | None = None,
+        extra_attrs: dict | None = None,
+        source_image: str | Path | None = None,
+    ) -> Path:
+        """Build the pyramid, write metadata and rename the staging folder to ``dest``.
+
+        ``source_image``: for a label image, the image it labels; recorded as the
+        NGFF ``image-label.source.image`` path relative to ``dest``, so that readers
+        (ome-zarr-py, napari) open that image under the labels.
+        """
         if getattr(self, "_streamed_levels", None) == pyramid_levels:
             levels = _existing_levels(self.group)
         else:
@@ -270,6 +281,9 @@ class StagedImage:
         }
         if self.kind == "labels":
             attrs["image-label"] = {"version": NGFF_VERSION}
+            if source_image is not None:
+                # Relative: the pair stays valid when the results folder moves as a whole.
+                attrs["image-label"]["source"] = {"image": os.path.relpath(Path(source_image), self.dest)}
         self.group.attrs.put(attrs)
         shutil.rmtree(self.staging / _DONE_DIR, ignore_errors=True)
         if hasattr(self, "_chunk_writer"):
@@ -621,6 +635,7 @@ def ingest_tiff(
                 "array_sha256": digest.hexdigest(),
                 "source": {"path": str(source.path), "files": len(source.files)},
             },
+            source_image=like if kind == "labels" else None,
         )
     except BaseException:
         staged.abort()

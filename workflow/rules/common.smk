@@ -257,6 +257,22 @@ def evaluate_args(wildcards):
     return " ".join(args)
 
 
+# ---------------------------------------------------------------- view
+
+
+def view_truth_input(wildcards):
+    """The ingested labels of a labelled dataset, shown as a layer of its view (else nothing)."""
+    return [f"{R}/{wildcards.dataset}/labels.ome.zarr"] if wildcards.dataset in LABELLED else []
+
+
+def view_args(wildcards, input):
+    """``--labels NAME=PATH`` for each label layer of the view: ground truth first, then instances."""
+    import shlex
+
+    layers = [("labels", path) for path in input.truth] + [("instances", input.instances)]
+    return " ".join(f"--labels {shlex.quote(f'{name}={path}')}" for name, path in layers)
+
+
 # ---------------------------------------------------------------- targets
 
 
@@ -264,6 +280,7 @@ def all_targets():
     targets = expand(f"{R}/{{dataset}}/raw.ome.zarr", dataset=DATASETS)
     targets += expand(f"{R}/{{dataset}}/labels.ome.zarr", dataset=LABELLED)
     targets += expand(f"{R}/{{dataset}}/instances.ome.zarr", dataset=PREDICTED)
+    targets += expand(f"{R}/{{dataset}}/view.ome.zarr", dataset=PREDICTED)
     targets += expand(f"{R}/{{dataset}}/metrics.json", dataset=evaluated_datasets())
     if evaluated_datasets():
         targets.append(f"{R}/report/report.md")

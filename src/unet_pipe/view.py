@@ -1,0 +1,133 @@
+"""A view store: the raw image with its label images as NGFF ``labels/``, in one open.
+
+Viewers that follow OME-Zarr (ome-zarr-py, and napari-ome-zarr, which is built
+on it) show an image group's ``labels/`` subgroup as label layers over the
+image: ``labels/.zattrs`` lists the names (``{"labels": [...]}``) and each
+``labels/<name>`` is a multiscales group with ``image-label`` metadata whose
+``source.image`` ("../../") leads back to the image.
+
+The pipeline's stores are separate Snakemake outputs, and NGFF dataset paths
+must stay inside their group, so a label group cannot point at another store.
+Copying every level would double the disk use; writing into ``raw.ome.zarr``
+would change an input of every other rule.  ``build_view`` therefore writes a
+separate, small store whose metadata is its own and whose arrays are *relative
+symbolic links* to the levels of the published stores::
+
+    view.ome.zarr/.zattrs            multiscales of raw (+ our marker)
+    view.ome.zarr/0 -> ../raw.ome.zarr/0
+    view.ome.zarr/labels/.zattrs     {"labels": ["labels", "instances"]}
+    view.ome.zarr/labels/instances/.zattrs   multiscales + image-label
+    view.ome.zarr/labels/instances/0 -> ../../../instances.ome.zarr/0
+
+Relative links keep the view valid when the results folder is moved or
+copied as a whole (``cp -r``, ``rsync -a``); ``copy=True`` writes real
+copies instead, for object stores, archives or file systems without links.
+Only integer images can be label layers (NGFF 0.4 requires integer label
+data; napari's Labels layer refuses floats): the float probabilities stay a
+separate store that is opened next to the view.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from unet_pipe.errors import InputError, OutputError
+from unet_pipe.io import NGFF_VERSION, image_metadata
+from unet_pipe.safety import (
+    ATTRS_KEY,
+    STAGING_MARKER,
+    check_replaceable,
+    is_our_staging,
+    mark_staging,
+    remove_staging,
+    replace_with,
+)
+
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
+
+
+def _write_group(folder: Path, attrs: dict) -> None:
+    """A zarr format 2 group: ``.zgroup`` and ``.zattrs``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ".zgroup").write_text(json.dumps({"zarr_format": 2}))
+    (folder / ".zattrs").write_text(json.dumps(attrs, indent=2))
+
+
+def _place_levels(src: Path, dest: Path, multiscales: dict, copy: bool) -> None:
+    """Link (or copy) every dataset of ``src``'s multiscales into ``dest`` under the same name."""
+    for dataset in multiscales["datasets"]:
+        name = dataset["path"]
+        if copy:
+            shutil.copytree(src / name, dest / name)
+        else:
+            # Relative to the link's own folder: the view survives moving the results together.
+            os.symlink(os.path.relpath(src / name, dest), dest / name, target_is_directory=True)
+
+
+def build_view(
+    raw: str | Path,
+    dest: str | Path,
+    labels: Mapping[str, str | Path],
+    *,
+    copy: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``dest``: the image ``raw`` with each ``labels[name]`` as its label layer ``name``.
+
+    Every label store must be an integer image of raw's shape and voxel size
+    (z, y, x in micrometres).  Nothing in ``raw`` or the label stores is
+    changed.  Returns ``dest``.
+    """
+    raw, dest = Path(raw), Path(dest)
+    meta = image_metadata(raw)
+    checked: dict[str, tuple[Path, dict]] = {}
+    for name, path in labels.items():
+        if not name or not set(name) <= _NAME_CHARS or name.startswith("."):
+            raise InputError(Path(path), f"label name {name!r} must be letters, digits, '_', '-' or '.'")
+        if name in checked:
+            raise InputError(Path(path), f"label name {name!r} given twice")
+        label = image_metadata(path)
+        if label.shape != meta.shape:
+            raise InputError(label.path, f"shape {label.shape} differs from {meta.shape} of {raw}")
+        if not np.allclose(label.voxel_size, meta.voxel_size, rtol=1e-6):
+            raise InputError(label.path, f"voxel size {label.voxel_size} differs from {meta.voxel_size} of {raw}")
+        if label.dtype.kind not in "uib":
+            raise InputError(label.path, f"a label layer needs integers, found dtype {label.dtype}")
+        checked[name] = (label.path, label.attrs["multiscales"][0])
+    if (dest.exists() or dest.is_symlink()) and not overwrite:
+        raise OutputError(dest, "already exists; remove it or pass --overwrite")
+    if overwrite:
+        check_replaceable(dest)
+    staging = dest.with_name(dest.name + ".partial")
+    remove_staging(staging)  # refuses a DEST.partial that is not ours
+    staging.mkdir(parents=True)
+    mark_staging(staging)
+    try:
+        raw_ms = dict(meta.attrs["multiscales"][0], name=dest.name)
+        _write_group(staging, {
+            "multiscales": [raw_ms],
+            ATTRS_KEY: {"kind": "view", "image": str(raw), "labels": {n: str(p) for n, (p, _) in checked.items()},
+                        "copy": copy},
+        })
+        _place_levels(raw, staging, raw_ms, copy)
+        if checked:
+            _write_group(staging / "labels", {"labels": list(checked)})
+        for name, (path, multiscales) in checked.items():
+            group = staging / "labels" / name
+            _write_group(group, {
+                "multiscales": [dict(multiscales, name=name, type="nearest")],
+                "image-label": {"version": NGFF_VERSION, "source": {"image": "../../"}},
+            })
+            _place_levels(path, group, multiscales, copy)
+        (staging / STAGING_MARKER).unlink()
+        replace_with(staging, dest)
+    except BaseException:
+        if is_our_staging(staging):
+            shutil.rmtree(staging, ignore_errors=True)  # removes links, never what they point to
+        raise
+    return dest

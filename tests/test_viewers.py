@@ -1,0 +1,175 @@
+"""The stores as the field's viewers read them: ome-zarr-py's Reader (napari-ome-zarr is built on it)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from unet_pipe.errors import InputError, OutputError
+from unet_pipe.io import StagedImage, open_image
+from unet_pipe.view import build_view
+
+ome_reader = pytest.importorskip("ome_zarr.reader")
+ome_io = pytest.importorskip("ome_zarr.io")
+
+VOXEL = (0.05, 0.004, 0.004)
+AXES = [{"name": ax, "type": "space", "unit": "micrometer"} for ax in "zyx"]
+
+
+def read_nodes(path: Path) -> dict[str, object]:
+    """Every node ome-zarr-py finds from ``path``, by its path relative to ``path``."""
+    nodes = ome_reader.Reader(ome_io.parse_url(str(path)))()
+    return {str(Path(node.zarr.path).relative_to(path)) if node.zarr.path != str(path) else ".": node
+            for node in nodes}
+
+
+def write_store(path: Path, data: np.ndarray, kind: str, levels: int = 2) -> Path:
+    staged = StagedImage(path, shape=data.shape, dtype=data.dtype, chunks=(1, 4, 4), voxel_size=VOXEL, kind=kind)
+    staged.array[:] = data
+    return staged.commit(pyramid_levels=levels)
+
+
+@pytest.fixture
+def stores(tmp_path):
+    raw = np.arange(2 * 8 * 8, dtype=np.uint8).reshape(2, 8, 8)
+    instances = (np.arange(2 * 8 * 8, dtype=np.uint32).reshape(2, 8, 8) // 16) % 3
+    truth = np.where(np.arange(2 * 8 * 8).reshape(2, 8, 8) % 2, 255, 0).astype(np.uint8)
+    return {
+        "raw": write_store(tmp_path / "raw.ome.zarr", raw, "image"),
+        "instances": write_store(tmp_path / "instances.ome.zarr", instances, "labels"),
+        "labels": write_store(tmp_path / "labels.ome.zarr", truth, "labels"),
+        "probabilities": write_store(tmp_path / "probabilities.ome.zarr", raw.astype(np.float32) / 127, "image"),
+    }
+
+
+def test_reader_sees_a_store_with_its_pyramid_values_and_scales(stores):
+    node = read_nodes(stores["raw"])["."]
+    assert node.metadata["axes"] == AXES
+    scales = [t[0]["scale"] for t in node.metadata["coordinateTransformations"]]
+    assert scales == [[0.05, 0.004, 0.004], [0.05, 0.008, 0.008], [0.05, 0.016, 0.016]]
+    level0, level1, level2 = (np.asarray(a) for a in node.data)
+    np.testing.assert_array_equal(level0, np.arange(128, dtype=np.uint8).reshape(2, 8, 8))
+    # 2x2 means rounded half up: the top-left block of slice 0 is (0 + 1 + 8 + 9) / 4 = 4.5 -> 5.
+    assert level1.shape == (2, 4, 4) and level1[0, 0, 0] == 5 and level1[1, 3, 3] == (118 + 119 + 126 + 127 + 2) // 4
+    assert level2.shape == (2, 2, 2) and level2[0, 0, 0] == (5 + 7 + 21 + 23 + 2) // 4
+
+
+def test_view_shows_raw_with_label_layers_in_one_open(stores, tmp_path):
+    view = build_view(stores["raw"], tmp_path / "view.ome.zarr",
+                      {"labels": stores["labels"], "instances": stores["instances"]})
+    nodes = read_nodes(view)
+    assert list(nodes) == [".", "labels", "labels/labels", "labels/instances"]
+    image = nodes["."]
+    np.testing.assert_array_equal(np.asarray(image.data[0]), open_image(stores["raw"])[:])
+    assert image.visible
+    for name in ("labels", "instances"):
+        label = nodes[f"labels/{name}"]
+        assert label.metadata["name"] == name
+        assert [np.asarray(a).shape for a in label.data] == [(2, 8, 8), (2, 4, 4), (2, 2, 2)]
+        for level, array in enumerate(label.data):
+            np.testing.assert_array_equal(np.asarray(array), open_image(stores[name], level)[:])
+        scales = [t[0]["scale"] for t in label.metadata["coordinateTransformations"]]
+        assert scales == [[0.05, 0.004 * 2**k, 0.004 * 2**k] for k in range(3)]
+    # The view is links and metadata; the stores it shows are untouched.
+    assert (view / "0").is_symlink() and (view / "0").readlink() == Path("../raw.ome.zarr/0")
+    assert (view / "labels" / "instances" / "1").readlink() == Path("../../../instances.ome.zarr/1")
+    assert not (stores["raw"] / "labels").exists()
+
+
+def test_view_copy_survives_removing_the_sources(stores, tmp_path):
+    view = build_view(stores["raw"], tmp_path / "view.ome.zarr", {"instances": stores["instances"]}, copy=True)
+    expected = open_image(stores["instances"], 1)[:]
+    import shutil
+
+    shutil.rmtree(stores["instances"])
+    nodes = read_nodes(view)
+    assert not (view / "labels" / "instances" / "1").is_symlink()
+    np.testing.assert_array_equal(np.asarray(nodes["labels/instances"].data[1]), expected)
+
+
+def test_view_refuses_float_layers_other_shapes_and_foreign_folders(stores, tmp_path):
+    with pytest.raises(InputError, match="needs integers, found dtype float32"):
+        build_view(stores["raw"], tmp_path / "v.ome.zarr", {"p": stores["probabilities"]})
+    small = write_store(tmp_path / "small.ome.zarr", np.zeros((2, 4, 8), np.uint8), "labels")
+    with pytest.raises(InputError, match=r"shape \(2, 4, 8\) differs from \(2, 8, 8\)"):
+        build_view(stores["raw"], tmp_path / "v.ome.zarr", {"s": small})
+    with pytest.raises(InputError, match="label name '../x'"):
+        build_view(stores["raw"], tmp_path / "v.ome.zarr", {"../x": stores["instances"]})
+    assert not (tmp_path / "v.ome.zarr").exists() and not (tmp_path / "v.ome.zarr.partial").exists()
+    foreign = tmp_path / "mine.ome.zarr"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("user data")
+    with pytest.raises(OutputError, match="not written by unet-pipe"):
+        build_view(stores["raw"], foreign, {"i": stores["instances"]}, overwrite=True)
+    assert (foreign / "keep.txt").read_text() == "user data"
+
+
+def test_view_overwrite_replaces_only_the_links(stores, tmp_path):
+    dest = tmp_path / "view.ome.zarr"
+    build_view(stores["raw"], dest, {"instances": stores["instances"]})
+    with pytest.raises(OutputError, match="already exists"):
+        build_view(stores["raw"], dest, {"instances": stores["instances"]})
+    build_view(stores["raw"], dest, {"labels": stores["labels"]}, overwrite=True)
+    assert json.loads((dest / "labels" / ".zattrs").read_text()) == {"labels": ["labels"]}
+    # Replacing the view removed its links, never the arrays they point at.
+    np.testing.assert_array_equal(open_image(stores["instances"])[:].max(), 2)
+
+
+def test_cli_view_and_bad_labels_argument(stores, tmp_path, run_cli):
+    dest = tmp_path / "v.ome.zarr"
+    code, _, err = run_cli("view", stores["raw"], dest, "--labels", f"instances={stores['instances']}")
+    assert code == 0, err
+    assert list(read_nodes(dest)) == [".", "labels", "labels/instances"]
+    code, _, err = run_cli("view", stores["raw"], tmp_path / "w.ome.zarr", "--labels", "instances")
+    assert code == 2 and err.strip() == "unet-pipe: error: --labels 'instances': expected NAME=PATH"
+
+
+def test_ingested_labels_name_their_image_for_the_reader(tmp_path):
+    """``ingest --labels --like RAW``: the label store opens with its raw image underneath."""
+    import tifffile
+
+    from unet_pipe.io import ingest_tiff
+
+    raw_tif, labels_tif = tmp_path / "raw.tif", tmp_path / "labels.tif"
+    tifffile.imwrite(raw_tif, np.arange(2 * 8 * 8, dtype=np.uint8).reshape(2, 8, 8))
+    tifffile.imwrite(labels_tif, np.eye(8, dtype=np.uint8)[None].repeat(2, axis=0) * 255)
+    raw = ingest_tiff(raw_tif, tmp_path / "raw.ome.zarr", chunks=(1, 4, 4), voxel_size=VOXEL, pyramid_levels=1)
+    labels = ingest_tiff(labels_tif, tmp_path / "labels.ome.zarr", chunks=(1, 4, 4), kind="labels", like=raw,
+                         pyramid_levels=1)
+    attrs = json.loads((labels / ".zattrs").read_text())
+    assert attrs["image-label"] == {"version": "0.4", "source": {"image": "../raw.ome.zarr"}}
+    nodes = list(ome_reader.Reader(ome_io.parse_url(str(labels)))())
+    assert [Path(n.zarr.path).name for n in nodes] == ["raw.ome.zarr", "labels.ome.zarr"]
+    assert [n.visible for n in nodes] == [False, True]  # the reader's choice: the image is loaded, hidden
+    np.testing.assert_array_equal(np.asarray(nodes[0].data[0]), np.arange(128, dtype=np.uint8).reshape(2, 8, 8))
+    np.testing.assert_array_equal(np.asarray(nodes[1].data[1]), np.eye(4, dtype=np.uint8)[None].repeat(2, axis=0) * 255)
+
+
+@pytest.mark.slow
+def test_every_store_of_a_workflow_run_reads_in_ome_zarr_py(tmp_path):
+    """The tiny demo DAG (4 x 96 x 96, one pyramid level): each published store, as a viewer sees it."""
+    from test_workflow import run_snakemake, small_config
+
+    run_snakemake(tmp_path, "--cores", "2", config=small_config())
+    results = tmp_path / "results" / "demo"
+    expected_scales = [[0.05, 0.004, 0.004], [0.05, 0.008, 0.008]]
+    for store in ("raw", "labels", "weights", "probabilities", "instances"):
+        node = read_nodes(results / f"{store}.ome.zarr")["."]
+        assert node.metadata["axes"] == AXES, store
+        assert [t[0]["scale"] for t in node.metadata["coordinateTransformations"]] == expected_scales, store
+        level0, level1 = (np.asarray(a) for a in node.data)
+        assert level0.shape == (4, 96, 96) and level1.shape == (4, 48, 48), store
+        np.testing.assert_array_equal(level0, open_image(results / f"{store}.ome.zarr")[:])
+        if store in ("labels", "instances"):  # nearest: the top-left pixel of each 2 x 2 block
+            np.testing.assert_array_equal(level1, level0[:, ::2, ::2])
+        else:  # 2 x 2 mean (integers rounded half up)
+            mean = level0.reshape(4, 48, 2, 48, 2).mean(axis=(2, 4), dtype=np.float64)
+            np.testing.assert_allclose(level1, np.floor(mean + 0.5) if level0.dtype.kind in "ui" else mean,
+                                       rtol=1e-6)
+    nodes = read_nodes(results / "view.ome.zarr")
+    assert list(nodes) == [".", "labels", "labels/labels", "labels/instances"]
+    np.testing.assert_array_equal(np.asarray(nodes["."].data[0]), open_image(results / "raw.ome.zarr")[:])
+    np.testing.assert_array_equal(np.asarray(nodes["labels/instances"].data[1]),
+                                  open_image(results / "instances.ome.zarr", 1)[:])
