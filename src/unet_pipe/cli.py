@@ -325,6 +325,9 @@ def _add_weights(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--foreground-value", type=int, help="cell value of binary labels (default 255)")
     p.add_argument("--mode", choices=("2d", "3d"), help="2d (default): per slice; 3d: volumetric, voxel size")
+    p.add_argument(
+        "--unlabelled-value", type=int, metavar="V", help="label value of unannotated pixels (weight 0; default none)"
+    )
     p.add_argument("--config", help="take the settings not given as flags from this config's weights section")
     p.add_argument("--threads", type=int, default=1, help="Dask threads (default 1)")
     p.add_argument("--pyramid-levels", type=int, help="default: as many as LABELS")
@@ -352,6 +355,7 @@ def _cmd_weights(args: argparse.Namespace) -> int:
         label_mode=args.label_mode,
         foreground_value=args.foreground_value,
         mode=args.mode,
+        unlabelled_value=args.unlabelled_value,
     )
     if args.dest is not None:
         summary = compute_weight_store(
@@ -474,6 +478,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         "components per slice; instances: truth holds ids (0 = membrane)",
     )
     p.add_argument("--foreground-value", type=int, default=None, help="cell value of binary truth (default: nonzero)")
+    p.add_argument(
+        "--unlabelled-value", type=int, metavar="V", help="truth value of unannotated pixels, left out of every score"
+    )
     p.set_defaults(func=_cmd_evaluate)
 
 
@@ -502,6 +509,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         truth_mode=args.truth_mode,
         foreground_value=args.foreground_value,
+        unlabelled_value=args.unlabelled_value,
         decisions=decisions,
         progress=progress_enabled(args),
     )
