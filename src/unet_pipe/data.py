@@ -25,6 +25,11 @@ Conventions
   values give equal inputs whatever the dtype (uint8, uint16, float) and a
   stack that uses a fraction of its dtype's range is not left dark.  Labels become classes ``{0:
   membrane/background, 1: cell}`` (:func:`label_classes`).
+* Sparse annotations (``unlabelled_value``): unlabelled pixels become class 0
+  with weight 0 (exact: a weighted cross-entropy term times 0 is 0), and a
+  tile whose output window holds no annotated pixel is redrawn with the same
+  generator (at most :data:`MAX_DRAWS` draws per tile, then an error): the run
+  stays deterministic for a seed.
 * All randomness comes from an explicit ``numpy.random.Generator``; the stores
   are read lazily, one tile at a time.
 """
@@ -42,6 +47,8 @@ from unet_pipe.model import valid_output_size
 from unet_pipe.tiling import read_mirrored
 
 LABEL_MODES = ("binary", "instances")
+#: Draws per tile before giving up on finding an annotated output window (sparse labels).
+MAX_DRAWS = 1000
 
 
 # --------------------------------------------------------------------------- values
@@ -114,18 +121,30 @@ def normalize_raw(raw: np.ndarray, intensity: IntensityRange | None = None) -> n
     return a.astype(np.float32, copy=False)
 
 
-def label_classes(labels: np.ndarray, label_mode: str = "binary", foreground_value: int = 255) -> np.ndarray:
+def label_classes(
+    labels: np.ndarray, label_mode: str = "binary", foreground_value: int = 255, unlabelled_value: int | None = None
+) -> np.ndarray:
     """Training classes (int64): 1 = cell, 0 = membrane/background.
 
     ``binary``: cell where ``labels == foreground_value`` (ISBI: 255);
-    ``instances``: cell where the id is nonzero.
+    ``instances``: cell where the id is nonzero.  Unlabelled pixels
+    (``unlabelled_value``) are class 0; their loss weight is 0 (:func:`annotated_mask`).
     """
     a = np.asarray(labels)
     if label_mode == "binary":
         return (a == foreground_value).astype(np.int64)
     if label_mode == "instances":
-        return (a != 0).astype(np.int64)
+        cells = a != 0
+        if unlabelled_value is not None:
+            cells &= a != unlabelled_value
+        return cells.astype(np.int64)
     raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
+
+
+def annotated_mask(labels: np.ndarray, unlabelled_value: int | None) -> np.ndarray:
+    """True where a pixel was annotated (all pixels when ``unlabelled_value`` is None)."""
+    a = np.asarray(labels)
+    return np.ones(a.shape, bool) if unlabelled_value is None else a != unlabelled_value
 
 
 # --------------------------------------------------------------------------- crops
@@ -199,6 +218,9 @@ class TileSampler:
 
     A volume and z are drawn with probability proportional to the number of
     training slices; the output window is drawn uniformly inside the image.
+    With ``unlabelled_value``, draws whose output window holds no annotated
+    pixel are rejected and drawn again (see the module docstring), and the
+    weights are 0 on unlabelled pixels.
     """
 
     def __init__(
@@ -209,6 +231,7 @@ class TileSampler:
         dims: int = 2,
         label_mode: str = "binary",
         foreground_value: int = 255,
+        unlabelled_value: int | None = None,
     ) -> None:
         if not volumes:
             raise ConfigError(None, "key 'train.datasets': no dataset to train on")
@@ -227,6 +250,10 @@ class TileSampler:
         self.margin = unet_margin(depth)
         self.label_mode = label_mode
         self.foreground_value = int(foreground_value)
+        self.unlabelled_value = None if unlabelled_value is None else int(unlabelled_value)
+        if self.unlabelled_value is not None:
+            for volume in self.volumes:
+                _require_annotated(volume, self.unlabelled_value)
         # Volumes are chosen in proportion to their training slices.
         counts = np.array([v.train[1] - v.train[0] for v in self.volumes], dtype=np.float64)
         self._cumulative = np.cumsum(counts) / counts.sum()
@@ -238,7 +265,19 @@ class TileSampler:
         return low + int(rng.integers(first, last + 1)) - self.margin
 
     def sample(self, rng: np.random.Generator) -> Tile:
-        """One random tile; consumes a fixed number of draws from ``rng``."""
+        """One random tile; a deterministic function of ``rng``'s state (which it advances)."""
+        for _ in range(MAX_DRAWS):
+            tile = self._draw(rng)
+            if tile is not None:
+                return tile
+        raise InputError(
+            None,
+            f"no training tile with an annotated pixel in its output window in {MAX_DRAWS} draws: "
+            "the annotated pixels cover too little of the train ranges (annotate more, or widen the ranges)",
+        )
+
+    def _draw(self, rng: np.random.Generator) -> Tile | None:
+        """One random draw; None when its output window holds no annotated pixel."""
         k = int(np.searchsorted(self._cumulative, rng.random(), side="right"))
         volume = self.volumes[min(k, len(self.volumes) - 1)]
         z0, z1 = volume.train
@@ -251,16 +290,25 @@ class TileSampler:
             start = (self._window_start(rng, z0, z1), self._window_start(rng, 0, ny), self._window_start(rng, 0, nx))
             shape = (self.tile,) * 3
         bounds = [(z0, z1), (0, ny), (0, nx)]
-        raw = read_mirrored(volume.raw, start, shape, bounds)
         labels = read_mirrored(volume.labels, start, shape, bounds)
+        known = None
+        if self.unlabelled_value is not None:
+            known = annotated_mask(labels, self.unlabelled_value)
+            window = (slice(None),) if self.dims == 2 else (slice(self.margin, self.margin + self.output),)
+            window += (slice(self.margin, self.margin + self.output),) * 2
+            if not known[window].any():
+                return None
+        raw = read_mirrored(volume.raw, start, shape, bounds)
         if volume.weights is not None:
-            weights = read_mirrored(volume.weights, start, shape, bounds).astype(np.float32, copy=False)
+            weights = read_mirrored(volume.weights, start, shape, bounds).astype(np.float32, copy=True)
         else:
             weights = np.ones(shape, dtype=np.float32)
+        if known is not None:
+            weights[~known] = 0.0  # also when the weights store is missing or was made without the value
         squeeze = 0 if self.dims == 2 else slice(None)
         return Tile(
             image=normalize_raw(raw, volume.intensity)[squeeze],
-            classes=label_classes(labels, self.label_mode, self.foreground_value)[squeeze],
+            classes=label_classes(labels, self.label_mode, self.foreground_value, self.unlabelled_value)[squeeze],
             weights=np.ascontiguousarray(weights[squeeze]),
             volume=volume.name,
             origin=tuple(int(s) for s in start),
@@ -274,6 +322,20 @@ class TileSampler:
         classes = torch.from_numpy(np.stack([t.classes for t in tiles]))
         weights = torch.from_numpy(np.stack([t.weights for t in tiles]))
         return image, classes, weights
+
+
+def _require_annotated(volume: Volume, unlabelled_value: int) -> None:
+    """Raise InputError when ``volume`` has no annotated pixel in its train range (read slab by slab)."""
+    z0, z1 = volume.train
+    step = int(volume.labels.chunks[0]) if hasattr(volume.labels, "chunks") else 1
+    for z in range(z0, z1, step):
+        if np.any(np.asarray(volume.labels[z : min(z + step, z1)]) != unlabelled_value):
+            return
+    raise InputError(
+        getattr(volume.labels, "path", None) or volume.name,
+        f"dataset {volume.name!r} has no annotated pixel in its train slices [{z0}, {z1}) "
+        f"(every label equals the unlabelled value {unlabelled_value})",
+    )
 
 
 def volumes_from_config(config: dict, stores: dict[str, dict[str, Any]]) -> list[Volume]:

@@ -46,6 +46,7 @@ from unet_pipe.data import (
     PERCENTILES,
     TileSampler,
     Volume,
+    annotated_mask,
     center_crop,
     label_classes,
     normalize_raw,
@@ -172,22 +173,27 @@ class ValidationData:
     raw: np.ndarray
     classes: np.ndarray
     truth_instances: np.ndarray
+    annotated: np.ndarray | None = None  # sparse labels: the annotated pixels (None: all)
 
 
-def load_validation(volumes: list[Volume], label_mode: str, foreground_value: int) -> list[ValidationData]:
+def load_validation(
+    volumes: list[Volume], label_mode: str, foreground_value: int, unlabelled_value: int | None = None
+) -> list[ValidationData]:
+    """Validation slices in memory; unlabelled pixels are no truth segment and leave the pixel error."""
     out = []
     for v in volumes:
         if v.val is None:
             continue
         z0, z1 = v.val
         labels = np.asarray(v.labels[z0:z1])
-        classes = label_classes(labels, label_mode, foreground_value)
+        classes = label_classes(labels, label_mode, foreground_value, unlabelled_value)
+        known = None if unlabelled_value is None else annotated_mask(labels, unlabelled_value)
         if label_mode == "binary":
-            truth = instances_from_binary(labels, foreground_value)
+            truth = instances_from_binary(classes == 1)
         else:
-            truth = labels.astype(np.uint32)
+            truth = (labels if known is None else np.where(known, labels, 0)).astype(np.uint32)
         raw = normalize_raw(np.asarray(v.raw[z0:z1]), v.intensity)
-        out.append(ValidationData(v.name, raw, classes, truth))
+        out.append(ValidationData(v.name, raw, classes, truth, known))
     return out
 
 
@@ -224,8 +230,13 @@ def validate(
     try:
         for d in data:
             prob = predict_probabilities(model, d.raw, device, precision=precision)
-            wrong += int(np.count_nonzero((prob > threshold) != (d.classes == 1)))
-            total += prob.size
+            diff = (prob > threshold) != (d.classes == 1)
+            if d.annotated is None:
+                wrong += int(np.count_nonzero(diff))
+                total += prob.size
+            else:
+                wrong += int(np.count_nonzero(diff & d.annotated))
+                total += int(np.count_nonzero(d.annotated))
             pred = np.stack([instances_from_probabilities(p, method, threshold, **options) for p in prob])
             errors.append(rand_error_per_slice(pred, d.truth_instances))
     finally:
@@ -468,9 +479,12 @@ def _train(
         dims=model_cfg["dims"],
         label_mode=weights_cfg["label_mode"],
         foreground_value=weights_cfg["foreground_value"],
+        unlabelled_value=weights_cfg.get("unlabelled_value"),
     )
     augment = AugmentParams.from_config(train_cfg.get("augment"))
-    val_data = load_validation(volumes, weights_cfg["label_mode"], weights_cfg["foreground_value"])
+    val_data = load_validation(
+        volumes, weights_cfg["label_mode"], weights_cfg["foreground_value"], weights_cfg.get("unlabelled_value")
+    )
 
     torch.manual_seed(seed)
     model = UNet(
