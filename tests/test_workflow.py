@@ -274,3 +274,14 @@ def test_killed_predict_job_then_rerun_gives_identical_output(clean_runs, tmp_pa
         np.testing.assert_array_equal(
             level0(tmp_path / "results" / "demo" / f"{store}.ome.zarr"), level0(clean / f"{store}.ome.zarr"), err_msg=store
         )
+
+
+def test_unlabelled_value_reaches_weights_calibrate_and_evaluate(tmp_path):
+    cfg = small_config()
+    cfg["weights"]["unlabelled_value"] = 128
+    proc = run_snakemake(tmp_path, "-n", "-p", "--forceall", config=cfg)
+    lines = (proc.stdout + proc.stderr).splitlines()
+    commands = [line.split("unet-pipe ", 1)[1] for line in lines if "unet-pipe " in line]
+    for stage in ("weights", "calibrate", "evaluate"):
+        chosen = [c for c in commands if c.startswith(f"{stage} ")]
+        assert chosen and all("--unlabelled-value 128" in c for c in chosen), (stage, commands)
