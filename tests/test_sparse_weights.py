@@ -79,3 +79,14 @@ def test_sparse_store_equals_whole_slice_and_excludes_unlabelled_from_counts(tmp
     # The class weights average 1 over the annotated pixels only.
     cw = np.asarray(summary["class_weights"])
     assert cw[(labels[known] == 255).astype(int)].mean() == pytest.approx(1.0)
+
+
+def test_config_refuses_an_unlabelled_value_that_is_a_class():
+    from unet_pipe.config import validate_config
+
+    base = {"datasets": {"s": {"synthetic": {"shape": [3, 40, 40]}}}}
+    assert validate_config({**base, "weights": {"unlabelled_value": 128}})["weights"]["unlabelled_value"] == 128
+    assert validate_config(dict(base))["weights"]["unlabelled_value"] is None
+    for value in (0, 255):
+        with pytest.raises(ConfigError, match=f"'weights.unlabelled_value': {value} is a class value"):
+            validate_config({**base, "weights": {"unlabelled_value": value}})

@@ -119,6 +119,14 @@ def _check_semantics(config: dict, source: str | Path | None) -> None:
                     source, f"key 'train.datasets.{name}': train {ranges['train']} and val {ranges['val']} overlap "
                     "(validation slices must be held out)"
                 )
+    weights = config["weights"]
+    unlabelled = weights.get("unlabelled_value")
+    if unlabelled is not None and (
+        unlabelled == 0 or (weights["label_mode"] == "binary" and unlabelled == weights["foreground_value"])
+    ):
+        # Unlabelled must be neither class, or annotated pixels would silently drop out of the loss.
+        raise ConfigError(source, f"key 'weights.unlabelled_value': {unlabelled} is a class value "
+                          "(0 = membrane/background, foreground_value = cell); pick a value the labels use for neither")
     init = config["train"].get("init_from")
     if init is not None and os.path.normpath(init) == os.path.normpath(f"{config['results']}/model/checkpoint.pt"):
         # The workflow's own output: as an input of train it would be a cycle.
