@@ -151,6 +151,10 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunks", type=_chunks, default=None, help="Z,Y,X chunk shape (default: config or 1,512,512)")
     p.add_argument("--labels", action="store_true", help="the stack holds labels (integer dtype, nearest pyramid)")
     p.add_argument("--like", type=Path, metavar="RAW.ome.zarr", help="check that SRC has the shape of this image")
+    p.add_argument(
+        "--offset", nargs=3, type=int, metavar=("Z", "Y", "X"),
+        help="with --like: SRC labels a crop of RAW starting at this voxel (recorded as an NGFF translation)",
+    )
     p.add_argument("--voxel-size", nargs=3, type=float, metavar=("Z", "Y", "X"), help="micrometres")
     p.add_argument("--pyramid-levels", type=int, default=None, help="2x (y, x) downsampled levels (default 2)")
     p.add_argument("--compression", type=_compression, default=None, metavar="CODEC:LEVEL[:BLOCKSIZE]",
@@ -182,6 +186,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         compression=args.compression or section.get("compression"),
         kind="labels" if args.labels else "image",
         like=args.like,
+        offset=args.offset,
         overwrite=args.overwrite,
         # The source's checksum is the sha256 of its array bytes, computed while
         # streaming (attrs unet_pipe.array_sha256): hashing the file would read it twice.

@@ -104,9 +104,17 @@ def _check_semantics(config: dict, source: str | Path | None) -> None:
                                   "(Snakemake reads them as wildcards); rename the file or folder")
     if "{" in str(config.get("results", "")) or "}" in str(config.get("results", "")):
         raise ConfigError(source, "key 'results': braces in paths are not supported (Snakemake wildcards)")
+    for name, ds in datasets.items():
+        if ds.get("labels_offset") is not None and "labels" not in ds:
+            raise ConfigError(source, f"key 'datasets.{name}.labels_offset': the dataset has no 'labels'")
     for name, ranges in config["train"]["datasets"].items():
         if name not in datasets:
             raise ConfigError(source, f"key 'train.datasets.{name}': no such dataset in 'datasets'")
+        offset = datasets[name].get("labels_offset")
+        for part in ("train", "val"):
+            if offset is not None and part in ranges and ranges[part][0] < offset[0]:
+                raise ConfigError(source, f"key 'train.datasets.{name}.{part}': range {ranges[part]} starts before "
+                                  f"the labelled crop (labels_offset z = {offset[0]})")
         if "labels" not in datasets[name] and "synthetic" not in datasets[name]:
             raise ConfigError(source, f"key 'train.datasets.{name}': dataset has no 'labels' to train on")
         for part in ("train", "val"):
@@ -175,6 +183,27 @@ def check_inputs_exist(config: dict, base: str | Path = ".", source: str | Path 
                 if results == given or given in results.parents:
                     raise ConfigError(source, f"key 'results': '{config['results']}' is or lies inside the input "
                                       f"'{ds[key]}' (datasets.{name}.{key}); keep results apart from the inputs")
+        if ds.get("labels_offset") is not None and "raw" in ds and "labels" in ds:
+            check_crop_inside(config, name, base, source)
+
+
+def check_crop_inside(config: dict, name: str, base: str | Path = ".", source: str | Path | None = None) -> None:
+    """Raise :class:`ConfigError` unless dataset ``name``'s labels at ``labels_offset`` lie inside its raw
+    stack and its train/val ranges inside the crop's z range (reads the TIFF headers only)."""
+    from unet_pipe.tiff import open_tiff_stack
+
+    ds = config["datasets"][name]
+    offset = [int(o) for o in ds["labels_offset"]]
+    raw_shape = open_tiff_stack(Path(base) / ds["raw"]).shape
+    label_shape = open_tiff_stack(Path(base) / ds["labels"]).shape
+    if any(o + s > n for o, s, n in zip(offset, label_shape, raw_shape)):
+        raise ConfigError(source, f"key 'datasets.{name}.labels_offset': labels of shape {tuple(label_shape)} at "
+                          f"{offset} do not lie inside the raw stack of shape {tuple(raw_shape)}")
+    ranges = config["train"]["datasets"].get(name, {})
+    for part in ("train", "val"):
+        if part in ranges and ranges[part][1] > offset[0] + label_shape[0]:
+            raise ConfigError(source, f"key 'train.datasets.{name}.{part}': range {ranges[part]} ends after the "
+                              f"labelled slices [{offset[0]}, {offset[0] + label_shape[0]})")
 
 
 MAX_CONFIG_BYTES = 2**20

@@ -174,6 +174,7 @@ class ValidationData:
     classes: np.ndarray
     truth_instances: np.ndarray
     annotated: np.ndarray | None = None  # sparse labels: the annotated pixels (None: all)
+    box: tuple[slice, slice] = (slice(None), slice(None))  # labelled crop: its (y, x) part of ``raw``
 
 
 def load_validation(
@@ -185,7 +186,10 @@ def load_validation(
         if v.val is None:
             continue
         z0, z1 = v.val
-        labels = np.asarray(v.labels[z0:z1])
+        oz, oy, ox = (int(o) for o in v.labels_offset)
+        labels = np.asarray(v.labels[z0 - oz : z1 - oz])
+        # Whole raw slices are predicted (real context around a crop), then cut to the labelled box.
+        box = (slice(oy, oy + labels.shape[1]), slice(ox, ox + labels.shape[2]))
         classes = label_classes(labels, label_mode, foreground_value, unlabelled_value)
         known = None if unlabelled_value is None else annotated_mask(labels, unlabelled_value)
         if label_mode == "binary":
@@ -193,7 +197,7 @@ def load_validation(
         else:
             truth = (labels if known is None else np.where(known, labels, 0)).astype(np.uint32)
         raw = normalize_raw(np.asarray(v.raw[z0:z1]), v.intensity)
-        out.append(ValidationData(v.name, raw, classes, truth, known))
+        out.append(ValidationData(v.name, raw, classes, truth, known, box))
     return out
 
 
@@ -229,7 +233,7 @@ def validate(
     model.eval()
     try:
         for d in data:
-            prob = predict_probabilities(model, d.raw, device, precision=precision)
+            prob = predict_probabilities(model, d.raw, device, precision=precision)[(slice(None), *d.box)]
             diff = (prob > threshold) != (d.classes == 1)
             if d.annotated is None:
                 wrong += int(np.count_nonzero(diff))
@@ -381,6 +385,11 @@ def open_stores(stores: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, 
         opened[name] = {}
         for key, value in parts.items():
             if isinstance(value, (str, Path)):
+                if key == "labels":
+                    from unet_pipe.io import image_metadata
+
+                    offset = image_metadata(value).offset
+                    opened[name]["labels_offset"] = offset if any(offset) else None
                 value = open_image(value)
             opened[name][key] = value
     return opened

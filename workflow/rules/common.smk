@@ -234,6 +234,12 @@ def calibrate_args(wildcards, input):
     return " ".join(args)
 
 
+def labels_offset_arg(wildcards):
+    """`` --offset Z Y X`` for labels of a crop (``datasets.NAME.labels_offset``), else empty."""
+    offset = config["datasets"][wildcards.dataset].get("labels_offset")
+    return "" if offset is None else " --offset " + " ".join(str(int(o)) for o in offset)
+
+
 def unlabelled_flag():
     """`` --unlabelled-value V`` when the labels are sparse (``weights.unlabelled_value``), else empty."""
     value = config["weights"].get("unlabelled_value")
