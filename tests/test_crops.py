@@ -113,3 +113,55 @@ def test_config_checks_the_crop_against_the_raw_tiff(tmp_path) -> None:
         config([1, 10, 20], train=(0, 2))
     with pytest.raises(ConfigError, match=r"'datasets.c.labels_offset': the dataset has no 'labels'"):
         validate_config({"datasets": {"c": {"raw": "raw.tif", "labels_offset": [0, 0, 0]}}})
+
+
+def _store(path, data, kind="image", offset=None):
+    from unet_pipe.io import StagedImage
+
+    staged = StagedImage(path, shape=data.shape, dtype=data.dtype, chunks=(1, 4, 4), kind=kind)
+    staged.array[:] = data
+    staged.commit(pyramid_levels=0, extra_attrs={"offset": list(offset)} if offset else None)
+    return path
+
+
+@pytest.fixture
+def crop_scores(tmp_path):
+    """Prediction 2 x 5 x 6; truth: a 1 x 2 x 3 crop at (1, 2, 3) (cells in its two left columns).
+
+    Inside the box the instances match; outside it they are garbage that must not count.
+    """
+    truth = np.array([[[255, 255, 0], [255, 255, 0]]], np.uint8)
+    inst = np.zeros((2, 5, 6), np.uint32)
+    inst[0] = 9
+    inst[1, 0, 0] = 5
+    inst[1, 2:4, 3:5] = 1
+    prob = np.where(inst > 0, 230, 10).astype(np.uint8)
+    prob[1, 2, 5] = 200  # one false cell pixel on the box's membrane column
+    return {
+        "truth": _store(tmp_path / "truth.ome.zarr", truth, "labels", offset=(1, 2, 3)),
+        "instances": _store(tmp_path / "inst.ome.zarr", inst, "labels"),
+        "probabilities": _store(tmp_path / "prob.ome.zarr", prob),
+    }
+
+
+def test_evaluate_scores_the_truth_box_only(tmp_path, crop_scores):
+    from unet_pipe.evaluate import evaluate
+
+    result = evaluate(crop_scores["instances"], crop_scores["truth"], tmp_path / "m.json",
+                      probabilities=crop_scores["probabilities"], foreground_value=255)
+    (row,) = result["per_slice"]
+    assert row["z"] == 1 and row["pixel_error"] == pytest.approx(1 / 6)
+    assert (row["rand_error"], row["iou"], row["predicted_segments"], row["truth_segments"]) == (0.0, 1.0, 1, 1)
+    assert result["params"]["truth_offset"] == [1, 2, 3]
+    with pytest.raises(InputError, match=r"evaluated slices \[0, 2\) outside the labelled slices \[1, 2\)"):
+        evaluate(crop_scores["instances"], crop_scores["truth"], tmp_path / "n.json", slices=(0, 2))
+
+
+def test_calibration_reads_the_truth_box_only(crop_scores):
+    from unet_pipe.calibrate import load_slices
+
+    prob, cells, inst, known = load_slices(crop_scores["probabilities"], crop_scores["truth"], (1, 2))
+    np.testing.assert_allclose(prob[0], np.array([[230, 230, 200], [230, 230, 10]]) / 255)
+    np.testing.assert_array_equal(cells[0], [[True, True, False], [True, True, False]])
+    with pytest.raises(InputError, match=r"calibration slices \[0, 1\) outside the labelled slices \[1, 2\)"):
+        load_slices(crop_scores["probabilities"], crop_scores["truth"], (0, 1))

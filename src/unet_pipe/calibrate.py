@@ -36,6 +36,8 @@ report on 25-29).
 Sparse truth (``unlabelled_value``): unlabelled pixels are left out of every
 pixel error (numerator and denominator) and are no truth segment, so the
 foreground-restricted Rand score ignores them as it ignores membrane.
+Labelled crops (a truth store with an offset): only the truth's box of the
+probabilities is read; calibration slices are raw slice numbers inside it.
 """
 from __future__ import annotations
 
@@ -213,17 +215,23 @@ def load_slices(
     probabilities, truth = Path(probabilities), Path(truth)
     prob_arr, scale = open_probabilities(probabilities)
     truth_meta = image_metadata(truth)
-    if tuple(prob_arr.shape) != truth_meta.shape:
+    oz, oy, ox = offset = truth_meta.offset
+    if offset == (0, 0, 0) and tuple(prob_arr.shape) != truth_meta.shape:
         raise InputError(truth, f"shape {truth_meta.shape} differs from {tuple(prob_arr.shape)} of {probabilities}")
+    if any(o + s > n for o, s, n in zip(offset, truth_meta.shape, prob_arr.shape)):
+        raise InputError(truth, f"labels of shape {truth_meta.shape} at offset {list(offset)} do not lie inside "
+                         f"the {tuple(prob_arr.shape)} stack of {probabilities}")
+    box = (slice(oy, oy + truth_meta.shape[1]), slice(ox, ox + truth_meta.shape[2]))
     if truth_meta.dtype.kind not in "uib":
         raise InputError(truth, f"truth labels must be integers, found dtype {truth_meta.dtype}")
     start, stop = (int(s) for s in slices)
-    if not 0 <= start < stop <= truth_meta.shape[0]:
-        raise InputError(truth, f"calibration slices [{start}, {stop}) outside the stack of {truth_meta.shape[0]}")
+    if not oz <= start < stop <= oz + truth_meta.shape[0]:
+        where = f"the stack of {truth_meta.shape[0]}" if oz == 0 else f"the labelled slices [{oz}, {oz + truth_meta.shape[0]})"
+        raise InputError(truth, f"calibration slices [{start}, {stop}) outside {where}")
     truth_arr = open_image(truth)
     prob, cells, inst, known = [], [], [], []
     for z in range(start, stop):
-        t = np.asarray(truth_arr[z])
+        t = np.asarray(truth_arr[z - oz])
         k = np.ones(t.shape, bool) if unlabelled_value is None else t != unlabelled_value
         if truth_mode == "binary":
             c = (t == foreground_value) if foreground_value is not None else (t != 0)
@@ -232,7 +240,7 @@ def load_slices(
         else:
             c = (t != 0) & k
             i = np.where(k, t, 0)
-        p = as_probability(prob_arr[z], scale)
+        p = as_probability(prob_arr[(z, *box)], scale)
         if not np.all(np.isfinite(p)):
             raise InputError(probabilities, f"slice {z} holds non-finite probabilities")
         prob.append(p)

@@ -23,6 +23,10 @@ warping error needs the truth's topology over the whole slice, so it is NaN on
 slices with any unlabelled pixel (and the subset mean skips them).  Slices
 without annotated pixels have NaN scores throughout.
 
+Labelled crops: a truth store with an offset (``unet_pipe.offset``, written by
+``ingest --offset``) covers only a box of the prediction; only that box is
+scored (slices default to its z range; ``z`` stays the raw slice number).
+
 Outputs: ``metrics.json`` (summary per subset, per-slice rows, definitions,
 inputs, provenance) and, next to it, ``metrics.csv`` with one row per slice.
 """
@@ -231,8 +235,13 @@ def evaluate(
         raise ValueError(f"truth_mode must be 'binary' or 'instances', got {truth_mode!r}")
     pred_meta = image_metadata(instances)
     truth_meta = image_metadata(truth)
-    if truth_meta.shape != pred_meta.shape:
+    oz, oy, ox = offset = truth_meta.offset
+    if offset == (0, 0, 0) and truth_meta.shape != pred_meta.shape:
         raise InputError(truth, f"shape {truth_meta.shape} differs from {pred_meta.shape} of {instances}")
+    if any(o + s > n for o, s, n in zip(offset, truth_meta.shape, pred_meta.shape)):
+        raise InputError(truth, f"labels of shape {truth_meta.shape} at offset {list(offset)} do not lie inside "
+                         f"the {pred_meta.shape} stack of {instances}")
+    box = (slice(oy, oy + truth_meta.shape[1]), slice(ox, ox + truth_meta.shape[2]))
     if truth_meta.dtype.kind not in "uib":
         raise InputError(truth, f"truth labels must be integers, found dtype {truth_meta.dtype}")
     pred_arr = open_image(instances)
@@ -246,7 +255,11 @@ def evaluate(
                 probabilities, f"shape {tuple(prob_arr.shape)} differs from {pred_meta.shape} of {instances}"
             )
     nz = pred_meta.shape[0]
-    zs = _slice_range(slices, nz, "evaluated", instances) or range(nz)
+    labelled = range(oz, oz + truth_meta.shape[0])
+    zs = _slice_range(slices, nz, "evaluated", instances) or labelled
+    if zs.start < labelled.start or zs.stop > labelled.stop:
+        raise InputError(truth, f"evaluated slices [{zs.start}, {zs.stop}) outside the labelled slices "
+                         f"[{labelled.start}, {labelled.stop})")
     train = _slice_range(train_slices, nz, "train", instances) or range(0)
     val = _slice_range(val_slices, nz, "val", instances) or range(0)
 
@@ -262,7 +275,7 @@ def evaluate(
 
         z_iter = tqdm(zs, unit="slice", desc=f"evaluate {instances.name}")
     for z in z_iter:
-        t = np.asarray(truth_arr[z])
+        t = np.asarray(truth_arr[z - oz])
         known = None if unlabelled_value is None else t != unlabelled_value
         if truth_mode == "binary":
             cells = t == foreground_value if foreground_value is not None else binarize(t)
@@ -273,8 +286,8 @@ def evaluate(
         else:
             cells = t != 0 if known is None else (t != 0) & known
             truth_inst = t if known is None else np.where(known, t, 0)
-        prob = as_probability(prob_arr[z], scale) if prob_arr is not None else None
-        row = score_slice(np.asarray(pred_arr[z]), truth_inst, cells, prob, threshold, known)
+        prob = as_probability(prob_arr[(z, *box)], scale) if prob_arr is not None else None
+        row = score_slice(np.asarray(pred_arr[(z, *box)]), truth_inst, cells, prob, threshold, known)
         subset = "val" if z in val else "train" if z in train else "other"
         rows.append({"z": z, "subset": subset, **row})
 
@@ -297,6 +310,7 @@ def evaluate(
         "truth_mode": truth_mode,
         "foreground_value": foreground_value,
         "unlabelled_value": unlabelled_value,
+        "truth_offset": list(offset),
         "decisions": decisions,
     }
     result = {
