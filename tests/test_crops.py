@@ -165,3 +165,17 @@ def test_calibration_reads_the_truth_box_only(crop_scores):
     np.testing.assert_array_equal(cells[0], [[True, True, False], [True, True, False]])
     with pytest.raises(InputError, match=r"calibration slices \[0, 1\) outside the labelled slices \[1, 2\)"):
         load_slices(crop_scores["probabilities"], crop_scores["truth"], (0, 1))
+
+
+def test_report_of_a_crop_draws_its_box(tmp_path, crop_scores):
+    import matplotlib.image
+
+    from unet_pipe.evaluate import evaluate
+    from unet_pipe.report import write_report
+
+    metrics = tmp_path / "metrics.json"
+    evaluate(crop_scores["instances"], crop_scores["truth"], metrics, probabilities=crop_scores["probabilities"],
+             raw=crop_scores["probabilities"], dataset="crop", foreground_value=255)
+    text = write_report(tmp_path / "report.md", [metrics]).read_text()
+    assert "![crop: slices](report_figures/crop_slices.png)" in text and "Slice figures skipped" not in text
+    assert matplotlib.image.imread(tmp_path / "report_figures" / "crop_slices.png").ndim == 3
