@@ -6,7 +6,7 @@ import pytest
 import tifffile
 import zarr
 
-from unet_pipe.config import check_inputs_exist, validate_config
+from unet_pipe.config import check_input_stacks, validate_config
 from unet_pipe.data import TileSampler, Volume, volumes_from_config
 from unet_pipe.errors import ConfigError, InputError
 from unet_pipe.io import image_metadata, ingest_tiff, open_image
@@ -81,6 +81,10 @@ def test_ingest_records_the_offset_and_refuses_crops_outside(tmp_path) -> None:
         assert scale["scale"] == pytest.approx([0.05, 0.004 * 2**level, 0.004 * 2**level])
         assert translation == {"type": "translation", "translation": pytest.approx([0.05, 0.04, 0.08])}
     assert image_metadata(tmp_path / "raw.ome.zarr").offset == (0, 0, 0)
+    from unet_pipe.weights import compute_weight_store
+
+    compute_weight_store(dest, tmp_path / "weights.ome.zarr")
+    assert image_metadata(tmp_path / "weights.ome.zarr").offset == OFFSET
     # Training picks the offset up from the store; a different configured one is refused.
     config = validate_config({
         "datasets": {"c": {"raw": "raw.tif", "labels": "labels.tif", "labels_offset": list(OFFSET)}},
@@ -106,9 +110,12 @@ def test_config_checks_the_crop_against_the_raw_tiff(tmp_path) -> None:
             "results": str(tmp_path / "results"),
         })
 
-    check_inputs_exist(config([1, 10, 20]), tmp_path)
+    check_input_stacks(config([1, 10, 20]), tmp_path)
     with pytest.raises(ConfigError, match=r"'datasets.c.labels_offset': labels of shape \(2, 30, 35\) at \[1, 31, 20\]"):
-        check_inputs_exist(config([1, 31, 20]), tmp_path)
+        check_input_stacks(config([1, 31, 20]), tmp_path)
+    with pytest.raises(ConfigError, match=r"'train.datasets.c.train': range \[1, 3\] is not inside the labelled "
+                       r"slices \[0, 2\)"):
+        check_input_stacks(config([0, 10, 20], train=(1, 3)), tmp_path)
     with pytest.raises(ConfigError, match=r"range \[0, 2\] starts before the labelled crop"):
         config([1, 10, 20], train=(0, 2))
     with pytest.raises(ConfigError, match=r"'datasets.c.labels_offset': the dataset has no 'labels'"):

@@ -13,7 +13,7 @@ import math
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jsonschema
 import yaml
@@ -183,27 +183,25 @@ def check_inputs_exist(config: dict, base: str | Path = ".", source: str | Path 
                 if results == given or given in results.parents:
                     raise ConfigError(source, f"key 'results': '{config['results']}' is or lies inside the input "
                                       f"'{ds[key]}' (datasets.{name}.{key}); keep results apart from the inputs")
-        if ds.get("labels_offset") is not None and "raw" in ds and "labels" in ds:
-            check_crop_inside(config, name, base, source)
 
 
-def check_crop_inside(config: dict, name: str, base: str | Path = ".", source: str | Path | None = None) -> None:
-    """Raise :class:`ConfigError` unless dataset ``name``'s labels at ``labels_offset`` lie inside its raw
-    stack and its train/val ranges inside the crop's z range (reads the TIFF headers only)."""
-    from unet_pipe.tiff import open_tiff_stack
-
-    ds = config["datasets"][name]
-    offset = [int(o) for o in ds["labels_offset"]]
-    raw_shape = open_tiff_stack(Path(base) / ds["raw"]).shape
-    label_shape = open_tiff_stack(Path(base) / ds["labels"]).shape
+def _check_crop(config: dict, name: str, label_shape: Sequence[int], raw_shape: Sequence[int],
+                source: str | Path | None = None) -> None:
+    """Dataset ``name``'s labels at ``labels_offset`` must lie inside its raw stack, and its
+    train/val/calibrate ranges inside the crop's z range."""
+    offset = [int(o) for o in config["datasets"][name]["labels_offset"]]
     if any(o + s > n for o, s, n in zip(offset, label_shape, raw_shape)):
         raise ConfigError(source, f"key 'datasets.{name}.labels_offset': labels of shape {tuple(label_shape)} at "
                           f"{offset} do not lie inside the raw stack of shape {tuple(raw_shape)}")
-    ranges = config["train"]["datasets"].get(name, {})
-    for part in ("train", "val"):
-        if part in ranges and ranges[part][1] > offset[0] + label_shape[0]:
-            raise ConfigError(source, f"key 'train.datasets.{name}.{part}': range {ranges[part]} ends after the "
-                              f"labelled slices [{offset[0]}, {offset[0] + label_shape[0]})")
+    ranges = {f"train.datasets.{name}.{part}": r for part, r in config["train"]["datasets"].get(name, {}).items()
+              if part in ("train", "val")}
+    if name in config["calibrate"]["datasets"]:
+        ranges[f"calibrate.datasets.{name}"] = config["calibrate"]["datasets"][name]
+    low, high = offset[0], offset[0] + label_shape[0]
+    for key, (start, stop) in ranges.items():
+        if start < low or stop > high:
+            raise ConfigError(source, f"key '{key}': range {[start, stop]} is not inside the labelled slices "
+                              f"[{low}, {high})")
 
 
 MAX_CONFIG_BYTES = 2**20
@@ -382,8 +380,11 @@ def check_input_stacks(config: dict, base: str | Path = ".") -> None:
         _check_ranges(config, ds_name, raw.shape[0], raw.path)
         if "labels" in ds:
             labels = open_tiff_stack(Path(base) / ds["labels"])
-            if labels.shape != raw.shape:
-                raise InputError(labels.path, f"shape {labels.shape} differs from {raw.shape} of {raw.path}")
+            if ds.get("labels_offset") is not None:
+                _check_crop(config, ds_name, labels.shape, raw.shape, labels.path)
+            elif labels.shape != raw.shape:
+                raise InputError(labels.path, f"shape {labels.shape} differs from {raw.shape} of {raw.path} "
+                                 f"(labels of a crop: set datasets.{ds_name}.labels_offset)")
 
 
 def _check_ranges(config: dict, name: str, depth: int, path: Path) -> None:

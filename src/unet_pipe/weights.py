@@ -565,7 +565,9 @@ def compute_weight_store(
             staged.mark_done(key)
         levels = meta.levels if pyramid_levels is None else pyramid_levels
         record = provenance({"labels": labels_path}, {**summary, **(extra_params or {})})
-        staged.commit(levels, provenance=record, extra_attrs={"weights": summary})
+        # A crop's weights sit where its labels sit (offset and NGFF translation carried over).
+        placed = {"offset": list(meta.offset)} if any(meta.offset) else {}
+        staged.commit(levels, provenance=record, extra_attrs={"weights": summary, **placed})
     except BaseException:
         # Keep the staging folder for a resume unless nothing useful was written.
         if not staged.done_keys():
