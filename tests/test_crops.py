@@ -85,6 +85,10 @@ def test_ingest_records_the_offset_and_refuses_crops_outside(tmp_path) -> None:
 
     compute_weight_store(dest, tmp_path / "weights.ome.zarr")
     assert image_metadata(tmp_path / "weights.ome.zarr").offset == OFFSET
+    from unet_pipe.weights import write_preview
+
+    png = write_preview(dest, tmp_path / "preview.png", raw_path=tmp_path / "raw.ome.zarr", z=0)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Training picks the offset up from the store; a different configured one is refused.
     config = validate_config({
         "datasets": {"c": {"raw": "raw.tif", "labels": "labels.tif", "labels_offset": list(OFFSET)}},

@@ -626,9 +626,14 @@ def write_preview(
     raw_slice = None
     if raw_path is not None:
         raw = open_image(raw_path)
-        if tuple(raw.shape) != tuple(labels.shape):
-            raise InputError(raw_path, f"shape {raw.shape} differs from {labels.shape} of {labels_path}")
-        raw_slice = np.asarray(raw[z])
+        oz, oy, ox = image_metadata(labels_path).offset  # labels of a crop: show the raw under it
+        box = (z + oz, slice(oy, oy + labels.shape[1]), slice(ox, ox + labels.shape[2]))
+        if any(o + s > n for o, s, n in zip((oz, oy, ox), labels.shape, raw.shape)) or (
+            (oz, oy, ox) == (0, 0, 0) and tuple(raw.shape) != tuple(labels.shape)
+        ):
+            raise InputError(raw_path, f"shape {raw.shape} does not hold the {labels.shape} labels of {labels_path} "
+                             f"at offset {[oz, oy, ox]}")
+        raw_slice = np.asarray(raw[box])
     from unet_pipe.report import weights_figure
 
     inst = _sequential_ids(instances_from_labels(label_slice, WeightParams(**{**asdict(params), "mode": "2d"})))
