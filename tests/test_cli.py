@@ -94,7 +94,9 @@ def test_check_config_composes_overlays(tmp_path, run_cli):
     code, out, _ = run_cli("check-config", "--print", base, mine)
     assert code == 0
     cfg = yaml.safe_load(out)
-    assert cfg["datasets"] == {"b": {"synthetic": {"seed": 4, "shape": [12, 256, 256]}, "voxel_size": None}}
+    assert cfg["datasets"] == {
+        "b": {"synthetic": {"seed": 4, "shape": [12, 256, 256]}, "voxel_size": None, "labels_offset": None}
+    }
     assert (cfg["weights"]["w0"], cfg["weights"]["sigma"]) == (3.0, 7.0)
     assert cfg["predict"]["datasets"] == []
     # In the other order the preset's `a` replaces `b`: order matters.

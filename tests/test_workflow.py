@@ -275,3 +275,30 @@ def test_killed_predict_job_then_rerun_gives_identical_output(clean_runs, tmp_pa
         np.testing.assert_array_equal(
             level0(tmp_path / "results" / "demo" / f"{store}.ome.zarr"), level0(clean / f"{store}.ome.zarr"), err_msg=store
         )
+
+
+def test_unlabelled_value_reaches_weights_calibrate_and_evaluate(tmp_path):
+    cfg = small_config()
+    cfg["weights"]["unlabelled_value"] = 128
+    proc = run_snakemake(tmp_path, "-n", "-p", "--forceall", config=cfg)
+    lines = (proc.stdout + proc.stderr).splitlines()
+    commands = [line.split("unet-pipe ", 1)[1] for line in lines if "unet-pipe " in line]
+    for stage in ("weights", "calibrate", "evaluate"):
+        chosen = [c for c in commands if c.startswith(f"{stage} ")]
+        assert chosen and all("--unlabelled-value 128" in c for c in chosen), (stage, commands)
+
+
+def test_labels_offset_reaches_ingest_and_is_checked_against_the_raw(tmp_path):
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "raw.tif", np.zeros((4, 64, 64), np.uint8), photometric="minisblack")
+    tifffile.imwrite(tmp_path / "labels.tif", np.zeros((3, 32, 40), np.uint8), photometric="minisblack")
+    cfg = small_config()
+    cfg["datasets"]["crop"] = {"raw": "raw.tif", "labels": "labels.tif", "labels_offset": [1, 10, 20]}
+    cfg["train"]["datasets"] = {"crop": {"train": [1, 3], "val": [3, 4]}}
+    proc = run_snakemake(tmp_path, f"{cfg['results']}/crop/labels.ome.zarr", "-n", "-p", config=cfg)
+    ingest = [line for line in (proc.stdout + proc.stderr).splitlines() if "unet-pipe ingest" in line and "--labels" in line]
+    assert ingest and all("--offset 1 10 20" in line for line in ingest), ingest
+    cfg["datasets"]["crop"]["labels_offset"] = [1, 10, 30]  # x: 30 + 40 > 64
+    proc = run_snakemake(tmp_path, "-n", config=cfg, check=False)
+    assert proc.returncode != 0 and "'datasets.crop.labels_offset'" in proc.stdout + proc.stderr

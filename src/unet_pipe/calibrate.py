@@ -32,6 +32,12 @@ and how close the others came.  When the calibration slices are also the
 slices that ``evaluate`` reports (the default), those numbers are optimistic;
 ``calibrate.datasets`` gives a separate range (e.g. ISBI: choose on 20-24,
 report on 25-29).
+
+Sparse truth (``unlabelled_value``): unlabelled pixels are left out of every
+pixel error (numerator and denominator) and are no truth segment, so the
+foreground-restricted Rand score ignores them as it ignores membrane.
+Labelled crops (a truth store with an offset): only the truth's box of the
+probabilities is read; calibration slices are raw slice numbers inside it.
 """
 from __future__ import annotations
 
@@ -80,24 +86,45 @@ def truth_scales(truth_instances: Iterable[np.ndarray]) -> dict[str, float]:
     return {"median_area_px": area, "radius_px": math.sqrt(area / math.pi), "segments": int(all_areas.size)}
 
 
-def _pixel_error(prob: Sequence[np.ndarray], cells: Sequence[np.ndarray], t: float) -> float:
-    wrong = sum(int(np.count_nonzero((p > t) != c)) for p, c in zip(prob, cells))
-    return wrong / sum(c.size for c in cells)
+def _masks(cells: Sequence[np.ndarray], annotated: Sequence[np.ndarray] | None) -> list[np.ndarray | None]:
+    return [None] * len(cells) if annotated is None else list(annotated)
+
+
+def _wrong(pred: np.ndarray, cells: np.ndarray, known: np.ndarray | None) -> tuple[int, int]:
+    """(wrongly classified, scored) pixels; only annotated pixels (``known``) are scored."""
+    diff = pred != cells
+    if known is None:
+        return int(np.count_nonzero(diff)), diff.size
+    return int(np.count_nonzero(diff & known)), int(np.count_nonzero(known))
+
+
+def _pixel_error(
+    prob: Sequence[np.ndarray], cells: Sequence[np.ndarray], t: float, annotated: Sequence[np.ndarray] | None = None
+) -> float:
+    counts = [_wrong(p > t, c, k) for p, c, k in zip(prob, cells, _masks(cells, annotated))]
+    total = sum(n for _, n in counts)
+    return sum(w for w, _ in counts) / total if total else math.nan
 
 
 def _score(
-    params: dict[str, Any], prob: Sequence[np.ndarray], cells: Sequence[np.ndarray], truth: Sequence[np.ndarray]
+    params: dict[str, Any],
+    prob: Sequence[np.ndarray],
+    cells: Sequence[np.ndarray],
+    truth: Sequence[np.ndarray],
+    annotated: Sequence[np.ndarray] | None = None,
 ) -> dict[str, Any]:
     options = {k: params[k] for k in ("seed_threshold", "seed_prominence", "min_size") if k in params}
     errors, wrong, total = [], 0, 0
-    for p, c, t in zip(prob, cells, truth):
+    for p, c, t, k in zip(prob, cells, truth, _masks(cells, annotated)):
         inst = instances_from_probabilities(p, params["method"], params["threshold"], **options)
         errors.append(float(rand_error_per_slice(inst, t)[0]))
-        wrong += int(np.count_nonzero((inst != 0) != c))
-        total += c.size
+        w, n = _wrong(inst != 0, c, k)
+        wrong += w
+        total += n
     finite = [e for e in errors if not math.isnan(e)]
     rand_error = float(np.mean(finite)) if finite else math.nan
-    return {**params, "rand_score": 1.0 - rand_error, "rand_error": rand_error, "pixel_error": wrong / total}
+    pixel = wrong / total if total else math.nan
+    return {**params, "rand_score": 1.0 - rand_error, "rand_error": rand_error, "pixel_error": pixel}
 
 
 def _rank_key(c: dict[str, Any]) -> tuple:
@@ -120,24 +147,30 @@ def calibrate_slices(
     cells: Sequence[np.ndarray],
     truth: Sequence[np.ndarray],
     methods: Sequence[str] = METHODS,
+    annotated: Sequence[np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """Choose the decisions on 2D slices: probabilities, truth cell masks, truth instances.
+    """Choose the decisions on 2D slices: probabilities, truth cell masks, truth instances,
+    and optionally the annotated-pixel masks (sparse truth; None: every pixel is annotated).
 
     Returns ``{'decisions', 'cell_threshold', 'scales', 'pixel_candidates',
     'candidates'}`` (see the module docstring for the rule).
     """
     if not prob or len(prob) != len(cells) or len(prob) != len(truth):
         raise ValueError("need the same positive number of probability, cell and truth slices")
+    if annotated is not None and len(annotated) != len(prob):
+        raise ValueError("need one annotated mask per slice")
+    if annotated is not None and not any(np.any(k) for k in annotated):
+        raise InputError(None, "the calibration slices hold no annotated pixel")
     unknown = sorted(set(methods) - set(METHODS))
     if unknown or not methods:
         raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {list(methods)}")
     scales = truth_scales(truth)
-    pixel = [{"threshold": t, "pixel_error": _pixel_error(prob, cells, t)} for t in THRESHOLDS]
+    pixel = [{"threshold": t, "pixel_error": _pixel_error(prob, cells, t, annotated)} for t in THRESHOLDS]
     cell = min(pixel, key=lambda c: (c["pixel_error"], abs(c["threshold"] - 0.5)))
     min_sizes = sorted({0, int(round(MIN_SIZE_FRACTION * scales["median_area_px"]))})
     candidates = []
     if "threshold" in methods or "watershed" in methods:
-        plain = [_score({"method": "threshold", "threshold": t, "min_size": m}, prob, cells, truth)
+        plain = [_score({"method": "threshold", "threshold": t, "min_size": m}, prob, cells, truth, annotated)
                  for t in THRESHOLDS for m in min_sizes]  # fmt: skip
         if "threshold" in methods:
             candidates += plain
@@ -152,7 +185,7 @@ def calibrate_slices(
                             "method": "watershed", "threshold": t, "seed_threshold": round(t + f * (1 - t), 4),
                             "seed_prominence": round(max(g * scales["radius_px"], 0.5), 3), "min_size": m,
                         }  # fmt: skip
-                        candidates.append(_score(params, prob, cells, truth))
+                        candidates.append(_score(params, prob, cells, truth, annotated))
     winner = choose(candidates)
     decisions = {k: winner[k] for k in DECISION_KEYS if k in winner}
     decisions.setdefault("seed_threshold", max(0.9, decisions["threshold"]))
@@ -174,34 +207,47 @@ def load_slices(
     slices: Sequence[int],
     truth_mode: str = "binary",
     foreground_value: int | None = 255,
-) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
-    """The calibration slices ``[start, stop)`` of one dataset, as lists of 2D arrays."""
+    unlabelled_value: int | None = None,
+) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """The calibration slices ``[start, stop)`` of one dataset, as lists of 2D arrays:
+    probabilities, truth cell masks, truth instances and annotated masks (all True
+    unless ``unlabelled_value`` is given; unlabelled pixels are neither cell nor segment)."""
     probabilities, truth = Path(probabilities), Path(truth)
     prob_arr, scale = open_probabilities(probabilities)
     truth_meta = image_metadata(truth)
-    if tuple(prob_arr.shape) != truth_meta.shape:
+    oz, oy, ox = offset = truth_meta.offset
+    if offset == (0, 0, 0) and tuple(prob_arr.shape) != truth_meta.shape:
         raise InputError(truth, f"shape {truth_meta.shape} differs from {tuple(prob_arr.shape)} of {probabilities}")
+    if any(o + s > n for o, s, n in zip(offset, truth_meta.shape, prob_arr.shape)):
+        raise InputError(truth, f"labels of shape {truth_meta.shape} at offset {list(offset)} do not lie inside "
+                         f"the {tuple(prob_arr.shape)} stack of {probabilities}")
+    box = (slice(oy, oy + truth_meta.shape[1]), slice(ox, ox + truth_meta.shape[2]))
     if truth_meta.dtype.kind not in "uib":
         raise InputError(truth, f"truth labels must be integers, found dtype {truth_meta.dtype}")
     start, stop = (int(s) for s in slices)
-    if not 0 <= start < stop <= truth_meta.shape[0]:
-        raise InputError(truth, f"calibration slices [{start}, {stop}) outside the stack of {truth_meta.shape[0]}")
+    if not oz <= start < stop <= oz + truth_meta.shape[0]:
+        where = f"the stack of {truth_meta.shape[0]}" if oz == 0 else f"the labelled slices [{oz}, {oz + truth_meta.shape[0]})"
+        raise InputError(truth, f"calibration slices [{start}, {stop}) outside {where}")
     truth_arr = open_image(truth)
-    prob, cells, inst = [], [], []
+    prob, cells, inst, known = [], [], [], []
     for z in range(start, stop):
-        t = np.asarray(truth_arr[z])
+        t = np.asarray(truth_arr[z - oz])
+        k = np.ones(t.shape, bool) if unlabelled_value is None else t != unlabelled_value
         if truth_mode == "binary":
-            c = t == foreground_value
+            c = (t == foreground_value) if foreground_value is not None else (t != 0)
+            c &= k
             i = instances_from_binary(c)
         else:
-            c, i = t != 0, t
-        p = as_probability(prob_arr[z], scale)
+            c = (t != 0) & k
+            i = np.where(k, t, 0)
+        p = as_probability(prob_arr[(z, *box)], scale)
         if not np.all(np.isfinite(p)):
             raise InputError(probabilities, f"slice {z} holds non-finite probabilities")
         prob.append(p)
         cells.append(c)
         inst.append(i)
-    return prob, cells, inst
+        known.append(k)
+    return prob, cells, inst, known
 
 
 def calibrate(
@@ -211,25 +257,30 @@ def calibrate(
     truth_mode: str = "binary",
     foreground_value: int | None = 255,
     methods: Sequence[str] = METHODS,
+    unlabelled_value: int | None = None,
 ) -> dict[str, Any]:
     """Choose the decisions on ``{name: {'probabilities': path, 'truth': path, 'slices': [a, b]}}``
     and write them, with every candidate's scores, to ``out_json`` (atomically)."""
-    prob, cells, truth = [], [], []
+    prob, cells, truth, known = [], [], [], []
     inputs: dict[str, Path] = {}
     for name, spec in sorted(datasets.items()):
-        p, c, t = load_slices(spec["probabilities"], spec["truth"], spec["slices"], truth_mode, foreground_value)
+        p, c, t, k = load_slices(
+            spec["probabilities"], spec["truth"], spec["slices"], truth_mode, foreground_value, unlabelled_value
+        )
         prob += p
         cells += c
         truth += t
+        known += k
         inputs[f"{name}.probabilities"] = Path(spec["probabilities"])
         inputs[f"{name}.truth"] = Path(spec["truth"])
     if not prob:
         raise InputError(None, "no calibration slices given")
-    result = calibrate_slices(prob, cells, truth, methods)
+    result = calibrate_slices(prob, cells, truth, methods, None if unlabelled_value is None else known)
     params = {
         "slices": {name: [int(v) for v in spec["slices"]] for name, spec in sorted(datasets.items())},
         "truth_mode": truth_mode,
         "foreground_value": foreground_value,
+        "unlabelled_value": unlabelled_value,
         "methods": list(methods),
     }
     out = {"criterion": CRITERION, **params, **result, "provenance": provenance(inputs, params)}

@@ -152,6 +152,10 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunks", type=_chunks, default=None, help="Z,Y,X chunk shape (default: config or 1,512,512)")
     p.add_argument("--labels", action="store_true", help="the stack holds labels (integer dtype, nearest pyramid)")
     p.add_argument("--like", type=Path, metavar="RAW.ome.zarr", help="check that SRC has the shape of this image")
+    p.add_argument(
+        "--offset", nargs=3, type=int, metavar=("Z", "Y", "X"),
+        help="with --like: SRC labels a crop of RAW starting at this voxel (recorded as an NGFF translation)",
+    )
     p.add_argument("--voxel-size", nargs=3, type=float, metavar=("Z", "Y", "X"), help="micrometres")
     p.add_argument("--pyramid-levels", type=int, default=None, help="2x (y, x) downsampled levels (default 2)")
     p.add_argument("--compression", type=_compression, default=None, metavar="CODEC:LEVEL[:BLOCKSIZE]",
@@ -183,6 +187,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         compression=args.compression or section.get("compression"),
         kind="labels" if args.labels else "image",
         like=args.like,
+        offset=args.offset,
         overwrite=args.overwrite,
         # The source's checksum is the sha256 of its array bytes, computed while
         # streaming (attrs unet_pipe.array_sha256): hashing the file would read it twice.
@@ -326,6 +331,9 @@ def _add_weights(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--foreground-value", type=int, help="cell value of binary labels (default 255)")
     p.add_argument("--mode", choices=("2d", "3d"), help="2d (default): per slice; 3d: volumetric, voxel size")
+    p.add_argument(
+        "--unlabelled-value", type=int, metavar="V", help="label value of unannotated pixels (weight 0; default none)"
+    )
     p.add_argument("--config", help="take the settings not given as flags from this config's weights section")
     p.add_argument("--threads", type=int, default=1, help="Dask threads (default 1)")
     p.add_argument("--pyramid-levels", type=int, help="default: as many as LABELS")
@@ -353,6 +361,7 @@ def _cmd_weights(args: argparse.Namespace) -> int:
         label_mode=args.label_mode,
         foreground_value=args.foreground_value,
         mode=args.mode,
+        unlabelled_value=args.unlabelled_value,
     )
     if args.dest is not None:
         summary = compute_weight_store(
@@ -475,6 +484,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         "components per slice; instances: truth holds ids (0 = membrane)",
     )
     p.add_argument("--foreground-value", type=int, default=None, help="cell value of binary truth (default: nonzero)")
+    p.add_argument(
+        "--unlabelled-value", type=int, metavar="V", help="truth value of unannotated pixels, left out of every score"
+    )
     p.set_defaults(func=_cmd_evaluate)
 
 
@@ -503,6 +515,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         truth_mode=args.truth_mode,
         foreground_value=args.foreground_value,
+        unlabelled_value=args.unlabelled_value,
         decisions=decisions,
         progress=progress_enabled(args),
     )

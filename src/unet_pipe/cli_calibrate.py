@@ -36,6 +36,9 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--truth-mode", choices=("binary", "instances"), default="binary")
     p.add_argument("--foreground-value", type=int, default=255, help="cell value of binary truth (default 255)")
     p.add_argument(
+        "--unlabelled-value", type=int, metavar="V", help="truth value of unannotated pixels, left out of every score"
+    )
+    p.add_argument(
         "--methods", default="threshold,watershed", help="instance methods to consider (default: threshold,watershed)"
     )
     p.set_defaults(func=_cmd_calibrate)
@@ -61,7 +64,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     if not methods or any(m not in METHODS for m in methods):
         raise UnetPipeError(None, f"--methods must list some of {', '.join(METHODS)}, got {args.methods!r}")
     calibrate(
-        datasets, args.out, truth_mode=args.truth_mode, foreground_value=args.foreground_value, methods=methods
+        datasets, args.out, truth_mode=args.truth_mode, foreground_value=args.foreground_value, methods=methods,
+        unlabelled_value=args.unlabelled_value,
     )
     log.info("wrote %s", args.out)
     return 0

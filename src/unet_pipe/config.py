@@ -13,7 +13,7 @@ import math
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jsonschema
 import yaml
@@ -104,9 +104,17 @@ def _check_semantics(config: dict, source: str | Path | None) -> None:
                                   "(Snakemake reads them as wildcards); rename the file or folder")
     if "{" in str(config.get("results", "")) or "}" in str(config.get("results", "")):
         raise ConfigError(source, "key 'results': braces in paths are not supported (Snakemake wildcards)")
+    for name, ds in datasets.items():
+        if ds.get("labels_offset") is not None and "labels" not in ds:
+            raise ConfigError(source, f"key 'datasets.{name}.labels_offset': the dataset has no 'labels'")
     for name, ranges in config["train"]["datasets"].items():
         if name not in datasets:
             raise ConfigError(source, f"key 'train.datasets.{name}': no such dataset in 'datasets'")
+        offset = datasets[name].get("labels_offset")
+        for part in ("train", "val"):
+            if offset is not None and part in ranges and ranges[part][0] < offset[0]:
+                raise ConfigError(source, f"key 'train.datasets.{name}.{part}': range {ranges[part]} starts before "
+                                  f"the labelled crop (labels_offset z = {offset[0]})")
         if "labels" not in datasets[name] and "synthetic" not in datasets[name]:
             raise ConfigError(source, f"key 'train.datasets.{name}': dataset has no 'labels' to train on")
         for part in ("train", "val"):
@@ -119,6 +127,14 @@ def _check_semantics(config: dict, source: str | Path | None) -> None:
                     source, f"key 'train.datasets.{name}': train {ranges['train']} and val {ranges['val']} overlap "
                     "(validation slices must be held out)"
                 )
+    weights = config["weights"]
+    unlabelled = weights.get("unlabelled_value")
+    if unlabelled is not None and (
+        unlabelled == 0 or (weights["label_mode"] == "binary" and unlabelled == weights["foreground_value"])
+    ):
+        # Unlabelled must be neither class, or annotated pixels would silently drop out of the loss.
+        raise ConfigError(source, f"key 'weights.unlabelled_value': {unlabelled} is a class value "
+                          "(0 = membrane/background, foreground_value = cell); pick a value the labels use for neither")
     init = config["train"].get("init_from")
     if init is not None and os.path.normpath(init) == os.path.normpath(f"{config['results']}/model/checkpoint.pt"):
         # The workflow's own output: as an input of train it would be a cycle.
@@ -167,6 +183,25 @@ def check_inputs_exist(config: dict, base: str | Path = ".", source: str | Path 
                 if results == given or given in results.parents:
                     raise ConfigError(source, f"key 'results': '{config['results']}' is or lies inside the input "
                                       f"'{ds[key]}' (datasets.{name}.{key}); keep results apart from the inputs")
+
+
+def _check_crop(config: dict, name: str, label_shape: Sequence[int], raw_shape: Sequence[int],
+                source: str | Path | None = None) -> None:
+    """Dataset ``name``'s labels at ``labels_offset`` must lie inside its raw stack, and its
+    train/val/calibrate ranges inside the crop's z range."""
+    offset = [int(o) for o in config["datasets"][name]["labels_offset"]]
+    if any(o + s > n for o, s, n in zip(offset, label_shape, raw_shape)):
+        raise ConfigError(source, f"key 'datasets.{name}.labels_offset': labels of shape {tuple(label_shape)} at "
+                          f"{offset} do not lie inside the raw stack of shape {tuple(raw_shape)}")
+    ranges = {f"train.datasets.{name}.{part}": r for part, r in config["train"]["datasets"].get(name, {}).items()
+              if part in ("train", "val")}
+    if name in config["calibrate"]["datasets"]:
+        ranges[f"calibrate.datasets.{name}"] = config["calibrate"]["datasets"][name]
+    low, high = offset[0], offset[0] + label_shape[0]
+    for key, (start, stop) in ranges.items():
+        if start < low or stop > high:
+            raise ConfigError(source, f"key '{key}': range {[start, stop]} is not inside the labelled slices "
+                              f"[{low}, {high})")
 
 
 MAX_CONFIG_BYTES = 2**20
@@ -345,8 +380,11 @@ def check_input_stacks(config: dict, base: str | Path = ".") -> None:
         _check_ranges(config, ds_name, raw.shape[0], raw.path)
         if "labels" in ds:
             labels = open_tiff_stack(Path(base) / ds["labels"])
-            if labels.shape != raw.shape:
-                raise InputError(labels.path, f"shape {labels.shape} differs from {raw.shape} of {raw.path}")
+            if ds.get("labels_offset") is not None:
+                _check_crop(config, ds_name, labels.shape, raw.shape, labels.path)
+            elif labels.shape != raw.shape:
+                raise InputError(labels.path, f"shape {labels.shape} differs from {raw.shape} of {raw.path} "
+                                 f"(labels of a crop: set datasets.{ds_name}.labels_offset)")
 
 
 def _check_ranges(config: dict, name: str, depth: int, path: Path) -> None:

@@ -14,6 +14,19 @@ pixels of all slices.  Slices can be tagged ``train``/``val`` (the ranges
 training used) so that held-out performance is reported separately: metrics
 on training slices flatter the model.
 
+Sparse truth (``unlabelled_value``): pixels holding that value were not
+annotated and are left out.  The pixel error and IoU count annotated pixels
+only; truth segments are the components of annotated cell pixels, so the
+foreground-restricted Rand/VI tables and the ISBI protocol's V_rand/V_info
+(which score only truth-foreground pixels) never see an unlabelled pixel.  The
+warping error needs the truth's topology over the whole slice, so it is NaN on
+slices with any unlabelled pixel (and the subset mean skips them).  Slices
+without annotated pixels have NaN scores throughout.
+
+Labelled crops: a truth store with an offset (``unet_pipe.offset``, written by
+``ingest --offset``) covers only a box of the prediction; only that box is
+scored (slices default to its z range; ``z`` stays the raw slice number).
+
 Outputs: ``metrics.json`` (summary per subset, per-slice rows, definitions,
 inputs, provenance) and, next to it, ``metrics.csv`` with one row per slice.
 """
@@ -83,6 +96,9 @@ DEFINITIONS: dict[str, str] = {
     "same thinning, mean over slices, best over the same thresholds (v_info_threshold: that t)",
     "v_rand_at_decision": "per slice: V_rand after thinning at the decision threshold",
     "v_info_at_decision": "per slice: V_info after thinning at the decision threshold",
+    "unlabelled": "with an unlabelled value: pixel error and IoU over annotated pixels only; Rand/VI and "
+    "V_rand/V_info on annotated cell pixels (truth segments are components of annotated cells); warping error "
+    "NaN on slices with unlabelled pixels",
     "summary": "mean over slices (slices without truth foreground excluded from Rand/VI); iou pooled; "
     "v_rand/v_info: best threshold of the subset's mean curve (summary.<subset>.protocol_curve)",
 }
@@ -103,18 +119,34 @@ def score_slice(
     truth_cells: np.ndarray,
     prob: np.ndarray | None = None,
     threshold: float = 0.5,
+    annotated: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """All metrics of one 2D slice (NaN where undefined), plus IoU counts for pooling."""
+    """All metrics of one 2D slice (NaN where undefined), plus IoU counts for pooling.
+
+    ``annotated``: mask of the annotated truth pixels (None: all); ``truth_cells`` and
+    ``truth_instances`` must be 0 elsewhere.  See the module docstring for what each
+    metric does with unlabelled pixels.
+    """
     pred_cells = instances != 0
+    known = np.ones(truth_cells.shape, bool) if annotated is None else np.asarray(annotated, bool)
+    n_known = int(np.count_nonzero(known))
+    if prob is None or n_known == 0:
+        pixel = math.nan
+    elif annotated is None:
+        pixel = pixel_error(prob, truth_cells, threshold)
+    else:
+        pixel = int(np.count_nonzero(((prob > threshold) != truth_cells) & known)) / n_known
     row: dict[str, Any] = {
-        "pixel_error": pixel_error(prob, truth_cells, threshold) if prob is not None else math.nan,
+        "pixel_error": pixel,
         "truth_segments": int(np.unique(truth_instances[truth_instances != 0]).size),
         "predicted_segments": int(np.unique(instances[instances != 0]).size),
-        "_intersection": int(np.count_nonzero(pred_cells & truth_cells)),
-        "_union": int(np.count_nonzero(pred_cells | truth_cells)),
+        "_intersection": int(np.count_nonzero(pred_cells & truth_cells & known)),
+        "_union": int(np.count_nonzero((pred_cells | truth_cells) & known)),
     }
-    row["iou"] = row["_intersection"] / row["_union"] if row["_union"] else 1.0
+    row["iou"] = row["_intersection"] / row["_union"] if row["_union"] else (1.0 if n_known else math.nan)
     row.update(_protocol_scores(prob, truth_instances, truth_cells, threshold))
+    if n_known < known.size:
+        row["warping_error"] = math.nan  # the truth's topology is unknown where nobody annotated
     rs, (split, merge) = segmentation_scores(instances, truth_instances)
     if rs is not None:
         row.update(
@@ -184,6 +216,7 @@ def evaluate(
     threshold: float = 0.5,
     truth_mode: TruthMode = "binary",
     foreground_value: int | None = None,
+    unlabelled_value: int | None = None,
     decisions: dict[str, Any] | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -192,6 +225,7 @@ def evaluate(
     ``slices``: half-open ``[start, stop)`` z range to evaluate (default all);
     ``train_slices``/``val_slices``: ranges tagged ``train``/``val`` in the
     per-slice rows and summarised separately (other slices are ``other``).
+    ``unlabelled_value``: truth value of unannotated pixels (left out, see the module docstring).
     ``raw`` is only recorded, for the report's figures; ``decisions`` (from
     :func:`unet_pipe.calibrate.read_decisions`) are recorded with the metrics.  Returns the JSON dict;
     the CSV goes to ``out_json`` with suffix ``.csv``.
@@ -201,8 +235,13 @@ def evaluate(
         raise ValueError(f"truth_mode must be 'binary' or 'instances', got {truth_mode!r}")
     pred_meta = image_metadata(instances)
     truth_meta = image_metadata(truth)
-    if truth_meta.shape != pred_meta.shape:
+    oz, oy, ox = offset = truth_meta.offset
+    if offset == (0, 0, 0) and truth_meta.shape != pred_meta.shape:
         raise InputError(truth, f"shape {truth_meta.shape} differs from {pred_meta.shape} of {instances}")
+    if any(o + s > n for o, s, n in zip(offset, truth_meta.shape, pred_meta.shape)):
+        raise InputError(truth, f"labels of shape {truth_meta.shape} at offset {list(offset)} do not lie inside "
+                         f"the {pred_meta.shape} stack of {instances}")
+    box = (slice(oy, oy + truth_meta.shape[1]), slice(ox, ox + truth_meta.shape[2]))
     if truth_meta.dtype.kind not in "uib":
         raise InputError(truth, f"truth labels must be integers, found dtype {truth_meta.dtype}")
     pred_arr = open_image(instances)
@@ -216,7 +255,11 @@ def evaluate(
                 probabilities, f"shape {tuple(prob_arr.shape)} differs from {pred_meta.shape} of {instances}"
             )
     nz = pred_meta.shape[0]
-    zs = _slice_range(slices, nz, "evaluated", instances) or range(nz)
+    labelled = range(oz, oz + truth_meta.shape[0])
+    zs = _slice_range(slices, nz, "evaluated", instances) or labelled
+    if zs.start < labelled.start or zs.stop > labelled.stop:
+        raise InputError(truth, f"evaluated slices [{zs.start}, {zs.stop}) outside the labelled slices "
+                         f"[{labelled.start}, {labelled.stop})")
     train = _slice_range(train_slices, nz, "train", instances) or range(0)
     val = _slice_range(val_slices, nz, "val", instances) or range(0)
 
@@ -232,16 +275,19 @@ def evaluate(
 
         z_iter = tqdm(zs, unit="slice", desc=f"evaluate {instances.name}")
     for z in z_iter:
-        t = np.asarray(truth_arr[z])
+        t = np.asarray(truth_arr[z - oz])
+        known = None if unlabelled_value is None else t != unlabelled_value
         if truth_mode == "binary":
             cells = t == foreground_value if foreground_value is not None else binarize(t)
+            if known is not None:
+                cells &= known
             truth_inst = instances_from_binary(cells)
             any_cells = any_cells or bool(cells.any())
         else:
-            cells = t != 0
-            truth_inst = t
-        prob = as_probability(prob_arr[z], scale) if prob_arr is not None else None
-        row = score_slice(np.asarray(pred_arr[z]), truth_inst, cells, prob, threshold)
+            cells = t != 0 if known is None else (t != 0) & known
+            truth_inst = t if known is None else np.where(known, t, 0)
+        prob = as_probability(prob_arr[(z, *box)], scale) if prob_arr is not None else None
+        row = score_slice(np.asarray(pred_arr[(z, *box)]), truth_inst, cells, prob, threshold, known)
         subset = "val" if z in val else "train" if z in train else "other"
         rows.append({"z": z, "subset": subset, **row})
 
@@ -263,6 +309,8 @@ def evaluate(
         "threshold": threshold,
         "truth_mode": truth_mode,
         "foreground_value": foreground_value,
+        "unlabelled_value": unlabelled_value,
+        "truth_offset": list(offset),
         "decisions": decisions,
     }
     result = {

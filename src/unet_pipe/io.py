@@ -75,6 +75,16 @@ class ImageMeta:
     levels: int
     attrs: dict = field(default_factory=dict)
 
+    @property
+    def offset(self) -> tuple[int, int, int]:
+        """(z, y, x) pixel offset of a labelled crop in its raw image (``unet_pipe.offset``; default 0)."""
+        value = self.attrs.get(ATTRS_KEY, {}).get("offset") if isinstance(self.attrs.get(ATTRS_KEY), dict) else None
+        if value is None:
+            return (0, 0, 0)
+        if not (isinstance(value, list) and len(value) == 3 and all(isinstance(v, int) and v >= 0 for v in value)):
+            raise InputError(self.path, f"offset {value!r} must be three non-negative integers (z, y, x)")
+        return (value[0], value[1], value[2])
+
 
 def _compressor(compression: dict[str, Any] | None) -> numcodecs.Blosc:
     c = {**DEFAULT_COMPRESSION, **(compression or {})}
@@ -85,17 +95,22 @@ def _compressor(compression: dict[str, Any] | None) -> numcodecs.Blosc:
 
 
 def multiscales_metadata(
-    name: str, voxel_size: Sequence[float], levels: int, kind: str = "image"
+    name: str, voxel_size: Sequence[float], levels: int, kind: str = "image", offset: Sequence[int] | None = None
 ) -> dict[str, Any]:
-    """NGFF 0.4 ``multiscales`` block: level 0 first, each further level 2x coarser in y, x."""
+    """NGFF 0.4 ``multiscales`` block: level 0 first, each further level 2x coarser in y, x.
+
+    ``offset``: (z, y, x) pixel position of this image's first voxel in the image it
+    annotates (a labelled crop), written as an NGFF ``translation`` in micrometres.
+    """
     vz, vy, vx = (float(v) for v in voxel_size)
-    datasets = [
-        {
-            "path": str(level),
-            "coordinateTransformations": [{"type": "scale", "scale": [vz, vy * 2**level, vx * 2**level]}],
-        }
-        for level in range(levels + 1)
-    ]
+    moved = offset is not None and any(int(o) for o in offset)
+    datasets = []
+    for level in range(levels + 1):
+        transforms: list[dict[str, Any]] = [{"type": "scale", "scale": [vz, vy * 2**level, vx * 2**level]}]
+        if moved:
+            oz, oy, ox = (int(o) for o in offset)
+            transforms.append({"type": "translation", "translation": [oz * vz, oy * vy, ox * vx]})
+        datasets.append({"path": str(level), "coordinateTransformations": transforms})
     return {
         "version": NGFF_VERSION,
         "name": name,
@@ -276,7 +291,11 @@ class StagedImage:
         else:
             levels = write_pyramid(self.group, pyramid_levels, kind=self.kind, compression=self.compression)
         attrs = {
-            "multiscales": [multiscales_metadata(self.dest.name, self.voxel_size, levels, self.kind)],
+            "multiscales": [
+                multiscales_metadata(
+                    self.dest.name, self.voxel_size, levels, self.kind, (extra_attrs or {}).get("offset")
+                )
+            ],
             ATTRS_KEY: {"kind": self.kind, **(provenance and {"provenance": provenance} or {}), **(extra_attrs or {})},
         }
         if self.kind == "labels":
@@ -535,6 +554,7 @@ def ingest_tiff(
     progress: bool = False,
     max_buffer_bytes: int = MAX_BUFFER_BYTES,
     threads: int | None = None,
+    offset: Sequence[int] | None = None,
 ) -> Path:
     """Stream a TIFF stack into an OME-Zarr image.
 
@@ -545,7 +565,9 @@ def ingest_tiff(
     by the slice width, not its area.  Values and dtype
     are preserved exactly; the sha256 of the array bytes is stored in the
     attributes (``unet_pipe.array_sha256``).  ``kind='labels'`` requires an
-    integer dtype and, with ``like``, the same shape as that image.  Voxel
+    integer dtype and, with ``like``, the same shape as that image, or with
+    ``offset`` (z, y, x) a crop of it that starts there and lies inside it
+    (recorded as ``unet_pipe.offset`` and an NGFF translation).  Voxel
     size: the argument if given, else TIFF metadata, else 1 µm with a warning.
     ``threads``: chunk-encoding threads (default: the cores this process may
     use, at most 16); reading, downsampling and hashing run beside them.
@@ -556,10 +578,20 @@ def ingest_tiff(
     dest = Path(dest)
     if kind == "labels" and source.dtype.kind not in "uib":
         raise InputError(source.path, f"labels must be integers, found dtype {source.dtype}")
+    if offset is not None:
+        offset = tuple(int(o) for o in offset)
+        if len(offset) != 3 or min(offset) < 0:
+            raise InputError(source.path, f"offset {offset} must be three non-negative integers (z, y, x)")
+        if like is None:
+            raise InputError(source.path, "an offset needs the image the labels annotate (--like RAW)")
     if like is not None:
         ref = image_metadata(like)
-        if tuple(ref.shape) != source.shape:
-            raise InputError(source.path, f"shape {source.shape} differs from {tuple(ref.shape)} of {ref.path}")
+        if offset is None and tuple(ref.shape) != source.shape:
+            raise InputError(source.path, f"shape {source.shape} differs from {tuple(ref.shape)} of {ref.path}; "
+                             "labels of a crop need its offset (datasets.NAME.labels_offset / --offset)")
+        if offset is not None and any(o + s > n for o, s, n in zip(offset, source.shape, ref.shape)):
+            raise InputError(source.path, f"shape {source.shape} at offset {list(offset)} does not lie inside "
+                             f"the {tuple(ref.shape)} stack of {ref.path}")
         if voxel_size is None:
             voxel_size = ref.voxel_size
     if voxel_size is None:
@@ -634,6 +666,7 @@ def ingest_tiff(
             extra_attrs={
                 "array_sha256": digest.hexdigest(),
                 "source": {"path": str(source.path), "files": len(source.files)},
+                **({"offset": list(offset)} if offset is not None else {}),
             },
             source_image=like if kind == "labels" else None,
         )

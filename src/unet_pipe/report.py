@@ -123,17 +123,23 @@ def slice_figure(metrics: dict[str, Any], slices: Sequence[tuple[int, str]], des
     raw = open_image(inputs["raw"]) if inputs.get("raw") else None
     params = metrics.get("params", {})
     by_z = {r["z"]: r for r in metrics["per_slice"]}
-    step = max(1, math.ceil(max(pred.shape[1:]) / _MAX_PANEL_PIXELS))
+    # Truth of a crop: show its box only (the part that was scored).
+    oz, oy, ox = params.get("truth_offset") or (0, 0, 0)
+    box = (slice(oy, oy + truth.shape[1]), slice(ox, ox + truth.shape[2]))
+    unlabelled = params.get("unlabelled_value")
+    step = max(1, math.ceil(max(truth.shape[1:]) / _MAX_PANEL_PIXELS))
     fig = _new_figure(4 * 3.0, len(slices) * 3.2)
     for row, (z, tag) in enumerate(slices):
-        p = np.asarray(pred[z])[::step, ::step]
-        t = np.asarray(truth[z])
+        p = np.asarray(pred[(z, *box)])[::step, ::step]
+        t = np.asarray(truth[z - oz])
+        if unlabelled is not None:
+            t = np.where(t == unlabelled, 0, t)  # unlabelled pixels are shown as no cell
         if params.get("truth_mode", "binary") == "binary":
             fg = params.get("foreground_value")
             cells = t == fg if fg is not None else t != 0
             t = instances_from_binary(cells)
         t = t[::step, ::step]
-        gray = np.asarray(raw[z])[::step, ::step] if raw is not None else np.zeros(p.shape, np.float32)
+        gray = np.asarray(raw[(z, *box)])[::step, ::step] if raw is not None else np.zeros(p.shape, np.float32)
         err = by_z.get(z, {}).get("rand_error")
         panels = (
             (gray, f"z={z} raw ({tag})" if raw is not None else f"z={z} ({tag}, no raw image)"),

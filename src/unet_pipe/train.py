@@ -46,6 +46,7 @@ from unet_pipe.data import (
     PERCENTILES,
     TileSampler,
     Volume,
+    annotated_mask,
     center_crop,
     label_classes,
     normalize_raw,
@@ -172,22 +173,31 @@ class ValidationData:
     raw: np.ndarray
     classes: np.ndarray
     truth_instances: np.ndarray
+    annotated: np.ndarray | None = None  # sparse labels: the annotated pixels (None: all)
+    box: tuple[slice, slice] = (slice(None), slice(None))  # labelled crop: its (y, x) part of ``raw``
 
 
-def load_validation(volumes: list[Volume], label_mode: str, foreground_value: int) -> list[ValidationData]:
+def load_validation(
+    volumes: list[Volume], label_mode: str, foreground_value: int, unlabelled_value: int | None = None
+) -> list[ValidationData]:
+    """Validation slices in memory; unlabelled pixels are no truth segment and leave the pixel error."""
     out = []
     for v in volumes:
         if v.val is None:
             continue
         z0, z1 = v.val
-        labels = np.asarray(v.labels[z0:z1])
-        classes = label_classes(labels, label_mode, foreground_value)
+        oz, oy, ox = (int(o) for o in v.labels_offset)
+        labels = np.asarray(v.labels[z0 - oz : z1 - oz])
+        # Whole raw slices are predicted (real context around a crop), then cut to the labelled box.
+        box = (slice(oy, oy + labels.shape[1]), slice(ox, ox + labels.shape[2]))
+        classes = label_classes(labels, label_mode, foreground_value, unlabelled_value)
+        known = None if unlabelled_value is None else annotated_mask(labels, unlabelled_value)
         if label_mode == "binary":
-            truth = instances_from_binary(labels, foreground_value)
+            truth = instances_from_binary(classes == 1)
         else:
-            truth = labels.astype(np.uint32)
+            truth = (labels if known is None else np.where(known, labels, 0)).astype(np.uint32)
         raw = normalize_raw(np.asarray(v.raw[z0:z1]), v.intensity)
-        out.append(ValidationData(v.name, raw, classes, truth))
+        out.append(ValidationData(v.name, raw, classes, truth, known, box))
     return out
 
 
@@ -223,9 +233,14 @@ def validate(
     model.eval()
     try:
         for d in data:
-            prob = predict_probabilities(model, d.raw, device, precision=precision)
-            wrong += int(np.count_nonzero((prob > threshold) != (d.classes == 1)))
-            total += prob.size
+            prob = predict_probabilities(model, d.raw, device, precision=precision)[(slice(None), *d.box)]
+            diff = (prob > threshold) != (d.classes == 1)
+            if d.annotated is None:
+                wrong += int(np.count_nonzero(diff))
+                total += prob.size
+            else:
+                wrong += int(np.count_nonzero(diff & d.annotated))
+                total += int(np.count_nonzero(d.annotated))
             pred = np.stack([instances_from_probabilities(p, method, threshold, **options) for p in prob])
             errors.append(rand_error_per_slice(pred, d.truth_instances))
     finally:
@@ -370,6 +385,11 @@ def open_stores(stores: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, 
         opened[name] = {}
         for key, value in parts.items():
             if isinstance(value, (str, Path)):
+                if key == "labels":
+                    from unet_pipe.io import image_metadata
+
+                    offset = image_metadata(value).offset
+                    opened[name]["labels_offset"] = offset if any(offset) else None
                 value = open_image(value)
             opened[name][key] = value
     return opened
@@ -468,9 +488,12 @@ def _train(
         dims=model_cfg["dims"],
         label_mode=weights_cfg["label_mode"],
         foreground_value=weights_cfg["foreground_value"],
+        unlabelled_value=weights_cfg.get("unlabelled_value"),
     )
     augment = AugmentParams.from_config(train_cfg.get("augment"))
-    val_data = load_validation(volumes, weights_cfg["label_mode"], weights_cfg["foreground_value"])
+    val_data = load_validation(
+        volumes, weights_cfg["label_mode"], weights_cfg["foreground_value"], weights_cfg.get("unlabelled_value")
+    )
 
     torch.manual_seed(seed)
     model = UNet(

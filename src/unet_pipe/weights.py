@@ -17,6 +17,15 @@ Conventions
   over the WHOLE label volume, ``N`` the total and ``K`` the number of classes
   present, so that the mean of ``w_c`` over the volume is exactly 1.  A class
   that does not occur gets weight 0 (no pixel uses it).
+* Sparse annotations (``unlabelled_value`` set): pixels holding that value are
+  *unlabelled*, neither cell nor membrane.  Objects are the connected
+  components of the annotated cell pixels only; ``d1``/``d2`` are Euclidean
+  distances to those objects, measured straight through unlabelled pixels (a
+  cell nobody annotated contributes nothing, so an annotated membrane next to
+  an unlabelled region may get a smaller border term than with full labels).
+  Class counts ``N_k`` and ``N`` count annotated pixels only, so the mean of
+  ``w_c`` over the *annotated* pixels is 1; every unlabelled pixel gets weight
+  exactly 0, so it contributes nothing to the weighted loss.
 * 2d mode: objects and distances per slice (anisotropic EM).  3d mode: objects
   are 3D (face-connected) and distances respect the voxel size.
 
@@ -82,7 +91,8 @@ class WeightParams:
     ``w0`` amplitude and ``sigma`` width (x pixels) of the border term;
     ``tolerance`` its truncation error relative to ``w0``; ``label_mode`` ``binary`` (0 =
     membrane/background, ``foreground_value`` = cell) or ``instances`` (ids,
-    0 = background); ``mode`` ``2d`` (per slice) or ``3d``.
+    0 = background); ``mode`` ``2d`` (per slice) or ``3d``; ``unlabelled_value``
+    the label value of pixels nobody annotated (None: every pixel is labelled).
     """
 
     w0: float = DEFAULT_W0
@@ -91,6 +101,7 @@ class WeightParams:
     label_mode: str = "binary"
     foreground_value: int = 255
     mode: str = "2d"
+    unlabelled_value: int | None = None
 
     def __post_init__(self) -> None:
         # Upper bounds: beyond them the weights overflow float32 or the halo overflows (sigma 1e300).
@@ -106,6 +117,14 @@ class WeightParams:
             raise ConfigError(None, "weights.foreground_value must not be 0 (0 is membrane/background)")
         if self.mode not in MODES:
             raise ConfigError(None, f"weights.mode must be one of {MODES}, got {self.mode!r}")
+        u = self.unlabelled_value
+        if u is not None:
+            if isinstance(u, bool) or not isinstance(u, int):
+                raise ConfigError(None, f"weights.unlabelled_value must be an integer or null, got {u!r}")
+            # The unlabelled value must be neither class, else annotated pixels would vanish.
+            if u == 0 or (self.label_mode == "binary" and u == self.foreground_value):
+                taken = "0 (membrane/background)" if u == 0 else f"the cell value {u}"
+                raise ConfigError(None, f"weights.unlabelled_value must differ from {taken}")
 
     @classmethod
     def from_config(cls, section: dict[str, Any] | None, **overrides: Any) -> WeightParams:
@@ -165,7 +184,7 @@ def check_labels(labels: np.ndarray, params: WeightParams, where: str | Path | N
     if dtype == np.bool_:
         return  # True is the cell class whatever foreground_value says
     values = np.unique(labels)
-    unexpected = values[(values != 0) & (values != params.foreground_value)]
+    unexpected = values[(values != 0) & (values != params.foreground_value) & (values != params.unlabelled_value)]
     if unexpected.size:
         shown = ", ".join(str(v) for v in values[:8]) + (", ..." if values.size > 8 else "")
         nonzero = values[values != 0]
@@ -176,18 +195,30 @@ def check_labels(labels: np.ndarray, params: WeightParams, where: str | Path | N
         )
         raise InputError(
             where,
-            f"binary labels must hold only 0 (membrane/background) and {params.foreground_value} (cell), "
-            f"found values {shown}{hint}",
+            f"binary labels must hold only 0 (membrane/background) and {params.foreground_value} (cell)"
+            + ("" if params.unlabelled_value is None else f" and {params.unlabelled_value} (unlabelled)")
+            + f", found values {shown}{hint}",
         )
 
 
 def foreground(labels: np.ndarray, params: WeightParams) -> np.ndarray:
-    """Boolean cell mask of (checked) labels."""
+    """Boolean cell mask of (checked) labels (annotated cell pixels only)."""
     if labels.dtype == np.bool_:
         return labels
     if params.label_mode == "binary":
         return labels == params.foreground_value
-    return labels > 0
+    cells = labels > 0
+    if params.unlabelled_value is not None:
+        cells &= labels != params.unlabelled_value
+    return cells
+
+
+def annotated(labels: np.ndarray, params: WeightParams) -> np.ndarray:
+    """Boolean mask of the annotated pixels: all but those equal to ``params.unlabelled_value``."""
+    labels = np.asarray(labels)
+    if params.unlabelled_value is None or labels.dtype == np.bool_:
+        return np.ones(labels.shape, bool)
+    return labels != params.unlabelled_value
 
 
 def instances_from_labels(
@@ -198,12 +229,17 @@ def instances_from_labels(
     Binary labels become face-connected components (4-connected in 2D, so cells
     that meet only diagonally across a membrane stay apart): per 2D slice in 2d
     mode (ids numbered consecutively through the stack), over the volume in 3d
-    mode.  Instance labels are checked and returned unchanged.
+    mode.  Instance labels are checked and returned unchanged, except that
+    unlabelled pixels become 0 (they are no object).
     """
     labels = np.asarray(labels)
     check_labels(labels, params, where)
     if params.label_mode == "instances":
-        return labels.astype(np.uint8) if labels.dtype == np.bool_ else labels
+        if labels.dtype == np.bool_:
+            return labels.astype(np.uint8)
+        if params.unlabelled_value is not None:
+            return np.where(labels == params.unlabelled_value, 0, labels).astype(labels.dtype, copy=False)
+        return labels
     mask = foreground(labels, params)
     if params.mode == "3d" or mask.ndim == 2:
         return ndi.label(mask)[0]
@@ -326,9 +362,10 @@ def border_weights_textbook(
 
 
 def class_counts(labels: np.ndarray, params: WeightParams = WeightParams()) -> np.ndarray:
-    """Pixel counts ``[background, foreground]`` of (checked) labels (int64)."""
+    """Pixel counts ``[background, foreground]`` of (checked) labels (int64); unlabelled pixels count in neither."""
     fg = int(np.count_nonzero(foreground(labels, params)))
-    return np.array([labels.size - fg, fg], np.int64)
+    known = labels.size if params.unlabelled_value is None else int(np.count_nonzero(annotated(labels, params)))
+    return np.array([known - fg, fg], np.int64)
 
 
 def class_weights(counts: Sequence[int]) -> np.ndarray:
@@ -349,11 +386,13 @@ def weights_from_instances(
     class_weight: Sequence[float],
     params: WeightParams = WeightParams(),
     sampling: Sequence[float] | None = None,
+    labelled: np.ndarray | None = None,
 ) -> np.ndarray:
     """``w = w_c + border term`` (float32) from object ids; 2d mode works slice by slice on 3D input.
 
     ``class_weight`` is ``[w_background, w_foreground]`` (see :func:`class_weights`);
-    ``sampling`` the grid steps in x pixels of the computed axes (default 1).
+    ``sampling`` the grid steps in x pixels of the computed axes (default 1);
+    ``labelled`` the annotated-pixel mask (None: all): the weight is 0 elsewhere.
     """
     inst = np.asarray(instances)
     cw = np.asarray(class_weight, np.float64)
@@ -362,7 +401,10 @@ def weights_from_instances(
         border = np.stack([border_weights(s, params.w0, params.sigma, **kwargs) for s in inst]) if len(inst) else 0.0
     else:
         border = border_weights(inst, params.w0, params.sigma, **kwargs)
-    return (cw[(inst > 0).astype(np.intp)] + border).astype(np.float32)
+    out = (cw[(inst > 0).astype(np.intp)] + border).astype(np.float32)
+    if labelled is not None:
+        out[~np.asarray(labelled, bool)] = 0.0
+    return out
 
 
 def weight_map(
@@ -383,7 +425,8 @@ def weight_map(
     inst = instances_from_labels(labels, params)
     if class_weight is None:
         class_weight = class_weights(class_counts(labels, params))
-    return weights_from_instances(inst, class_weight, params, sampling)
+    mask = None if params.unlabelled_value is None else annotated(labels, params)
+    return weights_from_instances(inst, class_weight, params, sampling, mask)
 
 
 # ------------------------------------------------------------- OME-Zarr stores
@@ -394,6 +437,17 @@ def _fingerprint(labels_path: Path, params: WeightParams) -> str:
 
     text = json.dumps({"labels": input_fingerprint(labels_path), "params": asdict(params)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _block_weights(
+    inst: np.ndarray,
+    labelled: np.ndarray | None = None,
+    *,
+    class_weight: Sequence[float],
+    params: WeightParams,
+    sampling: Sequence[float],
+) -> np.ndarray:
+    return weights_from_instances(inst, class_weight, params, sampling, labelled)
 
 
 def volume_class_weights(
@@ -486,10 +540,16 @@ def compute_weight_store(
             key = f"z{z0}"
             if staged.is_done(key):
                 continue
-            inst = instances_from_labels(np.asarray(labels[z0 : z0 + step]), params, labels_path)
-            blocks = da.from_array(inst, chunks=(inst.shape[0], *out.chunks[1:]))
-            weights = blocks.map_overlap(
-                weights_from_instances,
+            slab = np.asarray(labels[z0 : z0 + step])
+            inst = instances_from_labels(slab, params, labels_path)
+            block_chunks = (inst.shape[0], *out.chunks[1:])
+            blocks = da.from_array(inst, chunks=block_chunks)
+            # The annotated mask travels with the ids (same blocks, same halo) as a second argument.
+            mask = None if params.unlabelled_value is None else da.from_array(annotated(slab, params), chunks=block_chunks)
+            weights = da.map_overlap(
+                _block_weights,
+                blocks,
+                *(() if mask is None else (mask,)),
                 depth=depth,
                 boundary="none",
                 dtype=np.float32,
@@ -505,7 +565,9 @@ def compute_weight_store(
             staged.mark_done(key)
         levels = meta.levels if pyramid_levels is None else pyramid_levels
         record = provenance({"labels": labels_path}, {**summary, **(extra_params or {})})
-        staged.commit(levels, provenance=record, extra_attrs={"weights": summary})
+        # A crop's weights sit where its labels sit (offset and NGFF translation carried over).
+        placed = {"offset": list(meta.offset)} if any(meta.offset) else {}
+        staged.commit(levels, provenance=record, extra_attrs={"weights": summary, **placed})
     except BaseException:
         # Keep the staging folder for a resume unless nothing useful was written.
         if not staged.done_keys():
@@ -555,14 +617,23 @@ def write_preview(
             inst = instances_from_labels(label_slice, params, labels_path)
         else:
             inst = instances_from_labels(np.asarray(labels[:]), params, labels_path)
-        weight_slice = weights_from_instances(inst, cw, params, sampling)
+        if params.mode == "2d":
+            mask = annotated(label_slice, params)
+        else:
+            mask = annotated(np.asarray(labels[:]), params)
+        weight_slice = weights_from_instances(inst, cw, params, sampling, mask)
         weight_slice = weight_slice if params.mode == "2d" else weight_slice[z]
     raw_slice = None
     if raw_path is not None:
         raw = open_image(raw_path)
-        if tuple(raw.shape) != tuple(labels.shape):
-            raise InputError(raw_path, f"shape {raw.shape} differs from {labels.shape} of {labels_path}")
-        raw_slice = np.asarray(raw[z])
+        oz, oy, ox = image_metadata(labels_path).offset  # labels of a crop: show the raw under it
+        box = (z + oz, slice(oy, oy + labels.shape[1]), slice(ox, ox + labels.shape[2]))
+        if any(o + s > n for o, s, n in zip((oz, oy, ox), labels.shape, raw.shape)) or (
+            (oz, oy, ox) == (0, 0, 0) and tuple(raw.shape) != tuple(labels.shape)
+        ):
+            raise InputError(raw_path, f"shape {raw.shape} does not hold the {labels.shape} labels of {labels_path} "
+                             f"at offset {[oz, oy, ox]}")
+        raw_slice = np.asarray(raw[box])
     from unet_pipe.report import weights_figure
 
     inst = _sequential_ids(instances_from_labels(label_slice, WeightParams(**{**asdict(params), "mode": "2d"})))

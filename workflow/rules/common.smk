@@ -228,8 +228,22 @@ def calibrate_args(wildcards, input):
         args.append(f"--truth-mode binary --foreground-value {weights['foreground_value']}")
     else:
         args.append("--truth-mode instances")
+    if weights.get("unlabelled_value") is not None:
+        args.append(unlabelled_flag().strip())
     args.append(f"--methods {','.join(config['calibrate']['methods'])}")
     return " ".join(args)
+
+
+def labels_offset_arg(wildcards):
+    """`` --offset Z Y X`` for labels of a crop (``datasets.NAME.labels_offset``), else empty."""
+    offset = config["datasets"][wildcards.dataset].get("labels_offset")
+    return "" if offset is None else " --offset " + " ".join(str(int(o)) for o in offset)
+
+
+def unlabelled_flag():
+    """`` --unlabelled-value V`` when the labels are sparse (``weights.unlabelled_value``), else empty."""
+    value = config["weights"].get("unlabelled_value")
+    return "" if value is None else f" --unlabelled-value {int(value)}"
 
 
 def evaluated_datasets():
@@ -250,6 +264,8 @@ def evaluate_args(wildcards):
         args.append(f"--truth-mode binary --foreground-value {weights['foreground_value']}")
     else:
         args.append("--truth-mode instances")
+    if weights.get("unlabelled_value") is not None:
+        args.append(unlabelled_flag().strip())
     ranges = config["train"]["datasets"].get(wildcards.dataset, {})
     for subset in ("train", "val"):
         if subset in ranges:

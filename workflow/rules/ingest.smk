@@ -55,6 +55,7 @@ rule ingest_labels:
         zarr=directory(f"{R}/{{dataset}}/labels.ome.zarr"),
     params:
         ingest=ingest_args,
+        offset=labels_offset_arg,
     log:
         f"{R}/logs/ingest/{{dataset}}.labels.log",
     benchmark:
@@ -66,5 +67,5 @@ rule ingest_labels:
         mem_mb=2000,
         runtime=120,
     shell:
-        "unet-pipe ingest {input.tiff:q} {output.zarr:q} --labels --like {input.raw:q} {params.ingest} --threads {threads}"
+        "unet-pipe ingest {input.tiff:q} {output.zarr:q} --labels --like {input.raw:q}{params.offset} {params.ingest} --threads {threads}"
         " > {log:q} 2>&1"
