@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,8 @@ AXES = [{"name": ax, "type": "space", "unit": "micrometer"} for ax in "zyx"]
 def read_nodes(path: Path) -> dict[str, object]:
     """Every node ome-zarr-py finds from ``path``, by its path relative to ``path``."""
     nodes = ome_reader.Reader(ome_io.parse_url(str(path)))()
-    return {str(Path(node.zarr.path).relative_to(path)) if node.zarr.path != str(path) else ".": node
-            for node in nodes}
+    # A labels store leads the reader to its source image too (image-label.source: ../raw.ome.zarr).
+    return {os.path.relpath(os.path.normpath(node.zarr.path), os.path.normpath(path)): node for node in nodes}
 
 
 def write_store(path: Path, data: np.ndarray, kind: str, levels: int = 2) -> Path:

@@ -211,13 +211,18 @@ def decisions_input(wildcards):
     return [DECISIONS] if AUTO_DECISIONS else []
 
 
-def calibrate_args(wildcards, input):
-    """``--probabilities/--truth/--slices NAME=...`` per calibration dataset, and the truth convention."""
+def calibrate_args(wildcards):
+    """``--probabilities/--truth/--slices NAME=...`` per calibration dataset, and the truth convention.
+
+    Paths are built here, not taken from ``input``: Snakemake records (and so compares on a
+    rerun) only params that do not depend on the input.
+    """
     import shlex
 
     args = []
-    for name, prob, truth in zip(CALIBRATION_DATASETS, input.probabilities, input.truth):
+    for name in CALIBRATION_DATASETS:
         start, stop = CALIBRATION[name]
+        prob, truth = f"{R}/{name}/probabilities.ome.zarr", f"{R}/{name}/labels.ome.zarr"
         args += [
             f"--probabilities {shlex.quote(f'{name}={prob}')}",
             f"--truth {shlex.quote(f'{name}={truth}')}",
