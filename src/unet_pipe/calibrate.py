@@ -50,7 +50,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from unet_pipe.errors import InputError
-from unet_pipe.evaluate import write_json_atomic
+from unet_pipe.evaluate import truth_box, write_json_atomic
 from unet_pipe.io import image_metadata, open_image
 from unet_pipe.metrics import instances_from_binary, rand_error_per_slice
 from unet_pipe.postprocess import METHODS, as_probability, instances_from_probabilities, open_probabilities
@@ -215,15 +215,8 @@ def load_slices(
     probabilities, truth = Path(probabilities), Path(truth)
     prob_arr, scale = open_probabilities(probabilities)
     truth_meta = image_metadata(truth)
-    oz, oy, ox = offset = truth_meta.offset
-    if offset == (0, 0, 0) and tuple(prob_arr.shape) != truth_meta.shape:
-        raise InputError(truth, f"shape {truth_meta.shape} differs from {tuple(prob_arr.shape)} of {probabilities}")
-    if any(o + s > n for o, s, n in zip(offset, truth_meta.shape, prob_arr.shape)):
-        raise InputError(truth, f"labels of shape {truth_meta.shape} at offset {list(offset)} do not lie inside "
-                         f"the {tuple(prob_arr.shape)} stack of {probabilities}")
-    box = (slice(oy, oy + truth_meta.shape[1]), slice(ox, ox + truth_meta.shape[2]))
-    if truth_meta.dtype.kind not in "uib":
-        raise InputError(truth, f"truth labels must be integers, found dtype {truth_meta.dtype}")
+    box = truth_box(truth_meta, truth, tuple(prob_arr.shape), probabilities)
+    oz = truth_meta.offset[0]
     start, stop = (int(s) for s in slices)
     if not oz <= start < stop <= oz + truth_meta.shape[0]:
         where = f"the stack of {truth_meta.shape[0]}" if oz == 0 else f"the labelled slices [{oz}, {oz + truth_meta.shape[0]})"

@@ -235,15 +235,9 @@ def evaluate(
         raise ValueError(f"truth_mode must be 'binary' or 'instances', got {truth_mode!r}")
     pred_meta = image_metadata(instances)
     truth_meta = image_metadata(truth)
-    oz, oy, ox = offset = truth_meta.offset
-    if offset == (0, 0, 0) and truth_meta.shape != pred_meta.shape:
-        raise InputError(truth, f"shape {truth_meta.shape} differs from {pred_meta.shape} of {instances}")
-    if any(o + s > n for o, s, n in zip(offset, truth_meta.shape, pred_meta.shape)):
-        raise InputError(truth, f"labels of shape {truth_meta.shape} at offset {list(offset)} do not lie inside "
-                         f"the {pred_meta.shape} stack of {instances}")
-    box = (slice(oy, oy + truth_meta.shape[1]), slice(ox, ox + truth_meta.shape[2]))
-    if truth_meta.dtype.kind not in "uib":
-        raise InputError(truth, f"truth labels must be integers, found dtype {truth_meta.dtype}")
+    box = truth_box(truth_meta, truth, tuple(pred_meta.shape), instances)
+    offset = truth_meta.offset
+    oz = offset[0]
     pred_arr = open_image(instances)
     truth_arr = open_image(truth)
     prob_arr, scale = None, 1.0
@@ -333,6 +327,23 @@ def evaluate(
         "val slices" if "val" in summary else "all slices",
     )
     return result
+
+
+def truth_box(truth_meta: Any, truth: Path, shape: tuple[int, ...], other: Path) -> tuple[slice, slice]:
+    """The (y, x) window of a stack of ``shape`` (from ``other``) that the truth labels cover.
+
+    Labels of a crop carry their offset (``truth_meta.offset``); labels without one must have
+    the stack's shape.  Raises :class:`InputError` for labels that do not fit or are not integers.
+    """
+    _, oy, ox = offset = truth_meta.offset
+    if offset == (0, 0, 0) and truth_meta.shape != shape:
+        raise InputError(truth, f"shape {truth_meta.shape} differs from {shape} of {other}")
+    if any(o + s > n for o, s, n in zip(offset, truth_meta.shape, shape)):
+        raise InputError(truth, f"labels of shape {truth_meta.shape} at offset {list(offset)} do not lie inside "
+                         f"the {shape} stack of {other}")
+    if truth_meta.dtype.kind not in "uib":
+        raise InputError(truth, f"truth labels must be integers, found dtype {truth_meta.dtype}")
+    return slice(oy, oy + truth_meta.shape[1]), slice(ox, ox + truth_meta.shape[2])
 
 
 def _dataset_name(instances: Path) -> str:
