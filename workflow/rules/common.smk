@@ -286,11 +286,15 @@ def view_truth_input(wildcards):
     return [f"{R}/{wildcards.dataset}/labels.ome.zarr"] if wildcards.dataset in LABELLED else []
 
 
-def view_args(wildcards, input):
-    """``--labels NAME=PATH`` for each label layer of the view: ground truth first, then instances."""
+def view_args(wildcards):
+    """``--labels NAME=PATH`` for each label layer of the view: ground truth first, then instances.
+
+    Built from the wildcards, not ``input``: Snakemake records only input-independent params.
+    """
     import shlex
 
-    layers = [("labels", path) for path in input.truth] + [("instances", input.instances)]
+    instances = f"{R}/{wildcards.dataset}/instances.ome.zarr"
+    layers = [("labels", path) for path in view_truth_input(wildcards)] + [("instances", instances)]
     return " ".join(f"--labels {shlex.quote(f'{name}={path}')}" for name, path in layers)
 
 
