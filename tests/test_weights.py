@@ -101,6 +101,22 @@ def test_class_weights_formula_mean_is_one():
     np.testing.assert_array_equal(class_weights([0, 0]), [0.0, 0.0])
 
 
+def test_class_weights_without_balance_are_one_for_present_classes():
+    np.testing.assert_array_equal(class_weights([30, 10], balance=False), [1.0, 1.0])
+    np.testing.assert_array_equal(class_weights([0, 5], balance=False), [0.0, 1.0])
+
+
+def test_weight_map_without_class_balance_keeps_the_border_term():
+    # Two 1-px-apart cells on a 1 x 5 strip: membrane pixel 2 lies at d1 = d2 = 1.
+    labels = np.array([[255, 255, 0, 255, 255]], np.uint8)
+    balanced = weight_map(labels, WeightParams(w0=10, sigma=5))
+    flat = weight_map(labels, WeightParams(w0=10, sigma=5, class_balance=False))
+    border = 10 * np.exp(-4 / 50)
+    # paper: w_c = 5 / (2 * 1) on the membrane, 5 / (2 * 4) on cells
+    np.testing.assert_allclose(balanced[0], [0.625, 0.625, 2.5 + border, 0.625, 0.625], rtol=1e-6)
+    np.testing.assert_allclose(flat[0], [1, 1, 1 + border, 1, 1], rtol=1e-6)
+
+
 def test_cutoff_and_halo():
     r = cutoff_distance(5.0, 1e-6)
     assert r == pytest.approx(5.0 * math.sqrt(2 * math.log(1e6)))

@@ -334,6 +334,10 @@ def _add_weights(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--unlabelled-value", type=int, metavar="V", help="label value of unannotated pixels (weight 0; default none)"
     )
+    p.add_argument(
+        "--no-class-balance", dest="class_balance", action="store_const", const=False,
+        help="w_c = 1 for both classes (default: the paper's balance N / (K N_k))",
+    )  # fmt: skip
     p.add_argument("--config", help="take the settings not given as flags from this config's weights section")
     p.add_argument("--threads", type=int, default=1, help="Dask threads (default 1)")
     p.add_argument("--pyramid-levels", type=int, help="default: as many as LABELS")
@@ -362,6 +366,7 @@ def _cmd_weights(args: argparse.Namespace) -> int:
         foreground_value=args.foreground_value,
         mode=args.mode,
         unlabelled_value=args.unlabelled_value,
+        class_balance=args.class_balance,
     )
     if args.dest is not None:
         summary = compute_weight_store(

@@ -16,7 +16,10 @@ Conventions
   (cell).  ``w_c(k) = N / (K * N_k)`` with ``N_k`` the pixel count of class k
   over the WHOLE label volume, ``N`` the total and ``K`` the number of classes
   present, so that the mean of ``w_c`` over the volume is exactly 1.  A class
-  that does not occur gets weight 0 (no pixel uses it).
+  that does not occur gets weight 0 (no pixel uses it).  ``class_balance:
+  false`` sets ``w_c = 1`` for every class present (the border term alone
+  then emphasises thin membranes): the paper's balance favours the rarer
+  class, which moves the probability of a pixel of either class towards it.
 * Sparse annotations (``unlabelled_value`` set): pixels holding that value are
   *unlabelled*, neither cell nor membrane.  Objects are the connected
   components of the annotated cell pixels only; ``d1``/``d2`` are Euclidean
@@ -92,7 +95,8 @@ class WeightParams:
     ``tolerance`` its truncation error relative to ``w0``; ``label_mode`` ``binary`` (0 =
     membrane/background, ``foreground_value`` = cell) or ``instances`` (ids,
     0 = background); ``mode`` ``2d`` (per slice) or ``3d``; ``unlabelled_value``
-    the label value of pixels nobody annotated (None: every pixel is labelled).
+    the label value of pixels nobody annotated (None: every pixel is labelled);
+    ``class_balance`` the paper's ``w_c`` (False: ``w_c = 1`` for both classes).
     """
 
     w0: float = DEFAULT_W0
@@ -102,6 +106,7 @@ class WeightParams:
     foreground_value: int = 255
     mode: str = "2d"
     unlabelled_value: int | None = None
+    class_balance: bool = True
 
     def __post_init__(self) -> None:
         # Upper bounds: beyond them the weights overflow float32 or the halo overflows (sigma 1e300).
@@ -368,13 +373,16 @@ def class_counts(labels: np.ndarray, params: WeightParams = WeightParams()) -> n
     return np.array([known - fg, fg], np.int64)
 
 
-def class_weights(counts: Sequence[int]) -> np.ndarray:
-    """``w_c(k) = N / (K N_k)`` over the classes present (mean of ``w_c`` over the volume = 1); absent: 0."""
+def class_weights(counts: Sequence[int], balance: bool = True) -> np.ndarray:
+    """``w_c(k) = N / (K N_k)`` over the classes present (mean of ``w_c`` over the volume = 1); absent: 0.
+
+    ``balance=False``: 1 for every class present (absent: 0).
+    """
     counts = np.asarray(counts, np.float64)
     present = counts > 0
     weights = np.zeros_like(counts)
     if present.any():
-        weights[present] = counts.sum() / (present.sum() * counts[present])
+        weights[present] = counts.sum() / (present.sum() * counts[present]) if balance else 1.0
     return weights
 
 
@@ -424,7 +432,7 @@ def weight_map(
     labels = np.asarray(labels)
     inst = instances_from_labels(labels, params)
     if class_weight is None:
-        class_weight = class_weights(class_counts(labels, params))
+        class_weight = class_weights(class_counts(labels, params), params.class_balance)
     mask = None if params.unlabelled_value is None else annotated(labels, params)
     return weights_from_instances(inst, class_weight, params, sampling, mask)
 
@@ -463,7 +471,7 @@ def volume_class_weights(
         slab = np.asarray(labels[z0 : z0 + step])
         check_labels(slab, params, where)
         counts += class_counts(slab, params)
-    return counts, class_weights(counts)
+    return counts, class_weights(counts, params.class_balance)
 
 
 def compute_weight_store(

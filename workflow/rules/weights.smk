@@ -17,6 +17,7 @@ rule weights:
         foreground_value=config["weights"]["foreground_value"],
         mode=config["weights"]["mode"],
         unlabelled=unlabelled_flag(),
+        balance="" if config["weights"]["class_balance"] else " --no-class-balance",
     log:
         f"{R}/logs/weights/{{dataset}}.log",
     benchmark:
@@ -32,5 +33,5 @@ rule weights:
         # weights.ome.zarr.partial and the rerun resumes it.
         "unet-pipe weights {input.labels:q} {output.weights:q} --w0 {params.w0} --sigma {params.sigma}"
         " --tolerance {params.tolerance} --label-mode {params.label_mode}"
-        " --foreground-value {params.foreground_value} --mode {params.mode}{params.unlabelled} --threads {threads}"
+        " --foreground-value {params.foreground_value} --mode {params.mode}{params.unlabelled}{params.balance} --threads {threads}"
         " --preview {output.preview:q} --raw {input.raw:q} > {log:q} 2>&1"
