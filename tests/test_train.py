@@ -212,6 +212,28 @@ def test_resume_and_overwrite_guards(tmp_path, stores) -> None:
     assert _train(config, stores, tmp_path / "m.pt", device="cpu", overwrite=True)["finished"]
 
 
+def test_resume_refuses_a_checkpoint_of_another_normalisation(tmp_path, stores) -> None:
+    """A partial run written before the percentile rule (or on other percentiles) is not continued."""
+    config = _config(steps=4)
+    _train(config, stores, tmp_path / "n.pt", device="cpu", until_step=2)
+    part = partial_path(tmp_path / "n.pt")
+    ckpt = torch.load(part, weights_only=True)
+    recorded = ckpt["extra"]["input_normalization"]
+    assert recorded["rule"] == "percentile" and recorded["volumes"]
+    ckpt["extra"]["input_normalization"] = None  # what an older release recorded: the dtype maximum
+    torch.save(ckpt, part)
+    with pytest.raises(CheckpointError, match="normalised by dtype maximum"):
+        _train(config, stores, tmp_path / "n.pt", device="cpu", resume=True)
+    name = next(iter(recorded["volumes"]))
+    ckpt["extra"]["input_normalization"] = {**recorded, "volumes": {name: [0.0, 1.0]}}
+    torch.save(ckpt, part)
+    with pytest.raises(CheckpointError, match="normalised by percentile"):
+        _train(config, stores, tmp_path / "n.pt", device="cpu", resume=True)
+    ckpt["extra"]["input_normalization"] = recorded
+    torch.save(ckpt, part)
+    assert _train(config, stores, tmp_path / "n.pt", device="cpu", resume=True)["finished"]
+
+
 def test_init_from_starts_from_another_runs_weights(tmp_path, stores) -> None:
     """Fine-tuning: step 0 holds the source's weights exactly; optimiser and step start afresh;
     a resumed fine-tuning run continues its own weights (bit-identical to an uninterrupted one)."""

@@ -531,6 +531,16 @@ def _train(
                 source, f"was trained with a different config (key '{key}' differs); delete it or pass --overwrite to start over"
             )
         extra = ckpt.get("extra") or {}
+        # The same config may normalise differently across releases (dtype maximum before the
+        # percentile rule) or stacks (the percentiles of changed data): continuing would mix the two.
+        recorded_norm = extra.get("input_normalization")
+        if recorded_norm != normalization:
+            was = recorded_norm.get("rule") if isinstance(recorded_norm, dict) else "dtype maximum (an older release)"
+            raise CheckpointError(
+                source, f"was trained on inputs normalised by {was} "
+                f"{'' if not isinstance(recorded_norm, dict) else recorded_norm.get('volumes')}, this run by the "
+                f"percentile rule {normalization['volumes']}; pass --overwrite to start over"
+            )
         if extra.get("precision", precision) != precision:
             raise CheckpointError(
                 source, f"was trained in {extra['precision']} but this run resolves the precision to {precision}; "
