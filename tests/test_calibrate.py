@@ -9,7 +9,9 @@ import pytest
 
 from unet_pipe.calibrate import (
     THRESHOLDS,
+    calibrate,
     calibrate_slices,
+    calibration_windows,
     choose,
     read_decisions,
     truth_scales,
@@ -130,6 +132,56 @@ def test_cli_calibrate_then_postprocess_and_evaluate_use_the_decisions(tmp_path,
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["params"]["threshold"] == 0.25 and metrics["params"]["decisions"]["method"] == "threshold"
     assert metrics["summary"]["all"]["pixel_error"] == 0.0 and metrics["summary"]["all"]["rand_error"] == 0.0
+
+
+def test_calibration_windows_by_hand(monkeypatch) -> None:
+    import unet_pipe.calibrate as cal
+
+    monkeypatch.setattr(cal, "WINDOW", 4)
+    whole = [(z, slice(0, 10), slice(0, 8)) for z in (3, 4)]
+    assert calibration_windows([3, 4], (10, 8), None) == whole
+    assert calibration_windows([3, 4], (10, 8), 160) == whole  # 2 x 80 px fit exactly
+    # 10 x 8 slices: window corners y in {0, 3, 6}, x in {0, 4}: a grid of 6 per slice.
+    # 64 px = 4 windows of 16: 2 per slice, at grid indices 1 and 4 of [0..5] (row-major).
+    got = calibration_windows([3, 4], (10, 8), 64)
+    assert [(z, w.start, v.start) for z, w, v in got] == [(3, 0, 4), (3, 6, 0), (4, 0, 4), (4, 6, 0)]
+    assert all(w.stop - w.start == 4 and v.stop - v.start == 4 for _, w, v in got)
+    # Fewer windows than slices: evenly spaced slices, one central window (grid index 3: y 3, x 4).
+    got = calibration_windows([0, 1, 2, 3, 4, 5], (10, 8), 32)
+    assert [(z, w.start, v.start) for z, w, v in got] == [(1, 3, 4), (4, 3, 4)]
+    # Slices narrower than a window: the window is the slice edge.
+    assert calibration_windows([0, 1], (2, 3), 6) == [(1, slice(0, 2), slice(0, 3))]  # the middle one of 2
+
+
+def test_max_pixels_scores_the_windows_and_records_them(tmp_path) -> None:
+    """Calibration on a bounded budget equals calibration on the windows given as slices."""
+    import unet_pipe.calibrate as cal
+
+    cells, inst = _grid_cells(n=4, size=12, membrane=2)  # 58 x 58 px
+    labels = np.stack([np.where(cells, 255, 0)] * 3).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    prob = np.clip(np.where(cells, 0.35, 0.15) + rng.normal(0, 0.1, labels.shape), 0, 1).astype(np.float32)
+    prob_path = _store(tmp_path / "p.ome.zarr", prob)
+    truth_path = _store(tmp_path / "l.ome.zarr", labels, "labels")
+    spec = {"x": {"probabilities": prob_path, "truth": truth_path, "slices": [0, 3]}}
+    old = cal.WINDOW
+    cal.WINDOW = 30
+    try:
+        out = calibrate(spec, tmp_path / "d.json", max_pixels=2 * 900, methods=["threshold"])
+        windows = calibration_windows(range(3), (58, 58), 2 * 900)
+    finally:
+        cal.WINDOW = old
+    assert [[z, [w.start, w.stop], [v.start, v.stop]] for z, w, v in windows] == out["windows"]["x"]
+    assert [w[0] for w in out["windows"]["x"]] == [0, 2]  # 2 windows for 3 slices: slices 0 and 2
+    crops = [(prob[z, w, v], cells[w, v]) for z, w, v in windows]
+    from unet_pipe.metrics import instances_from_binary
+
+    expected = calibrate_slices([p for p, _ in crops], [c for _, c in crops],
+                                [instances_from_binary(c) for _, c in crops], methods=["threshold"])  # fmt: skip
+    assert out["decisions"] == expected["decisions"] and out["cell_threshold"] == expected["cell_threshold"]
+    assert out["scores"] == expected["scores"]
+    full = calibrate(spec, tmp_path / "all.json", max_pixels=None, methods=["threshold"])
+    assert [w[0] for w in full["windows"]["x"]] == [0, 1, 2] and full["windows"]["x"][0][1:] == [[0, 58], [0, 58]]
 
 
 @pytest.mark.parametrize(

@@ -41,11 +41,16 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--methods", default="threshold,watershed", help="instance methods to consider (default: threshold,watershed)"
     )
+    p.add_argument(
+        "--max-pixels", type=int, metavar="N",
+        help="score at most N pixels, sampled by a fixed rule when the slices hold more (default 4194304; 0: all)",
+    )  # fmt: skip
     p.set_defaults(func=_cmd_calibrate)
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from unet_pipe.calibrate import calibrate
+    from unet_pipe.calibrate import DEFAULT_MAX_PIXELS, calibrate
+    from unet_pipe.cli import check_option
     from unet_pipe.cli_model import named_values
     from unet_pipe.postprocess import METHODS
 
@@ -63,9 +68,11 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods or any(m not in METHODS for m in methods):
         raise UnetPipeError(None, f"--methods must list some of {', '.join(METHODS)}, got {args.methods!r}")
+    check_option("--max-pixels", args.max_pixels, 0, 1 << 40)
+    max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else (args.max_pixels or None)
     calibrate(
         datasets, args.out, truth_mode=args.truth_mode, foreground_value=args.foreground_value, methods=methods,
-        unlabelled_value=args.unlabelled_value,
+        unlabelled_value=args.unlabelled_value, max_pixels=max_pixels,
     )
     log.info("wrote %s", args.out)
     return 0

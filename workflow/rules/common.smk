@@ -236,6 +236,7 @@ def calibrate_args(wildcards):
     if weights.get("unlabelled_value") is not None:
         args.append(unlabelled_flag().strip())
     args.append(f"--methods {','.join(config['calibrate']['methods'])}")
+    args.append(f"--max-pixels {int(config['calibrate']['max_pixels'])}")
     return " ".join(args)
 
 
