@@ -83,11 +83,9 @@ def _create_array(
     group: zarr.Group, name: str, shape: Sequence[int], chunks: Sequence[int], dtype: Any,
     compression: dict | None, fill_value: Any = 0, overwrite: bool = False,
 ) -> zarr.Array:
-    """An array of ``group``'s zarr format, chunk keys ``/``-separated, Blosc-compressed.
-
-    Format 2 (NGFF 0.4): keys ``z/y/x``.  Format 3 (NGFF 0.5): the default
-    encoding, keys ``c/z/y/x``, and the same Blosc settings as a v3 ``blosc`` codec
-    (typesize taken from the dtype), so both formats' chunks hold the same bytes.
+    """An array of ``group``'s zarr format, Blosc-compressed: format 2 (NGFF 0.4) with chunk
+    keys ``z/y/x``, format 3 (NGFF 0.5) with keys ``c/z/y/x`` and the same Blosc settings as
+    a v3 ``blosc`` codec (typesize from the dtype), so both formats' chunks hold the same bytes.
     """
     codec: Any = (c := _compressor(compression))
     keys, names = {"name": "v2", "separator": "/"}, None
@@ -467,6 +465,7 @@ def ingest_tiff(
     max_buffer_bytes: int = MAX_BUFFER_BYTES,
     threads: int | None = None,
     offset: Sequence[int] | None = None,
+    ngff: str = DEFAULT_NGFF,
 ) -> Path:
     """Stream a TIFF stack into an OME-Zarr image.
 
@@ -483,6 +482,7 @@ def ingest_tiff(
     size: the argument if given, else TIFF metadata, else 1 µm with a warning.
     ``threads``: chunk-encoding threads (default: the cores this process may
     use, at most 16); reading, downsampling and hashing run beside them.
+    ``ngff``: "0.4" (zarr format 2) or "0.5" (zarr format 3).
     """
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
@@ -521,6 +521,7 @@ def ingest_tiff(
         overwrite=overwrite,
         compression=INGEST_COMPRESSION if compression is None else compression,
         threads=threads,
+        ngff=ngff,
     )
     digest = hashlib.sha256()
     # Double buffering: while the pool encodes and hashes one slab, the main
