@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from unet_pipe.errors import InputError, OutputError
-from unet_pipe.io import StagedImage, open_image
+from unet_pipe.io import StagedImage, image_metadata, open_image
 from unet_pipe.view import build_view
 
 ome_reader = pytest.importorskip("ome_zarr.reader")
@@ -26,22 +26,27 @@ def read_nodes(path: Path) -> dict[str, object]:
     return {os.path.relpath(os.path.normpath(node.zarr.path), os.path.normpath(path)): node for node in nodes}
 
 
-def write_store(path: Path, data: np.ndarray, kind: str, levels: int = 2) -> Path:
-    staged = StagedImage(path, shape=data.shape, dtype=data.dtype, chunks=(1, 4, 4), voxel_size=VOXEL, kind=kind)
+def write_store(path: Path, data: np.ndarray, kind: str, levels: int = 2, ngff: str = "0.4") -> Path:
+    staged = StagedImage(path, shape=data.shape, dtype=data.dtype, chunks=(1, 4, 4), voxel_size=VOXEL, kind=kind,
+                         ngff=ngff)
     staged.array[:] = data
     return staged.commit(pyramid_levels=levels)
 
 
-@pytest.fixture
-def stores(tmp_path):
+@pytest.fixture(params=["0.4", "0.5"])
+def stores(tmp_path, request):
+    """Raw, instances, truth labels and probabilities, all NGFF 0.4 or all 0.5."""
+    ngff = request.param
     raw = np.arange(2 * 8 * 8, dtype=np.uint8).reshape(2, 8, 8)
     instances = (np.arange(2 * 8 * 8, dtype=np.uint32).reshape(2, 8, 8) // 16) % 3
     truth = np.where(np.arange(2 * 8 * 8).reshape(2, 8, 8) % 2, 255, 0).astype(np.uint8)
     return {
-        "raw": write_store(tmp_path / "raw.ome.zarr", raw, "image"),
-        "instances": write_store(tmp_path / "instances.ome.zarr", instances, "labels"),
-        "labels": write_store(tmp_path / "labels.ome.zarr", truth, "labels"),
-        "probabilities": write_store(tmp_path / "probabilities.ome.zarr", raw.astype(np.float32) / 127, "image"),
+        "raw": write_store(tmp_path / "raw.ome.zarr", raw, "image", ngff=ngff),
+        "instances": write_store(tmp_path / "instances.ome.zarr", instances, "labels", ngff=ngff),
+        "labels": write_store(tmp_path / "labels.ome.zarr", truth, "labels", ngff=ngff),
+        "probabilities": write_store(tmp_path / "probabilities.ome.zarr", raw.astype(np.float32) / 127, "image",
+                                     ngff=ngff),
+        "ngff": ngff,
     }
 
 
@@ -77,6 +82,22 @@ def test_view_shows_raw_with_label_layers_in_one_open(stores, tmp_path):
     assert (view / "0").is_symlink() and (view / "0").readlink() == Path("../raw.ome.zarr/0")
     assert (view / "labels" / "instances" / "1").readlink() == Path("../../../instances.ome.zarr/1")
     assert not (stores["raw"] / "labels").exists()
+    # The view has its stores' NGFF version: 0.5 keeps the NGFF keys under "ome" in zarr.json.
+    if stores["ngff"] == "0.5":
+        attrs = json.loads((view / "labels" / "instances" / "zarr.json").read_text())["attributes"]
+        assert attrs["ome"]["version"] == "0.5" and attrs["ome"]["image-label"] == {"source": {"image": "../../"}}
+        assert json.loads((view / "labels" / "zarr.json").read_text())["attributes"] == \
+            {"ome": {"version": "0.5", "labels": ["labels", "instances"]}}
+        assert not (view / ".zattrs").exists()
+    else:
+        assert json.loads((view / "labels" / ".zattrs").read_text()) == {"labels": ["labels", "instances"]}
+
+
+def test_view_refuses_stores_of_two_ngff_versions(tmp_path):
+    raw = write_store(tmp_path / "raw.ome.zarr", np.zeros((2, 8, 8), np.uint8), "image", ngff="0.4")
+    other = write_store(tmp_path / "i.ome.zarr", np.zeros((2, 8, 8), np.uint32), "labels", ngff="0.5")
+    with pytest.raises(InputError, match=r"is NGFF 0.5 but .*raw.ome.zarr is NGFF 0.4; a view needs one version"):
+        build_view(raw, tmp_path / "v.ome.zarr", {"i": other})
 
 
 def test_view_copy_survives_removing_the_sources(stores, tmp_path):
@@ -113,7 +134,7 @@ def test_view_overwrite_replaces_only_the_links(stores, tmp_path):
     with pytest.raises(OutputError, match="already exists"):
         build_view(stores["raw"], dest, {"instances": stores["instances"]})
     build_view(stores["raw"], dest, {"labels": stores["labels"]}, overwrite=True)
-    assert json.loads((dest / "labels" / ".zattrs").read_text()) == {"labels": ["labels"]}
+    assert [Path(n.zarr.path).name for n in list(read_nodes(dest).values())[2:]] == ["labels"]
     # Replacing the view removed its links, never the arrays they point at.
     np.testing.assert_array_equal(open_image(stores["instances"])[:].max(), 2)
 
@@ -149,12 +170,17 @@ def test_ingested_labels_name_their_image_for_the_reader(tmp_path):
 
 
 @pytest.mark.slow
-def test_every_store_of_a_workflow_run_reads_in_ome_zarr_py(tmp_path):
+@pytest.mark.parametrize("ngff", ["0.4", "0.5"])
+def test_every_store_of_a_workflow_run_reads_in_ome_zarr_py(tmp_path, ngff):
     """The tiny demo DAG (4 x 96 x 96, one pyramid level): each published store, as a viewer sees it."""
     from test_workflow import run_snakemake, small_config
 
-    run_snakemake(tmp_path, "--cores", "2", config=small_config())
+    run_snakemake(tmp_path, "--cores", "2", config=small_config(ngff_version=ngff))
     results = tmp_path / "results" / "demo"
+    for store in ("raw", "labels", "weights", "probabilities", "instances", "view"):
+        # Every writer honoured the config key (the view follows its stores).
+        assert ((results / f"{store}.ome.zarr" / "zarr.json").is_file(), image_metadata(
+            results / f"{store}.ome.zarr").ngff) == (ngff == "0.5", ngff), store
     expected_scales = [[0.05, 0.004, 0.004], [0.05, 0.008, 0.008]]
     for store in ("raw", "labels", "weights", "probabilities", "instances"):
         node = read_nodes(results / f"{store}.ome.zarr")["."]

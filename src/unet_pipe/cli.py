@@ -58,6 +58,18 @@ def load_config(path: str | None) -> dict | None:
     return load_config(path, check_inputs=False)
 
 
+def add_ngff_option(p: argparse.ArgumentParser) -> None:
+    """``--ngff``: the OME-Zarr flavour of the store a command writes."""
+    p.add_argument("--ngff", choices=("0.4", "0.5"), default=None,
+                   help="0.4: zarr format 2, read by every OME-Zarr viewer (default: the config's ngff_version, "
+                        "else 0.4); 0.5: zarr format 3")
+
+
+def ngff_choice(args: argparse.Namespace, config: dict | None) -> str:
+    """The flag, else the config's ``ngff_version``, else 0.4."""
+    return args.ngff or (config or {}).get("ngff_version") or "0.4"
+
+
 # ------------------------------------------------------------------------ synth
 
 
@@ -144,7 +156,8 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
         help="stream a TIFF stack into OME-Zarr",
         description=(
             "Convert SRC (multi-page TIFF, BigTIFF, OME-TIFF or a folder of single-slice TIFFs) into an "
-            "NGFF 0.4 OME-Zarr image DEST, slice by slice, with a 2x pyramid. Values and dtype are kept."
+            "OME-Zarr image DEST (NGFF 0.4, or 0.5 with --ngff 0.5), slice by slice, with a 2x pyramid. "
+            "Values and dtype are kept."
         ),
     )
     p.add_argument("src", metavar="SRC", type=Path)
@@ -162,6 +175,7 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
                    help="Blosc codec, level and block size in bytes, 0 = automatic (default: config, else zstd:1:262144)")
     p.add_argument("--config", help="take chunks, compression and pyramid levels from this config")
     p.add_argument("--threads", type=int, help="chunk-encoding threads (default: the cores this process may use)")
+    add_ngff_option(p)
     p.add_argument("--overwrite", action="store_true", help="replace DEST once the new store is complete")
     p.set_defaults(func=_cmd_ingest)
 
@@ -174,7 +188,9 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     section = config["ingest"] if config else {}
     chunks = args.chunks or tuple(section.get("chunks", DEFAULT_CHUNKS))
     levels = args.pyramid_levels if args.pyramid_levels is not None else section.get("pyramid_levels", 2)
-    params = {"chunks": list(chunks), "pyramid_levels": levels, "labels": args.labels, "voxel_size": args.voxel_size}
+    ngff = ngff_choice(args, config)
+    params = {"chunks": list(chunks), "pyramid_levels": levels, "labels": args.labels, "voxel_size": args.voxel_size,
+              "ngff": ngff}
     check_option("--threads", args.threads, 1, MAX_THREADS)
     _check_voxel_size(args.voxel_size)
     check_option("--pyramid-levels", levels, 0, MAX_PYRAMID_LEVELS)
@@ -194,6 +210,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         provenance=provenance(None, {**params, "source": str(args.src)}),
         progress=progress_enabled(args),
         threads=args.threads,
+        ngff=ngff,
     )
     log.info("wrote %s", describe(args.dest))
     return 0
@@ -346,6 +363,7 @@ def _add_weights(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--slice", type=int, metavar="Z", help="slice of the preview (default: the middle one)")
     p.add_argument("--overwrite", action="store_true", help="replace DEST once the new store is complete")
     p.add_argument("--no-resume", action="store_true", help="start over instead of resuming DEST.partial")
+    add_ngff_option(p)
     p.set_defaults(func=_cmd_weights)
 
 
@@ -378,6 +396,7 @@ def _cmd_weights(args: argparse.Namespace) -> int:
             resume=not args.no_resume,
             pyramid_levels=args.pyramid_levels,
             progress=progress_enabled(args),
+            ngff=ngff_choice(args, config),
         )
         log.info("wrote %s (class weights background, cell: %s)", args.dest, summary["class_weights"])
     if args.preview is not None:
@@ -422,6 +441,7 @@ def _add_postprocess(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pyramid-levels", type=int, default=2)
     p.add_argument("--overwrite", action="store_true", help="replace DEST once the new store is complete")
     p.add_argument("--no-resume", action="store_true", help="start over instead of resuming DEST.partial")
+    add_ngff_option(p)
     p.set_defaults(func=_cmd_postprocess)
 
 
@@ -452,6 +472,7 @@ def _cmd_postprocess(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         resume=not args.no_resume,
         progress=progress_enabled(args),
+        ngff=ngff_choice(args, None),
     )
     return 0
 

@@ -129,6 +129,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def add_predict(sub: argparse._SubParsersAction) -> None:
+    from unet_pipe.cli import add_ngff_option
+
     p = sub.add_parser(
         "predict",
         help="overlap-tile inference: probabilities OME-Zarr from a checkpoint and a raw stack",
@@ -174,13 +176,21 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pyramid-levels", type=int, default=None, help="2x (y, x) downsampled levels (default 2)")
     p.add_argument("--config", help="take tile, tta, dtype, precision and the expected architecture from this config")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DEST once the new one is complete")
+    add_ngff_option(p)
     p.set_defaults(func=_cmd_predict)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     import json
 
-    from unet_pipe.cli import MAX_PYRAMID_LEVELS, MAX_THREADS, check_option, load_config, progress_enabled
+    from unet_pipe.cli import (
+        MAX_PYRAMID_LEVELS,
+        MAX_THREADS,
+        check_option,
+        load_config,
+        ngff_choice,
+        progress_enabled,
+    )
     from unet_pipe.predict import finalize, predict, tune_allocator
 
     check_option("--threads", args.threads, 1, MAX_THREADS)
@@ -212,6 +222,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         pyramid_levels=args.pyramid_levels if args.pyramid_levels is not None
         else (config["ingest"]["pyramid_levels"] if config else 2),
         expected_arch=expected,
+        ngff=ngff_choice(args, config),
     )
     if args.finalize:
         finalize(args.checkpoint, args.raw, args.dest, overwrite=args.overwrite, **options)

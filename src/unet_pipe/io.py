@@ -1,14 +1,17 @@
-"""OME-Zarr images: reading, staged writing, pyramids, and TIFF ingestion.
+"""OME-Zarr images: staged writing, pyramids, and TIFF ingestion.
 
-TIFF reading lives in :mod:`unet_pipe.tiff`.
+Metadata and reading live in :mod:`unet_pipe.ngff` (re-exported here), TIFF
+reading in :mod:`unet_pipe.tiff`.
 
 Conventions
 -----------
 * Arrays are (z, y, x); voxel sizes are (z, y, x) in micrometres.
-* Every store the pipeline writes is an NGFF 0.4 ``multiscales`` image group in
-  zarr format 2 (the most widely readable OME-Zarr flavour: napari, Fiji/MoBIE,
-  neuroglancer): dataset ``"0"`` is full resolution, ``"1"``, ``"2"``, ... are
-  2x-downsampled in y and x (z is kept: EM stacks are anisotropic).
+* Every store the pipeline writes is an NGFF ``multiscales`` image group:
+  by default NGFF 0.4 in zarr format 2 (the most widely readable OME-Zarr
+  flavour: napari, Fiji/MoBIE, neuroglancer), or NGFF 0.5 in zarr format 3
+  on request (``ngff="0.5"``).  Dataset ``"0"`` is full resolution, ``"1"``,
+  ``"2"``, ... are 2x-downsampled in y and x (z is kept: EM stacks are
+  anisotropic).
 * Outputs are written into ``DEST.partial`` and renamed to ``DEST`` only once
   complete, so an interrupted job never leaves a store that looks finished.
   Block-wise writers record finished blocks in the staging folder, which makes
@@ -17,11 +20,9 @@ Conventions
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,7 +31,18 @@ import numpy as np
 import zarr
 
 from unet_pipe.errors import InputError, OutputError
-from unet_pipe.integrity import CheckedArray
+from unet_pipe.ngff import (  # noqa: F401  (re-exported: the pipeline's one import for OME-Zarr)
+    DEFAULT_NGFF,
+    NGFF_VERSIONS,
+    ZARR_FORMATS,
+    ImageMeta,
+    check_ngff,
+    describe,
+    group_attributes,
+    image_metadata,
+    multiscales_metadata,
+    open_image,
+)
 from unet_pipe.safety import (
     ATTRS_KEY,
     DONE_DIR,
@@ -46,7 +58,6 @@ from unet_pipe.tiff import open_tiff_stack
 
 log = logging.getLogger(__name__)
 
-NGFF_VERSION = "0.4"
 DEFAULT_CHUNKS: tuple[int, int, int] = (1, 512, 512)
 DEFAULT_COMPRESSION: dict[str, Any] = {"cname": "zstd", "clevel": 3}
 # Raw EM barely compresses (1.08x on ISBI at every zstd level), so ingestion uses
@@ -60,32 +71,6 @@ _DONE_DIR = DONE_DIR
 _STAGING_SUFFIX = ".partial"
 
 
-# ----------------------------------------------------------------------- OME-Zarr
-
-
-@dataclass(frozen=True)
-class ImageMeta:
-    """What the pipeline needs to know about an OME-Zarr image."""
-
-    path: Path
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    chunks: tuple[int, ...]
-    voxel_size: tuple[float, float, float]
-    levels: int
-    attrs: dict = field(default_factory=dict)
-
-    @property
-    def offset(self) -> tuple[int, int, int]:
-        """(z, y, x) pixel offset of a labelled crop in its raw image (``unet_pipe.offset``; default 0)."""
-        value = self.attrs.get(ATTRS_KEY, {}).get("offset") if isinstance(self.attrs.get(ATTRS_KEY), dict) else None
-        if value is None:
-            return (0, 0, 0)
-        if not (isinstance(value, list) and len(value) == 3 and all(isinstance(v, int) and v >= 0 for v in value)):
-            raise InputError(self.path, f"offset {value!r} must be three non-negative integers (z, y, x)")
-        return (value[0], value[1], value[2])
-
-
 def _compressor(compression: dict[str, Any] | None) -> numcodecs.Blosc:
     c = {**DEFAULT_COMPRESSION, **(compression or {})}
     # Byte shuffle: measured 2x faster than bitshuffle on EM data at the same ratio.
@@ -94,30 +79,24 @@ def _compressor(compression: dict[str, Any] | None) -> numcodecs.Blosc:
     )
 
 
-def multiscales_metadata(
-    name: str, voxel_size: Sequence[float], levels: int, kind: str = "image", offset: Sequence[int] | None = None
-) -> dict[str, Any]:
-    """NGFF 0.4 ``multiscales`` block: level 0 first, each further level 2x coarser in y, x.
-
-    ``offset``: (z, y, x) pixel position of this image's first voxel in the image it
-    annotates (a labelled crop), written as an NGFF ``translation`` in micrometres.
+def _create_array(
+    group: zarr.Group, name: str, shape: Sequence[int], chunks: Sequence[int], dtype: Any,
+    compression: dict | None, fill_value: Any = 0, overwrite: bool = False,
+) -> zarr.Array:
+    """An array of ``group``'s zarr format, Blosc-compressed: format 2 (NGFF 0.4) with chunk
+    keys ``z/y/x``, format 3 (NGFF 0.5) with keys ``c/z/y/x`` and the same Blosc settings as
+    a v3 ``blosc`` codec (typesize from the dtype), so both formats' chunks hold the same bytes.
     """
-    vz, vy, vx = (float(v) for v in voxel_size)
-    moved = offset is not None and any(int(o) for o in offset)
-    datasets = []
-    for level in range(levels + 1):
-        transforms: list[dict[str, Any]] = [{"type": "scale", "scale": [vz, vy * 2**level, vx * 2**level]}]
-        if moved:
-            oz, oy, ox = (int(o) for o in offset)
-            transforms.append({"type": "translation", "translation": [oz * vz, oy * vy, ox * vx]})
-        datasets.append({"path": str(level), "coordinateTransformations": transforms})
-    return {
-        "version": NGFF_VERSION,
-        "name": name,
-        "axes": [{"name": ax, "type": "space", "unit": "micrometer"} for ax in "zyx"],
-        "datasets": datasets,
-        "type": "mean" if kind == "image" else "nearest",
-    }
+    codec: Any = (c := _compressor(compression))
+    keys, names = {"name": "v2", "separator": "/"}, None
+    if group.metadata.zarr_format == 3:
+        codec = zarr.codecs.BloscCodec(cname=c.cname, clevel=c.clevel, shuffle="shuffle", blocksize=c.blocksize)
+        keys = {"name": "default", "separator": "/"}
+        names = ("z", "y", "x")  # NGFF 0.5: dimension names, when given, are the axes' names
+    return group.create_array(
+        name, shape=tuple(shape), chunks=tuple(chunks), dtype=dtype, compressors=codec, fill_value=fill_value,
+        chunk_key_encoding=keys, dimension_names=names, overwrite=overwrite,
+    )
 
 
 def _staging_path(dest: Path) -> Path:
@@ -149,12 +128,15 @@ class StagedImage:
         compression: dict[str, Any] | None = None,
         fill_value: Any = 0,
         threads: int | None = None,
+        ngff: str = DEFAULT_NGFF,
     ) -> None:
         if kind not in ("image", "labels"):
             raise ValueError(f"kind must be 'image' or 'labels', got {kind!r}")
         self.dest = Path(dest)
         self.staging = _staging_path(self.dest)
         self.kind = kind
+        self.ngff = check_ngff(ngff)
+        self.zarr_format = ZARR_FORMATS[self.ngff]
         self.voxel_size = tuple(float(v) for v in voxel_size)
         self.shape = tuple(int(s) for s in shape)
         self.chunks = tuple(min(int(c), max(int(s), 1)) for c, s in zip(chunks, self.shape))
@@ -171,30 +153,23 @@ class StagedImage:
         nbytes = int(np.prod(self.shape, dtype=np.float64) * self.dtype.itemsize)
         check_writable(self.dest.parent, nbytes * 4 // 3 if kind == "image" else nbytes // 8)
         if resume and self._staging_matches():
-            self.group = zarr.open_group(str(self.staging), mode="r+", zarr_format=2)
+            self.group = zarr.open_group(str(self.staging), mode="r+", zarr_format=self.zarr_format)
             self.array = self.group["0"]
             log.info("resuming %s: %d blocks already done", self.dest, len(self.done_keys()))
             return
         remove_staging(self.staging)  # refuses a DEST.partial that is not ours
-        self.group = zarr.open_group(str(self.staging), mode="w", zarr_format=2)
+        self.group = zarr.open_group(str(self.staging), mode="w", zarr_format=self.zarr_format)
         mark_staging(self.staging)
         self.group.attrs[ATTRS_KEY] = {"staging": {"fingerprint": fingerprint, "complete": False}}
-        self.array = self.group.create_array(
-            "0",
-            shape=self.shape,
-            chunks=self.chunks,
-            dtype=self.dtype,
-            compressors=_compressor(self.compression),
-            fill_value=fill_value,
-            chunk_key_encoding={"name": "v2", "separator": "/"},
-        )
+        self.array = _create_array(self.group, "0", self.shape, self.chunks, self.dtype, self.compression, fill_value)
         (self.staging / _DONE_DIR).mkdir()
 
     def _staging_matches(self) -> bool:
         if not (self.staging / _DONE_DIR).is_dir() or not is_our_staging(self.staging):
             return False
         try:
-            group = zarr.open_group(str(self.staging), mode="r", zarr_format=2)
+            # A staging store of the other format is not resumed: it is started over.
+            group = zarr.open_group(str(self.staging), mode="r", zarr_format=self.zarr_format)
             array = group["0"]
             recorded = group.attrs.get(ATTRS_KEY, {}).get("staging", {}).get("fingerprint")
         except Exception:
@@ -242,7 +217,7 @@ class StagedImage:
         background: the caller must keep ``slab`` unchanged until the returned
         futures are done.
         """
-        writes = [self._writer.submit_slab(self.staging / "0", self.array, z0, slab, y0)]
+        writes = [self._writer.submit_slab(self.staging / "0", self.array, z0, slab, y0, self.compression)]
         current, ny, nx = slab, self.shape[1], self.shape[2]
         for level in range(1, pyramid_levels + 1):
             ny, nx = ny // 2, nx // 2
@@ -258,7 +233,9 @@ class StagedImage:
                 )
             rows = current.shape[1] // 2
             current = downsample2(current[:, : 2 * rows, : 2 * nx], self.kind)
-            writes.append(self._writer.submit_slab(self.staging / str(level), levels[level], z0, current, y0))
+            writes.append(
+                self._writer.submit_slab(self.staging / str(level), levels[level], z0, current, y0, self.compression)
+            )
         self._streamed_levels = pyramid_levels
         pending = [future for futures in writes for future in futures]
         if wait:
@@ -290,20 +267,19 @@ class StagedImage:
             levels = _existing_levels(self.group)
         else:
             levels = write_pyramid(self.group, pyramid_levels, kind=self.kind, compression=self.compression)
-        attrs = {
-            "multiscales": [
-                multiscales_metadata(
-                    self.dest.name, self.voxel_size, levels, self.kind, (extra_attrs or {}).get("offset")
-                )
-            ],
-            ATTRS_KEY: {"kind": self.kind, **(provenance and {"provenance": provenance} or {}), **(extra_attrs or {})},
-        }
+        image_label = None
         if self.kind == "labels":
-            attrs["image-label"] = {"version": NGFF_VERSION}
+            image_label = {}
             if source_image is not None:
                 # Relative: the pair stays valid when the results folder moves as a whole.
-                attrs["image-label"]["source"] = {"image": os.path.relpath(Path(source_image), self.dest)}
-        self.group.attrs.put(attrs)
+                image_label["source"] = {"image": os.path.relpath(Path(source_image), self.dest)}
+        offset = (extra_attrs or {}).get("offset")
+        self.group.attrs.put(group_attributes(
+            self.ngff,
+            multiscales=multiscales_metadata(self.dest.name, self.voxel_size, levels, self.kind, offset, self.ngff),
+            image_label=image_label,
+            own={"kind": self.kind, **(provenance and {"provenance": provenance} or {}), **(extra_attrs or {})},
+        ))
         shutil.rmtree(self.staging / _DONE_DIR, ignore_errors=True)
         if hasattr(self, "_chunk_writer"):
             self._chunk_writer.close()
@@ -321,14 +297,15 @@ class StagedImage:
 
 
 class _ChunkWriter:
-    """Encode and store whole zarr-v2 chunks of a local array on a thread pool.
+    """Encode and store whole chunks of a local zarr array (format 2 or 3) on a thread pool.
 
     Written here rather than through ``zarr.Array.__setitem__`` because zarr 3's
     per-chunk overhead was measured at ~1.8 ms of CPU per 512x512 chunk, 5x the
     cost of the Blosc encoding itself; Blosc releases the GIL, so threads scale.
     The bytes are exactly what zarr writes for a format-2 array without filters
     (``compressor.encode`` of the C-ordered chunk, edge chunks padded with the
-    fill value); tests read every store back through zarr.
+    fill value), and for format 3 with the codecs ``bytes`` (little endian) then
+    ``blosc``, whose chunk keys start with ``c/``; tests read every store back through zarr.
     """
 
     def __init__(self, workers: int | None = None) -> None:
@@ -338,16 +315,21 @@ class _ChunkWriter:
         self.pool = ThreadPoolExecutor(max_workers=workers or min(16, len(os.sched_getaffinity(0))))
         self._meta: dict[int, tuple] = {}
 
-    def submit_slab(self, folder: Path, array: zarr.Array, z0: int, slab: np.ndarray, y0: int = 0) -> list:
+    def submit_slab(
+        self, folder: Path, array: zarr.Array, z0: int, slab: np.ndarray, y0: int = 0, compression: dict | None = None
+    ) -> list:
         """Queue the chunks covering ``array[z0 : z0 + len(slab), y0 : y0 + slab.shape[1]]`` (full x).
 
         ``z0`` and ``y0`` must be chunk-aligned and the slab must cover whole
-        chunk rows (or end at the last row).
+        chunk rows (or end at the last row).  ``compression``: the settings the
+        array was created with (:func:`_create_array`).
         """
         key = id(array)
         if key not in self._meta:  # cache: each zarr property access is an event-loop round trip
-            self._meta[key] = (array.chunks, tuple(array.shape), array.compressors[0], array.fill_value or 0, array)
-        (cz, cy, cx), shape, compressor, fill, _ = self._meta[key]
+            prefix = "" if array.metadata.zarr_format == 2 else "/c"
+            self._meta[key] = (array.chunks, tuple(array.shape), _compressor(compression), array.fill_value or 0,
+                               prefix, array)
+        (cz, cy, cx), shape, compressor, fill, prefix, _ = self._meta[key]
         height, end = slab.shape[1], y0 + slab.shape[1]
         if z0 % cz or y0 % cy or slab.shape[2] != shape[2] or end > shape[1] or (end < shape[1] and height % cy):
             raise ValueError(
@@ -359,7 +341,7 @@ class _ChunkWriter:
             for iy, ys in enumerate(range(0, height, cy), start=y0 // cy):
                 # One task and one mkdir per chunk row (measured: per-chunk tasks spent
                 # ~8% of the ingest CPU in the interpreter and the pool's locks).
-                row = f"{folder}/{iz}/{iy}"
+                row = f"{folder}{prefix}/{iz}/{iy}"
                 os.makedirs(row, exist_ok=True)
                 band = slab[zs : zs + cz, ys : ys + cy]
                 futures.append(self.pool.submit(self._store_row, row, band, (cz, cy, cx), fill, compressor))
@@ -385,16 +367,7 @@ def _create_level(
     group: zarr.Group, level: int, shape: Sequence[int], base_chunks: Sequence[int], dtype: Any, compression: dict | None
 ) -> zarr.Array:
     chunks = (base_chunks[0], min(base_chunks[1], shape[1]), min(base_chunks[2], shape[2]))
-    return group.create_array(
-        str(level),
-        shape=tuple(shape),
-        chunks=chunks,
-        dtype=dtype,
-        compressors=_compressor(compression),
-        fill_value=0,
-        chunk_key_encoding={"name": "v2", "separator": "/"},
-        overwrite=True,
-    )
+    return _create_array(group, str(level), shape, chunks, dtype, compression, 0, overwrite=True)
 
 
 def _existing_levels(group: zarr.Group) -> int:
@@ -473,69 +446,6 @@ def _mean2x2_int(slab: np.ndarray) -> np.ndarray:
     return out
 
 
-def _open_group(path: Path) -> zarr.Group:
-    if not path.exists():
-        raise InputError(path, "not found")
-    try:
-        return zarr.open_group(str(path), mode="r")
-    except Exception as exc:
-        raise InputError(path, f"not a zarr group ({type(exc).__name__})") from None
-
-
-def image_metadata(path: str | Path) -> ImageMeta:
-    """Read the NGFF metadata of an OME-Zarr image written by the pipeline (or compatible)."""
-    path = Path(path)
-    group = _open_group(path)
-    attrs = group.attrs.asdict()
-    try:
-        ms = attrs["multiscales"][0]
-        level0 = ms["datasets"][0]
-        scale = next(t["scale"] for t in level0["coordinateTransformations"] if t["type"] == "scale")
-        name = level0["path"]
-    except (KeyError, IndexError, StopIteration, TypeError, AttributeError):
-        raise InputError(path, "not an OME-Zarr image (no valid 'multiscales' metadata)") from None
-    for ds in ms.get("datasets", []):
-        p = ds.get("path") if isinstance(ds, dict) else None
-        if not isinstance(p, str) or not p or p.startswith("/") or ".." in Path(p).parts or "\\" in p:
-            raise InputError(path, f"multiscales dataset path {p!r} is not a relative name inside the store")
-    try:
-        array = group[name]
-    except KeyError:
-        raise InputError(path, f"multiscales names dataset {name!r}, which is missing") from None
-    except Exception as exc:  # garbled .zarray / zarr.json: zarr raises many types
-        raise InputError(path, f"dataset {name!r} has unreadable array metadata ({type(exc).__name__})") from None
-    if array.ndim != 3:
-        raise InputError(path, f"expected a 3D (z, y, x) image, found {array.ndim} dimensions")
-    if (not isinstance(scale, list) or len(scale) != array.ndim
-            or not all(isinstance(v, (int, float)) and np.isfinite(v) and v > 0 for v in scale)):
-        raise InputError(path, f"scale {scale!r} of level {name!r} must be {array.ndim} finite positive numbers")
-    return ImageMeta(
-        path=path,
-        shape=tuple(array.shape),
-        dtype=np.dtype(array.dtype),
-        chunks=tuple(array.chunks),
-        voxel_size=(float(scale[-3]), float(scale[-2]), float(scale[-1])),
-        levels=len(ms["datasets"]) - 1,
-        attrs=attrs,
-    )
-
-
-def open_image(path: str | Path, level: int = 0) -> CheckedArray:
-    """Open one level (0 = full resolution) of an OME-Zarr image read-only.
-
-    Reads of a corrupt or truncated chunk raise :class:`InputError` naming the
-    store and the chunk (see :mod:`unet_pipe.integrity`).
-    """
-    path = Path(path)
-    image_metadata(path)  # validates
-    group = _open_group(path)
-    ms = group.attrs["multiscales"][0]
-    if not 0 <= level < len(ms["datasets"]):
-        raise InputError(path, f"has no pyramid level {level}")
-    name = ms["datasets"][level]["path"]
-    return CheckedArray(group[name], path, name)
-
-
 # --------------------------------------------------------------------- ingestion
 
 
@@ -555,6 +465,7 @@ def ingest_tiff(
     max_buffer_bytes: int = MAX_BUFFER_BYTES,
     threads: int | None = None,
     offset: Sequence[int] | None = None,
+    ngff: str = DEFAULT_NGFF,
 ) -> Path:
     """Stream a TIFF stack into an OME-Zarr image.
 
@@ -571,6 +482,7 @@ def ingest_tiff(
     size: the argument if given, else TIFF metadata, else 1 µm with a warning.
     ``threads``: chunk-encoding threads (default: the cores this process may
     use, at most 16); reading, downsampling and hashing run beside them.
+    ``ngff``: "0.4" (zarr format 2) or "0.5" (zarr format 3).
     """
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
@@ -609,6 +521,7 @@ def ingest_tiff(
         overwrite=overwrite,
         compression=INGEST_COMPRESSION if compression is None else compression,
         threads=threads,
+        ngff=ngff,
     )
     digest = hashlib.sha256()
     # Double buffering: while the pool encodes and hashes one slab, the main
@@ -684,18 +597,3 @@ def _progress(items: Any, enabled: bool, total: int, unit: str, name: str) -> An
     from tqdm import tqdm
 
     return tqdm(items, total=total, unit=unit, desc=f"ingest {name}")
-
-
-def describe(path: str | Path) -> str:
-    """A one-line human summary of an OME-Zarr image (used by the CLI)."""
-    meta = image_metadata(path)
-    return json.dumps(
-        {
-            "path": str(meta.path),
-            "shape": meta.shape,
-            "dtype": str(meta.dtype),
-            "chunks": meta.chunks,
-            "voxel_size_um": meta.voxel_size,
-            "levels": meta.levels + 1,
-        }
-    )

@@ -36,7 +36,7 @@ from skimage.morphology import h_maxima
 from skimage.segmentation import watershed
 
 from unet_pipe.errors import ConfigError, InputError
-from unet_pipe.io import ATTRS_KEY, StagedImage, image_metadata, open_image
+from unet_pipe.io import ATTRS_KEY, DEFAULT_NGFF, StagedImage, image_metadata, open_image
 from unet_pipe.provenance import provenance
 
 log = logging.getLogger(__name__)
@@ -224,6 +224,7 @@ def postprocess(
     overwrite: bool = False,
     resume: bool = True,
     progress: bool = False,
+    ngff: str = DEFAULT_NGFF,
 ) -> Path:
     """Segment a probability OME-Zarr into an instance OME-Zarr label image (uint32).
 
@@ -231,7 +232,8 @@ def postprocess(
     as done, so a restarted run (``resume``) skips finished slabs; the offset of
     a skipped slab's successor is read back from its written ids, which keeps ids
     identical to an uninterrupted run.  The output has the chunks and voxel size
-    of the input and provenance in its attributes.
+    of the input and provenance in its attributes; ``ngff``: "0.4" (zarr format 2)
+    or "0.5" (zarr format 3).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -263,6 +265,7 @@ def postprocess(
         resume=resume,
         fingerprint=fingerprint,
         overwrite=overwrite,
+        ngff=ngff,
     )
     out = staged.array
     step = out.chunks[0]

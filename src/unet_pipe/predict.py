@@ -79,7 +79,7 @@ from unet_pipe.blockwise import (  # noqa: F401 (re-exported)
 )
 from unet_pipe.data import IntensityRange, intensity_range
 from unet_pipe.errors import CheckpointError, ConfigError, InputError, OutputError
-from unet_pipe.io import StagedImage, image_metadata, open_image
+from unet_pipe.io import DEFAULT_NGFF, StagedImage, check_ngff, image_metadata, open_image
 from unet_pipe.model import UNet, model_from_checkpoint
 from unet_pipe.precision import check_request, precision_record, resolve_precision
 from unet_pipe.provenance import input_checksum, input_fingerprint, provenance
@@ -169,7 +169,7 @@ class _Setup:
     intensity: IntensityRange | None
 
 
-def _setup(checkpoint, raw, dest, expected_arch, *, tile, block, batch, tta, dtype, precision) -> _Setup:
+def _setup(checkpoint, raw, dest, expected_arch, *, tile, block, batch, tta, dtype, precision, ngff) -> _Setup:
     checkpoint, raw, dest = Path(checkpoint), Path(raw), Path(dest)
     meta = image_metadata(raw)  # InputError unless a 3D (z, y, x) OME-Zarr image
     model, intensity = _load_model(checkpoint, expected_arch, meta)
@@ -186,6 +186,7 @@ def _setup(checkpoint, raw, dest, expected_arch, *, tile, block, batch, tta, dty
         "dtype": dtype,
         "precision": precision,
         "intensity": None if intensity is None else intensity.to_list(),
+        "ngff": check_ngff(ngff),
     }
     # What changes output values (the requested precision included: another request starts
     # over), except the device kind and what `precision: auto` resolves to there: a prepare job
@@ -199,7 +200,7 @@ def _setup(checkpoint, raw, dest, expected_arch, *, tile, block, batch, tta, dty
 
 def _staging_matches(dest: Path, fingerprint: str) -> bool:
     try:
-        group = zarr.open_group(str(dest.with_name(dest.name + ".partial")), mode="r", zarr_format=2)
+        group = zarr.open_group(str(dest.with_name(dest.name + ".partial")), mode="r")
         return group.attrs.get("unet_pipe", {}).get("staging", {}).get("fingerprint") == fingerprint
     except Exception:  # absent or unreadable: not ours
         return False
@@ -222,6 +223,7 @@ def _open_staged(setup: _Setup, *, overwrite: bool, must_exist: bool) -> StagedI
         resume=True,
         fingerprint=setup.fingerprint,
         overwrite=overwrite,
+        ngff=setup.request["ngff"],
     )
 
 
@@ -311,6 +313,7 @@ def predict(
     pyramid_levels: int = 2,
     expected_arch: dict | None = None,
     progress: bool = False,
+    ngff: str = DEFAULT_NGFF,
 ) -> PredictResult:
     """Predict foreground probabilities of ``raw`` into the OME-Zarr ``dest``.
 
@@ -337,7 +340,7 @@ def predict(
         raise ConfigError(None, f"{workers} CPU workers on {cores} cores would oversubscribe them")
     setup = _setup(
         checkpoint, raw, dest, expected_arch, tile=tile, block=block, batch=batch, tta=tta, dtype=dtype,
-        precision=precision,
+        precision=precision, ngff=ngff,
     )  # fmt: skip
     staged = _open_staged(setup, overwrite=overwrite, must_exist=sharded)
     resolved = resolve_precision(precision, device)
@@ -415,6 +418,7 @@ def finalize(
     pyramid_levels: int = 2,
     expected_arch: dict | None = None,
     overwrite: bool = False,
+    ngff: str = DEFAULT_NGFF,
 ) -> Path:
     """Gather step of a sharded run: check that every block is done, then publish ``dest``.
 
@@ -424,7 +428,7 @@ def finalize(
     """
     setup = _setup(
         checkpoint, raw, dest, expected_arch, tile=tile, block=block, batch=batch, tta=tta, dtype=dtype,
-        precision=precision,
+        precision=precision, ngff=ngff,
     )  # fmt: skip
     staged = _open_staged(setup, overwrite=overwrite, must_exist=True)
     stored = _read_plan(staged)

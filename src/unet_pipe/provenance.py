@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import unet_pipe
+from unet_pipe.safety import store_attributes
 
 _PACKAGES = ("numpy", "scipy", "scikit-image", "tifffile", "zarr", "dask", "torch", "snakemake")
 _CHUNK = 1 << 22
@@ -101,9 +102,9 @@ def input_checksum(path: str | Path) -> str:
         return file_sha256(path)
     if not path.is_dir():
         return "missing"
-    attrs_file = path / ".zattrs"
-    if attrs_file.exists():
-        attrs = json.loads(attrs_file.read_text())
+    found = store_attributes(path)
+    if found is not None:
+        attrs_file, attrs = found
         own = attrs.get("unet_pipe", {})
         if "array_sha256" in own:
             return own["array_sha256"]
@@ -128,11 +129,11 @@ def input_fingerprint(path: str | Path) -> str:
     into old results.
     """
     path = Path(path)
-    attrs_file = path / ".zattrs"
-    if not path.is_dir() or not attrs_file.exists():
+    found = store_attributes(path)
+    if found is None:
         return input_checksum(path)
-    attrs = attrs_file.read_bytes()
-    own = json.loads(attrs).get("unet_pipe", {})
+    attrs = found[0].read_bytes()
+    own = found[1].get("unet_pipe", {})
     if "array_sha256" in own:
         return own["array_sha256"]
     digest = hashlib.sha256(attrs)  # one walk: names, sizes and times of every file

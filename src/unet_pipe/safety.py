@@ -4,7 +4,8 @@
   create them; a ``DEST.partial`` without it belongs to the user and is refused,
   never removed.
 * **Replacing** an existing ``DEST`` (``--overwrite``) is allowed only for a
-  store this project wrote (its ``.zattrs`` hold our ``unet_pipe`` key); the old
+  store this project wrote (its ``.zattrs``, or ``zarr.json`` attributes, hold our
+  ``unet_pipe`` key); the old
   store is first moved to a fresh, unique backup name (never one the user may
   have made, such as ``DEST.old``) and removed after the swap.
 * **Destinations and inputs** never overlap: a destination (or its staging
@@ -30,7 +31,7 @@ from unet_pipe.errors import OutputError
 STAGING_MARKER = ".unet-pipe-staging"
 LOCK_SUFFIX = ".unet-pipe.lock"
 DONE_DIR = ".unet_pipe_done"  # per-block done records inside a staging folder
-ATTRS_KEY = "unet_pipe"  # our key in every store's .zattrs (re-exported by unet_pipe.io)
+ATTRS_KEY = "unet_pipe"  # our key in every store's attributes (re-exported by unet_pipe.io)
 
 
 def mark_staging(folder: Path) -> None:
@@ -56,16 +57,31 @@ def remove_staging(folder: Path) -> None:
     shutil.rmtree(folder)
 
 
-def is_our_store(path: Path) -> bool:
-    """True for an OME-Zarr folder that this project wrote (our key in its .zattrs)."""
+def store_attributes(path: Path) -> tuple[Path, dict] | None:
+    """(metadata file, group attributes) of a zarr group folder, format 2 (``.zattrs``) or
+    3 (``zarr.json``'s ``attributes``); None when there are none or they cannot be read.
+
+    Read as plain JSON, not through zarr: cheap, and independent of zarr's format detection.
+    """
     path = Path(path)
-    attrs = path / ".zattrs"
-    if path.is_symlink() or not path.is_dir() or not attrs.is_file():
-        return False
-    try:
-        return ATTRS_KEY in json.loads(attrs.read_text())
-    except (ValueError, OSError, TypeError):
-        return False
+    if not path.is_dir():
+        return None
+    for name in (".zattrs", "zarr.json"):
+        file = path / name
+        if file.is_file():
+            try:
+                data = json.loads(file.read_text())
+            except (ValueError, OSError):
+                return None
+            attrs = data.get("attributes", {}) if name == "zarr.json" and isinstance(data, dict) else data
+            return (file, attrs) if isinstance(attrs, dict) else None
+    return None
+
+
+def is_our_store(path: Path) -> bool:
+    """True for an OME-Zarr folder that this project wrote (our key in its attributes, NGFF 0.4 or 0.5)."""
+    found = None if Path(path).is_symlink() else store_attributes(path)
+    return found is not None and ATTRS_KEY in found[1]
 
 
 def check_replaceable(dest: Path) -> None:

@@ -13,7 +13,7 @@ would change an input of every other rule.  ``build_view`` therefore writes a
 separate, small store whose metadata is its own and whose arrays are *relative
 symbolic links* to the levels of the published stores::
 
-    view.ome.zarr/.zattrs            multiscales of raw (+ our marker)
+    view.ome.zarr/.zattrs            multiscales of raw (+ our marker; zarr.json in 0.5)
     view.ome.zarr/0 -> ../raw.ome.zarr/0
     view.ome.zarr/labels/.zattrs     {"labels": ["labels", "instances"]}
     view.ome.zarr/labels/instances/.zattrs   multiscales + image-label
@@ -22,13 +22,15 @@ symbolic links* to the levels of the published stores::
 Relative links keep the view valid when the results folder is moved or
 copied as a whole (``cp -r``, ``rsync -a``); ``copy=True`` writes real
 copies instead, for object stores, archives or file systems without links.
-Only integer images can be label layers (NGFF 0.4 requires integer label
+The view has the NGFF version of the stores it shows (0.4: ``.zattrs``; 0.5:
+``zarr.json`` with the NGFF keys under ``ome``): a zarr group cannot hold
+arrays of another zarr format, so raw and label stores of different versions
+are refused.  Only integer images can be label layers (NGFF 0.4 requires integer label
 data; napari's Labels layer refuses floats): the float probabilities stay a
 separate store that is opened next to the view.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -37,9 +39,8 @@ from typing import Mapping
 import numpy as np
 
 from unet_pipe.errors import InputError, OutputError
-from unet_pipe.io import NGFF_VERSION, image_metadata
+from unet_pipe.ngff import group_attributes, image_metadata, write_group
 from unet_pipe.safety import (
-    ATTRS_KEY,
     STAGING_MARKER,
     check_replaceable,
     is_our_staging,
@@ -49,13 +50,6 @@ from unet_pipe.safety import (
 )
 
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
-
-
-def _write_group(folder: Path, attrs: dict) -> None:
-    """A zarr format 2 group: ``.zgroup`` and ``.zattrs``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / ".zgroup").write_text(json.dumps({"zarr_format": 2}))
-    (folder / ".zattrs").write_text(json.dumps(attrs, indent=2))
 
 
 def _place_levels(src: Path, dest: Path, multiscales: dict, copy: bool) -> None:
@@ -98,7 +92,10 @@ def build_view(
             raise InputError(label.path, f"voxel size {label.voxel_size} differs from {meta.voxel_size} of {raw}")
         if label.dtype.kind not in "uib":
             raise InputError(label.path, f"a label layer needs integers, found dtype {label.dtype}")
-        checked[name] = (label.path, label.attrs["multiscales"][0])
+        if label.ngff != meta.ngff:
+            raise InputError(label.path, f"is NGFF {label.ngff} but {raw} is NGFF {meta.ngff}; a view needs one "
+                             "version (rerun the stages with the same ngff_version)")
+        checked[name] = (label.path, label.multiscales)
     if (dest.exists() or dest.is_symlink()) and not overwrite:
         raise OutputError(dest, "already exists; remove it or pass --overwrite")
     if overwrite:
@@ -108,21 +105,17 @@ def build_view(
     staging.mkdir(parents=True)
     mark_staging(staging)
     try:
-        raw_ms = dict(meta.attrs["multiscales"][0], name=dest.name)
-        _write_group(staging, {
-            "multiscales": [raw_ms],
-            ATTRS_KEY: {"kind": "view", "image": str(raw), "labels": {n: str(p) for n, (p, _) in checked.items()},
-                        "copy": copy},
-        })
+        raw_ms = dict(meta.multiscales, name=dest.name)
+        own = {"kind": "view", "image": str(raw), "labels": {n: str(p) for n, (p, _) in checked.items()}, "copy": copy}
+        write_group(staging, group_attributes(meta.ngff, multiscales=raw_ms, own=own), meta.ngff)
         _place_levels(raw, staging, raw_ms, copy)
         if checked:
-            _write_group(staging / "labels", {"labels": list(checked)})
+            write_group(staging / "labels", group_attributes(meta.ngff, labels=list(checked)), meta.ngff)
         for name, (path, multiscales) in checked.items():
             group = staging / "labels" / name
-            _write_group(group, {
-                "multiscales": [dict(multiscales, name=name, type="nearest")],
-                "image-label": {"version": NGFF_VERSION, "source": {"image": "../../"}},
-            })
+            attrs = group_attributes(meta.ngff, multiscales=dict(multiscales, name=name, type="nearest"),
+                                     image_label={"source": {"image": "../../"}})
+            write_group(group, attrs, meta.ngff)
             _place_levels(path, group, multiscales, copy)
         (staging / STAGING_MARKER).unlink()
         replace_with(staging, dest)

@@ -71,6 +71,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from unet_pipe.errors import ConfigError, InputError
+from unet_pipe.ngff import DEFAULT_NGFF
 
 log = logging.getLogger(__name__)
 
@@ -485,6 +486,7 @@ def compute_weight_store(
     pyramid_levels: int | None = None,
     extra_params: dict[str, Any] | None = None,
     progress: bool = False,
+    ngff: str = DEFAULT_NGFF,
 ) -> dict[str, Any]:
     """Write the float32 weight OME-Zarr ``dest`` for the label OME-Zarr ``labels_path``.
 
@@ -497,6 +499,7 @@ def compute_weight_store(
     labels' number of levels.  Returns a summary
     (class counts and weights, halo) that is also stored in the attributes
     (``unet_pipe.weights``) and, with ``extra_params``, in the provenance record.
+    ``ngff``: "0.4" (zarr format 2) or "0.5" (zarr format 3).
     """
     import dask
     import dask.array as da
@@ -534,6 +537,7 @@ def compute_weight_store(
         resume=resume,
         fingerprint=_fingerprint(labels_path, params),
         overwrite=overwrite,
+        ngff=ngff,
     )
     try:
         out = staged.array

@@ -96,7 +96,8 @@ def ingest_args(wildcards):
     section = config["ingest"]
     chunks = ",".join(str(c) for c in section["chunks"])
     codec = ":".join(str(section["compression"][key]) for key in ("cname", "clevel", "blocksize"))
-    return f"--chunks {chunks} --compression {codec} --pyramid-levels {section['pyramid_levels']}"
+    return (f"--chunks {chunks} --compression {codec} --pyramid-levels {section['pyramid_levels']}"
+            f" --ngff {config['ngff_version']}")
 
 
 def section_json(*keys):
@@ -168,6 +169,7 @@ def predict_args(wildcards):
         f"--precision {section['precision']}",
         "--tta" if section["tta"] else "--no-tta",
         f"--pyramid-levels {config['ingest']['pyramid_levels']}",
+        f"--ngff {config['ngff_version']}",
         # A checkpoint of another architecture is refused, not silently used.
         f"--expect-arch {shlex.quote(json.dumps(config['model'], sort_keys=True))}",
         # Snakemake owns the output: a rerun replaces the old store (only once the new one is complete).
@@ -196,7 +198,7 @@ def postprocess_args(wildcards):
     import shlex
 
     section = config["postprocess"]
-    levels = f"--pyramid-levels {config['ingest']['pyramid_levels']}"
+    levels = f"--pyramid-levels {config['ingest']['pyramid_levels']} --ngff {config['ngff_version']}"
     if AUTO_DECISIONS:
         return f"--decisions {shlex.quote(DECISIONS)} {levels}"
     return (

@@ -18,6 +18,7 @@ rule weights:
         mode=config["weights"]["mode"],
         unlabelled=unlabelled_flag(),
         balance="" if config["weights"]["class_balance"] else " --no-class-balance",
+        ngff=config["ngff_version"],
     log:
         f"{R}/logs/weights/{{dataset}}.log",
     benchmark:
@@ -34,4 +35,4 @@ rule weights:
         "unet-pipe weights {input.labels:q} {output.weights:q} --w0 {params.w0} --sigma {params.sigma}"
         " --tolerance {params.tolerance} --label-mode {params.label_mode}"
         " --foreground-value {params.foreground_value} --mode {params.mode}{params.unlabelled}{params.balance} --threads {threads}"
-        " --preview {output.preview:q} --raw {input.raw:q} > {log:q} 2>&1"
+        " --preview {output.preview:q} --raw {input.raw:q} --ngff {params.ngff} > {log:q} 2>&1"
