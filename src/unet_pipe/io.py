@@ -42,7 +42,7 @@ from unet_pipe.safety import (
     remove_staging,
     replace_with,
 )
-from unet_pipe.tiff import open_tiff_stack
+from unet_pipe.zarr_input import crop_offset, open_input_stack, source_record, store_frame
 
 log = logging.getLogger(__name__)
 
@@ -556,7 +556,7 @@ def ingest_tiff(
     threads: int | None = None,
     offset: Sequence[int] | None = None,
 ) -> Path:
-    """Stream a TIFF stack into an OME-Zarr image.
+    """Stream a TIFF stack, or level 0 of an OME-Zarr image (:mod:`unet_pipe.zarr_input`), into an OME-Zarr image.
 
     Memory is two read buffers of one z-slab of ``chunks[0]`` slices each,
     while a slab fits in ``max_buffer_bytes``.  Larger slices (stitched
@@ -571,11 +571,16 @@ def ingest_tiff(
     size: the argument if given, else TIFF metadata, else 1 µm with a warning.
     ``threads``: chunk-encoding threads (default: the cores this process may
     use, at most 16); reading, downsampling and hashing run beside them.
+    An OME-Zarr label image with a ``translation`` gives its own offset in
+    ``like`` (:func:`unet_pipe.zarr_input.crop_offset`; ``offset`` must agree).
     """
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
-    source = open_tiff_stack(src)
+    source = open_input_stack(src)
     dest = Path(dest)
+    if kind == "labels" and like is not None:
+        ref = image_metadata(like)
+        offset = crop_offset(source, store_frame(ref), ref.shape[0], offset)
     if kind == "labels" and source.dtype.kind not in "uib":
         raise InputError(source.path, f"labels must be integers, found dtype {source.dtype}")
     if offset is not None:
@@ -665,7 +670,7 @@ def ingest_tiff(
             provenance=provenance,
             extra_attrs={
                 "array_sha256": digest.hexdigest(),
-                "source": {"path": str(source.path), "files": len(source.files)},
+                "source": source_record(source),
                 **({"offset": list(offset)} if offset is not None else {}),
             },
             source_image=like if kind == "labels" else None,
