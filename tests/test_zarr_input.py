@@ -300,3 +300,44 @@ def test_bad_zarr_inputs_are_one_line_errors(tmp_path, run_cli) -> None:
         assert code == 2 and err.count("\n") == 1, err
         assert err.startswith(f"unet-pipe: error: {tmp_path / name}: ") and message in err, err
         assert not dest.exists() and not dest.with_name(dest.name + ".partial").exists()
+
+
+# ------------------------------------------------------------------ workflow
+
+
+def _workflow_config(tmp_path, labels="labels.ome.zarr"):
+    from test_workflow import small_config
+
+    raw, crop = _crop_case()
+    _ome(tmp_path / "raw.ome.zarr", raw, RAW_SCALE, RAW_AT, FormatV05())
+    _ome(tmp_path / "labels.ome.zarr", crop, RAW_SCALE, _labels_at(OFFSET), FormatV05())
+    _ome(tmp_path / "half.ome.zarr", crop, RAW_SCALE, _labels_at((1, 10, 20.5)))
+    cfg = small_config()
+    cfg["datasets"] = {"em": {"raw": "raw.ome.zarr", "labels": labels}}
+    cfg["train"]["datasets"] = {"em": {"train": [1, 2], "val": [2, 3]}}
+    cfg["predict"]["datasets"] = ["em"]
+    return cfg, raw, crop
+
+
+def test_workflow_precheck_refuses_an_off_grid_label_image(tmp_path) -> None:
+    from test_workflow import run_snakemake
+
+    cfg, _, _ = _workflow_config(tmp_path, labels="half.ome.zarr")
+    proc = run_snakemake(tmp_path, "-n", config=cfg, check=False)
+    assert proc.returncode != 0
+    assert (f"unet-pipe: error: half.ome.zarr: translation puts it 20.5 voxels from the raw along x: not a whole "
+            "number of voxels") in proc.stderr
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.slow
+def test_workflow_ingests_ome_zarr_inputs_and_weighs_the_crop(tmp_path) -> None:
+    from test_workflow import run_snakemake
+
+    cfg, raw, crop = _workflow_config(tmp_path)
+    results = tmp_path / cfg["results"]
+    run_snakemake(tmp_path, "--cores", "2", f"{cfg['results']}/em/weights.ome.zarr", config=cfg)
+    np.testing.assert_array_equal(open_image(results / "em" / "raw.ome.zarr")[:], raw)
+    np.testing.assert_array_equal(open_image(results / "em" / "labels.ome.zarr")[:], crop)
+    assert image_metadata(results / "em" / "weights.ome.zarr").offset == OFFSET
+    assert image_metadata(results / "em" / "raw.ome.zarr").voxel_size == pytest.approx((0.05, 0.004, 0.004))

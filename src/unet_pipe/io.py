@@ -42,6 +42,7 @@ from unet_pipe.safety import (
     remove_staging,
     replace_with,
 )
+from unet_pipe.tiff import open_tiff_stack  # noqa: F401  (re-exported: part of this module's API)
 from unet_pipe.zarr_input import crop_offset, open_input_stack, source_record, store_frame
 
 log = logging.getLogger(__name__)
