@@ -100,7 +100,11 @@ class ZarrSource:
         """Yield ``(z, slice)`` in order; ``out(z)`` gives the (y, x) array to fill (see TiffSource)."""
         depth = 1 if self.is_2d else int(self.array.chunks[self.roles.index("z")])
         per_slice = self.shape[1] * self.shape[2] * self.dtype.itemsize
-        step = max(1, min(depth, SLAB_BYTES // max(per_slice, 1)))
+        fits = max(1, SLAB_BYTES // max(per_slice, 1))
+        # Whole z-chunks, as many as fit: one zarr read per slab (zarr fetches its chunks concurrently;
+        # measured, ISBI 30 x 512 x 512 in chunks of one slice: 0.22 s read slice by slice, 0.16 s in
+        # one slab; the same stack as TIFF: 0.13 s).
+        step = fits // depth * depth if fits >= depth else fits
         if step < depth:
             log.info("%s: z-chunks of %d slices read %d at a time (memory bound): each chunk decoded %d times",
                      self.path, depth, step, -(-depth // step))
