@@ -153,11 +153,11 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 def _add_ingest(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "ingest",
-        help="stream a TIFF stack into OME-Zarr",
+        help="stream a TIFF stack or an OME-Zarr image into our OME-Zarr store",
         description=(
-            "Convert SRC (multi-page TIFF, BigTIFF, OME-TIFF or a folder of single-slice TIFFs) into an "
-            "OME-Zarr image DEST (NGFF 0.4, or 0.5 with --ngff 0.5), slice by slice, with a 2x pyramid. "
-            "Values and dtype are kept."
+            "Convert SRC (multi-page TIFF, BigTIFF, OME-TIFF, a folder of single-slice TIFFs, level 0 of an "
+            "OME-Zarr image of NGFF 0.4 or 0.5, or a plain zarr array) into an OME-Zarr image DEST (NGFF 0.4, "
+            "or 0.5 with --ngff 0.5), slice by slice, with a 2x pyramid. Values and dtype are kept; SRC is only read."
         ),
     )
     p.add_argument("src", metavar="SRC", type=Path)
@@ -167,7 +167,8 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--like", type=Path, metavar="RAW.ome.zarr", help="check that SRC has the shape of this image")
     p.add_argument(
         "--offset", nargs=3, type=int, metavar=("Z", "Y", "X"),
-        help="with --like: SRC labels a crop of RAW starting at this voxel (recorded as an NGFF translation)",
+        help="with --like: SRC labels a crop of RAW starting at this voxel (recorded as an NGFF translation); "
+        "an OME-Zarr SRC with a translation gives its own offset, which this must match",
     )
     p.add_argument("--voxel-size", nargs=3, type=float, metavar=("Z", "Y", "X"), help="micrometres")
     p.add_argument("--pyramid-levels", type=int, default=None, help="2x (y, x) downsampled levels (default 2)")

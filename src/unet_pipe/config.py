@@ -186,12 +186,15 @@ def check_inputs_exist(config: dict, base: str | Path = ".", source: str | Path 
 
 
 def _check_crop(config: dict, name: str, label_shape: Sequence[int], raw_shape: Sequence[int],
-                source: str | Path | None = None) -> None:
-    """Dataset ``name``'s labels at ``labels_offset`` must lie inside its raw stack, and its
-    train/val/calibrate ranges inside the crop's z range."""
-    offset = [int(o) for o in config["datasets"][name]["labels_offset"]]
+                source: str | Path | None = None, offset: Sequence[int] | None = None) -> None:
+    """Dataset ``name``'s labels at ``offset`` (default: its ``labels_offset``) must lie inside
+    its raw stack, and its train/val/calibrate ranges inside the crop's z range."""
+    configured = config["datasets"][name].get("labels_offset")
+    offset = [int(o) for o in (configured if offset is None else offset)]
     if any(o + s > n for o, s, n in zip(offset, label_shape, raw_shape)):
-        raise ConfigError(source, f"key 'datasets.{name}.labels_offset': labels of shape {tuple(label_shape)} at "
+        # An offset the label image's translation gave is its file's fault, not the key's.
+        where = f"key 'datasets.{name}.labels_offset'" if configured is not None else "its translation places"
+        raise ConfigError(source, f"{where}: labels of shape {tuple(label_shape)} at "
                           f"{offset} do not lie inside the raw stack of shape {tuple(raw_shape)}")
     ranges = {f"train.datasets.{name}.{part}": r for part, r in config["train"]["datasets"].get(name, {}).items()
               if part in ("train", "val")}
@@ -364,24 +367,29 @@ def schema_markdown() -> str:
 
 
 def check_input_stacks(config: dict, base: str | Path = ".") -> None:
-    """Open the headers of every TIFF input; raise :class:`InputError` for an unreadable stack.
+    """Open the headers of every input (TIFF or OME-Zarr); raise :class:`InputError` for an unreadable stack.
 
-    Catches corrupt files, folders of mismatched slices and label stacks whose
-    shape differs from their raw stack before any job runs (headers only: no
-    pixel data is read).
+    Catches corrupt files, folders of mismatched slices, non-integer labels and
+    label stacks that do not fit their raw stack (at ``labels_offset`` or where an
+    OME-Zarr label image's translation puts them) before any job runs (headers
+    only: no pixel data is read).
     """
     from unet_pipe.errors import InputError
-    from unet_pipe.tiff import open_tiff_stack
+    from unet_pipe.zarr_input import crop_offset, open_input_stack, source_frame
 
     for ds_name, ds in config["datasets"].items():
         if "raw" not in ds:
             continue
-        raw = open_tiff_stack(Path(base) / ds["raw"])
+        raw = open_input_stack(Path(base) / ds["raw"])
         _check_ranges(config, ds_name, raw.shape[0], raw.path)
         if "labels" in ds:
-            labels = open_tiff_stack(Path(base) / ds["labels"])
-            if ds.get("labels_offset") is not None:
-                _check_crop(config, ds_name, labels.shape, raw.shape, labels.path)
+            labels = open_input_stack(Path(base) / ds["labels"])
+            if labels.dtype.kind not in "uib":
+                raise InputError(labels.path, f"labels must be integers, found dtype {labels.dtype}")
+            frame = source_frame(raw, ds.get("voxel_size"))
+            offset = crop_offset(labels, frame, raw.shape[0], ds.get("labels_offset"))
+            if offset is not None:
+                _check_crop(config, ds_name, labels.shape, raw.shape, labels.path, offset)
             elif labels.shape != raw.shape:
                 raise InputError(labels.path, f"shape {labels.shape} differs from {raw.shape} of {raw.path} "
                                  f"(labels of a crop: set datasets.{ds_name}.labels_offset)")

@@ -54,7 +54,8 @@ from unet_pipe.safety import (
     remove_staging,
     replace_with,
 )
-from unet_pipe.tiff import open_tiff_stack
+from unet_pipe.tiff import open_tiff_stack  # noqa: F401  (re-exported: part of this module's API)
+from unet_pipe.zarr_input import crop_offset, open_input_stack, source_record, store_frame
 
 log = logging.getLogger(__name__)
 
@@ -467,7 +468,7 @@ def ingest_tiff(
     offset: Sequence[int] | None = None,
     ngff: str = DEFAULT_NGFF,
 ) -> Path:
-    """Stream a TIFF stack into an OME-Zarr image.
+    """Stream a TIFF stack, or level 0 of an OME-Zarr image (:mod:`unet_pipe.zarr_input`), into an OME-Zarr image.
 
     Memory is two read buffers of one z-slab of ``chunks[0]`` slices each,
     while a slab fits in ``max_buffer_bytes``.  Larger slices (stitched
@@ -483,11 +484,16 @@ def ingest_tiff(
     ``threads``: chunk-encoding threads (default: the cores this process may
     use, at most 16); reading, downsampling and hashing run beside them.
     ``ngff``: "0.4" (zarr format 2) or "0.5" (zarr format 3).
+    An OME-Zarr label image with a ``translation`` gives its own offset in
+    ``like`` (:func:`unet_pipe.zarr_input.crop_offset`; ``offset`` must agree).
     """
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
-    source = open_tiff_stack(src)
+    source = open_input_stack(src)
     dest = Path(dest)
+    if kind == "labels" and like is not None:
+        ref = image_metadata(like)
+        offset = crop_offset(source, store_frame(ref), ref.shape[0], offset)
     if kind == "labels" and source.dtype.kind not in "uib":
         raise InputError(source.path, f"labels must be integers, found dtype {source.dtype}")
     if offset is not None:
@@ -578,7 +584,7 @@ def ingest_tiff(
             provenance=provenance,
             extra_attrs={
                 "array_sha256": digest.hexdigest(),
-                "source": {"path": str(source.path), "files": len(source.files)},
+                "source": source_record(source),
                 **({"offset": list(offset)} if offset is not None else {}),
             },
             source_image=like if kind == "labels" else None,

@@ -59,7 +59,7 @@ def dataset(wildcards):
 
 
 def raw_source(wildcards):
-    """The TIFF a dataset's raw stack comes from (generated for synthetic datasets)."""
+    """The TIFF or OME-Zarr a dataset's raw stack comes from (a TIFF generated for synthetic datasets)."""
     ds = dataset(wildcards)
     if "synthetic" in ds:
         return f"{R}/synth/{wildcards.dataset}/raw.tif"

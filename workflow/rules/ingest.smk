@@ -1,4 +1,4 @@
-# Synthetic demo data and TIFF -> OME-Zarr ingestion.
+# Synthetic demo data and TIFF / OME-Zarr input -> OME-Zarr store ingestion.
 
 
 rule synth:
@@ -26,7 +26,7 @@ rule synth:
 
 rule ingest_raw:
     input:
-        tiff=raw_source,
+        src=raw_source,
     output:
         zarr=directory(f"{R}/{{dataset}}/raw.ome.zarr"),
     params:
@@ -43,13 +43,13 @@ rule ingest_raw:
         mem_mb=2000,
         runtime=120,
     shell:
-        "unet-pipe ingest {input.tiff:q} {output.zarr:q} {params.ingest} {params.voxel_size} --threads {threads}"
+        "unet-pipe ingest {input.src:q} {output.zarr:q} {params.ingest} {params.voxel_size} --threads {threads}"
         " > {log:q} 2>&1"
 
 
 rule ingest_labels:
     input:
-        tiff=labels_source,
+        src=labels_source,
         raw=f"{R}/{{dataset}}/raw.ome.zarr",
     output:
         zarr=directory(f"{R}/{{dataset}}/labels.ome.zarr"),
@@ -67,5 +67,5 @@ rule ingest_labels:
         mem_mb=2000,
         runtime=120,
     shell:
-        "unet-pipe ingest {input.tiff:q} {output.zarr:q} --labels --like {input.raw:q}{params.offset} {params.ingest} --threads {threads}"
+        "unet-pipe ingest {input.src:q} {output.zarr:q} --labels --like {input.raw:q}{params.offset} {params.ingest} --threads {threads}"
         " > {log:q} 2>&1"
