@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
@@ -23,6 +24,8 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", metavar="CHECKPOINT", type=Path)
     p.add_argument("dest", metavar="DEST.zip", type=Path)
     p.add_argument("--config", help="take name, description, authors and licence from this config's export section")
+    p.add_argument("--export-json", metavar="JSON",
+                   help="the config's export section as a JSON object instead of --config (Snakemake)")
     p.add_argument(
         "--sample", dest="raw", type=Path, metavar="RAW_STORE",
         help="raw OME-Zarr stack of the test tile and the normalisation range "
@@ -33,11 +36,23 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from unet_pipe.bioimageio_export import export_model, export_settings, require_bioimageio
+    from unet_pipe.bioimageio_export import DEFAULTS, export_model, export_settings, require_bioimageio
     from unet_pipe.cli import load_config
+    from unet_pipe.errors import ConfigError, UnetPipeError
 
     require_bioimageio()  # before any work: the one line that says what to install
-    settings = export_settings(load_config(args.config))
+    if args.export_json is not None:
+        if args.config is not None:
+            raise UnetPipeError(None, "give --config or --export-json, not both")
+        try:
+            section = json.loads(args.export_json)
+        except json.JSONDecodeError as exc:
+            raise ConfigError("--export-json", f"not valid JSON ({exc.msg} at position {exc.pos})") from None
+        if not isinstance(section, dict) or set(section) - {"enabled", "sample", *DEFAULTS}:
+            raise ConfigError("--export-json", f"expected the export section (keys {', '.join(DEFAULTS)})")
+        settings = export_settings({"export": section})
+    else:
+        settings = export_settings(load_config(args.config))
     summary = export_model(args.checkpoint, args.dest, sample=args.raw, settings=settings, overwrite=args.overwrite)
     log.info(
         "wrote %s (weights: %s; test tile at z, y, x %s, size %s)", summary.dest, ", ".join(summary.weight_formats),
