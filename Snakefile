@@ -24,6 +24,7 @@ include: "workflow/rules/calibrate.smk"
 include: "workflow/rules/postprocess.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/view.smk"
+include: "workflow/rules/export.smk"
 
 
 rule all:

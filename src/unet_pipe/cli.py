@@ -17,6 +17,7 @@ from typing import Callable, NoReturn, Sequence
 
 from unet_pipe import __version__
 from unet_pipe.cli_calibrate import add_calibrate
+from unet_pipe.cli_export import add_export
 from unet_pipe.cli_view import add_view
 from unet_pipe.cli_model import add_predict, add_train
 from unet_pipe.errors import UnetPipeError
@@ -595,6 +596,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_report,
     add_predict,
     add_view,
+    add_export,
 ]
 
 

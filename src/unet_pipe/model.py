@@ -37,9 +37,10 @@ import numpy as np
 import torch
 from torch import nn
 
-import unet_pipe
-from unet_pipe.errors import CheckpointError, OutputError
-from unet_pipe.provenance import file_sha256, git_commit
+# This module is the architecture source of exported bioimage.io packages
+# (unet_pipe.bioimageio_export), loaded there without unet-pipe installed: its
+# top level imports only torch and numpy; the checkpoint functions import the
+# project's modules when called.
 
 CHECKPOINT_FORMAT = "unet-pipe-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -315,6 +316,10 @@ def save_checkpoint(
     ``torch.load(weights_only=True)``.  ``extra`` holds e.g. RNG states (the
     caller converts numpy states with plain types; big ints are stored as str).
     """
+    import unet_pipe
+    from unet_pipe.errors import OutputError
+    from unet_pipe.provenance import git_commit
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -354,6 +359,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     Raises :class:`CheckpointError` for a missing file, a pickle that needs
     arbitrary code (possibly malicious), a foreign file, or missing keys.
     """
+    from unet_pipe.errors import CheckpointError
+
     path = Path(path)
     if not path.exists():
         raise CheckpointError(path, "checkpoint file not found")
@@ -403,6 +410,8 @@ def model_from_checkpoint(path: str | Path, map_location: str | torch.device = "
     The model is in eval mode.  Raises :class:`CheckpointError` if the
     recorded architecture is unusable or does not match the stored weights.
     """
+    from unet_pipe.errors import CheckpointError
+
     data = load_checkpoint(path, map_location=map_location)
     arch = data["arch"]
     try:
@@ -440,6 +449,9 @@ def init_weights_from(model: UNet, path: str | Path) -> dict:
     difference raises :class:`CheckpointError` naming it.  The record,
     ``{"path", "sha256"}``, identifies the source for provenance.
     """
+    from unet_pipe.errors import CheckpointError
+    from unet_pipe.provenance import file_sha256
+
     path = Path(path)
     data = load_checkpoint(path)
     differing = [

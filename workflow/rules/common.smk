@@ -301,6 +301,21 @@ def view_args(wildcards):
     return " ".join(f"--labels {shlex.quote(f'{name}={path}')}" for name, path in layers)
 
 
+# ---------------------------------------------------------------- export
+
+EXPORT_PACKAGE = f"{R}/model/bioimageio.zip"
+# The test tile and the normalisation range of the package come from this dataset's raw store.
+EXPORT_SAMPLE = config["export"]["sample"] or TRAIN_DATASETS[0]
+if EXPORT_SAMPLE not in DATASETS:
+    sys.exit(f"unet-pipe: error: config: export.sample {EXPORT_SAMPLE!r} is not a dataset ({', '.join(DATASETS)})")
+
+
+def export_config_json(wildcards):
+    import json
+
+    return json.dumps(config["export"], sort_keys=True)
+
+
 # ---------------------------------------------------------------- targets
 
 
@@ -312,4 +327,6 @@ def all_targets():
     targets += expand(f"{R}/{{dataset}}/metrics.json", dataset=evaluated_datasets())
     if evaluated_datasets():
         targets.append(f"{R}/report/report.md")
+    if config["export"]["enabled"]:
+        targets.append(EXPORT_PACKAGE)
     return targets

@@ -1,0 +1,27 @@
+# bioimage.io model package of the trained model (unet_pipe.bioimageio_export): state dict +
+# TorchScript, preprocessing, valid-size constraints, test tensors from a tile of the export
+# sample's raw store. A target of rule all only with export.enabled: true; otherwise ask for it
+# (`snakemake export` or the file). Needs unet-pipe[bioimageio]. Functions: common.smk.
+
+
+rule export:
+    input:
+        checkpoint=f"{R}/model/checkpoint.pt",
+        sample=f"{R}/{EXPORT_SAMPLE}/raw.ome.zarr",
+    output:
+        package=EXPORT_PACKAGE,
+    params:
+        config=export_config_json,
+    log:
+        f"{R}/logs/export/export.log",
+    benchmark:
+        f"{R}/benchmarks/export/export.tsv"
+    threads: 1
+    conda:
+        CONDA_ENV
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "unet-pipe export {input.checkpoint:q} {output.package:q} --sample {input.sample:q}"
+        " --export-json {params.config:q} > {log:q} 2>&1"
