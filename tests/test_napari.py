@@ -2,10 +2,9 @@
 
 napari is not a dependency of unet-pipe, not even of the ``dev`` extra: with
 napari-ome-zarr and PyQt5 it costs about 110 s and 900 MB to install (measured
-on 2 cores, pip with constraints/ci.txt), for one test.  These tests therefore
-skip unless napari and napari-ome-zarr are importable; run them with
-``pip install napari napari-ome-zarr pyqt5`` (the ``napari`` extra) in the
-environment, e.g. ``pip install -e .[dev,napari]``.
+on 2 cores, pip with constraints/ci.txt), for one test.  CI (``.ci/run``) installs the ``napari`` extra, so these tests
+run there; elsewhere they skip unless napari and napari-ome-zarr are importable
+(``pip install -c constraints/ci.txt -e .[dev,napari]``).
 """
 from __future__ import annotations
 
