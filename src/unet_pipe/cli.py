@@ -3,6 +3,11 @@
 Each stage is one subcommand (``unet-pipe STAGE --help``).  A user mistake
 (bad file, bad config, foreign checkpoint) is printed as one line
 ``unet-pipe: error: <file>: <problem>`` with exit status 2, never a traceback.
+This module holds the parser, the options and checks the subcommands share, the
+error handling and the postprocess/evaluate/report subcommands; the others are
+registered from ``cli_data`` (synth, ingest, info, weights), ``cli_config``
+(check-config, install-profile), ``cli_model`` (train, predict),
+``cli_calibrate``, ``cli_view`` and ``cli_export``.
 """
 from __future__ import annotations
 
@@ -17,38 +22,14 @@ from typing import Callable, NoReturn, Sequence
 
 from unet_pipe import __version__
 from unet_pipe.cli_calibrate import add_calibrate
+from unet_pipe.cli_config import add_check_config, add_install_profile
+from unet_pipe.cli_data import add_info, add_ingest, add_synth, add_weights
 from unet_pipe.cli_export import add_export
 from unet_pipe.cli_view import add_view
 from unet_pipe.cli_model import add_predict, add_train
 from unet_pipe.errors import UnetPipeError
 
 log = logging.getLogger("unet_pipe")
-
-
-def _chunks(text: str) -> tuple[int, int, int]:
-    try:
-        parts = tuple(int(p) for p in text.replace("x", ",").split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"chunks must be Z,Y,X integers, got {text!r}") from None
-    if len(parts) != 3 or min(parts) < 1:
-        raise argparse.ArgumentTypeError(f"chunks must be three positive integers Z,Y,X, got {text!r}")
-    return parts  # type: ignore[return-value]
-
-
-def _compression(text: str) -> dict:
-    cname, _, rest = text.partition(":")
-    level, _, blocksize = rest.partition(":")
-    if (
-        cname not in ("zstd", "lz4", "lz4hc", "zlib", "blosclz")
-        or not level.isdigit()
-        or not 0 <= int(level) <= 9
-        or (blocksize and not blocksize.isdigit())
-    ):
-        raise argparse.ArgumentTypeError(
-            "compression must be CODEC:LEVEL[:BLOCKSIZE] (codec zstd|lz4|lz4hc|zlib|blosclz, level 0-9, "
-            f"Blosc block size in bytes, 0 = automatic), got {text!r}"
-        )
-    return {"cname": cname, "clevel": int(level), **({"blocksize": int(blocksize)} if blocksize else {})}
 
 
 def load_config(path: str | None) -> dict | None:
@@ -71,28 +52,6 @@ def ngff_choice(args: argparse.Namespace, config: dict | None) -> str:
     return args.ngff or (config or {}).get("ngff_version") or "0.4"
 
 
-# ------------------------------------------------------------------------ synth
-
-
-def _add_synth(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "synth",
-        help="generate a synthetic EM-like stack with known labels",
-        description="Write raw.tif, labels.tif (0 = membrane, 255 = cell) and instances.tif to OUT_DIR.",
-    )
-    p.add_argument("out_dir", metavar="OUT_DIR", type=Path)
-    p.add_argument("--shape", nargs=3, type=int, metavar=("Z", "Y", "X"), default=[12, 256, 256])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--voxel-size", nargs=3, type=float, metavar=("Z", "Y", "X"), default=[0.05, 0.004, 0.004],
-        help="voxel size in micrometres written to the TIFF metadata (default: ISBI-like 0.05 0.004 0.004)",
-    )
-    p.set_defaults(func=_cmd_synth)
-
-
-SYNTH_MAX_VOXELS = 2e9
-#: Peak memory of synthesize() per voxel (tracemalloc, shape 4 x 512 x 512: 80 bytes).
-SYNTH_BYTES_PER_VOXEL = 80
 #: More threads than this is a typo, not a machine (torch crashed at 100000).
 MAX_THREADS = 1024
 MAX_PYRAMID_LEVELS = 16
@@ -120,291 +79,6 @@ def check_option(option: str, value: float | Sequence[float] | None, low: float 
                 wanted = f"<= {high:g}"
             shown = " ".join(str(x) for x in values)
             raise UnetPipeError(None, f"{option} must be a finite number {wanted}, got {shown}")
-
-
-def _check_voxel_size(values: Sequence[float] | None) -> None:
-    if values is not None and not all(math.isfinite(v) and v > 0 for v in values):
-        raise UnetPipeError(None, f"--voxel-size must be three finite positive numbers, got {' '.join(map(str, values))}")
-
-
-def _cmd_synth(args: argparse.Namespace) -> int:
-    from unet_pipe.synth import write_synthetic
-
-    check_option("--seed", args.seed, 0)
-    if min(args.shape) < 1 or min(args.shape[1:]) < 8:
-        raise UnetPipeError(None, f"--shape must be at least 1 8 8, got {' '.join(map(str, args.shape))}")
-    if math.prod(args.shape) > SYNTH_MAX_VOXELS:
-        raise UnetPipeError(None, f"--shape {' '.join(map(str, args.shape))} is over {SYNTH_MAX_VOXELS:.0e} voxels "
-                            "(synthetic stacks are made in memory)")
-    _check_voxel_size(args.voxel_size)
-    import psutil
-
-    need, free = math.prod(args.shape) * SYNTH_BYTES_PER_VOXEL, psutil.virtual_memory().available
-    if need > free:  # else the kernel kills the process part-way, with no message
-        raise UnetPipeError(None, f"--shape {' '.join(map(str, args.shape))} needs about {need / 2**30:.1f} GiB of "
-                            f"memory, {free / 2**30:.1f} GiB are available")
-    paths = write_synthetic(args.out_dir, args.shape, args.seed, args.voxel_size)
-    log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
-    return 0
-
-
-# ----------------------------------------------------------------------- ingest
-
-
-def _add_ingest(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "ingest",
-        help="stream a TIFF stack or an OME-Zarr image into our OME-Zarr store",
-        description=(
-            "Convert SRC (multi-page TIFF, BigTIFF, OME-TIFF, a folder of single-slice TIFFs, level 0 of an "
-            "OME-Zarr image of NGFF 0.4 or 0.5, or a plain zarr array) into an OME-Zarr image DEST (NGFF 0.4, "
-            "or 0.5 with --ngff 0.5), slice by slice, with a 2x pyramid. Values and dtype are kept; SRC is only read."
-        ),
-    )
-    p.add_argument("src", metavar="SRC", type=Path)
-    p.add_argument("dest", metavar="DEST.ome.zarr", type=Path)
-    p.add_argument("--chunks", type=_chunks, default=None, help="Z,Y,X chunk shape (default: config or 1,512,512)")
-    p.add_argument("--labels", action="store_true", help="the stack holds labels (integer dtype, nearest pyramid)")
-    p.add_argument("--like", type=Path, metavar="RAW.ome.zarr", help="check that SRC has the shape of this image")
-    p.add_argument(
-        "--offset", nargs=3, type=int, metavar=("Z", "Y", "X"),
-        help="with --like: SRC labels a crop of RAW starting at this voxel (recorded as an NGFF translation); "
-        "an OME-Zarr SRC with a translation gives its own offset, which this must match",
-    )
-    p.add_argument("--voxel-size", nargs=3, type=float, metavar=("Z", "Y", "X"), help="micrometres")
-    p.add_argument("--pyramid-levels", type=int, default=None, help="2x (y, x) downsampled levels (default 2)")
-    p.add_argument("--compression", type=_compression, default=None, metavar="CODEC:LEVEL[:BLOCKSIZE]",
-                   help="Blosc codec, level and block size in bytes, 0 = automatic (default: config, else zstd:1:262144)")
-    p.add_argument("--config", help="take chunks, compression and pyramid levels from this config")
-    p.add_argument("--threads", type=int, help="chunk-encoding threads (default: the cores this process may use)")
-    add_ngff_option(p)
-    p.add_argument("--overwrite", action="store_true", help="replace DEST once the new store is complete")
-    p.set_defaults(func=_cmd_ingest)
-
-
-def _cmd_ingest(args: argparse.Namespace) -> int:
-    from unet_pipe.io import DEFAULT_CHUNKS, describe, ingest_tiff
-    from unet_pipe.provenance import provenance
-
-    config = load_config(args.config)
-    section = config["ingest"] if config else {}
-    chunks = args.chunks or tuple(section.get("chunks", DEFAULT_CHUNKS))
-    levels = args.pyramid_levels if args.pyramid_levels is not None else section.get("pyramid_levels", 2)
-    ngff = ngff_choice(args, config)
-    params = {"chunks": list(chunks), "pyramid_levels": levels, "labels": args.labels, "voxel_size": args.voxel_size,
-              "ngff": ngff}
-    check_option("--threads", args.threads, 1, MAX_THREADS)
-    _check_voxel_size(args.voxel_size)
-    check_option("--pyramid-levels", levels, 0, MAX_PYRAMID_LEVELS)
-    ingest_tiff(
-        args.src,
-        args.dest,
-        chunks=chunks,
-        voxel_size=args.voxel_size,
-        pyramid_levels=levels,
-        compression=args.compression or section.get("compression"),
-        kind="labels" if args.labels else "image",
-        like=args.like,
-        offset=args.offset,
-        overwrite=args.overwrite,
-        # The source's checksum is the sha256 of its array bytes, computed while
-        # streaming (attrs unet_pipe.array_sha256): hashing the file would read it twice.
-        provenance=provenance(None, {**params, "source": str(args.src)}),
-        progress=progress_enabled(args),
-        threads=args.threads,
-        ngff=ngff,
-    )
-    log.info("wrote %s", describe(args.dest))
-    return 0
-
-
-# ---------------------------------------------------------------------- config
-
-
-def _add_check_config(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "check-config",
-        help="validate a config file (or several, composed as overlays) against the schema",
-        description=(
-            "Validate CONFIG.yaml against the schema. Several files are composed in order as "
-            "`snakemake --configfile A.yaml B.yaml` composes them: dataset maps (datasets, "
-            "train.datasets, predict.datasets) of a later file replace the earlier ones, every other "
-            "section merges key by key (lists and values replaced). --print shows the result."
-        ),
-    )
-    p.add_argument("config", metavar="CONFIG.yaml", nargs="+")
-    p.add_argument("--print", action="store_true", help="print the composed config (defaults filled) as YAML")
-    p.add_argument("--no-inputs", action="store_true", help="do not check that input TIFF paths exist")
-    p.set_defaults(func=_cmd_check_config)
-
-
-def _cmd_check_config(args: argparse.Namespace) -> int:
-    from unet_pipe.config import check_workflow, config_source, load_configs
-
-    config = load_configs(args.config, check_inputs=not args.no_inputs)
-    check_workflow(config, config_source(args.config))
-    if args.print:
-        import yaml
-
-        print(yaml.safe_dump(config, sort_keys=False), end="")
-    log.info("%s: valid", config_source(args.config))
-    return 0
-
-
-def _add_install_profile(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "install-profile",
-        help="install profiles/NAME where `snakemake --profile NAME` finds it by name",
-        description=(
-            "Copy the repository's profiles/NAME to Snakemake's user profile folder "
-            "($XDG_CONFIG_HOME/snakemake, default ~/.config/snakemake; --site: /etc/xdg/snakemake), so that "
-            "`snakemake --profile NAME` works from the repository root. For the slurm profile the CPU and GPU "
-            "partitions come from the options, else from $UNET_PIPE_PARTITION_CPU/$UNET_PIPE_PARTITION_GPU, "
-            "else are asked for on a terminal. A folder of that name that unet-pipe did not install, or "
-            "that was edited since, is never replaced."
-        ),
-    )
-    p.add_argument("name", metavar="NAME", help="profile in profiles/ (slurm or local)")
-    p.add_argument("--partition-cpu", metavar="PARTITION", help="SLURM partition of the CPU jobs")
-    p.add_argument("--partition-gpu", metavar="PARTITION", help="SLURM partition of train and predict (GPU jobs)")
-    p.add_argument("--account", help="SLURM account to charge (default: $UNET_PIPE_SLURM_ACCOUNT, else none)")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--config-dir", type=Path, metavar="DIR", help="install into DIR/NAME instead")
-    where.add_argument("--site", action="store_true", help="install for every user (site config folder)")
-    p.set_defaults(func=_cmd_install_profile)
-
-
-def _partition(args: argparse.Namespace, kind: str) -> str:
-    import os
-
-    from unet_pipe.profiles import PARTITION_ENV
-
-    given = getattr(args, f"partition_{kind}") or os.environ.get(PARTITION_ENV[kind])
-    if given:
-        return given
-    if not sys.stdin.isatty():
-        raise UnetPipeError(
-            None, f"no {kind.upper()} partition: pass --partition-{kind} or set {PARTITION_ENV[kind]} "
-            "(`sinfo -s` lists your cluster's partitions)"
-        )
-    answer = input(f"SLURM partition for {kind.upper()} jobs (`sinfo -s` lists them): ").strip()
-    if not answer:
-        raise UnetPipeError(None, f"no {kind.upper()} partition given")
-    return answer
-
-
-def _cmd_install_profile(args: argparse.Namespace) -> int:
-    import os
-
-    from unet_pipe.profiles import ACCOUNT_ENV, install_profile, profile_search_dir, repository_profiles
-
-    source = repository_profiles() / args.name
-    partitions = None
-    if (source / "config.yaml").is_file() and "slurm_partition:" in (source / "config.yaml").read_text():
-        partitions = {kind: _partition(args, kind) for kind in ("cpu", "gpu")}
-    root = args.config_dir if args.config_dir is not None else profile_search_dir(site=args.site)
-    dest = install_profile(args.name, root, partitions, args.account or os.environ.get(ACCOUNT_ENV) or None, source)
-    log.info("installed %s (from %s); from the repository root run: snakemake --profile %s", dest, source, args.name)
-    return 0
-
-
-def _add_info(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="print shape, dtype, chunks and voxel size of an OME-Zarr image")
-    p.add_argument("path", metavar="IMAGE.ome.zarr", type=Path)
-    p.set_defaults(func=_cmd_info)
-
-
-def _cmd_info(args: argparse.Namespace) -> int:
-    from unet_pipe.io import describe
-
-    print(describe(args.path))
-    return 0
-
-
-# ---------------------------------------------------------------- weights
-
-
-def _add_weights(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "weights",
-        help="the paper's loss-weight map w = w_c + w0 exp(-(d1+d2)^2 / 2 sigma^2)",
-        description=(
-            "Write the float32 weight map of LABELS to DEST (OME-Zarr, same chunks and voxel size): "
-            "class balancing w_c = N / (2 N_class) over the whole volume plus the border term of "
-            "Ronneberger et al. (2015, eq. 2) on background pixels, d1/d2 the distances (x pixels) to "
-            "the nearest and second-nearest cell. Computed block by block with a halo; equal to the "
-            "whole-slice result. Settings: flags, else --config's weights section, else the defaults. "
-            "With --preview, also draw one slice like the paper's figure 3 (DEST may then be omitted)."
-        ),
-    )
-    p.add_argument("labels", metavar="LABELS.ome.zarr", type=Path)
-    p.add_argument("dest", metavar="DEST.ome.zarr", type=Path, nargs="?")
-    p.add_argument("--w0", type=float, help="amplitude of the border term (default 10)")
-    p.add_argument("--sigma", type=float, help="width of the border term in pixels (default 5)")
-    p.add_argument(
-        "--tolerance", type=float, help="border term set to 0 below TOLERANCE * w0 (default 1e-6); the error bound"
-    )
-    p.add_argument(
-        "--label-mode", choices=("binary", "instances"),
-        help="binary (default): 0 = membrane, FOREGROUND_VALUE = cell; instances: ids, 0 = background",
-    )
-    p.add_argument("--foreground-value", type=int, help="cell value of binary labels (default 255)")
-    p.add_argument("--mode", choices=("2d", "3d"), help="2d (default): per slice; 3d: volumetric, voxel size")
-    p.add_argument(
-        "--unlabelled-value", type=int, metavar="V", help="label value of unannotated pixels (weight 0; default none)"
-    )
-    p.add_argument(
-        "--no-class-balance", dest="class_balance", action="store_const", const=False,
-        help="w_c = 1 for both classes (default: the paper's balance N / (K N_k))",
-    )  # fmt: skip
-    p.add_argument("--config", help="take the settings not given as flags from this config's weights section")
-    p.add_argument("--threads", type=int, default=1, help="Dask threads (default 1)")
-    p.add_argument("--pyramid-levels", type=int, help="default: as many as LABELS")
-    p.add_argument("--preview", type=Path, metavar="PNG", help="draw raw, labels and weights of one slice")
-    p.add_argument("--raw", type=Path, metavar="RAW.ome.zarr", help="raw image shown in the preview")
-    p.add_argument("--slice", type=int, metavar="Z", help="slice of the preview (default: the middle one)")
-    p.add_argument("--overwrite", action="store_true", help="replace DEST once the new store is complete")
-    p.add_argument("--no-resume", action="store_true", help="start over instead of resuming DEST.partial")
-    add_ngff_option(p)
-    p.set_defaults(func=_cmd_weights)
-
-
-def _cmd_weights(args: argparse.Namespace) -> int:
-    from unet_pipe.weights import WeightParams, compute_weight_store, write_preview
-
-    if args.dest is None and args.preview is None:
-        raise UnetPipeError(None, "give DEST.ome.zarr, --preview PNG, or both")
-    check_option("--threads", args.threads, 1, MAX_THREADS)
-    check_option("--pyramid-levels", args.pyramid_levels, 0, MAX_PYRAMID_LEVELS)
-    config = load_config(args.config)
-    params = WeightParams.from_config(
-        config["weights"] if config else None,
-        w0=args.w0,
-        sigma=args.sigma,
-        tolerance=args.tolerance,
-        label_mode=args.label_mode,
-        foreground_value=args.foreground_value,
-        mode=args.mode,
-        unlabelled_value=args.unlabelled_value,
-        class_balance=args.class_balance,
-    )
-    if args.dest is not None:
-        summary = compute_weight_store(
-            args.labels,
-            args.dest,
-            params,
-            threads=args.threads,
-            overwrite=args.overwrite,
-            resume=not args.no_resume,
-            pyramid_levels=args.pyramid_levels,
-            progress=progress_enabled(args),
-            ngff=ngff_choice(args, config),
-        )
-        log.info("wrote %s (class weights background, cell: %s)", args.dest, summary["class_weights"])
-    if args.preview is not None:
-        write_preview(args.labels, args.preview, params, weights_path=args.dest, raw_path=args.raw, z=args.slice)
-        log.info("wrote %s", args.preview)
-    return 0
 
 
 # ------------------------------------------------------------ postprocess
@@ -583,12 +257,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- driver
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_synth,
-    _add_ingest,
-    _add_check_config,
-    _add_install_profile,
-    _add_info,
-    _add_weights,
+    add_synth,
+    add_ingest,
+    add_check_config,
+    add_install_profile,
+    add_info,
+    add_weights,
     add_train,
     add_calibrate,
     _add_postprocess,
