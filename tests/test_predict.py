@@ -74,6 +74,8 @@ def reference(net: UNet, raw: np.ndarray, tta: bool = False) -> np.ndarray:
 
     if not tta:
         p = prob(t)
+    elif tta == "flips":  # identity, flip x, flip y, flip both
+        p = sum(torch.flip(prob(torch.flip(t, d)), d) if d else prob(t) for d in ((), (-1,), (-2,), (-2, -1))) / 4
     else:
         p = 0
         for flip in (False, True):
@@ -138,6 +140,23 @@ def test_tta_equals_whole_slice_tta_and_is_rotation_equivariant(tmp_path) -> Non
     np.testing.assert_allclose(out["raw"], expected, rtol=0, atol=TOL)
     np.testing.assert_allclose(np.rot90(out["raw"], 1, axes=(1, 2)), out["rot"], rtol=0, atol=TOL)
     assert np.abs(expected - reference(net, raw)).max() > 1e-3  # TTA really changes the result
+
+
+def test_tta_flips_equals_whole_slice_mirror_average_and_is_flip_equivariant(tmp_path) -> None:
+    raw = synthesize((2, 64, 64), seed=3).raw
+    net = make_net(seed=1)
+    ckpt = save_checkpoint(tmp_path / "n.pt", net)
+    expected = reference(net, raw, tta="flips")
+    out = {}
+    for name, data in {"raw": raw, "flip": raw[:, ::-1].copy()}.items():
+        src = write_image(tmp_path / f"{name}.ome.zarr", data, (1, 32, 32))
+        predict(ckpt, src, tmp_path / f"{name}.p.ome.zarr", tile=16, tta="flips")
+        out[name] = read_probabilities(tmp_path / f"{name}.p.ome.zarr")
+    np.testing.assert_allclose(out["raw"], expected, rtol=0, atol=TOL)
+    np.testing.assert_allclose(out["raw"][:, ::-1], out["flip"], rtol=0, atol=TOL)
+    assert np.abs(expected - reference(net, raw, tta=True)).max() > 1e-3  # not the 8-fold average
+    with pytest.raises(ValueError, match="tta must be one of"):
+        predict(ckpt, tmp_path / "raw.ome.zarr", tmp_path / "bad.p.ome.zarr", tta="rot")
 
 
 def test_3d_model_tiled_equals_whole_volume(tmp_path) -> None:

@@ -125,9 +125,20 @@ def tune_allocator() -> bool:
     )
 
 
-def _tta_transforms() -> list[tuple[int, bool]]:
-    """The 8 elements of the square's symmetry group: (quarter turns, flip x first)."""
-    return [(k, flip) for flip in (False, True) for k in range(4)]
+TTA_MODES = (False, True, "flips")
+
+
+def tta_transforms(tta: bool | str) -> list[tuple[int, bool]]:
+    """(quarter turns, flip x first) of test-time augmentation ``tta``: ``True`` the 8
+    elements of the square's symmetry group (the paper), ``"flips"`` its 4 mirrorings
+    (identity, flip x, flip y, both: half the cost), ``False`` the identity alone."""
+    if tta is True:
+        return [(k, flip) for flip in (False, True) for k in range(4)]
+    if tta == "flips":
+        return [(0, False), (0, True), (2, True), (2, False)]  # (2, True) flips y; (2, False) both
+    if tta is False:
+        return [(0, False)]
+    raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
 
 
 class Predictor:
@@ -136,7 +147,8 @@ class Predictor:
     ``windows``: ``(B, z, y, x)`` raw values (z = 1 for a 2D model), normalised with
     ``intensity`` (:func:`unet_pipe.data.normalize_raw`); returns
     float32 ``(B, z', y', x')``.  ``tta`` averages the probabilities of the 8
-    rotations/flips in (y, x) (paper: ISBI 2012).  ``precision``: a request
+    rotations/flips in (y, x) (``True``; paper: ISBI 2012) or of the 4 mirrorings
+    (``"flips"``), see :func:`tta_transforms`.  ``precision``: a request
     or a resolved precision (:func:`unet_pipe.precision.resolve_precision`;
     ``auto`` = bfloat16 autocast on CPUs with native bfloat16 and on GPUs that
     support it, float16 on other GPUs, else float32); ``float32`` on CUDA also
@@ -147,7 +159,7 @@ class Predictor:
         self,
         model: UNet,
         device: str | torch.device = "cpu",
-        tta: bool = False,
+        tta: bool | str = False,
         precision: str = "auto",
         intensity: IntensityRange | None = None,
     ):
@@ -159,6 +171,7 @@ class Predictor:
         self.dims = model.dims
         self.n_classes = model.arch["n_classes"]
         self.tta = tta
+        self.transforms = tta_transforms(tta)
         self.intensity = intensity
         # A resolved precision (a job's workers all use the one the run chose) or a request.
         self.precision = resolve_precision(precision, self.device)
@@ -180,13 +193,13 @@ class Predictor:
                 out = self._foreground(x)
             else:
                 out = None
-                for k, flip in _tta_transforms():
+                for k, flip in self.transforms:
                     t = torch.flip(x, dims=(-1,)) if flip else x
                     p = self._foreground(torch.rot90(t, k, dims=(-2, -1)))
                     p = torch.rot90(p, -k, dims=(-2, -1))
                     p = torch.flip(p, dims=(-1,)) if flip else p
                     out = p if out is None else out + p
-                out = out / 8.0
+                out = out / float(len(self.transforms))
         out = out[:, 0] if self.dims == 3 else out  # 2D: channel axis back to z
         return out.cpu().numpy()
 
@@ -211,7 +224,7 @@ class BlockJob:
     raw: str
     staged: StagedImage
     plan: TilePlan
-    tta: bool
+    tta: bool | str
     dtype: str  # stored dtype (OUTPUT_DTYPES)
     precision: str  # resolved (unet_pipe.precision.RESOLVED): every worker uses the run's choice
     intensity: IntensityRange | None  # the raw stack's normalisation (None: legacy dtype scaling)

@@ -157,6 +157,8 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if visible), cpu or cuda")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="average over the 8 rotations/flips (paper, ISBI 2012)")
+    p.add_argument("--tta-flips", dest="tta", action="store_const", const="flips",
+                   help="average over the 4 mirrorings (identity, flip x, flip y, both): half --tta's cost")
     p.add_argument("--dtype", choices=["float32", "float16", "uint8"], default=None,
                    help="stored dtype (uint8 = round(255 p); default float32)")
     p.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default=None,

@@ -170,6 +170,8 @@ class _Setup:
 
 
 def _setup(checkpoint, raw, dest, expected_arch, *, tile, block, batch, tta, dtype, precision, ngff) -> _Setup:
+    if not any(tta is mode for mode in (False, True)) and tta != "flips":
+        raise ValueError(f"tta must be one of (False, True, 'flips'), got {tta!r}")
     checkpoint, raw, dest = Path(checkpoint), Path(raw), Path(dest)
     meta = image_metadata(raw)  # InputError unless a 3D (z, y, x) OME-Zarr image
     model, intensity = _load_model(checkpoint, expected_arch, meta)
@@ -182,7 +184,7 @@ def _setup(checkpoint, raw, dest, expected_arch, *, tile, block, batch, tta, dty
         "tile": None if tile is None else np.atleast_1d(tile).astype(int).tolist(),
         "block": None if block is None else [int(b) for b in block],
         "batch": batch,
-        "tta": bool(tta),
+        "tta": tta if tta == "flips" else bool(tta),
         "dtype": dtype,
         "precision": precision,
         "intensity": None if intensity is None else intensity.to_list(),
@@ -302,7 +304,7 @@ def predict(
     workers: int | None = None,
     threads: int | None = None,
     device: str | None = None,
-    tta: bool = False,
+    tta: bool | str = False,
     dtype: str = "float32",
     precision: str = "auto",
     scheduler: str | None = None,
@@ -370,7 +372,7 @@ def predict(
         raw=str(setup.raw.resolve()),
         staged=staged,
         plan=plan,
-        tta=bool(tta),
+        tta=tta if tta == "flips" else bool(tta),
         dtype=dtype,
         precision=resolved,
         intensity=setup.intensity,
@@ -412,7 +414,7 @@ def finalize(
     tile: int | Sequence[int] | None = None,
     block: Sequence[int] | None = None,
     batch: int | None = None,
-    tta: bool = False,
+    tta: bool | str = False,
     dtype: str = "float32",
     precision: str = "auto",
     pyramid_levels: int = 2,

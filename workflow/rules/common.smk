@@ -167,7 +167,7 @@ def predict_args(wildcards):
     args = [
         f"--dtype {section['dtype']}",
         f"--precision {section['precision']}",
-        "--tta" if section["tta"] else "--no-tta",
+        {True: "--tta", "flips": "--tta-flips"}.get(section["tta"], "--no-tta"),
         f"--pyramid-levels {config['ingest']['pyramid_levels']}",
         f"--ngff {config['ngff_version']}",
         # A checkpoint of another architecture is refused, not silently used.
