@@ -236,6 +236,33 @@ def test_second_run_does_nothing_and_training_change_reruns_downstream_only(clea
 
 
 @pytest.mark.slow
+def test_export_rule_writes_a_valid_bioimageio_package(clean_runs):
+    """export.enabled adds the package to rule all; only the export job runs; the package is ours."""
+    import zipfile
+
+    import yaml as _yaml
+
+    pytest.importorskip("bioimageio.spec")
+    workdir = clean_runs[0]
+    cfg = kill_config()
+    cfg["export"] = {"enabled": True, "authors": [{"name": "A. Tester", "affiliation": "unet-pipe CI"}]}
+    dry = run_snakemake(workdir, "-n", config=cfg)
+    assert set(job_counts(dry)) == {"export", "all"}  # nothing upstream reruns
+    run_snakemake(workdir, "--cores", "2", config=cfg)
+    package = workdir / "results" / "model" / "bioimageio.zip"
+    with zipfile.ZipFile(package) as z:
+        names = set(z.namelist())
+        rdf = _yaml.safe_load(z.read("rdf.yaml"))
+    assert {"rdf.yaml", "weights.pt", "weights.torchscript.pt", "test_input.npy", "test_output.npy"} <= names
+    assert rdf["authors"][0]["name"] == "A. Tester" and rdf["type"] == "model"
+    assert rdf["config"]["unet_pipe"]["format"] == "unet-pipe-bioimageio-export"
+    from bioimageio.spec import load_model_description
+
+    assert load_model_description(package, perform_io_checks=False).type == "model"
+    run_snakemake(workdir, "-n", config=kill_config())  # restore the config file
+
+
+@pytest.mark.slow
 def test_killed_predict_job_then_rerun_gives_identical_output(clean_runs, tmp_path):
     """SIGKILL the running predict job; the rerun resumes and ends bit-identical to a clean run."""
     import psutil
