@@ -26,7 +26,7 @@ def add_check_config(sub: argparse._SubParsersAction) -> None:
         description=(
             "Validate CONFIG.yaml against the schema. Several files are composed in order as "
             "`snakemake --configfile A.yaml B.yaml` composes them: dataset maps (datasets, "
-            "train.datasets, predict.datasets) of a later file replace the earlier ones, every other "
+            "train.datasets, predict.datasets, calibrate.datasets) of a later file replace the earlier ones, every other "
             "section merges key by key (lists and values replaced). --print shows the result."
         ),
     )
