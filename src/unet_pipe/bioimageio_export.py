@@ -46,10 +46,12 @@ import yaml
 
 import unet_pipe
 from unet_pipe import model as model_module
-from unet_pipe.data import IntensityRange, intensity_range, normalize_raw
+from unet_pipe.config import load_schema
+from unet_pipe.data import IntensityRange, normalize_raw
 from unet_pipe.errors import CheckpointError, ConfigError, InputError, OutputError
 from unet_pipe.io import image_metadata, open_image
 from unet_pipe.model import UNet, margin, model_from_checkpoint, nearest_valid_input_size
+from unet_pipe.predict import input_intensity
 from unet_pipe.provenance import file_sha256
 from unet_pipe.safety import atomic_output
 
@@ -66,13 +68,10 @@ PAPER = {
     "Image Segmentation. MICCAI 2015, LNCS 9351, 234-241.",
     "doi": "10.1007/978-3-319-24574-4_28",
 }
-#: Defaults of the config's ``export`` section (the schema gives the same).
+#: The package settings of the config's ``export`` section, with the schema's defaults.
 DEFAULTS = {
-    "name": "U-Net for EM membranes (unet-pipe)",
-    "description": "The U-Net of Ronneberger et al. (2015), trained with unet-pipe, giving the per-pixel "
-    "probability of each class (membrane / cell) of electron-microscopy images.",
-    "authors": [],
-    "license": "CC-BY-4.0",
+    key: load_schema()["properties"]["export"]["properties"][key]["default"]
+    for key in ("name", "description", "authors", "license")
 }
 
 
@@ -140,15 +139,6 @@ def input_scaling(intensity: IntensityRange | None, dtype: np.dtype) -> tuple[fl
     if np.issubdtype(dtype, np.integer):
         return 1.0 / float(np.iinfo(dtype).max), 0.0
     return 1.0, 0.0
-
-
-def _sample_intensity(data: dict, checkpoint: Path, sample: Path) -> IntensityRange | None:
-    rule = (data.get("extra") or {}).get("input_normalization")
-    if isinstance(rule, dict) and rule.get("rule") == "percentile":
-        return intensity_range(open_image(sample), tuple(rule["percentiles"]), where=sample)
-    if rule not in (None, "dtype-max"):
-        raise CheckpointError(checkpoint, f"unknown input normalisation {str(rule)[:80]!r}")
-    return None
 
 
 def default_sample(data: dict, checkpoint: Path) -> Path:
@@ -248,7 +238,7 @@ def export_model(checkpoint: str | Path, dest: str | Path, *, sample: str | Path
         raise CheckpointError(checkpoint, f"expects {arch['in_channels']} input channels; EM stacks have 1")
     sample = Path(sample) if sample is not None else default_sample(data, checkpoint)
     meta = image_metadata(sample)
-    intensity = _sample_intensity(data, checkpoint, sample)
+    intensity = input_intensity(data.get("extra") or {}, checkpoint, meta)  # as predict normalises it
     gain, offset = input_scaling(intensity, meta.dtype)
     start, size = test_tile(meta.shape, arch["depth"], arch["dims"], where=sample)
     raw_tile = np.asarray(open_image(sample)[tuple(slice(a, a + n) for a, n in zip(start, size))])

@@ -281,8 +281,8 @@ def load_slices(
         else:
             c = (t != 0) & k
             i = np.where(k, t, 0)
-        by, bx = box  # the truth's box in the probabilities; the window inside it
-        p = as_probability(prob_arr[z, by.start + wy.start : by.start + wy.stop, bx.start + wx.start : bx.start + wx.stop], scale)
+        by, bx = (slice(b.start + w.start, b.start + w.stop) for b, w in zip(box, (wy, wx)))  # window in the box
+        p = as_probability(prob_arr[z, by, bx], scale)
         if not np.all(np.isfinite(p)):
             raise InputError(probabilities, f"slice {z} holds non-finite probabilities")
         prob.append(p)

@@ -75,6 +75,7 @@ from unet_pipe.blockwise import (  # noqa: F401 (re-exported)
     encode_probabilities,
     run_blocks,
     tile_memory_budget,
+    tta_transforms,
     tune_allocator,
 )
 from unet_pipe.data import IntensityRange, intensity_range
@@ -123,11 +124,9 @@ def _default_device(device: str | None) -> str:
     return device
 
 
-def _load_model(checkpoint: Path, expected_arch: dict | None, raw: Any = None) -> tuple[UNet, IntensityRange | None]:
-    """The checkpoint's model, checked against the configured architecture, and the
-    normalisation of ``raw`` by the checkpoint's rule (None: legacy dtype scaling)."""
-    model, data = model_from_checkpoint(checkpoint, map_location="cpu")
-    extra = data.get("extra") or {}
+def input_intensity(extra: dict, checkpoint: Path, raw: Any = None) -> IntensityRange | None:
+    """The normalisation of ``raw`` (an :class:`ImageMeta`) by the rule recorded in a checkpoint's
+    ``extra`` (None: legacy dtype scaling, which refuses raw of another dtype than the training's)."""
     rule = extra.get("input_normalization")
     intensity = None
     if isinstance(rule, dict) and rule.get("rule") == "percentile":
@@ -145,6 +144,14 @@ def _load_model(checkpoint: Path, expected_arch: dict | None, raw: Any = None) -
                 raw.path, f"the model was trained on {trained} raw data but this image is {raw.dtype}; "
                 f"convert the stack to {trained} (same gray-value range) or retrain with this version"
             )
+    return intensity
+
+
+def _load_model(checkpoint: Path, expected_arch: dict | None, raw: Any = None) -> tuple[UNet, IntensityRange | None]:
+    """The checkpoint's model, checked against the configured architecture, and the
+    normalisation of ``raw`` by the checkpoint's rule (None: legacy dtype scaling)."""
+    model, data = model_from_checkpoint(checkpoint, map_location="cpu")
+    intensity = input_intensity(data.get("extra") or {}, checkpoint, raw)
     if expected_arch is not None:
         differ = {k: (model.arch.get(k), v) for k, v in expected_arch.items() if model.arch.get(k) != v}
         if differ:
@@ -170,8 +177,7 @@ class _Setup:
 
 
 def _setup(checkpoint, raw, dest, expected_arch, *, tile, block, batch, tta, dtype, precision, ngff) -> _Setup:
-    if not any(tta is mode for mode in (False, True)) and tta != "flips":
-        raise ValueError(f"tta must be one of (False, True, 'flips'), got {tta!r}")
+    tta_transforms(tta)  # ValueError for an unknown mode, before any work
     checkpoint, raw, dest = Path(checkpoint), Path(raw), Path(dest)
     meta = image_metadata(raw)  # InputError unless a 3D (z, y, x) OME-Zarr image
     model, intensity = _load_model(checkpoint, expected_arch, meta)
@@ -184,7 +190,7 @@ def _setup(checkpoint, raw, dest, expected_arch, *, tile, block, batch, tta, dty
         "tile": None if tile is None else np.atleast_1d(tile).astype(int).tolist(),
         "block": None if block is None else [int(b) for b in block],
         "batch": batch,
-        "tta": tta if tta == "flips" else bool(tta),
+        "tta": tta,
         "dtype": dtype,
         "precision": precision,
         "intensity": None if intensity is None else intensity.to_list(),
@@ -372,7 +378,7 @@ def predict(
         raw=str(setup.raw.resolve()),
         staged=staged,
         plan=plan,
-        tta=tta if tta == "flips" else bool(tta),
+        tta=tta,
         dtype=dtype,
         precision=resolved,
         intensity=setup.intensity,

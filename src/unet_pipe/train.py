@@ -411,11 +411,11 @@ def _train(
         # percentile rule) or stacks (the percentiles of changed data): continuing would mix the two.
         recorded_norm = extra.get("input_normalization")
         if recorded_norm != normalization:
-            was = recorded_norm.get("rule") if isinstance(recorded_norm, dict) else "dtype maximum (an older release)"
+            was = (f"{recorded_norm.get('rule')} {recorded_norm.get('volumes')}" if isinstance(recorded_norm, dict)
+                   else "dtype maximum (an older release)")
             raise CheckpointError(
-                source, f"was trained on inputs normalised by {was} "
-                f"{'' if not isinstance(recorded_norm, dict) else recorded_norm.get('volumes')}, this run by the "
-                f"percentile rule {normalization['volumes']}; pass --overwrite to start over"
+                source, f"was trained on inputs normalised by {was}, this run by the percentile rule "
+                f"{normalization['volumes']}; pass --overwrite to start over"
             )
         if extra.get("precision", precision) != precision:
             raise CheckpointError(

@@ -39,6 +39,7 @@ import zarr
 
 from unet_pipe.errors import InputError
 from unet_pipe.integrity import CheckedArray
+from unet_pipe.ngff import ngff_keys
 
 log = logging.getLogger(__name__)
 
@@ -149,12 +150,6 @@ def open_input_stack(path: str | Path) -> Any:
     return open_tiff_stack(path)
 
 
-def _ngff_attrs(node: Any) -> dict:
-    attrs = dict(node.attrs)
-    ome = attrs.get("ome")
-    return ome if isinstance(ome, dict) else attrs  # NGFF 0.5 keeps its metadata under "ome"
-
-
 def open_zarr_source(path: str | Path) -> ZarrSource:
     """Open level 0 of the OME-Zarr image (or the plain zarr array) at ``path``; read-only, headers only."""
     path = Path(path)
@@ -167,7 +162,7 @@ def open_zarr_source(path: str | Path) -> ZarrSource:
             raise InputError(path, f"a plain zarr array must have 2 (y, x) or 3 (z, y, x) dimensions, not {node.ndim}")
         roles = ("y", "x") if node.ndim == 2 else ("z", "y", "x")
         return _source(path, "", node, roles, None, None, None)
-    meta = _ngff_attrs(node)
+    meta = ngff_keys(dict(node.attrs))[1]  # NGFF 0.5 keeps its metadata under "ome"
     if "multiscales" not in meta:
         names = meta.get("labels")
         if isinstance(names, list) and len(names) == 1 and isinstance(names[0], str):
