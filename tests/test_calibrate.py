@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 
 from unet_pipe.calibrate import (
+    CELL_THRESHOLDS,
     THRESHOLDS,
     calibrate,
     calibrate_slices,
     calibration_windows,
     choose,
+    pixel_errors,
     read_decisions,
     truth_scales,
 )
@@ -49,12 +51,13 @@ def test_truth_scales_by_hand() -> None:
 
 def test_biased_probabilities_get_a_threshold_below_one_half() -> None:
     # The loss's membrane emphasis pushes p(cell) down: cells at 0.3, membranes at 0.1.
-    # At 0.5 everything is membrane; thresholds 0.10 ... 0.25 are all exact, and the
-    # rule breaks the tie towards 0.5: 0.25.
+    # At 0.5 everything is membrane; cell thresholds 0.10 ... 0.29 are all exact, and
+    # the rule breaks the tie towards 0.5: 0.29 (instance thresholds: 0.10 ... 0.25 -> 0.25).
     cells, inst = _grid_cells()
     p = np.where(cells, 0.3, 0.1).astype(np.float32)
     out = calibrate_slices([p, p], [cells, cells], [inst, inst])
-    assert out["cell_threshold"] == 0.25 and out["cell_pixel_error"] == 0.0
+    assert out["cell_threshold"] == 0.29 and out["cell_pixel_error"] == 0.0
+    assert len(out["pixel_candidates"]) == len(CELL_THRESHOLDS) == 99
     assert out["decisions"]["method"] == "threshold"
     assert out["decisions"]["threshold"] == 0.25 and out["decisions"]["min_size"] == 0
     assert out["scores"]["rand_error"] == pytest.approx(0.0, abs=1e-12)
@@ -65,6 +68,36 @@ def test_biased_probabilities_get_a_threshold_below_one_half() -> None:
     # Size scales from the truth: 144 px cells; min sizes tried 0 and 144 / 20 -> 7.
     assert out["scales"]["median_area_px"] == 144.0
     assert {c["min_size"] for c in out["candidates"]} == {0, 7}
+
+
+def test_cell_threshold_off_the_instance_grid() -> None:
+    # Cells at 0.33, membranes at 0.31: only 0.31 and 0.32 are exact; no multiple of
+    # 0.05 is (0.30 and 0.35 call one class wrong everywhere).
+    cells, inst = _grid_cells()
+    p = np.where(cells, 0.33, 0.31).astype(np.float32)
+    out = calibrate_slices([p], [cells], [inst], methods=["threshold"])
+    assert out["cell_threshold"] == 0.32 and out["cell_pixel_error"] == 0.0
+    at = {c["threshold"]: c["pixel_error"] for c in out["pixel_candidates"]}
+    assert at[0.3] == pytest.approx(1 - cells.mean()) and at[0.35] == pytest.approx(cells.mean())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint8])
+def test_pixel_errors_equal_counting_at_each_threshold(dtype) -> None:
+    """The sorted-count curve equals ``mean((p > t) != cells)`` over the annotated pixels,
+    including probabilities equal to a threshold, in the probabilities' own type."""
+    rng = np.random.default_rng(0)
+    scale = 255 if dtype == np.uint8 else 1
+    prob = [(rng.random((40, 50)) * scale).astype(dtype) for _ in range(3)]
+    prob[0][:4] = 29 if dtype == np.uint8 else 0.29  # ties with a threshold
+    cells = [rng.random((40, 50)) > 0.4 for _ in range(3)]
+    known = [rng.random((40, 50)) > 0.3 for _ in range(3)]
+    thresholds = [float(t) for t in range(1, 255, 7)] + [29.0] if dtype == np.uint8 else list(CELL_THRESHOLDS)
+    for annotated in (None, known):
+        masks = annotated or [np.ones_like(c) for c in cells]
+        got = pixel_errors(prob, cells, thresholds, annotated)
+        for t, e in zip(thresholds, got):
+            wrong = sum(np.count_nonzero(((p > t) != c) & m) for p, c, m in zip(prob, cells, masks))
+            assert e == wrong / sum(np.count_nonzero(m) for m in masks)
 
 
 def test_watershed_wins_where_a_membrane_is_missing() -> None:
@@ -130,7 +163,8 @@ def test_cli_calibrate_then_postprocess_and_evaluate_use_the_decisions(tmp_path,
     )  # fmt: skip
     assert code == 0, err
     metrics = json.loads((tmp_path / "m.json").read_text())
-    assert metrics["params"]["threshold"] == 0.25 and metrics["params"]["decisions"]["method"] == "threshold"
+    # evaluate's pixel error uses the cell threshold (0.29), the instances their own (0.25)
+    assert metrics["params"]["threshold"] == 0.29 and metrics["params"]["decisions"]["method"] == "threshold"
     assert metrics["summary"]["all"]["pixel_error"] == 0.0 and metrics["summary"]["all"]["rand_error"] == 0.0
 
 

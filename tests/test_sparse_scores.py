@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from unet_pipe.calibrate import _pixel_error, calibrate, load_slices
+from unet_pipe.calibrate import calibrate, load_slices, pixel_errors
 from unet_pipe.evaluate import evaluate
 from unet_pipe.io import StagedImage
 
@@ -64,8 +64,8 @@ def test_evaluate_leaves_unlabelled_pixels_out(tmp_path, sparse_case):
 def test_calibration_pixel_error_counts_annotated_pixels_only(sparse_case):
     prob = [np.array([[0.9, 0.2, 0.7]])]
     cells = [np.array([[True, False, False]])]
-    assert _pixel_error(prob, cells, 0.5) == pytest.approx(1 / 3)
-    assert _pixel_error(prob, cells, 0.5, [np.array([[True, True, False]])]) == 0.0
+    assert pixel_errors(prob, cells, [0.5]).tolist() == pytest.approx([1 / 3])
+    assert pixel_errors(prob, cells, [0.5], [np.array([[True, True, False]])]).tolist() == [0.0]
     p, c, t, k = load_slices(sparse_case["probabilities"], sparse_case["truth"], (0, 2), "binary", 255, U)
     np.testing.assert_array_equal(k[0], np.tile([True, True, True, False], (4, 1)))
     assert not k[1].any() and not c[1].any() and not t[1].any()

@@ -12,11 +12,16 @@ dataset; ``calibrate.datasets`` names others) by this documented rule:
    segments on the calibration slices, ``radius = sqrt(area / pi)``.
    Size-like parameters are fractions of these, so they follow the data's cell
    size instead of ISBI's.
-2. **Cell decision (pixel error).**  Thresholds ``t`` in 0.05, 0.10, ..., 0.95;
+2. **Cell decision (pixel error).**  Thresholds ``t`` in 0.01, 0.02, ..., 0.99;
    the one with the lowest pixel error (cell where ``p > t``) over all
-   calibration pixels; ties go to the threshold nearest 0.5.
+   calibration pixels; ties go to the threshold nearest 0.5.  The whole curve
+   costs one sort of the calibration probabilities, so the grid is fine: on
+   ISBI (choose on slices 20-24, report on 25-29) the 0.05 grid's choice gave a
+   validation pixel error of 0.0811, the 0.01 grid's 0.0806 (a 0.001 grid
+   moved the choice by 0.001).
 3. **Instances.**  Candidates: ``threshold`` + connected components for every
-   ``t`` of the grid; and the seeded ``watershed`` for the three thresholds
+   ``t`` of the coarser grid 0.05, 0.10, ..., 0.95 (each candidate costs a
+   labelling and a Rand score per slice); and the seeded ``watershed`` for the three thresholds
    with the best Rand score among those, with ``seed_threshold = t + f (1 - t)``
    for ``f`` in {0.5, 0.8} and ``seed_prominence`` in {radius / 8, radius / 4,
    radius / 2}; each with ``min_size`` 0 and ``area / 20``.  Each candidate is
@@ -70,7 +75,8 @@ from unet_pipe.provenance import provenance
 
 log = logging.getLogger(__name__)
 
-THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * k, 2) for k in range(1, 20))
+THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * k, 2) for k in range(1, 20))  # instance candidates
+CELL_THRESHOLDS: tuple[float, ...] = tuple(round(0.01 * k, 2) for k in range(1, 100))  # the cell decision
 SEED_FRACTIONS: tuple[float, ...] = (0.5, 0.8)
 PROMINENCE_FRACTIONS: tuple[float, ...] = (1 / 8, 1 / 4, 1 / 2)
 MIN_SIZE_FRACTION = 1 / 20
@@ -112,12 +118,32 @@ def _wrong(pred: np.ndarray, cells: np.ndarray, known: np.ndarray | None) -> tup
     return int(np.count_nonzero(diff & known)), int(np.count_nonzero(known))
 
 
-def _pixel_error(
-    prob: Sequence[np.ndarray], cells: Sequence[np.ndarray], t: float, annotated: Sequence[np.ndarray] | None = None
-) -> float:
-    counts = [_wrong(p > t, c, k) for p, c, k in zip(prob, cells, _masks(cells, annotated))]
-    total = sum(n for _, n in counts)
-    return sum(w for w, _ in counts) / total if total else math.nan
+def pixel_errors(
+    prob: Sequence[np.ndarray],
+    cells: Sequence[np.ndarray],
+    thresholds: Sequence[float],
+    annotated: Sequence[np.ndarray] | None = None,
+) -> np.ndarray:
+    """Pixel error (cell where ``p > t``) over all slices at every threshold ``t``.
+
+    Counted from the sorted probabilities of each class, one sort per slice
+    instead of one pass per threshold; the comparison is made in the
+    probabilities' own float type, as ``p > t`` does.
+    """
+    wrong = np.zeros(len(thresholds), np.int64)
+    total = 0
+    for p, c, k in zip(prob, cells, _masks(cells, annotated)):
+        p, c = np.asarray(p), np.asarray(c, bool)
+        if k is not None:
+            p, c = p[np.asarray(k, bool)], c[np.asarray(k, bool)]
+        dtype = p.dtype if p.dtype.kind == "f" else np.dtype(np.float64)
+        t = np.asarray(thresholds, dtype=dtype)
+        cell_p = np.sort(p[c], axis=None).astype(dtype, copy=False)
+        membrane_p = np.sort(p[~c], axis=None).astype(dtype, copy=False)
+        wrong += np.searchsorted(cell_p, t, side="right")  # cells at or below t: called membrane
+        wrong += membrane_p.size - np.searchsorted(membrane_p, t, side="right")  # membrane above t
+        total += p.size
+    return wrong / total if total else np.full(len(thresholds), math.nan)
 
 
 def _score(
@@ -179,7 +205,8 @@ def calibrate_slices(
     if unknown or not methods:
         raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {list(methods)}")
     scales = truth_scales(truth)
-    pixel = [{"threshold": t, "pixel_error": _pixel_error(prob, cells, t, annotated)} for t in THRESHOLDS]
+    errors = pixel_errors(prob, cells, CELL_THRESHOLDS, annotated)
+    pixel = [{"threshold": t, "pixel_error": float(e)} for t, e in zip(CELL_THRESHOLDS, errors)]
     cell = min(pixel, key=lambda c: (c["pixel_error"], abs(c["threshold"] - 0.5)))
     min_sizes = sorted({0, int(round(MIN_SIZE_FRACTION * scales["median_area_px"]))})
     candidates = []
