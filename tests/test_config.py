@@ -239,7 +239,7 @@ def test_two_files_compose_into_a_valid_config(tmp_path, monkeypatch):
     assert cfg["train"]["datasets"] == {"mine": {"train": [0, 3], "val": [3, 4]}}
     assert cfg["predict"]["datasets"] == []  # default: every dataset (the preset's named isbi)
     assert (cfg["train"]["steps"], cfg["train"]["tile"], cfg["model"]["depth"]) == (7, 252, 4)
-    assert (cfg["model"]["base_channels"], cfg["train"]["optimizer"]) == (32, "adam")  # the preset's method
+    assert (cfg["model"]["base_channels"], cfg["train"]["optimizer"]) == (16, "adam")  # the preset's method
     assert cfg["calibrate"]["datasets"] == {}  # named the preset's isbi: dropped, so the val ranges
     assert cfg["postprocess"]["method"] == "auto" and cfg["results"] == "results/mine"
     mine.write_text("train: {steps: 0}\n")

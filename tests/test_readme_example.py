@@ -60,7 +60,7 @@ def example(tmp_path) -> Path:
     (tmp_path / "mine.yaml").write_text(mine)
     init = yaml.safe_load(mine)["train"]["init_from"]
     torch.manual_seed(0)
-    save_checkpoint(tmp_path / init, UNet(depth=4, base_channels=32))  # the preset's network: fine-tuned from
+    save_checkpoint(tmp_path / init, UNet(depth=4, base_channels=16))  # the preset's network: fine-tuned from
     return tmp_path
 
 
@@ -75,7 +75,7 @@ def test_readme_example_composes_with_the_preset(example) -> None:
     assert config["train"]["datasets"] == {"mystack": {"train": [40, 52], "val": [56, 60]}}
     assert config["calibrate"]["datasets"] == {"mystack": [52, 56]}
     assert config["weights"]["unlabelled_value"] == 128 and config["weights"]["w0"] == 10.0  # merged key by key
-    assert (config["model"]["depth"], config["model"]["base_channels"], config["train"]["tile"]) == (4, 32, 252)
+    assert (config["model"]["depth"], config["model"]["base_channels"], config["train"]["tile"]) == (4, 16, 252)
     assert config["train"]["steps"] == 1000 and config["export"]["enabled"] is True
 
 
