@@ -160,6 +160,7 @@ def test_report_writes_markdown_and_figures(tmp_path, tiny_case):
     assert "| 0.000000 | 1.0000 (0.0) | 1.0000 (0.0) |" in text  # warping error, V_rand, V_info (best t)
     assert "![tiny: slices](report_figures/tiny_slices.png)" in text
     assert "| val_rand_error | 0.3 |" in text and "| seconds | 1.5 |" in text
+    assert "The `val_*` columns monitor training" in text  # not the calibrated numbers
     assert "nope.csv not readable" in text
     figures = tmp_path / "report" / "report_figures"
     for name in ("tiny_slices.png", "training_0.png"):

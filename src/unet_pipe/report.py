@@ -377,6 +377,11 @@ def write_report(
             y = columns[name][np.isfinite(columns[name])]
             md.append(f"| {name} | {y[-1]:.5g} |")
         md.append("")
+        if any(c.lower().startswith("val") for c in plotted):
+            md += ["The `val_*` columns monitor training on the val slices without test-time augmentation, "
+                   "at the decision known while training (p > 0.5 and connected components unless "
+                   "`postprocess` fixes another): the calibrated decisions come after training, so these "
+                   "are not the numbers of the metrics table.", ""]
 
     if all_metrics:
         md += ["## Definitions", ""]
