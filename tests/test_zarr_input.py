@@ -78,6 +78,17 @@ def test_ome_zarr_raw_is_ingested_bit_identically_with_its_scale(tmp_path, fmt) 
     assert _snapshot(src) == before  # the input is only read
 
 
+def test_a_given_voxel_size_that_differs_from_the_scale_is_used_and_named(tmp_path, caplog) -> None:
+    data = np.zeros((2, 4, 4), np.uint8)
+    src = _ome(tmp_path / "raw.ome.zarr", data, RAW_SCALE, RAW_AT)
+    same = ingest_tiff(src, tmp_path / "same.ome.zarr", chunks=(1, 4, 4), pyramid_levels=0, voxel_size=(0.05, 0.004, 0.004))
+    assert "differs from the voxel size" not in caplog.text
+    dest = ingest_tiff(src, tmp_path / "out.ome.zarr", chunks=(1, 4, 4), pyramid_levels=0, voxel_size=(0.04, 0.004, 0.004))
+    assert image_metadata(dest).voxel_size == pytest.approx((0.04, 0.004, 0.004))
+    assert image_metadata(same).voxel_size == pytest.approx((0.05, 0.004, 0.004))
+    assert "scale [0.05, 0.004, 0.004] µm differs from the voxel size [0.04, 0.004, 0.004] µm given" in caplog.text
+
+
 def test_plain_zarr_array_with_thick_chunks_big_endian_and_a_small_slab_budget(tmp_path, monkeypatch) -> None:
     import unet_pipe.zarr_input as zarr_input
 

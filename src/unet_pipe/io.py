@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -56,7 +57,7 @@ from unet_pipe.safety import (
     replace_with,
 )
 from unet_pipe.tiff import open_tiff_stack  # noqa: F401  (re-exported: part of this module's API)
-from unet_pipe.zarr_input import crop_offset, open_input_stack, source_record, store_frame
+from unet_pipe.zarr_input import ZarrSource, crop_offset, open_input_stack, source_record, store_frame
 
 log = logging.getLogger(__name__)
 
@@ -472,6 +473,14 @@ def ingest_tiff(
                              f"the {tuple(ref.shape)} stack of {ref.path}")
         if voxel_size is None:
             voxel_size = ref.voxel_size
+    own = source.voxel_size if isinstance(source, ZarrSource) else None  # a TIFF's is only a fallback
+    if voxel_size is not None and own is not None and not all(
+        math.isclose(float(a), float(b), rel_tol=1e-6) for a, b in zip(voxel_size, own)
+    ):
+        # The given voxel size labels the store; a labelled crop is still placed by the files' own
+        # scale and translation, so say which one this store carries.
+        log.warning("%s: its scale %s µm differs from the voxel size %s µm given; the store gets the "
+                    "one given", source.path, [float(v) for v in own], [float(v) for v in voxel_size])
     if voxel_size is None:
         voxel_size = source.voxel_size
     if voxel_size is None:
