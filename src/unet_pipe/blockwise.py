@@ -170,7 +170,6 @@ class Predictor:
         self.model = model.to(self.device, memory_format=self.memory_format).eval()
         self.dims = model.dims
         self.n_classes = model.arch["n_classes"]
-        self.tta = tta
         self.transforms = tta_transforms(tta)
         self.intensity = intensity
         # A resolved precision (a job's workers all use the one the run chose) or a request.
@@ -189,7 +188,7 @@ class Predictor:
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
         with torch.inference_mode():
-            if not self.tta:
+            if len(self.transforms) == 1:  # no TTA: the identity alone, in the input's memory format
                 out = self._foreground(x)
             else:
                 out = None
