@@ -248,3 +248,85 @@ def test_two_files_compose_into_a_valid_config(tmp_path, monkeypatch):
     mine.write_text("- a list\n")
     with pytest.raises(ConfigError, match=r"mine\.yaml: the configuration must be a YAML mapping"):
         load_configs([REPO / "config" / "isbi2012-cpu.yaml", mine], check_inputs=False)
+
+
+@pytest.mark.parametrize(
+    "start, stop, expected",
+    [
+        (0, 30, ([0, 20], [20, 25], [25, 30])),  # ISBI 2012: the preset's own split
+        (0, 3, ([0, 1], [1, 2], [2, 3])),  # the smallest stack it splits
+        (0, 4, ([0, 2], [2, 3], [3, 4])),
+        (0, 15, ([0, 9], [9, 12], [12, 15])),  # 15 / 6 = 2.5 rounds up
+        (40, 60, ([40, 54], [54, 57], [57, 60])),  # a crop: its own slices only
+    ],
+)
+def test_automatic_split_of_labelled_slices(start, stop, expected):
+    from unet_pipe.config import split_labelled_slices
+
+    split = split_labelled_slices(start, stop)
+    assert (split["train"], split["calibrate"], split["val"]) == expected
+
+
+def test_automatic_split_refuses_fewer_than_three_slices():
+    from unet_pipe.config import split_labelled_slices
+
+    with pytest.raises(ValueError, match="2 labelled slice"):
+        split_labelled_slices(5, 7)
+
+
+def _stacks(tmp_path, depths: dict[str, int]) -> None:
+    import numpy as np
+    import tifffile
+
+    for name, depth in depths.items():
+        tifffile.imwrite(tmp_path / name, np.zeros((depth, 8, 8), np.uint8), photometric="minisblack")
+
+
+def test_datasets_without_train_ranges_get_the_automatic_split(tmp_path):
+    """A preset with only its datasets replaced trains, calibrates and validates on slices of its own."""
+    from unet_pipe.config import check_workflow, fill_default_splits
+
+    _stacks(tmp_path, {"raw.tif": 30, "lab.tif": 30, "crop.tif": 12, "big.tif": 40, "test.tif": 5})
+    cfg = validate_config({"datasets": {
+        "a": {"raw": "raw.tif", "labels": "lab.tif"},
+        "b": {"raw": "big.tif", "labels": "crop.tif", "labels_offset": [10, 0, 0]},  # labelled slices 10-21
+        "s": {"synthetic": {"shape": [6, 64, 64]}},
+        "unlabelled": {"raw": "test.tif"},
+    }})  # fmt: skip
+    said = fill_default_splits(cfg, base=tmp_path)
+    assert cfg["train"]["datasets"] == {
+        "a": {"train": [0, 20], "val": [25, 30]},
+        "b": {"train": [10, 18], "val": [20, 22]},
+        "s": {"train": [0, 4], "val": [5, 6]},
+    }
+    assert cfg["calibrate"]["datasets"] == {"a": [20, 25], "b": [18, 20], "s": [4, 5]}
+    assert len(said) == 3 and "dataset 'b' split automatically: train [10, 18], calibrate [18, 20], val [20, 22]" in said[1]
+    check_workflow(cfg)
+    validate_config(cfg)  # what it filled is a valid config
+
+
+def test_given_ranges_are_kept_and_a_given_calibration_too(tmp_path):
+    from unet_pipe.config import fill_default_splits
+
+    _stacks(tmp_path, {"raw.tif": 30, "lab.tif": 30})
+    given = {"datasets": {"a": {"raw": "raw.tif", "labels": "lab.tif"}}, "train": {"datasets": {"a": {"train": [0, 3]}}}}
+    cfg = validate_config(copy.deepcopy(given))
+    assert fill_default_splits(cfg, base=tmp_path) == [] and cfg["train"]["datasets"] == {"a": {"train": [0, 3]}}
+    cfg = validate_config({"datasets": given["datasets"], "calibrate": {"datasets": {"a": [0, 2]}}})
+    fill_default_splits(cfg, base=tmp_path)
+    assert cfg["train"]["datasets"]["a"] == {"train": [0, 20], "val": [25, 30]}
+    assert cfg["calibrate"]["datasets"] == {"a": [0, 2]}  # the user's choice stands
+
+
+def test_no_split_is_made_up_where_none_fits(tmp_path):
+    from unet_pipe.config import check_workflow, fill_default_splits
+
+    _stacks(tmp_path, {"raw.tif": 2, "lab.tif": 2})
+    cfg = validate_config({"datasets": {"a": {"raw": "raw.tif", "labels": "lab.tif"}}})
+    with pytest.raises(ConfigError, match=r"dataset 'a' has 2 labelled slice\(s\); the automatic split needs at "
+                       r"least 3; give train.datasets.a with train and val ranges"):
+        fill_default_splits(cfg, base=tmp_path)
+    cfg = validate_config({"datasets": {"t": {"raw": "raw.tif"}}})
+    assert fill_default_splits(cfg, base=tmp_path) == []
+    with pytest.raises(ConfigError, match="key 'train.datasets': empty, and no dataset has 'labels' to train on"):
+        check_workflow(cfg)

@@ -405,7 +405,12 @@ def test_results_folder_inside_an_input_folder_is_refused(tmp_path, run_cli):
         (tmp_path / "c.yaml").write_text(f"datasets: {{d: {{raw: {tmp_path / 'slices'}}}}}\nresults: {tmp_path / results}\n")
         code, _, err = run_cli("check-config", tmp_path / "c.yaml")
         assert code == 2 and "lies inside the input" in err and "keep results apart" in err, (results, err)
-    (tmp_path / "c.yaml").write_text(f"datasets: {{d: {{raw: {tmp_path / 'slices'}}}}}\nresults: {tmp_path / 'out'}\n")
+    (tmp_path / "lab").mkdir()
+    for z in range(3):  # three labelled slices: the fewest the automatic split takes
+        tifffile.imwrite(tmp_path / "slices" / f"{z}.tif", np.zeros((8, 8), np.uint8))
+        tifffile.imwrite(tmp_path / "lab" / f"{z}.tif", np.zeros((8, 8), np.uint8))
+    ds = f"{{d: {{raw: {tmp_path / 'slices'}, labels: {tmp_path / 'lab'}}}}}"
+    (tmp_path / "c.yaml").write_text(f"datasets: {ds}\nresults: {tmp_path / 'out'}\n")
     assert run_cli("check-config", tmp_path / "c.yaml")[0] == 0
 
 

@@ -93,3 +93,40 @@ def test_readme_example_plans_every_stage(example) -> None:
     assert "--unlabelled-value 128" in text
     assert "mystack=52:56" in text  # calibration on its own slices
     assert "results/mine/model/bioimageio.zip" in text
+
+
+def only_datasets_yaml(example: Path) -> Path:
+    """The preset run unchanged but for the data: an overlay that gives nothing but the dataset."""
+    mine = yaml.safe_load((example / "mine.yaml").read_text())
+    path = example / "only-data.yaml"
+    path.write_text(yaml.safe_dump({"results": "results/only-data", "datasets": mine["datasets"]}))
+    return path
+
+
+def test_preset_with_only_the_datasets_replaced_splits_them(example) -> None:
+    """The labelled crop's slices 40-59 are split automatically: train 40-53, calibrate 54-56, val 57-59."""
+    proc = subprocess.run(
+        [str(BIN / "unet-pipe"), "check-config", "--print", str(REPO / "config" / "isbi2012-cpu.yaml"),
+         str(only_datasets_yaml(example))],
+        cwd=example, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    config = yaml.safe_load(proc.stdout)
+    assert config["train"]["datasets"] == {"mystack": {"train": [40, 54], "val": [57, 60]}}
+    assert config["calibrate"]["datasets"] == {"mystack": [54, 57]}
+    assert "dataset 'mystack' split automatically" in proc.stderr
+
+
+@pytest.mark.slow
+def test_preset_with_only_the_datasets_replaced_plans_every_stage(example) -> None:
+    proc = subprocess.run(
+        [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(example), "-n", "-p",
+         "--configfile", str(REPO / "config" / "isbi2012-cpu.yaml"), str(only_datasets_yaml(example))],
+        capture_output=True, text=True, timeout=600, env={"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(example)},
+    )  # fmt: skip
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-3000:]
+    for rule in ("ingest", "weights", "train", "predict", "calibrate", "postprocess", "evaluate", "view"):
+        assert re.search(rf"^rule {rule}", text, re.M) or re.search(rf"\b{rule}\s+\d+", text), rule
+    assert text.count("split automatically: train [40, 54], calibrate [54, 57], val [57, 60]") == 1
+    assert "mystack=54:57" in text and "--val 57 60" in text

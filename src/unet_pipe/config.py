@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 from functools import lru_cache
@@ -20,6 +21,7 @@ import yaml
 
 from unet_pipe.errors import ConfigError
 
+log = logging.getLogger(__name__)
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 
 
@@ -153,6 +155,8 @@ def _check_semantics(config: dict, source: str | Path | None) -> None:
 def check_workflow(config: dict, source: str | Path | None = None) -> None:
     """What the whole workflow needs beyond a valid config (``check-config`` and the workflow's
     pre-check; a stage run on its own, e.g. ``unet-pipe train``, does not need it)."""
+    if not config["train"]["datasets"] and not any("labels" in d or "synthetic" in d for d in config["datasets"].values()):
+        raise ConfigError(source, "key 'train.datasets': empty, and no dataset has 'labels' to train on")
     if config["postprocess"]["method"] == "auto" and config["train"]["datasets"] and not calibration_slices(config):
         raise ConfigError(
             source, "key 'postprocess.method': auto chooses the decisions on labelled slices, but no training "
@@ -168,6 +172,63 @@ def calibration_slices(config: dict) -> dict[str, list[int]]:
     if given:
         return {name: list(r) for name, r in given.items()}
     return {name: list(r["val"]) for name, r in config["train"]["datasets"].items() if "val" in r}
+
+
+# The automatic split of a labelled dataset's slices when ``train.datasets`` is empty: the last
+# sixth (at least one slice) is held out for validation, the sixth before it chooses the decisions
+# (calibration), the rest trains.  ISBI 2012's 30 labelled slices give the ISBI preset's own split
+# 0-20 / 20-25 / 25-30.  By slice position only: no pixel is read to make it.
+SPLIT_SIXTH = 6
+
+
+def split_labelled_slices(start: int, stop: int) -> dict[str, list[int]]:
+    """The automatic split of the labelled slices ``[start, stop)``: ``{train, calibrate, val}``
+    half-open ranges (see :data:`SPLIT_SIXTH`); ``ValueError`` below 3 slices."""
+    n = stop - start
+    k = max(1, (n + SPLIT_SIXTH // 2) // SPLIT_SIXTH)  # n / 6, rounded half up
+    if n - 2 * k < 1:
+        raise ValueError(f"{n} labelled slice(s); the automatic split needs at least 3")
+    return {"train": [start, stop - 2 * k], "calibrate": [stop - 2 * k, stop - k], "val": [stop - k, stop]}
+
+
+def fill_default_splits(config: dict, base: str | Path = ".", source: str | Path | None = None) -> list[str]:
+    """Give every labelled dataset the automatic split when ``train.datasets`` is empty.
+
+    A preset used with other data (``--configfile preset.yaml mine.yaml`` where mine.yaml gives
+    only ``datasets``) loses the preset's dataset-keyed ranges; rather than train on nothing, each
+    labelled dataset's labelled z extent (its label image's depth, placed at its crop offset;
+    headers only) is split by :func:`split_labelled_slices`.  ``calibrate.datasets`` gets the
+    calibration ranges unless it is given.  Changes ``config`` in place; returns one line per
+    dataset saying what was chosen (nothing when ``train.datasets`` was given).
+    """
+    if config["train"]["datasets"]:
+        return []
+    from unet_pipe.zarr_input import crop_offset, open_input_stack, source_frame
+
+    splits, said = {}, []
+    for name, ds in sorted(config["datasets"].items()):
+        if "synthetic" in ds:
+            start, stop = 0, int(ds["synthetic"]["shape"][0])
+        elif "labels" in ds:
+            raw = open_input_stack(Path(base) / ds["raw"])
+            labels = open_input_stack(Path(base) / ds["labels"])
+            offset = crop_offset(labels, source_frame(raw, ds.get("voxel_size")), raw.shape[0], ds.get("labels_offset"))
+            start = 0 if offset is None else int(offset[0])
+            stop = start + int(labels.shape[0])
+        else:
+            continue
+        try:
+            splits[name] = split_labelled_slices(start, stop)
+        except ValueError as exc:
+            raise ConfigError(source, f"key 'train.datasets': empty, and dataset '{name}' has {exc}; give "
+                              f"train.datasets.{name} with train and val ranges") from None
+        s = splits[name]
+        said.append(f"train.datasets is empty: dataset '{name}' split automatically: train {s['train']}, "
+                    f"calibrate {s['calibrate']}, val {s['val']}")
+    config["train"]["datasets"] = {n: {"train": s["train"], "val": s["val"]} for n, s in splits.items()}
+    if not config["calibrate"]["datasets"]:
+        config["calibrate"]["datasets"] = {n: s["calibrate"] for n, s in splits.items()}
+    return said
 
 
 def check_inputs_exist(config: dict, base: str | Path = ".", source: str | Path | None = None) -> None:
@@ -330,6 +391,8 @@ def load_configs(
     config = validate_config(compose_configs(layers), source)
     if check_inputs:
         check_inputs_exist(config, source=source)
+        for line in fill_default_splits(config, source=source):
+            log.info("%s", line)
     return config
 
 

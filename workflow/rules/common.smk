@@ -10,13 +10,15 @@ from unet_pipe.config import (
     check_workflow,
     check_inputs_exist,
     compose_configs,
+    fill_default_splits,
     read_config_file,
     validate_config,
 )
 from unet_pipe.errors import UnetPipeError
 
 # One clear line for a bad config or an unreadable TIFF, before any job starts.
-# TIFF headers are checked once, by the main Snakemake process (not in every job).
+# TIFF headers are checked once, by the main Snakemake process (not in every job); only the
+# automatic split (train.datasets empty) reads the label headers in every process.
 try:
     # Snakemake deep-merges several --configfile files, so a preset's dataset
     # would leak into a user's run: compose them again by unet-pipe's rule
@@ -26,10 +28,14 @@ try:
     _layers = [read_config_file(path) for path in workflow.configfiles]
     _layers.append(dict(workflow.config_settings.config))
     _validated = validate_config(compose_configs(_layers), source="config")
-    check_workflow(_validated, source="config")
     check_inputs_exist(_validated, source="config")
     if workflow.is_main_process:
         check_input_stacks(_validated)
+    # Every process (a SLURM job parses the Snakefile again) makes the same split from headers.
+    for _line in fill_default_splits(_validated, source="config"):
+        if workflow.is_main_process:
+            print(f"unet-pipe: {_line}", file=sys.stderr)
+    check_workflow(_validated, source="config")
 except UnetPipeError as _err:
     sys.exit(f"unet-pipe: error: {_err}")
 config.clear()
