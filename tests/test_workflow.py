@@ -329,3 +329,32 @@ def test_labels_offset_reaches_ingest_and_is_checked_against_the_raw(tmp_path):
     cfg["datasets"]["crop"]["labels_offset"] = [1, 10, 30]  # x: 30 + 40 > 64
     proc = run_snakemake(tmp_path, "-n", config=cfg, check=False)
     assert proc.returncode != 0 and "'datasets.crop.labels_offset'" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_cpu_preset_runs_unchanged_on_other_data(tmp_path):
+    """The ISBI CPU preset with nothing replaced but its datasets (and its steps cut to 40, for
+    time): a uint16 stack of 12 slices of 200 x 300 px, narrower than the 252-px training tile,
+    with a third of its gray range unused, runs end to end on its automatic split."""
+    import tifffile
+
+    from unet_pipe.synth import synthesize
+
+    stack = synthesize((12, 200, 300), seed=3)
+    tifffile.imwrite(tmp_path / "raw.tif", stack.raw.astype(np.uint16) * 40 + 1000, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "labels.tif", stack.labels, photometric="minisblack")
+    (tmp_path / "only-data.yaml").write_text(yaml.safe_dump(
+        {"results": "results", "datasets": {"other": {"raw": "raw.tif", "labels": "labels.tif"}}}))
+    (tmp_path / "short.yaml").write_text(yaml.safe_dump({"train": {"steps": 40, "val_every": 20, "checkpoint_every": 20}}))
+    proc = run_snakemake(tmp_path, "--cores", "2", "--configfile", str(REPO / "config" / "isbi2012-cpu.yaml"),
+                         str(tmp_path / "only-data.yaml"), str(tmp_path / "short.yaml"))  # fmt: skip
+    assert "dataset 'other' split automatically: train [0, 8], calibrate [8, 10], val [10, 12]" in proc.stderr
+    decisions = json.loads((tmp_path / "results" / "model" / "decisions.json").read_text())
+    assert decisions["slices"] == {"other": [8, 10]}
+    metrics = json.loads((tmp_path / "results" / "other" / "metrics.json").read_text())
+    assert metrics["params"]["val_slices"] == [10, 12] and metrics["params"]["train_slices"] == [0, 8]
+    assert metrics["params"]["threshold"] == decisions["cell_threshold"]
+    val = [s for s in metrics["per_slice"] if s["subset"] == "val"]
+    assert [s["z"] for s in val] == [10, 11] and all(0 <= s["pixel_error"] < 0.5 for s in val)
+    assert open_image(tmp_path / "results" / "other" / "instances.ome.zarr").shape == (12, 200, 300)
+    assert (tmp_path / "results" / "report" / "report.md").exists()
