@@ -50,6 +50,22 @@ def tiny_case(tmp_path):
     return paths
 
 
+def test_calibration_slices_are_tagged_and_summarised_apart(tmp_path, tiny_case):
+    """Slices the decisions were chosen on are neither train nor val: tagged ``calibrate``; val wins an overlap."""
+    decisions = {"method": "threshold", "threshold": 0.5, "cell_threshold": 0.5, "slices": {"tiny": [1, 3], "x": [0, 1]}}
+    result = evaluate(tiny_case["instances"], tiny_case["truth"], tmp_path / "metrics.json", dataset="tiny",
+                      train_slices=(0, 1), val_slices=(2, 3), decisions=decisions)  # fmt: skip
+    assert [r["subset"] for r in result["per_slice"]] == ["train", "calibrate", "val"]
+    calibrate = result["summary"]["calibrate"]
+    assert calibrate["slices"] == 1 and calibrate["rand_error"] == pytest.approx(1 / 3) and "other" not in result["summary"]
+    result = evaluate(tiny_case["instances"], tiny_case["truth"], tmp_path / "metrics.json", dataset="tiny",
+                      train_slices=(0, 1), val_slices=(1, 3), decisions=decisions)  # fmt: skip
+    assert [r["subset"] for r in result["per_slice"]] == ["train", "val", "val"]
+    result = evaluate(tiny_case["instances"], tiny_case["truth"], tmp_path / "metrics.json", dataset="other",
+                      train_slices=(0, 1), decisions=decisions)  # fmt: skip
+    assert [r["subset"] for r in result["per_slice"]] == ["train", "other", "other"]  # another dataset's slices
+
+
 def test_evaluate_hand_values(tmp_path, tiny_case):
     out = tmp_path / "m" / "metrics.json"
     result = evaluate(

@@ -356,5 +356,6 @@ def test_cpu_preset_runs_unchanged_on_other_data(tmp_path):
     assert metrics["params"]["threshold"] == decisions["cell_threshold"]
     val = [s for s in metrics["per_slice"] if s["subset"] == "val"]
     assert [s["z"] for s in val] == [10, 11] and all(0 <= s["pixel_error"] < 0.5 for s in val)
+    assert [s["z"] for s in metrics["per_slice"] if s["subset"] == "calibrate"] == [8, 9]
     assert open_image(tmp_path / "results" / "other" / "instances.ome.zarr").shape == (12, 200, 300)
     assert (tmp_path / "results" / "report" / "report.md").exists()

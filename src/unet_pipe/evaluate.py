@@ -74,6 +74,8 @@ SUMMARY_KEYS: tuple[str, ...] = (
 # The challenge's scores, each at its best threshold over the sweep of the whole
 # subset (one threshold per subset, not per slice): summary only.
 PROTOCOL_KEYS: tuple[str, ...] = ("v_rand", "v_rand_threshold", "v_info", "v_info_threshold")
+#: Per-slice tags, in the order of the summaries (val wins where ranges overlap, then train).
+SUBSETS: tuple[str, ...] = ("train", "val", "calibrate", "other")
 CSV_FIELDS: tuple[str, ...] = ("z", "subset", *SUMMARY_KEYS, "truth_segments", "predicted_segments")
 DEFINITIONS: dict[str, str] = {
     "pixel_error": "fraction of pixels whose class (cell: p > threshold) differs from the truth",
@@ -224,7 +226,8 @@ def evaluate(
 
     ``slices``: half-open ``[start, stop)`` z range to evaluate (default all);
     ``train_slices``/``val_slices``: ranges tagged ``train``/``val`` in the
-    per-slice rows and summarised separately (other slices are ``other``).
+    per-slice rows and summarised separately; the other slices the ``decisions``
+    were chosen on for ``dataset`` are ``calibrate``, the rest ``other``.
     ``unlabelled_value``: truth value of unannotated pixels (left out, see the module docstring).
     ``raw`` is only recorded, for the report's figures; ``decisions`` (from
     :func:`unet_pipe.calibrate.read_decisions`) are recorded with the metrics.  Returns the JSON dict;
@@ -256,6 +259,8 @@ def evaluate(
                          f"[{labelled.start}, {labelled.stop})")
     train = _slice_range(train_slices, nz, "train", instances) or range(0)
     val = _slice_range(val_slices, nz, "val", instances) or range(0)
+    chosen_on = ((decisions or {}).get("slices") or {}).get(dataset) if dataset is not None else None
+    calibrated = range(*chosen_on) if chosen_on else range(0)  # where the decisions were chosen
 
     if truth_mode == "binary" and foreground_value is not None:
         info = np.iinfo(truth_meta.dtype) if truth_meta.dtype.kind in "ui" else None
@@ -282,14 +287,14 @@ def evaluate(
             truth_inst = t if known is None else np.where(known, t, 0)
         prob = as_probability(prob_arr[(z, *box)], scale) if prob_arr is not None else None
         row = score_slice(np.asarray(pred_arr[(z, *box)]), truth_inst, cells, prob, threshold, known)
-        subset = "val" if z in val else "train" if z in train else "other"
+        subset = "val" if z in val else "train" if z in train else "calibrate" if z in calibrated else "other"
         rows.append({"z": z, "subset": subset, **row})
 
     if truth_mode == "binary" and foreground_value is not None and not any_cells:
         # A wrong cell value scores every slice as all membrane: a plausible-looking wrong result.
         raise InputError(truth, f"no pixel equals --foreground-value {foreground_value} in the evaluated slices")
     summary = {"all": summarize(rows)}
-    for subset in ("train", "val", "other"):
+    for subset in SUBSETS:
         chosen = [r for r in rows if r["subset"] == subset]
         if chosen and len(chosen) < len(rows):
             summary[subset] = summarize(chosen)
