@@ -74,7 +74,7 @@ SUMMARY_KEYS: tuple[str, ...] = (
 # The challenge's scores, each at its best threshold over the sweep of the whole
 # subset (one threshold per subset, not per slice): summary only.
 PROTOCOL_KEYS: tuple[str, ...] = ("v_rand", "v_rand_threshold", "v_info", "v_info_threshold")
-#: Per-slice tags, in the order of the summaries (val wins where ranges overlap, then train).
+#: Per-slice tags; where ranges overlap, val wins, then train, then calibrate.
 SUBSETS: tuple[str, ...] = ("train", "val", "calibrate", "other")
 CSV_FIELDS: tuple[str, ...] = ("z", "subset", *SUMMARY_KEYS, "truth_segments", "predicted_segments")
 DEFINITIONS: dict[str, str] = {
