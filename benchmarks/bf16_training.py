@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from unet_pipe.blockwise import tta_transforms
 from unet_pipe.calibrate import calibrate_slices
 from unet_pipe.config import load_config
 from unet_pipe.data import intensity_range, normalize_raw
@@ -173,13 +174,12 @@ def score(checkpoint: Path, stores: dict) -> dict:
     raw = open_image(stores["isbi"]["raw"])
     labels = np.asarray(open_image(stores["isbi"]["labels"])[CALIBRATE[0] : VALIDATE[1]])
     x = normalize_raw(np.asarray(raw[CALIBRATE[0] : VALIDATE[1]]), intensity_range(raw))
-    total = 0
-    for flip_y in (False, True):
-        for flip_x in (False, True):
-            axes = tuple(a for a, f in ((1, flip_y), (2, flip_x)) if f)
-            p = predict_probabilities(model, np.ascontiguousarray(np.flip(x, axes) if axes else x), torch.device("cpu"))
-            total = total + (np.flip(p, axes) if axes else p)
-    prob = (total / 4).astype(np.float32)
+    total, transforms = 0, tta_transforms("flips")  # the pipeline's 4 mirrorings, of whole slices here
+    for k, flip in transforms:
+        xt = np.rot90(x[:, :, ::-1] if flip else x, k, axes=(1, 2))
+        p = np.rot90(predict_probabilities(model, np.ascontiguousarray(xt), torch.device("cpu")), -k, axes=(1, 2))
+        total = total + (p[:, :, ::-1] if flip else p)
+    prob = (total / len(transforms)).astype(np.float32)
     cells = [lab == 255 for lab in labels]
     truth = [instances_from_binary(c) for c in cells]
     n = CALIBRATE[1] - CALIBRATE[0]

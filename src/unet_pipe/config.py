@@ -97,6 +97,11 @@ def _check_finite(value: Any, source: str | Path | None, key: str) -> None:
             _check_finite(v, source, f"{key}[{i}]")
 
 
+def is_labelled(dataset: dict) -> bool:
+    """Whether a ``datasets`` entry has labels: a label image, or a synthetic stack's own truth."""
+    return "labels" in dataset or "synthetic" in dataset
+
+
 def _check_semantics(config: dict, source: str | Path | None) -> None:
     datasets = config["datasets"]
     for name, ds in datasets.items():
@@ -117,7 +122,7 @@ def _check_semantics(config: dict, source: str | Path | None) -> None:
             if offset is not None and part in ranges and ranges[part][0] < offset[0]:
                 raise ConfigError(source, f"key 'train.datasets.{name}.{part}': range {ranges[part]} starts before "
                                   f"the labelled crop (labels_offset z = {offset[0]})")
-        if "labels" not in datasets[name] and "synthetic" not in datasets[name]:
+        if not is_labelled(datasets[name]):
             raise ConfigError(source, f"key 'train.datasets.{name}': dataset has no 'labels' to train on")
         for part in ("train", "val"):
             if part in ranges and ranges[part][0] >= ranges[part][1]:
@@ -146,7 +151,7 @@ def _check_semantics(config: dict, source: str | Path | None) -> None:
         if name not in datasets:
             raise ConfigError(source, f"key 'predict.datasets': no such dataset '{name}'")
     for name, (start, stop) in config["calibrate"]["datasets"].items():
-        if name not in datasets or ("labels" not in datasets[name] and "synthetic" not in datasets[name]):
+        if name not in datasets or not is_labelled(datasets[name]):
             raise ConfigError(source, f"key 'calibrate.datasets.{name}': no labelled dataset of that name")
         if start >= stop:
             raise ConfigError(source, f"key 'calibrate.datasets.{name}': empty range {[start, stop]}")
@@ -155,7 +160,7 @@ def _check_semantics(config: dict, source: str | Path | None) -> None:
 def check_workflow(config: dict, source: str | Path | None = None) -> None:
     """What the whole workflow needs beyond a valid config (``check-config`` and the workflow's
     pre-check; a stage run on its own, e.g. ``unet-pipe train``, does not need it)."""
-    if not config["train"]["datasets"] and not any("labels" in d or "synthetic" in d for d in config["datasets"].values()):
+    if not config["train"]["datasets"] and not any(is_labelled(d) for d in config["datasets"].values()):
         raise ConfigError(source, "key 'train.datasets': empty, and no dataset has 'labels' to train on")
     if config["postprocess"]["method"] == "auto" and config["train"]["datasets"] and not calibration_slices(config):
         raise ConfigError(
@@ -203,20 +208,16 @@ def fill_default_splits(config: dict, base: str | Path = ".", source: str | Path
     """
     if config["train"]["datasets"]:
         return []
-    from unet_pipe.zarr_input import crop_offset, open_input_stack, source_frame
-
     splits, said = {}, []
     for name, ds in sorted(config["datasets"].items()):
+        if not is_labelled(ds):
+            continue
         if "synthetic" in ds:
             start, stop = 0, int(ds["synthetic"]["shape"][0])
-        elif "labels" in ds:
-            raw = open_input_stack(Path(base) / ds["raw"])
-            labels = open_input_stack(Path(base) / ds["labels"])
-            offset = crop_offset(labels, source_frame(raw, ds.get("voxel_size")), raw.shape[0], ds.get("labels_offset"))
+        else:
+            _, labels, offset = _open_dataset(ds, base)
             start = 0 if offset is None else int(offset[0])
             stop = start + int(labels.shape[0])
-        else:
-            continue
         try:
             splits[name] = split_labelled_slices(start, stop)
         except ValueError as exc:
@@ -429,6 +430,18 @@ def schema_markdown() -> str:
     return header + "\n".join(rows) + "\n"
 
 
+def _open_dataset(ds: dict, base: str | Path) -> tuple[Any, Any, tuple[int, int, int] | None]:
+    """A file dataset's raw and labels (None without labels), opened lazily (headers only), and the raw
+    voxel where the labels start (None: they cover the raw), :func:`unet_pipe.zarr_input.crop_offset`."""
+    from unet_pipe.zarr_input import crop_offset, open_input_stack, source_frame
+
+    raw = open_input_stack(Path(base) / ds["raw"])
+    if "labels" not in ds:
+        return raw, None, None
+    labels = open_input_stack(Path(base) / ds["labels"])
+    return raw, labels, crop_offset(labels, source_frame(raw, ds.get("voxel_size")), raw.shape[0], ds.get("labels_offset"))
+
+
 def check_input_stacks(config: dict, base: str | Path = ".") -> None:
     """Open the headers of every input (TIFF or OME-Zarr); raise :class:`InputError` for an unreadable stack.
 
@@ -438,19 +451,15 @@ def check_input_stacks(config: dict, base: str | Path = ".") -> None:
     only: no pixel data is read).
     """
     from unet_pipe.errors import InputError
-    from unet_pipe.zarr_input import crop_offset, open_input_stack, source_frame
 
     for ds_name, ds in config["datasets"].items():
         if "raw" not in ds:
             continue
-        raw = open_input_stack(Path(base) / ds["raw"])
+        raw, labels, offset = _open_dataset(ds, base)
         _check_ranges(config, ds_name, raw.shape[0], raw.path)
-        if "labels" in ds:
-            labels = open_input_stack(Path(base) / ds["labels"])
+        if labels is not None:
             if labels.dtype.kind not in "uib":
                 raise InputError(labels.path, f"labels must be integers, found dtype {labels.dtype}")
-            frame = source_frame(raw, ds.get("voxel_size"))
-            offset = crop_offset(labels, frame, raw.shape[0], ds.get("labels_offset"))
             if offset is not None:
                 _check_crop(config, ds_name, labels.shape, raw.shape, labels.path, offset)
             elif labels.shape != raw.shape:

@@ -11,6 +11,7 @@ from unet_pipe.config import (
     check_inputs_exist,
     compose_configs,
     fill_default_splits,
+    is_labelled,
     read_config_file,
     validate_config,
 )
@@ -45,7 +46,7 @@ validate(config, schema="../schemas/config.schema.yaml")
 
 R = config["results"]
 DATASETS = sorted(config["datasets"])
-LABELLED = [name for name in DATASETS if "labels" in config["datasets"][name] or "synthetic" in config["datasets"][name]]
+LABELLED = [name for name in DATASETS if is_labelled(config["datasets"][name])]
 SYNTHETIC = [name for name in DATASETS if "synthetic" in config["datasets"][name]]
 # With --use-conda every job runs in the environment of environment.yml; its
 # post-deploy script (environment.post-deploy.sh) installs this package into it.
