@@ -161,6 +161,7 @@ def conv_limit(threads: int, rounds: int, precision: str = "float32") -> tuple[f
 def bare_forward(predictor, raw: np.ndarray, plan) -> tuple[float, int, int]:
     """Seconds of the bare model calls on every tile window of ``plan`` (in memory), FLOPs, voxels."""
     from unet_pipe.data import normalize_raw
+    from unet_pipe.model import UNet
     from unet_pipe.tiling import block_tiles, iter_batches, read_mirrored
 
     batches = []
@@ -170,12 +171,12 @@ def bare_forward(predictor, raw: np.ndarray, plan) -> tuple[float, int, int]:
         for group in iter_batches(tiles, plan.batch):
             x = torch.from_numpy(normalize_raw(np.stack([data[t.read.slices(window.start)] for t in group])))
             batches.append(x.contiguous(memory_format=predictor.memory_format))
-    flops = sum(conv_flops(predictor.model, x) for x in batches[:1]) * sum(len(x) for x in batches) // len(batches[0])
-    model = predictor.model
-    with torch.inference_mode(), autocast(predictor.device, predictor.precision):
+    reference = UNet(**predictor.model.arch).eval()  # float32: the FLOP count does not depend on the precision
+    flops = sum(conv_flops(reference, x) for x in batches[:1]) * sum(len(x) for x in batches) // len(batches[0])
+    with torch.inference_mode():
         start = time.perf_counter()
         for x in batches:
-            model(x)
+            predictor.logits(x)  # the model call predict makes, in its precision and forward path
         seconds = time.perf_counter() - start
     return seconds, flops, int(np.prod(plan.shape))
 

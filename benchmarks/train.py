@@ -50,7 +50,7 @@ from unet_pipe.config import validate_config
 from unet_pipe.data import TileSampler, center_crop, volumes_from_config
 from unet_pipe.model import UNet
 from unet_pipe.precision import autocast, cpu_bf16_native, precision_record, resolve_precision
-from unet_pipe.train import iter_rows, make_optimizer, train, weighted_cross_entropy
+from unet_pipe.train import iter_rows, make_optimizer, train, training_memory_format, weighted_cross_entropy
 
 ROOT = Path(__file__).resolve().parents[1]
 ISBI = ROOT.parent / "shared" / "data" / "isbi2012"
@@ -131,6 +131,8 @@ def bare_rate(config: dict, batches: list, threads: int, precision: str) -> floa
     torch.manual_seed(config["seed"])
     model = UNet(depth=model_cfg["depth"], base_channels=model_cfg["base_channels"], dims=model_cfg["dims"],
                  dropout=model_cfg["dropout"], n_classes=model_cfg["n_classes"]).train()  # fmt: skip
+    layout = training_memory_format(torch.device("cpu"), precision, model.dims)  # the loop's own layout
+    model.to(memory_format=layout)
     optimizer = make_optimizer(model, config["train"])
     start = 0.0
     for i, (image, classes, weights) in enumerate(batches):
@@ -138,7 +140,7 @@ def bare_rate(config: dict, batches: list, threads: int, precision: str) -> floa
             start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         with autocast("cpu", precision):
-            logits = model(image)
+            logits = model(image.contiguous(memory_format=layout))
         weighted_cross_entropy(logits, classes, weights).backward()
         optimizer.step()
     return (len(batches) - WARMUP) / (time.perf_counter() - start)

@@ -16,7 +16,8 @@ from unet_pipe.data import normalize_raw
 from unet_pipe.errors import CheckpointError, ConfigError, OutputError
 from unet_pipe.io import image_metadata
 from unet_pipe.model import load_checkpoint, save_checkpoint
-from unet_pipe.precision import cpu_bf16_native, resolve_precision
+from unet_pipe.model import UNet, fused_conv_relu_available
+from unet_pipe.precision import CPU_BF16_ENV, cpu_bf16_native, resolve_precision
 from unet_pipe.predict import Predictor, predict, read_probabilities
 from unet_pipe.provenance import cpu_model
 from unet_pipe.synth import synthesize
@@ -49,6 +50,7 @@ def raw() -> np.ndarray:
     ],
 )
 def test_bf16_detection_reads_the_cpu_flags(flags, native, monkeypatch) -> None:
+    monkeypatch.delenv(CPU_BF16_ENV, raising=False)  # the suite may run with auto forced to float32
     assert cpu_bf16_native(flags) is native
     # resolve_precision asks the machine's flags: patch them, and `auto` follows.
     monkeypatch.setattr(precision_module, "cpu_flags", lambda: frozenset(flags))
@@ -58,11 +60,26 @@ def test_bf16_detection_reads_the_cpu_flags(flags, native, monkeypatch) -> None:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="reads Linux's /proc/cpuinfo")
-def test_this_machine_resolves_auto_from_its_own_flags() -> None:
+def test_this_machine_resolves_auto_from_its_own_flags(monkeypatch) -> None:
+    monkeypatch.delenv(CPU_BF16_ENV, raising=False)
     with open("/proc/cpuinfo") as fh:
         flags = next(line for line in fh if line.startswith("flags")).split(":", 1)[1].split()
     native = "amx_bf16" in flags or "avx512_bf16" in flags
     assert resolve_precision("auto", "cpu") == ("bfloat16" if native else "float32")
+
+
+def test_environment_overrides_the_detection(monkeypatch) -> None:
+    """UNET_PIPE_CPU_BF16=0 makes auto float32 on an AMX CPU (e.g. to run the suite both ways); 1 claims bf16."""
+    monkeypatch.setattr(precision_module, "cpu_flags", lambda: frozenset({"amx_bf16"}))
+    monkeypatch.setenv(CPU_BF16_ENV, "0")
+    assert resolve_precision("auto", "cpu") == "float32"
+    assert resolve_precision("bfloat16", "cpu") == "bfloat16"  # an explicit request still wins
+    monkeypatch.setattr(precision_module, "cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setenv(CPU_BF16_ENV, "1")
+    assert resolve_precision("auto", "cpu") == "bfloat16"
+    monkeypatch.setenv(CPU_BF16_ENV, "yes")
+    with pytest.raises(ConfigError, match="UNET_PIPE_CPU_BF16 must be 0 or 1, got 'yes'"):
+        resolve_precision("auto", "cpu")
 
 
 def test_bad_precision_is_a_config_error() -> None:
@@ -83,6 +100,49 @@ def test_bf16_agrees_with_fp32_within_the_stated_tolerance(raw) -> None:
     diff = np.abs(bf16 - fp32)
     assert diff.max() <= BF16_MAX_ABS and diff.mean() <= BF16_MEAN_ABS
     assert diff.max() > 1e-4  # bf16 really ran (fp32 reruns differ by < 1e-6)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_fused_bf16_forward_is_bit_identical_to_the_plain_one(dims) -> None:
+    """UNet.forward_inference (oneDNN convolution + ReLU in one call, bf16 on the CPU) ==
+    the plain forward of the same bf16 model, bit for bit; float32 is not fused."""
+    torch.manual_seed(0)
+    net = make_net(dims=dims, depth=3 if dims == 2 else 2, base=8)
+    fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
+    shape = (2, 1, 68, 84) if dims == 2 else (1, 1, 20, 28, 36)
+    x = torch.rand(shape).contiguous(memory_format=fmt)
+    bf16 = UNet(**net.arch).eval()
+    bf16.load_state_dict(net.state_dict())
+    bf16 = bf16.to(dtype=torch.bfloat16, memory_format=fmt)
+    xb = x.to(torch.bfloat16)
+    with torch.inference_mode():
+        plain, fused = bf16(xb), bf16.forward_inference(xb)
+        assert fused_conv_relu_available(xb) and not fused_conv_relu_available(x)
+        assert torch.equal(plain, fused)
+        # And the same as bfloat16 autocast of the float32 model (what training and validation run).
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = net.to(memory_format=fmt)(x)
+        assert torch.equal(auto, fused)
+        assert torch.equal(net.forward_inference(x), net(x))  # float32: the plain forward
+    with torch.no_grad():
+        grad_free = bf16.forward_inference(xb)
+    assert torch.equal(grad_free, plain)
+
+
+def test_predictor_bf16_casts_a_copy_and_matches_autocast(raw) -> None:
+    """The bf16 predictor casts the weights once, on a copy; its output is autocast's."""
+    net = make_net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    windows = raw[:, None, :68, :88]
+    predictor = Predictor(net, "cpu", precision="bfloat16")
+    assert predictor.cast and "fused" in predictor.path
+    assert all(v.dtype == torch.float32 and torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    got = predictor(windows)
+    x = torch.from_numpy(normalize_raw(windows))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = net(x)
+    expected = torch.softmax(logits.float(), dim=1)[:, 1:2].numpy()
+    np.testing.assert_array_equal(got, expected)
 
 
 def test_bf16_reruns_are_bit_identical_and_tiling_invariant(raw) -> None:

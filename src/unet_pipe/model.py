@@ -169,6 +169,22 @@ def _layers(dims: int) -> tuple[type, type, type, type]:
     raise ValueError(f"dims must be 2 or 3, got {dims!r}")
 
 
+#: oneDNN's convolution with a fused pointwise post-op (the kernel torch.compile's CPU
+#: backend emits for convolution + ReLU), or None where this torch build lacks it.
+_CONV_POINTWISE = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None)
+
+
+def fused_conv_relu_available(x: torch.Tensor) -> bool:
+    """True where :meth:`UNet.forward_inference` fuses each convolution with its ReLU for ``x``.
+
+    Only bfloat16 on the CPU: there the separate ReLU pass over every feature map cost
+    19 % of a paper-network forward (profiled on an AMX Xeon) and the fused call is
+    bit-identical (ReLU commutes with rounding to bfloat16).  float32 keeps the plain
+    forward: no measurable gain, and 3D float32 convolutions differ by reassociation.
+    """
+    return _CONV_POINTWISE is not None and x.device.type == "cpu" and x.dtype == torch.bfloat16
+
+
 class _DoubleConv(nn.Sequential):
     def __init__(self, conv: type, in_channels: int, out_channels: int) -> None:
         super().__init__(
@@ -177,6 +193,13 @@ class _DoubleConv(nn.Sequential):
             conv(out_channels, out_channels, 3),
             nn.ReLU(inplace=True),
         )
+
+    def fused(self, x: torch.Tensor) -> torch.Tensor:
+        """``self(x)`` with each (valid, stride-1) convolution and its ReLU as one oneDNN call."""
+        for conv in (self[0], self[2]):
+            ones = [1] * (x.ndim - 2)
+            x = _CONV_POINTWISE(x, conv.weight, conv.bias, [0] * len(ones), ones, ones, 1, "relu", [], "")
+        return x
 
 
 def _center_crop(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -270,16 +293,33 @@ class UNet(nn.Module):
             )
         for size in x.shape[2:]:
             valid_output_size(size, self.depth)  # raises a helpful ValueError
+        return self._forward(x, fused=False)
+
+    def forward_inference(self, x: torch.Tensor) -> torch.Tensor:
+        """``self(x)`` without autograd, with fused convolution + ReLU where that is faster.
+
+        Equal bit for bit to ``self(x)`` in eval mode (tested): on the CPU in bfloat16
+        (:func:`fused_conv_relu_available`) each 3x3 convolution and its ReLU run as one
+        oneDNN call; elsewhere this is ``self(x)``.
+        """
+        if self.training or torch.is_grad_enabled() or not fused_conv_relu_available(x):
+            return self(x)
+        for size in x.shape[2:]:
+            valid_output_size(size, self.depth)
+        return self._forward(x, fused=True)
+
+    def _forward(self, x: torch.Tensor, fused: bool) -> torch.Tensor:
         skips = []
         for level, block in enumerate(self.down):
-            x = block(x)
+            x = block.fused(x) if fused else block(x)
             if level < self.depth - 1:
                 skips.append(x)
                 x = self.pool(x)
         x = self.dropout(x)
         for upconv, block, skip in zip(self.upconvs, self.up, reversed(skips)):
             x = upconv(x)
-            x = block(torch.cat([_center_crop(skip, tuple(x.shape[2:])), x], dim=1))
+            x = torch.cat([_center_crop(skip, tuple(x.shape[2:])), x], dim=1)
+            x = block.fused(x) if fused else block(x)
         return self.head(x)
 
 
@@ -326,7 +366,8 @@ def save_checkpoint(
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         "arch": dict(model.arch),
-        "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        # contiguous: a plain state dict whatever layout the model trained in (channels-last bf16 on CPUs)
+        "model_state": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
         "optimizer_state": None if optimizer is None else optimizer.state_dict(),
         "step": int(step),
         "torch_rng_state": torch.get_rng_state(),

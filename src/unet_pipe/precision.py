@@ -12,6 +12,8 @@ precision actually used, which outputs record:
   else float16.  CUDA, training: ``auto`` = float16 autocast with a gradient
   scaler (the loss-scaling keeps small fp16 gradients from flushing to zero);
   a forced ``bfloat16`` runs without a scaler (bfloat16 has float32's range).
+* ``UNET_PIPE_CPU_BF16=0`` (environment) makes ``auto`` float32 on every CPU;
+  ``=1`` treats the CPU as bfloat16-native.
 * ``float32`` is float32 everywhere (on CUDA also without TF32 convolutions).
 
 Autocast keeps softmax, the loss and the optimizer in float32; only the
@@ -20,6 +22,7 @@ convolutions (and matrix products) run in the reduced precision.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterable, Iterator
 
 import torch
@@ -35,12 +38,25 @@ RESOLVED = ("float32", "bfloat16", "float16")
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
+#: Environment variable that overrides the detection: ``0`` makes ``auto`` float32 on any
+#: CPU (e.g. to reproduce float32 results of another machine, or to run the test suite
+#: both ways on an AMX CPU), ``1`` claims native bfloat16 (slow where it is emulated).
+CPU_BF16_ENV = "UNET_PIPE_CPU_BF16"
+
+
 def cpu_bf16_native(flags: Iterable[str] | None = None) -> bool:
     """True if the CPU multiplies bfloat16 natively (AMX-BF16 or AVX512-BF16).
 
-    ``flags``: CPU feature flags (default: this machine's, :func:`unet_pipe.provenance.cpu_flags`).
-    Where the OS lists no flags (not Linux), torch's own CPUID probe answers.
+    ``flags``: CPU feature flags (default: this machine's, :func:`unet_pipe.provenance.cpu_flags`,
+    unless :data:`CPU_BF16_ENV` is ``0`` or ``1``).  Where the OS lists no flags (not Linux),
+    torch's own CPUID probe answers.
     """
+    if flags is None:
+        forced = os.environ.get(CPU_BF16_ENV, "").strip()
+        if forced in ("0", "1"):
+            return forced == "1"
+        if forced:
+            raise ConfigError(None, f"{CPU_BF16_ENV} must be 0 or 1, got {forced!r}")
     flags = frozenset(cpu_flags() if flags is None else flags)
     if flags:
         return any(f in flags for f in BF16_FLAGS)

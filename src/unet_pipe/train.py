@@ -73,6 +73,21 @@ _AMP_MAX_SKIPPED = 20  # consecutive non-finite AMP losses before giving up
 # --------------------------------------------------------------------------- loss and schedule
 
 
+def training_memory_format(device: torch.device, precision: str, dims: int) -> torch.memory_format:
+    """The layout training runs its activations and weights in.
+
+    bfloat16 on the CPU: channels-last, the layout oneDNN's AMX convolutions (forward and
+    backward) compute in; NCHW made every layer reorder.  Measured on an AMX Xeon (2
+    threads, depth 4, base 16, 252^2 tiles): bf16 steps 1.6x float32's in NCHW, 2.5x in
+    channels-last.  Everything else keeps the contiguous layout, so float32 and CUDA
+    checkpoints stay bit-identical to earlier releases'.  Checkpoints store contiguous
+    tensors either way (:func:`unet_pipe.model.save_checkpoint`).
+    """
+    if device.type == "cpu" and precision == "bfloat16":
+        return torch.channels_last if dims == 2 else torch.channels_last_3d
+    return torch.contiguous_format
+
+
 def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Pixel-wise softmax cross-entropy weighted by the weight map, **mean** over pixels.
 
@@ -442,7 +457,8 @@ def _train(
         init_record = init_weights_from(model, train_cfg["init_from"])
         log.info("initialised from %s (sha256 %s)", init_record["path"], init_record["sha256"][:12])
 
-    model.to(dev)
+    memory_format = training_memory_format(dev, precision, model.dims)
+    model.to(dev, memory_format=memory_format)
     model.train()
     optimizer = make_optimizer(model, train_cfg)
     if optimizer_state is not None:
@@ -498,7 +514,7 @@ def _train(
                 torch.set_num_threads(compute_threads)
             optimizer.zero_grad(set_to_none=True)
             with autocast(dev, precision):
-                logits = model(image)
+                logits = model(image.contiguous(memory_format=memory_format))
             loss = weighted_cross_entropy(logits, classes, weights)
             if not torch.isfinite(loss):
                 skipped += 1
