@@ -343,3 +343,25 @@ def test_cli_2d_default_is_unchanged(tmp_path, run_cli):
     got = open_image(tmp_path / "i.ome.zarr")[:]
     assert len(np.unique(got[0])) - 1 == ndi.label(p[0] > 0.5)[1]
     assert got[1].min() == 0 and got[1][got[1] > 0].min() > got[0].max()  # per slice: new ids on every slice
+
+
+@pytest.mark.parametrize("method", ["threshold", "watershed"])
+def test_cli_steps_as_the_workflow_runs_them(tmp_path, run_cli, method):
+    p = _blobs((12, 15, 18), seed=9, level=0.7)
+    prob = _store(tmp_path / "p.ome.zarr", p, (3, 5, 6))
+    dest = tmp_path / "i.ome.zarr"
+    common = ["--instances", "3d", "--method", method, "--threshold", "0.4", "--seed-threshold", "0.5",
+              "--halo", "20", "--block", "6", "5", "6", "--pyramid-levels", "1", "--overwrite"]
+    steps = [["--step", "prepare"]]
+    for step in ("faces", "merge", "write", "flood"):
+        steps += [["--step", step]] if step == "merge" else [["--step", step, "--shard", i, "2"] for i in "01"]
+    for step in steps:
+        code, _, err = run_cli("postprocess", prob, dest, *step, *common)
+        assert code == 0, (step, err)
+        assert not dest.exists()
+    assert run_cli("postprocess", prob, dest, "--step", "finalize", *common)[0] == 0
+    one = tmp_path / "one.ome.zarr"
+    assert run_cli("postprocess", prob, one, *common)[0] == 0
+    np.testing.assert_array_equal(open_image(dest)[:], open_image(one)[:])
+    ref = _reference(p, 0.4) if method == "threshold" else watershed_reference(p, 0.4, 0.5)
+    assert same_partition(open_image(dest)[:], ref)
