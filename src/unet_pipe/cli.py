@@ -114,6 +114,21 @@ def _add_postprocess(sub: argparse._SubParsersAction) -> None:
         "--decisions", type=Path, metavar="decisions.json",
         help="take method, thresholds, seeds and min size from `unet-pipe calibrate` (instead of the options)",
     )
+    p.add_argument(
+        "--instances", choices=("2d", "3d"), default=None,
+        help="2d (default): each slice on its own; 3d: 6-connected objects across slices, labelled block by block "
+        "with ids unique across the volume (min size in voxels; watershed seeds: components of p > SEED_THRESHOLD)",
+    )
+    p.add_argument("--block", nargs=3, type=int, metavar=("Z", "Y", "X"),
+                   help="3d: labelling block, multiples of PROB's chunks (default: the chunks grown to ~4 Mvoxels)")
+    p.add_argument("--halo", type=int, default=32,
+                   help="3d watershed: voxels added on each side of a block for its flood (default 32); exact where "
+                   "every mask component near the block fits in the grown block")
+    p.add_argument("--threads", type=int, default=1, help="3d: blocks labelled at once (the result does not depend on it)")
+    p.add_argument("--step", choices=("all", "prepare", "faces", "merge", "write", "flood", "finalize"), default="all",
+                   help="3d: one stage of a sharded run (prepare, then faces/merge/write/flood, then finalize)")
+    p.add_argument("--shard", nargs=2, type=int, metavar=("I", "N"),
+                   help="3d with --step faces/write/flood: every N-th block from the I-th (0-based)")
     p.add_argument("--pyramid-levels", type=int, default=2)
     p.add_argument("--overwrite", action="store_true", help="replace DEST once the new store is complete")
     p.add_argument("--no-resume", action="store_true", help="start over instead of resuming DEST.partial")
@@ -130,12 +145,30 @@ def _cmd_postprocess(args: argparse.Namespace) -> int:
         chosen = read_decisions(args.decisions)
         for key in ("method", "threshold", "seed_threshold", "seed_prominence", "min_size"):
             setattr(args, key, chosen[key])
+        if args.instances is None:
+            args.instances = chosen.get("instances", "2d")
+        elif args.instances != chosen.get("instances", "2d"):
+            raise UnetPipeError(args.decisions, f"the decisions were calibrated for instances "
+                                f"{chosen.get('instances', '2d')}, not --instances {args.instances}")
         log.info("decisions from %s: %s", args.decisions, {k: chosen[k] for k in ("method", "threshold", "min_size")})
     if not 0.0 <= args.threshold <= args.seed_threshold <= 1.0:
         raise UnetPipeError(None, "need 0 <= --threshold <= --seed-threshold <= 1")
     check_option("--seed-prominence", args.seed_prominence, 0, above=True)
     check_option("--min-size", args.min_size, 0)  # above the slice area: refused by postprocess()
     check_option("--pyramid-levels", args.pyramid_levels, 0, MAX_PYRAMID_LEVELS)
+    instances = args.instances or "2d"
+    options_3d: dict = {}
+    if instances == "3d":
+        check_option("--block", args.block, 1, 1 << 30)
+        check_option("--halo", args.halo, 0, 1 << 20)
+        check_option("--threads", args.threads, 1, MAX_THREADS)
+        options_3d = {"block": args.block, "halo": args.halo, "workers": args.threads, "step": args.step,
+                      "shard": None if args.shard is None else tuple(args.shard)}
+    else:
+        given = [flag for flag, value in (("--block", args.block), ("--shard", args.shard),
+                                          ("--step", args.step != "all" or None)) if value]
+        if given:
+            raise UnetPipeError(None, f"{', '.join(given)} need --instances 3d")
     postprocess(
         args.probabilities,
         args.dest,
@@ -149,6 +182,8 @@ def _cmd_postprocess(args: argparse.Namespace) -> int:
         resume=not args.no_resume,
         progress=progress_enabled(args),
         ngff=ngff_choice(args, None),
+        instances=instances,
+        **options_3d,
     )
     return 0
 

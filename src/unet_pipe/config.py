@@ -168,6 +168,14 @@ def check_workflow(config: dict, source: str | Path | None = None) -> None:
             "dataset has a 'val' range and 'calibrate.datasets' is empty; add one, or set the method to "
             "threshold or watershed with its parameters"
         )
+    if config["postprocess"]["instances"] == "3d" and config["postprocess"]["method"] == "auto":
+        raise ConfigError(source, "key 'postprocess.instances': 3d needs postprocess.method threshold or watershed "
+                          "with its parameters (calibration chooses 2D decisions only, so far)")
+    if config["postprocess"]["instances"] == "3d" and config["postprocess"]["min_size"] and (
+        config["postprocess"]["method"] == "watershed"
+    ):
+        raise ConfigError(source, "key 'postprocess.min_size': not supported with instances 3d and the watershed; "
+                          "set it to 0 or use method threshold")
 
 
 def calibration_slices(config: dict) -> dict[str, list[int]]:

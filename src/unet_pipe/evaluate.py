@@ -48,7 +48,9 @@ from unet_pipe.metrics import (
     binarize,
     instances_from_binary,
     pixel_error,
+    scores_3d,
     segmentation_scores,
+    truth_instances_3d,
 )
 from unet_pipe.postprocess import as_probability, open_probabilities
 from unet_pipe.provenance import provenance
@@ -101,6 +103,9 @@ DEFINITIONS: dict[str, str] = {
     "unlabelled": "with an unlabelled value: pixel error and IoU over annotated pixels only; Rand/VI and "
     "V_rand/V_info on annotated cell pixels (truth segments are components of annotated cells); warping error "
     "NaN on slices with unlabelled pixels",
+    "scores_3d": "per subset whose slices are one z range: adapted Rand error (skimage, voxel pairs) and VI "
+    "split/merge in bits over the range's 3D objects (binary truth: 6-connected components of its cells); "
+    "predicted background on truth cells counts as singletons",
     "summary": "mean over slices (slices without truth foreground excluded from Rand/VI); iou pooled; "
     "v_rand/v_info: best threshold of the subset's mean curve (summary.<subset>.protocol_curve)",
 }
@@ -268,6 +273,9 @@ def evaluate(
             raise InputError(truth, f"--foreground-value {foreground_value} cannot occur in {truth_meta.dtype} labels")
     any_cells = False
     rows: list[dict[str, Any]] = []
+    # The evaluated range's slices, kept for the 3D scores (objects taken whole across z).
+    pred_stack: list[np.ndarray] = []
+    truth_stack: list[np.ndarray] = []
     z_iter: Iterable[int] = zs
     if progress:
         from tqdm import tqdm
@@ -286,7 +294,10 @@ def evaluate(
             cells = t != 0 if known is None else (t != 0) & known
             truth_inst = t if known is None else np.where(known, t, 0)
         prob = as_probability(prob_arr[(z, *box)], scale) if prob_arr is not None else None
-        row = score_slice(np.asarray(pred_arr[(z, *box)]), truth_inst, cells, prob, threshold, known)
+        pred_slice = np.asarray(pred_arr[(z, *box)])
+        row = score_slice(pred_slice, truth_inst, cells, prob, threshold, known)
+        pred_stack.append(pred_slice)
+        truth_stack.append(cells if truth_mode == "binary" else truth_inst)
         subset = "val" if z in val else "train" if z in train else "calibrate" if z in calibrated else "other"
         rows.append({"z": z, "subset": subset, **row})
 
@@ -298,6 +309,10 @@ def evaluate(
         chosen = [r for r in rows if r["subset"] == subset]
         if chosen and len(chosen) < len(rows):
             summary[subset] = summarize(chosen)
+    for subset, s in summary.items():
+        picked = [i for i, r in enumerate(rows) if subset == "all" or r["subset"] == subset]
+        s["scores_3d"] = _scores_3d(rows, picked, pred_stack, truth_stack, truth_mode)
+    del pred_stack, truth_stack
     inputs = {"instances": instances, "truth": truth}
     if probabilities is not None:
         inputs["probabilities"] = probabilities
@@ -332,6 +347,23 @@ def evaluate(
         "val slices" if "val" in summary else "all slices",
     )
     return result
+
+
+def _scores_3d(
+    rows: Sequence[dict[str, Any]], picked: Sequence[int], pred: Sequence[np.ndarray], truth: Sequence[np.ndarray],
+    truth_mode: str,
+) -> dict[str, Any] | None:
+    """3D scores of one subset's z range (:func:`unet_pipe.metrics.scores_3d`); None unless its slices are
+    one contiguous range.  Binary truth: objects are the 6-connected components of its cells in that range."""
+    if not picked or picked[-1] - picked[0] + 1 != len(picked):
+        return None
+    p = np.stack([pred[i] for i in picked])
+    t = np.stack([truth[i] for i in picked])
+    t = truth_instances_3d(t) if truth_mode == "binary" else t
+    out: dict[str, Any] = {"z": [rows[picked[0]]["z"], rows[picked[-1]]["z"] + 1], **scores_3d(p, t)}
+    out["truth_objects"] = int(np.unique(t[t != 0]).size)
+    out["predicted_objects"] = int(np.unique(p[p != 0]).size)
+    return out
 
 
 def truth_box(truth_meta: Any, truth: Path, shape: tuple[int, ...], other: Path) -> tuple[slice, slice]:

@@ -23,6 +23,14 @@ Two methods:
 
 Stacks get ids unique across z: slice ``z`` is numbered after slice ``z - 1``,
 in raster order within the slice, so the output is deterministic.
+
+``instances="3d"`` labels 6-connected objects across slices and blocks instead:
+see :mod:`unet_pipe.instances3d`.
+
+Input: any OME-Zarr image of probabilities, float with values in [0, 1] or
+uint8 ``round(255 p)`` (or any dtype with a ``unet_pipe.probability_scale``
+attribute), so maps from other tools can be labelled too; values outside
+[0, 1] (and NaN) are refused, never thresholded into a wrong result.
 """
 from __future__ import annotations
 
@@ -43,6 +51,8 @@ log = logging.getLogger(__name__)
 
 Method = Literal["threshold", "watershed"]
 METHODS: tuple[str, ...] = ("threshold", "watershed")
+Instances = Literal["2d", "3d"]
+INSTANCE_MODES: tuple[str, ...] = ("2d", "3d")
 PROBABILITY_SCALE_KEY = "probability_scale"
 _FOUR_CONNECTED = ndi.generate_binary_structure(2, 1)
 _EIGHT_CONNECTED = ndi.generate_binary_structure(2, 2)  # a plateau maximum is one seed
@@ -199,6 +209,22 @@ def as_probability(data: np.ndarray, scale: float) -> np.ndarray:
     return out
 
 
+def check_probabilities(p: np.ndarray, path: str | Path, where: str) -> np.ndarray:
+    """``p`` (float probabilities) unchanged, or an :class:`InputError` when a value lies outside [0, 1] or is NaN."""
+    if p.size:
+        low, high = float(np.min(p)), float(np.max(p))
+        if not (low >= 0.0 and high <= 1.0):  # NaN fails both
+            raise InputError(path, f"values must be probabilities in [0, 1] (float, or uint8 = 255 p); found "
+                             f"{low:g} .. {high:g} {where}")
+    return p
+
+
+def needs_range_check(dtype: np.dtype, scale: float) -> bool:
+    """Whether stored values times ``scale`` can leave [0, 1] (not for uint8 stored as 255 p)."""
+    dtype = np.dtype(dtype)
+    return not (dtype.kind == "u" and np.iinfo(dtype).max * scale <= 1.0 + 1e-6)
+
+
 def open_probabilities(path: str | Path) -> tuple[Any, float]:
     """Open a probability OME-Zarr: (level-0 zarr array, scale); checks the dtype."""
     meta = image_metadata(path)
@@ -225,8 +251,15 @@ def postprocess(
     resume: bool = True,
     progress: bool = False,
     ngff: str = DEFAULT_NGFF,
+    instances: Instances = "2d",
+    **options_3d: Any,
 ) -> Path:
     """Segment a probability OME-Zarr into an instance OME-Zarr label image (uint32).
+
+    ``instances``: ``2d`` (each slice on its own, below) or ``3d`` (objects
+    linked across slices and blocks: :func:`unet_pipe.instances3d.label_volume`,
+    which takes ``options_3d``: block, halo, workers, step, shard; ``min_size``
+    then counts voxels, and ``seed_prominence`` is not used).
 
     Works one z-chunk slab at a time (memory: one slab) and records each slab
     as done, so a restarted run (``resume``) skips finished slabs; the offset of
@@ -237,8 +270,21 @@ def postprocess(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if instances not in INSTANCE_MODES:
+        raise ValueError(f"instances must be one of {INSTANCE_MODES}, got {instances!r}")
+    if instances == "3d":
+        from unet_pipe.instances3d import label_volume
+
+        return label_volume(
+            probabilities, dest, method=method, threshold=threshold, seed_threshold=seed_threshold,
+            min_size=min_size, pyramid_levels=pyramid_levels, overwrite=overwrite, resume=resume,
+            progress=progress, ngff=ngff, **options_3d,
+        )
+    if options_3d:
+        raise ValueError(f"options {sorted(options_3d)} need instances='3d'")
     prob, scale = open_probabilities(probabilities)
     meta = image_metadata(probabilities)
+    check_range = needs_range_check(meta.dtype, scale)
     if min_size > meta.shape[1] * meta.shape[2]:
         # Every segment would become membrane: an empty result that looks like a finished one.
         raise ConfigError(None, f"min_size {min_size} exceeds the slice area of {probabilities} "
@@ -284,6 +330,8 @@ def postprocess(
                 next_id = max(next_id, int(np.max(out[z0:z1], initial=0)) + 1)
                 continue
             slab = as_probability(prob[z0:z1], scale)
+            if check_range:
+                check_probabilities(slab, probabilities, f"in slices {z0}-{z1 - 1}")
             labels = instances_from_stack(
                 slab,
                 method,

@@ -163,6 +163,8 @@ CALIBRATION = calibration_slices(config) if AUTO_DECISIONS else {}
 CALIBRATION_DATASETS = sorted(CALIBRATION)
 PREDICTED = sorted(set(config["predict"]["datasets"] or DATASETS) | set(CALIBRATION_DATASETS))
 DECISIONS = f"{R}/model/decisions.json"
+# postprocess.instances 3d: the per-block passes run as sharded jobs (postprocess.smk).
+INSTANCES_3D = config["postprocess"]["instances"] == "3d"
 
 
 def predict_args(wildcards):
@@ -206,6 +208,11 @@ def postprocess_args(wildcards):
 
     section = config["postprocess"]
     levels = f"--pyramid-levels {config['ingest']['pyramid_levels']} --ngff {config['ngff_version']}"
+    if INSTANCES_3D:
+        # Identical for every step of the sharded 3D run; Snakemake owns the output (rerun replaces it).
+        levels += f" --instances 3d --halo {section['halo']} --overwrite"
+        if section["block"] is not None:
+            levels += " --block " + " ".join(str(int(b)) for b in section["block"])
     if AUTO_DECISIONS:
         return f"--decisions {shlex.quote(DECISIONS)} {levels}"
     return (
@@ -213,6 +220,12 @@ def postprocess_args(wildcards):
         f" --seed-threshold {section['seed_threshold']} --seed-prominence {section['seed_prominence']}"
         f" --min-size {section['min_size']} {levels}"
     )
+
+
+def postprocess_shard(wildcards):
+    """``I N`` (0-based) of a 3D postprocess scatter item ``{i}-of-{n}`` (1-based)."""
+    index, _, count = wildcards.scatteritem.partition("-of-")
+    return f"{int(index) - 1} {count}"
 
 
 def decisions_input(wildcards):
