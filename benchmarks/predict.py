@@ -250,6 +250,7 @@ def efficiency_run(out: Path, slices: int, threads: int, rounds: int, precision:
         "flops": flops,
         "precision": used,
         "fp32_e2e_s": fp32_s,
+        "forward_path": predictor.path,
     }
 
 
@@ -353,6 +354,7 @@ def main() -> None:
         "model_gflop_per_s": round(eff["flops"] / eff["e2e_s"] / 1e9, 1),
         "conv_limits": limits,
         "precision": eff["precision"],
+        "forward_path": eff["forward_path"],
         "speedup_vs_float32": round(eff["fp32_e2e_s"] / eff["e2e_s"], 3) if eff["fp32_e2e_s"] else None,
         "cpu_model": record["cpu_model"],
         "cpu_bf16_flags": record["cpu_bf16_flags"],

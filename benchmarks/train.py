@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -159,7 +160,24 @@ def measure(args: argparse.Namespace, stores: dict, slices: int, precision: str,
         "loop_steps_per_s": round(float(np.median(loops)), 4),
         "bare_steps_per_s": round(float(np.median(bares)), 4),
         "train_loop_vs_bare": round(float(np.median(ratios)), 3),
+        "layout": str(training_memory_format(torch.device("cpu"), precision, config["model"]["dims"])).split(".")[-1],
     }
+
+
+def competing_rate(args: argparse.Namespace, stores: dict, slices: int, precision: str, out: Path) -> dict:
+    """The loop's steps/s while one busy process competes for the cores (a shared node)."""
+    config = make_config(args, slices, args.steps, precision)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        rate = loop_rate(config, stores, out, args.threads)
+    finally:
+        busy.kill()
+        busy.wait()
+    alone = loop_rate(config, stores, out, args.threads)
+    log(f"  {precision} beside a busy process: {rate:.3f} steps/s vs {alone:.3f} alone")
+    return {"precision": precision, "loop_steps_per_s": round(rate, 4), "alone_steps_per_s": round(alone, 4),
+            "slowdown": round(alone / rate, 2)}
 
 
 def main() -> None:
@@ -170,6 +188,8 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--base", type=int, default=16)
     parser.add_argument("--tile", type=int, default=188)
+    parser.add_argument("--competitor", action="store_true",
+                        help="also time the loop (auto precision) beside one busy process: a shared node")
     args = parser.parse_args()
     args.steps, args.rounds = (10, 3) if args.quick else (20, 5)
     slices = 4 if args.quick else 10
@@ -185,6 +205,7 @@ def main() -> None:
             log(f"{name} ({'native' if is_native else 'emulated'}): depth {args.depth}, base {args.base}, "
                 f"tile {args.tile}, {args.steps} steps x {args.rounds} rounds on {source} ...")  # fmt: skip
             results[name] = {**measure(args, stores, slices, name, Path(tmp)), "native": is_native}
+        shared = competing_rate(args, stores, slices, auto, Path(tmp)) if args.competitor else None
     record = precision_record(auto)
     speedup = (
         round(results["bfloat16"]["loop_steps_per_s"] / results["float32"]["loop_steps_per_s"], 3)
@@ -206,6 +227,7 @@ def main() -> None:
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": args.threads,
         "model": {"depth": args.depth, "base_channels": args.base, "tile": args.tile},
+        "with_one_busy_process": shared,
         "data": source,
         "quick": args.quick,
     }
