@@ -28,7 +28,7 @@ from unet_pipe.synth import synthesize
 # the precisions with the stated tolerance on every CPU, at small sizes.)
 PRECISIONS = [
     "float32",
-    pytest.param("bfloat16", marks=pytest.mark.skipif(not cpu_bf16_native(), reason="no native bfloat16 on this CPU")),
+    pytest.param("bfloat16", marks=pytest.mark.skipif(not cpu_bf16_native(), reason="bfloat16 is not native here (or UNET_PIPE_CPU_BF16=0)")),
 ]
 #: Two computations of the same pixels that differ only in the order of the arithmetic
 #: (another tile shape, a rotated or mirrored window, another thread count), per precision.
