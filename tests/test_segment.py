@@ -267,3 +267,44 @@ def test_application_record_of_an_old_checkpoint_has_no_decisions_or_voxel_size(
     ckpt = tiny_checkpoint(tmp_path / "old.pt", voxel=None)
     record = application_record(load_checkpoint(ckpt))
     assert record["decisions"] is None and record["voxel_size"] is None
+
+
+def test_exported_package_carries_the_application_and_segments_as_the_checkpoint(tmp_path, model, run_cli):
+    """The bioimage.io zip holds decisions, voxel size and normalisation in config.unet_pipe.application;
+    segment rebuilds the checkpoint from it and gives the very instances of the checkpoint."""
+    pytest.importorskip("bioimageio.spec")
+    import zipfile
+
+    import yaml
+
+    from unet_pipe.bioimageio_export import export_model
+    from unet_pipe.io import ingest_tiff
+
+    a = write_stack(tmp_path / "a.tif")
+    ingest_tiff(a, tmp_path / "sample.ome.zarr")
+    export_model(model, tmp_path / "model.zip", sample=tmp_path / "sample.ome.zarr",
+                 settings={"authors": [{"name": "A. Tester"}]})
+    with zipfile.ZipFile(tmp_path / "model.zip") as zf:
+        app = yaml.safe_load(zf.read("rdf.yaml"))["config"]["unet_pipe"]["application"]
+    assert app["decisions"] == {**DECISIONS, "source": "calibrate"}
+    assert app["voxel_size"] == list(VOXEL) and app["input_normalization"]["percentiles"] == [1.0, 99.0]
+    assert app["arch"]["depth"] == 2
+    for name, source in (("zip", tmp_path / "model.zip"), ("pt", model)):
+        code, _, err = run_cli("segment", source, a, "--out", tmp_path / name, "--precision", "float32")
+        assert code == 0, err
+    np.testing.assert_array_equal(open_image(tmp_path / "zip" / "a" / "probabilities.ome.zarr")[:],
+                                  open_image(tmp_path / "pt" / "a" / "probabilities.ome.zarr")[:])
+    np.testing.assert_array_equal(open_image(tmp_path / "zip" / "a" / "instances.ome.zarr")[:],
+                                  open_image(tmp_path / "pt" / "a" / "instances.ome.zarr")[:])
+    summary = json.loads((tmp_path / "zip" / "a" / "summary.json").read_text())
+    assert summary["decisions"]["threshold"] == 0.45 and summary["decisions_source"] == "calibrate"
+    # A rerun resumes against the same rebuilt checkpoint: nothing is recomputed.
+    state = json.loads((tmp_path / "zip" / "a" / ".unet-pipe-segment.json").read_text())
+    assert run_cli("segment", tmp_path / "model.zip", a, "--out", tmp_path / "zip", "--precision", "float32")[0] == 0
+    again = json.loads((tmp_path / "zip" / "a" / ".unet-pipe-segment.json").read_text())
+    assert again["predict"] == state["predict"]
+    # A foreign zip is refused in one line.
+    with zipfile.ZipFile(tmp_path / "foreign.zip", "w") as zf:
+        zf.writestr("rdf.yaml", "type: model\nname: other\n")
+    code, _, err = run_cli("segment", tmp_path / "foreign.zip", a, "--out", tmp_path / "f")
+    assert code == 2 and "not a bioimage.io package exported by this unet-pipe" in err and err.count("\n") == 1
