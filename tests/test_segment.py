@@ -238,7 +238,7 @@ def test_segment_other_request_needs_overwrite_and_replaces_only_ours(tmp_path, 
     (out / "a" / "instances.tif").write_text("my own file")  # not ours: never replaced
     code, _, err = run_cli("segment", model, a, "--out", out, "--precision", "float32", "--threshold", 0.3,
                            "--tiff", "--overwrite")
-    assert code == 2 and "instances.tif: exists and was not written by unet-pipe segment" in err
+    assert code == 2 and "instances.tif: exists and was not written by unet-pipe" in err
     assert (out / "a" / "instances.tif").read_text() == "my own file"
 
 

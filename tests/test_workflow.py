@@ -149,7 +149,8 @@ def test_train_on_one_dataset_predict_another(tmp_path):
     assert job_counts(proc) == {
         "synth": 1, "ingest_raw": 2, "ingest_labels": 1, "weights": 1, "train": 1, "predict_prepare": 2,
         "predict": 2, "predict_gather": 2, "calibrate": 1, "postprocess": 2, "evaluate": 1, "report": 1, "view": 2,
-        "all": 1,
+        # the model with its decisions; the unlabelled dataset's summary and the segmentation report
+        "bundle": 1, "summarize": 1, "segmentation_report": 1, "all": 1,
     }
 
 

@@ -28,7 +28,7 @@ from unet_pipe.cli_data import add_info, add_ingest, add_synth, add_weights
 from unet_pipe.cli_export import add_export
 from unet_pipe.cli_view import add_view
 from unet_pipe.cli_model import add_predict, add_train
-from unet_pipe.cli_segment import add_bundle, add_segment, add_summarize
+from unet_pipe.cli_segment import add_bundle, add_segment, add_summarize, add_tiff
 from unet_pipe.errors import UnetPipeError
 
 log = logging.getLogger("unet_pipe")
@@ -289,6 +289,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_bundle,
     add_segment,
     add_summarize,
+    add_tiff,
 ]
 
 

@@ -64,6 +64,7 @@ from unet_pipe.model_bundle import (
 )
 from unet_pipe.provenance import file_sha256, provenance
 from unet_pipe.safety import ATTRS_KEY, check_dest, is_our_store
+from unet_pipe.tiff import is_our_label_tiff
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ def _fingerprint(*parts: Any) -> str:
 
 
 def _output_is_ours(path: Path) -> bool:
-    return is_our_store(path) if path.is_dir() else path.is_file()
+    return is_our_store(path) if path.is_dir() else is_our_label_tiff(path)
 
 
 class _StageRecords:
@@ -194,9 +195,8 @@ class _StageRecords:
         if (output.exists() or output.is_symlink()) and not overwrite:
             raise OutputError(output, "exists from an earlier run with another input, model or options; "
                               "pass --overwrite to replace it (or choose another --out)")
-        if (output.is_file() or output.is_symlink()) and stage not in self.data:
-            # A file carries no marker of ours: replaced only when a segment run recorded writing it.
-            raise OutputError(output, "exists and was not written by unet-pipe segment; move it away")
+        if (output.is_file() or output.is_symlink()) and not is_our_label_tiff(output):
+            raise OutputError(output, "exists and was not written by unet-pipe; move it away")
         self.data[stage] = {"started": fingerprint, "at": time.time()}
         self._save()
 
@@ -286,7 +286,6 @@ def segment(
     from unet_pipe.postprocess import postprocess
     from unet_pipe.predict import predict
     from unet_pipe.summary import summarize, write_summary_report
-    from unet_pipe.tiff import imagej_label_dtype, write_imagej_labels
     from unet_pipe.view import build_view
 
     out_dir = Path(out_dir)
@@ -347,18 +346,8 @@ def segment(
         if tiff:
             tif = folder / "instances.tif"
 
-            def write_tiff() -> None:
-                meta = image_metadata(stores["instances"])
-                count = int((meta.attrs.get(ATTRS_KEY) or {}).get("instances", 0))
-                try:
-                    imagej_label_dtype(count)
-                except ValueError as exc:
-                    raise OutputError(tif, str(exc)) from None
-                from unet_pipe.io import open_image
-
-                write_imagej_labels(open_image(stores["instances"]), tif, meta.voxel_size, count)
-
-            _run_stage(records, "tiff", _fingerprint("tiff", fp_post), tif, overwrite, write_tiff)
+            _run_stage(records, "tiff", _fingerprint("tiff", fp_post), tif, overwrite,
+                       lambda: instances_to_tiff(stores["instances"], tif))
         seconds = {stage: records.seconds(stage) for stage in STAGES[:5] if stage in records.data}
         summary_json = folder / "summary.json"
         if summary_json.exists() and not _is_our_summary(summary_json):
@@ -380,6 +369,27 @@ def segment(
         raise OutputError(report, "exists and was not written by unet-pipe; move it away")
     write_summary_report(report, summaries, figures=figures)
     return summaries
+
+
+def instances_to_tiff(instances: str | Path, dest: str | Path, overwrite: bool = True) -> Path:
+    """Write an instance store as an ImageJ TIFF with its voxel size (:func:`unet_pipe.tiff.write_imagej_labels`);
+    an existing ``dest`` is replaced only with ``overwrite`` and only when it is one of ours."""
+    from unet_pipe.io import open_image
+    from unet_pipe.tiff import imagej_label_dtype, write_imagej_labels
+
+    dest = Path(dest)
+    if dest.exists() or dest.is_symlink():
+        if not is_our_label_tiff(dest):
+            raise OutputError(dest, "exists and was not written by unet-pipe; move it away")
+        if not overwrite:
+            raise OutputError(dest, "already exists; remove it or pass --overwrite")
+    meta = image_metadata(instances)
+    count = int((meta.attrs.get(ATTRS_KEY) or {}).get("instances", 0))
+    try:
+        imagej_label_dtype(count)
+    except ValueError as exc:
+        raise OutputError(dest, str(exc)) from None
+    return write_imagej_labels(open_image(instances), dest, meta.voxel_size, count)
 
 
 def _median(summary: dict[str, Any]) -> str:
