@@ -123,7 +123,7 @@ def section_json(*keys):
 TRAIN_DATASETS = sorted(config["train"]["datasets"])
 # segment.model: a trained model is applied (no train, weights, calibrate or evaluate jobs).
 APPLY = applies_model(config)
-# The model that travels (unet_pipe.model_bundle): weights + decisions + voxel size, written by rule bundle.
+# The model that travels (unet_pipe.model_bundle): weights + decisions + voxel size (bundle.smk).
 MODEL = f"{R}/model/model.pt"
 # The checkpoint predict runs: the training output, or the applied model as bundled.
 PREDICT_CHECKPOINT = MODEL if APPLY else f"{R}/model/checkpoint.pt"
@@ -231,7 +231,7 @@ def instance_options():
 
 
 def bundle_source(wildcards):
-    """What rule bundle packs: the applied model (segment.model), else the trained checkpoint."""
+    """The source of the bundled model: the applied model (segment.model), else the trained checkpoint."""
     return config["segment"]["model"] if APPLY else f"{R}/model/checkpoint.pt"
 
 
@@ -241,7 +241,7 @@ def bundle_decisions_input(wildcards):
 
 
 def bundle_args(wildcards):
-    """The decisions rule bundle embeds: decisions.json (training, auto), the postprocess values
+    """The decisions bundled into model.pt: decisions.json (training, auto), the postprocess values
     (method threshold/watershed), or none (a trained model with auto keeps its own)."""
     import shlex
 
