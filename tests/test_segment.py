@@ -308,3 +308,11 @@ def test_exported_package_carries_the_application_and_segments_as_the_checkpoint
         zf.writestr("rdf.yaml", "type: model\nname: other\n")
     code, _, err = run_cli("segment", tmp_path / "foreign.zip", a, "--out", tmp_path / "f")
     assert code == 2 and "not a bioimage.io package exported by this unet-pipe" in err and err.count("\n") == 1
+
+
+def test_predict_on_a_tiff_points_to_segment(tmp_path, run_cli):
+    ckpt = tiny_checkpoint(tmp_path / "c.pt")
+    a = write_stack(tmp_path / "a.tif")
+    code, _, err = run_cli("predict", ckpt, a, tmp_path / "out.ome.zarr")
+    assert code == 2 and err.count("\n") == 1
+    assert "a.tif: predict reads an ingested OME-Zarr image; segment a TIFF" in err and "unet-pipe segment" in err
