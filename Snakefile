@@ -25,6 +25,8 @@ include: "workflow/rules/postprocess.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/view.smk"
 include: "workflow/rules/export.smk"
+include: "workflow/rules/bundle.smk"
+include: "workflow/rules/summary.smk"
 
 
 rule all:

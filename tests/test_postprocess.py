@@ -229,3 +229,25 @@ def test_watershed_repairs_membrane_gaps_on_synthetic_data():
     ws = rand_error(instances_from_stack(p, "watershed"), truth)
     assert thr > 0.3
     assert ws < 0.05
+
+
+@pytest.mark.parametrize("min_size", [0, 1, 5, 40])
+def test_threshold_fast_path_equals_the_canonical_relabelling(min_size):
+    """Connected components are numbered by a lookup (no sort): the same ids as relabelling the
+    components in raster order after dropping the small ones."""
+    import scipy.ndimage as ndi
+
+    from unet_pipe.postprocess import _FOUR_CONNECTED, relabel_raster_order
+
+    for seed in range(8):
+        p = ndi.gaussian_filter(np.random.default_rng(seed).random((67, 91)), 1.5)
+        p = (p - p.min()) / (p.max() - p.min())
+        labels, _ = ndi.label(p > 0.5, structure=_FOUR_CONNECTED)
+        sizes = np.bincount(labels.ravel())
+        small = sizes < min_size
+        small[0] = False
+        labels[small[labels]] = 0
+        expected = relabel_raster_order(labels)
+        got = instances_from_probabilities(p, "threshold", 0.5, min_size=min_size)
+        assert got.dtype == np.uint32 and expected.max() >= 1
+        np.testing.assert_array_equal(got, expected)

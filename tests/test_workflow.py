@@ -149,7 +149,8 @@ def test_train_on_one_dataset_predict_another(tmp_path):
     assert job_counts(proc) == {
         "synth": 1, "ingest_raw": 2, "ingest_labels": 1, "weights": 1, "train": 1, "predict_prepare": 2,
         "predict": 2, "predict_gather": 2, "calibrate": 1, "postprocess": 2, "evaluate": 1, "report": 1, "view": 2,
-        "all": 1,
+        # the model with its decisions; the unlabelled dataset's summary and the segmentation report
+        "bundle": 1, "summarize": 1, "segmentation_report": 1, "all": 1,
     }
 
 
@@ -222,16 +223,17 @@ def test_second_run_does_nothing_and_training_change_reruns_downstream_only(clea
     dry = run_snakemake(workdir, "-n", config=changed)
     assert set(job_counts(dry)) == {
         "train", "predict_prepare", "predict", "predict_gather", "calibrate", "postprocess", "evaluate", "report",
-        "view", "all",
+        "view", "bundle", "all",
     }
     post = kill_config()
     post["postprocess"].update(method="threshold", threshold=0.6)  # fixed decisions: no calibration
     dry = run_snakemake(workdir, "-n", config=post)
-    assert set(job_counts(dry)) == {"postprocess", "evaluate", "report", "view", "all"}
+    # model.pt now carries the config's decisions instead of the calibrated ones
+    assert set(job_counts(dry)) == {"postprocess", "evaluate", "report", "view", "bundle", "all"}
     recalibrate = kill_config()
     recalibrate["calibrate"] = {"methods": ["threshold"]}
     dry = run_snakemake(workdir, "-n", config=recalibrate)
-    assert set(job_counts(dry)) == {"calibrate", "postprocess", "evaluate", "report", "view", "all"}
+    assert set(job_counts(dry)) == {"calibrate", "postprocess", "evaluate", "report", "view", "bundle", "all"}
     run_snakemake(workdir, "-n", config=kill_config())  # restore the config file
 
 
@@ -256,6 +258,12 @@ def test_export_rule_writes_a_valid_bioimageio_package(clean_runs):
     assert {"rdf.yaml", "weights.pt", "weights.torchscript.pt", "test_input.npy", "test_output.npy"} <= names
     assert rdf["authors"][0]["name"] == "A. Tester" and rdf["type"] == "model"
     assert rdf["config"]["unet_pipe"]["format"] == "unet-pipe-bioimageio-export"
+    # The package is made from model.pt: it carries the calibrated decisions and the training voxel size.
+    decisions = json.loads((workdir / "results" / "model" / "decisions.json").read_text())
+    application = rdf["config"]["unet_pipe"]["application"]
+    assert {k: application["decisions"][k] for k in decisions["decisions"]} == decisions["decisions"]
+    assert application["decisions"]["cell_threshold"] == decisions["cell_threshold"]
+    assert application["voxel_size"] == [0.05, 0.004, 0.004]  # the synthetic demo's
     from bioimageio.spec import load_model_description
 
     assert load_model_description(package, perform_io_checks=False).type == "model"

@@ -27,7 +27,10 @@ The package (format 0.5 of the bioimage.io model spec, written with
 * the paper cited, authors, licence, name and description from the config's
   ``export`` section, and ``config.unet_pipe`` with our marker, the
   checkpoint's sha256 and the normalisation, by which a later export knows
-  the file as ours.
+  the file as ours, and ``application``: the checkpoint's
+  :func:`unet_pipe.model_bundle.application_record` (architecture,
+  normalisation rule, training precision, calibrated decisions, training voxel
+  size), from which ``unet-pipe segment`` rebuilds the checkpoint exactly.
 """
 from __future__ import annotations
 
@@ -51,6 +54,7 @@ from unet_pipe.data import IntensityRange, normalize_raw
 from unet_pipe.errors import CheckpointError, ConfigError, InputError, OutputError
 from unet_pipe.io import image_metadata, open_image
 from unet_pipe.model import UNet, margin, model_from_checkpoint, nearest_valid_input_size
+from unet_pipe.model_bundle import application_record
 from unet_pipe.predict import input_intensity
 from unet_pipe.provenance import file_sha256
 from unet_pipe.safety import atomic_output
@@ -182,7 +186,10 @@ def _documentation(arch: dict, low_high: tuple[float, float] | None, gain: float
         f"* Valid convolutions: each spatial input edge must be {nearest_min(depth)} + n * {2 ** (depth - 1)} "
         f"pixels; the output is {m} pixels smaller on each side (the context the net uses). To cover a "
         f"whole image, tile it with {m} pixels of overlap per side and mirror the borders (overlap-tile).\n"
-        "* Output: softmax probabilities per class (channel 1: cell, channel 0: membrane/background).\n\n"
+        "* Output: softmax probabilities per class (channel 1: cell, channel 0: membrane/background).\n"
+        "* Instances: `config.unet_pipe.application.decisions` holds the calibrated decisions (cell where "
+        "p > threshold, then connected components or a seeded watershed) and `voxel_size` the voxel size "
+        "(z, y, x µm) the net was trained at; `unet-pipe segment MODEL.zip STACK.tif --out DIR` applies both.\n\n"
         "## Test data\n\n"
         f"A tile of `{sample.name}` at (z, y, x) {list(start)} of size {list(size)}, and the net's "
         "float32 output on it.\n\n"
@@ -335,6 +342,9 @@ def export_model(checkpoint: str | Path, dest: str | Path, *, sample: str | Path
                 },
                 "test_tile": {"start": list(start), "shape": list(size)},
                 "margin": m,
+                # What applying the model needs, as the checkpoint carries it (unet_pipe.model_bundle):
+                # segment turns the package back into that checkpoint, decisions and voxel size included.
+                "application": application_record(data),
             }),
         )
         with atomic_output(dest) as tmp:

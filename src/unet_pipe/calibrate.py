@@ -387,15 +387,23 @@ def read_decisions(path: str | Path) -> dict[str, Any]:
         raise InputError(path, "decisions file not found (run `unet-pipe calibrate` first)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise InputError(path, f"not a unet-pipe decisions file ({type(exc).__name__})") from None
+    d = check_decisions(d, path)
+    slices = data.get("slices") if isinstance(data.get("slices"), dict) else {}
+    return {**d, "slices": slices}
+
+
+def check_decisions(d: Any, where: str | Path | None) -> dict[str, Any]:
+    """``{method, threshold, seed_threshold, seed_prominence, min_size, cell_threshold}`` of ``d``,
+    checked (:class:`InputError` naming ``where`` when missing or out of range)."""
     ok = (
-        d.get("method") in METHODS
-        and all(isinstance(d.get(k), (int, float)) and math.isfinite(d[k])
+        isinstance(d, dict) and d.get("method") in METHODS
+        and all(isinstance(d.get(k), (int, float)) and not isinstance(d.get(k), bool) and math.isfinite(d[k])
                 for k in ("threshold", "seed_threshold", "seed_prominence", "min_size", "cell_threshold"))
         and 0 <= d["threshold"] <= d["seed_threshold"] <= 1 and 0 <= d["cell_threshold"] <= 1
         and d["seed_prominence"] > 0 and d["min_size"] >= 0
     )  # fmt: skip
     if not ok:
-        raise InputError(path, "decisions out of range or missing (method, thresholds, prominence, min_size)")
-    d["min_size"] = int(d["min_size"])
-    slices = data.get("slices") if isinstance(data.get("slices"), dict) else {}
-    return {**{k: d[k] for k in (*DECISION_KEYS, "cell_threshold")}, "slices": slices}
+        raise InputError(where, "decisions out of range or missing (method, thresholds, prominence, min_size)")
+    out = {k: d[k] for k in (*DECISION_KEYS, "cell_threshold")}
+    out["min_size"] = int(out["min_size"])
+    return out

@@ -7,7 +7,8 @@ This module holds the parser, the options and checks the subcommands share, the
 error handling and the postprocess/evaluate/report subcommands; the others are
 registered from ``cli_data`` (synth, ingest, info, weights), ``cli_config``
 (check-config, install-profile), ``cli_model`` (train, predict),
-``cli_calibrate``, ``cli_view`` and ``cli_export``.
+``cli_calibrate``, ``cli_view``, ``cli_export`` and ``cli_segment`` (segment,
+bundle, summarize).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from unet_pipe.cli_data import add_info, add_ingest, add_synth, add_weights
 from unet_pipe.cli_export import add_export
 from unet_pipe.cli_view import add_view
 from unet_pipe.cli_model import add_predict, add_train
+from unet_pipe.cli_segment import add_bundle, add_segment, add_summarize, add_tiff
 from unet_pipe.errors import UnetPipeError
 
 log = logging.getLogger("unet_pipe")
@@ -112,7 +114,8 @@ def _add_postprocess(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-size", type=int, default=0, help="segments smaller than this (pixels) become membrane")
     p.add_argument(
         "--decisions", type=Path, metavar="decisions.json",
-        help="take method, thresholds, seeds and min size from `unet-pipe calibrate` (instead of the options)",
+        help="take method, thresholds, seeds and min size from `unet-pipe calibrate`'s decisions.json, or from a "
+        "model that carries them (`unet-pipe bundle`, an exported .zip), instead of the options",
     )
     p.add_argument(
         "--instances", choices=("2d", "3d"), default=None,
@@ -140,9 +143,9 @@ def _cmd_postprocess(args: argparse.Namespace) -> int:
     from unet_pipe.postprocess import postprocess
 
     if args.decisions is not None:
-        from unet_pipe.calibrate import read_decisions
+        from unet_pipe.model_bundle import read_any_decisions
 
-        chosen = read_decisions(args.decisions)
+        chosen = read_any_decisions(args.decisions)
         for key in ("method", "threshold", "seed_threshold", "seed_prominence", "min_size"):
             setattr(args, key, chosen[key])
         if args.instances is None:
@@ -272,7 +275,10 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
             "`unet-pipe evaluate` (figures read the stores recorded in them) and training log CSVs."
         ),
     )
-    p.add_argument("--metrics", nargs="+", required=True, type=Path, metavar="metrics.json")
+    p.add_argument("--metrics", nargs="+", type=Path, metavar="metrics.json")
+    p.add_argument("--summaries", nargs="+", type=Path, metavar="summary.json",
+                   help="instead of --metrics: summaries of unlabelled stacks (`unet-pipe summarize`): one table "
+                   "over all, raw/probability/instance panels with a scale bar and size histograms per stack")
     p.add_argument("--out", required=True, type=Path, metavar="report.md")
     p.add_argument("--training-log", nargs="*", default=[], type=Path, metavar="train.csv")
     p.add_argument("--figures", type=int, default=3, help="slices shown per dataset (default 3; 0 = none)")
@@ -284,6 +290,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from unet_pipe.report import write_report
 
     check_option("--figures", args.figures, 0)  # more than the slices: all of them
+    if (args.metrics is None) == (args.summaries is None):
+        raise UnetPipeError(None, "give either --metrics (labelled data) or --summaries (unlabelled), not both")
+    if args.summaries is not None:
+        from unet_pipe.summary import write_summary_report
+
+        title = "unet-pipe segmentation" if args.title == "unet-pipe evaluation" else args.title
+        write_summary_report(args.out, args.summaries, figures=args.figures, title=title)
+        log.info("wrote %s", args.out)
+        return 0
     write_report(args.out, args.metrics, training_logs=args.training_log, figures=args.figures, title=args.title)
     log.info("wrote %s", args.out)
     return 0
@@ -306,6 +321,10 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_predict,
     add_view,
     add_export,
+    add_bundle,
+    add_segment,
+    add_summarize,
+    add_tiff,
 ]
 
 
@@ -345,7 +364,7 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 
 _OUTPUT_ARGS = ("dest", "out", "preview", "log", "out_dir", "tensorboard")
 _INPUT_ARGS = ("src", "labels", "probabilities", "checkpoint", "raw", "like", "prediction", "truth", "path",
-               "weights", "metrics", "training_log", "decisions")
+               "weights", "metrics", "training_log", "decisions", "model", "inputs", "instances", "summaries")
 
 
 def _paths(value: object) -> list[Path]:

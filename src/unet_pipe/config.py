@@ -97,6 +97,11 @@ def _check_finite(value: Any, source: str | Path | None, key: str) -> None:
             _check_finite(v, source, f"{key}[{i}]")
 
 
+def applies_model(config: dict) -> bool:
+    """Whether the run segments with a trained model (``segment.model``) instead of training one."""
+    return (config.get("segment") or {}).get("model") is not None
+
+
 def is_labelled(dataset: dict) -> bool:
     """Whether a ``datasets`` entry has labels: a label image, or a synthetic stack's own truth."""
     return "labels" in dataset or "synthetic" in dataset
@@ -109,8 +114,14 @@ def _check_semantics(config: dict, source: str | Path | None) -> None:
             if isinstance(ds.get(key), str) and ("{" in ds[key] or "}" in ds[key]):
                 raise ConfigError(source, f"key 'datasets.{name}.{key}': braces in paths are not supported "
                                   "(Snakemake reads them as wildcards); rename the file or folder")
-    if "{" in str(config.get("results", "")) or "}" in str(config.get("results", "")):
-        raise ConfigError(source, "key 'results': braces in paths are not supported (Snakemake wildcards)")
+    for key, value in (("results", config.get("results")), ("segment.model", config["segment"]["model"])):
+        if value is not None and ("{" in str(value) or "}" in str(value)):
+            raise ConfigError(source, f"key '{key}': braces in paths are not supported (Snakemake wildcards)")
+    if applies_model(config):
+        for key in ("train", "calibrate"):
+            if config[key]["datasets"]:
+                raise ConfigError(source, f"key '{key}.datasets': segment.model applies a trained model, nothing "
+                                  "is trained or calibrated; remove it (or set segment.model: null to train)")
     for name, ds in datasets.items():
         if ds.get("labels_offset") is not None and "labels" not in ds:
             raise ConfigError(source, f"key 'datasets.{name}.labels_offset': the dataset has no 'labels'")
@@ -160,6 +171,8 @@ def _check_semantics(config: dict, source: str | Path | None) -> None:
 def check_workflow(config: dict, source: str | Path | None = None) -> None:
     """What the whole workflow needs beyond a valid config (``check-config`` and the workflow's
     pre-check; a stage run on its own, e.g. ``unet-pipe train``, does not need it)."""
+    if applies_model(config):
+        return  # nothing to train or calibrate: any datasets, labelled or not
     if not config["train"]["datasets"] and not any(is_labelled(d) for d in config["datasets"].values()):
         raise ConfigError(source, "key 'train.datasets': empty, and no dataset has 'labels' to train on")
     if config["postprocess"]["method"] == "auto" and config["train"]["datasets"] and not calibration_slices(config):
@@ -214,7 +227,7 @@ def fill_default_splits(config: dict, base: str | Path = ".", source: str | Path
     calibration ranges unless it is given.  Changes ``config`` in place; returns one line per
     dataset saying what was chosen (nothing when ``train.datasets`` was given).
     """
-    if config["train"]["datasets"]:
+    if config["train"]["datasets"] or applies_model(config):
         return []
     splits, said = {}, []
     for name, ds in sorted(config["datasets"].items()):
@@ -241,7 +254,10 @@ def fill_default_splits(config: dict, base: str | Path = ".", source: str | Path
 
 
 def check_inputs_exist(config: dict, base: str | Path = ".", source: str | Path | None = None) -> None:
-    """Raise :class:`ConfigError` if a TIFF path named in ``datasets`` does not exist."""
+    """Raise :class:`ConfigError` if a TIFF path named in ``datasets`` (or ``segment.model``) does not exist."""
+    model = config["segment"]["model"]
+    if model is not None and not (Path(base) / model).is_file():
+        raise ConfigError(source, f"key 'segment.model': '{model}' is not a file (a checkpoint or a bioimage.io zip)")
     for name, ds in config["datasets"].items():
         for key in ("raw", "labels"):
             if key in ds and not (Path(base) / ds[key]).exists():

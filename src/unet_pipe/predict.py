@@ -179,6 +179,10 @@ class _Setup:
 def _setup(checkpoint, raw, dest, expected_arch, *, tile, block, batch, tta, dtype, precision, ngff) -> _Setup:
     tta_transforms(tta)  # ValueError for an unknown mode, before any work
     checkpoint, raw, dest = Path(checkpoint), Path(raw), Path(dest)
+    if raw.is_file() or (raw.is_dir() and not any((raw / m).is_file() for m in (".zgroup", ".zattrs", "zarr.json"))):
+        # The user's stack as it came from the microscope: say what to run instead of "not a zarr group".
+        raise InputError(raw, "predict reads an ingested OME-Zarr image; segment a TIFF or a folder of slices in "
+                         "one command with `unet-pipe segment MODEL STACK --out DIR`, or `unet-pipe ingest` it first")
     meta = image_metadata(raw)  # InputError unless a 3D (z, y, x) OME-Zarr image
     model, intensity = _load_model(checkpoint, expected_arch, meta)
     if model.dims == 3 and min(meta.shape) < 2:

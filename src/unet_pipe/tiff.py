@@ -324,3 +324,53 @@ def open_tiff_stack(path: str | Path) -> TiffSource:
         shape, dtype = _series_geometry(tif, path)
         voxel_size = _tiff_voxel_size(tif)
     return TiffSource(path, shape, dtype, (path,), voxel_size)
+
+
+# ------------------------------------------------------------------ writing
+
+
+#: The ImageJ ``Info`` of the label TIFFs we write: what lets a rerun replace one (and nothing else).
+LABEL_TIFF_MARK = "unet-pipe instances"
+
+
+def imagej_label_dtype(max_id: int) -> np.dtype:
+    """The ImageJ pixel type holding ids up to ``max_id`` exactly: uint16, else float32 (ImageJ
+    has no 32-bit integer type; float32 is exact to 2**24).  More ids: :class:`ValueError`."""
+    if max_id <= np.iinfo(np.uint16).max:
+        return np.dtype(np.uint16)
+    if max_id <= 2**24:
+        return np.dtype(np.float32)
+    raise ValueError(f"{max_id} instance ids do not fit an ImageJ TIFF (at most 2**24 in float32)")
+
+
+def write_imagej_labels(labels: Any, dest: str | Path, voxel_size: Sequence[float], max_id: int) -> Path:
+    """Write a (z, y, x) label array as an ImageJ hyperstack TIFF that Fiji opens with its voxel size
+    (z, y, x µm: ``spacing`` and the resolution in pixels per µm), one slice read at a time.
+
+    Ids are stored as :func:`imagej_label_dtype` gives; ``dest`` is written atomically and carries
+    :data:`LABEL_TIFF_MARK` as its ImageJ ``Info``.
+    """
+    from unet_pipe.safety import atomic_output
+
+    dtype = imagej_label_dtype(int(max_id))
+    vz, vy, vx = (float(v) for v in voxel_size)
+    pages = (np.asarray(labels[z]).astype(dtype) for z in range(labels.shape[0]))
+    with atomic_output(Path(dest)) as tmp:
+        tifffile.imwrite(
+            tmp, pages, shape=tuple(labels.shape), dtype=dtype, imagej=True,
+            resolution=(1.0 / vx, 1.0 / vy),
+            metadata={"spacing": vz, "unit": "um", "axes": "ZYX", "Info": LABEL_TIFF_MARK},
+        )
+    return Path(dest)
+
+
+def is_our_label_tiff(path: str | Path) -> bool:
+    """True for a TIFF that :func:`write_imagej_labels` wrote (our mark in its ImageJ ``Info``)."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return (tif.imagej_metadata or {}).get("Info") == LABEL_TIFF_MARK
+    except Exception:  # not a TIFF, or damaged: not ours
+        return False

@@ -367,6 +367,11 @@ def _train(
     seed = int(config["seed"])
     volumes = volumes_from_config(config, open_stores(stores))
     input_dtypes = {v.name: str(np.dtype(v.raw.dtype)) for v in volumes}
+    from unet_pipe.io import image_metadata
+
+    # The voxel size (z, y, x µm) of each training stack: segment warns when a new stack's differs.
+    voxel_sizes = {name: list(image_metadata(parts["raw"]).voxel_size) for name, parts in sorted(stores.items())
+                   if isinstance(parts.get("raw"), (str, Path))}
     normalization = {
         "rule": "percentile",  # unet_pipe.data.intensity_range; predict applies it to its own stack
         "percentiles": list(PERCENTILES),
@@ -477,6 +482,7 @@ def _train(
             "output": sampler.output,
             "input_normalization": normalization,
             "input_dtypes": input_dtypes,
+            "voxel_sizes": voxel_sizes,
             "label_mode": weights_cfg["label_mode"],
             "init_from": init_record,  # {"path", "sha256"} of train.init_from, kept across resumes
         }

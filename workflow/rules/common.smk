@@ -5,6 +5,7 @@ from pathlib import Path
 from snakemake.utils import validate
 
 from unet_pipe.config import (
+    applies_model,
     calibration_slices,
     check_input_stacks,
     check_workflow,
@@ -118,8 +119,14 @@ def section_json(*keys):
     return json.dumps({key: config[key] for key in keys}, sort_keys=True)
 
 
-# ---------------------------------------------------------------- train
+# ---------------------------------------------------------------- train, or a trained model
 TRAIN_DATASETS = sorted(config["train"]["datasets"])
+# segment.model: a trained model is applied (no train, weights, calibrate or evaluate jobs).
+APPLY = applies_model(config)
+# The model that travels (unet_pipe.model_bundle): weights + decisions + voxel size (bundle.smk).
+MODEL = f"{R}/model/model.pt"
+# The checkpoint predict runs: the training output, or the applied model as bundled.
+PREDICT_CHECKPOINT = MODEL if APPLY else f"{R}/model/checkpoint.pt"
 
 
 def train_stores_args(wildcards, input):
@@ -159,12 +166,15 @@ def train_config_json(wildcards):
 # postprocess.method auto: decisions chosen on labelled calibration slices (unet_pipe.calibrate),
 # whose datasets are therefore predicted too.
 AUTO_DECISIONS = config["postprocess"]["method"] == "auto"
-CALIBRATION = calibration_slices(config) if AUTO_DECISIONS else {}
+CALIBRATION = calibration_slices(config) if AUTO_DECISIONS and not APPLY else {}
 CALIBRATION_DATASETS = sorted(CALIBRATION)
 PREDICTED = sorted(set(config["predict"]["datasets"] or DATASETS) | set(CALIBRATION_DATASETS))
 DECISIONS = f"{R}/model/decisions.json"
 # postprocess.instances 3d: the per-block passes run as sharded jobs (postprocess.smk).
 INSTANCES_3D = config["postprocess"]["instances"] == "3d"
+# What postprocess takes its decisions from (method auto): calibrate's, or with segment.model the
+# decisions the bundled model carries (a default with a warning in the log when it carries none).
+POSTPROCESS_DECISIONS = MODEL if APPLY else DECISIONS
 
 
 def predict_args(wildcards):
@@ -179,11 +189,11 @@ def predict_args(wildcards):
         {True: "--tta", "flips": "--tta-flips"}.get(section["tta"], "--no-tta"),
         f"--pyramid-levels {config['ingest']['pyramid_levels']}",
         f"--ngff {config['ngff_version']}",
-        # A checkpoint of another architecture is refused, not silently used.
-        f"--expect-arch {shlex.quote(json.dumps(config['model'], sort_keys=True))}",
         # Snakemake owns the output: a rerun replaces the old store (only once the new one is complete).
         "--overwrite",
     ]
+    if not APPLY:  # A checkpoint of another architecture is refused, not silently used.
+        args.append(f"--expect-arch {shlex.quote(json.dumps(config['model'], sort_keys=True))}")
     if section["tile"] is not None:
         args.append(f"--tile {section['tile']}")
     return " ".join(args)
@@ -214,11 +224,17 @@ def postprocess_args(wildcards):
         if section["block"] is not None:
             levels += " --block " + " ".join(str(int(b)) for b in section["block"])
     if AUTO_DECISIONS:
-        return f"--decisions {shlex.quote(DECISIONS)} {levels}"
+        return f"--decisions {shlex.quote(POSTPROCESS_DECISIONS)} {levels}"
+    return f"{instance_options()} {levels}"
+
+
+def instance_options():
+    """``--method ... --min-size ...`` of the postprocess section (method threshold or watershed)."""
+    section = config["postprocess"]
     return (
         f"--method {section['method']} --threshold {section['threshold']}"
         f" --seed-threshold {section['seed_threshold']} --seed-prominence {section['seed_prominence']}"
-        f" --min-size {section['min_size']} {levels}"
+        f" --min-size {section['min_size']}"
     )
 
 
@@ -228,9 +244,29 @@ def postprocess_shard(wildcards):
     return f"{int(index) - 1} {count}"
 
 
+def bundle_source(wildcards):
+    """The source of the bundled model: the applied model (segment.model), else the trained checkpoint."""
+    return config["segment"]["model"] if APPLY else f"{R}/model/checkpoint.pt"
+
+
+def bundle_decisions_input(wildcards):
+    """The calibrated decisions of a training run with method auto (else nothing)."""
+    return [DECISIONS] if AUTO_DECISIONS and not APPLY else []
+
+
+def bundle_args(wildcards):
+    """The decisions bundled into model.pt: decisions.json (training, auto), the postprocess values
+    (method threshold/watershed), or none (a trained model with auto keeps its own)."""
+    import shlex
+
+    if not AUTO_DECISIONS:
+        return instance_options()
+    return "" if APPLY else f"--decisions {shlex.quote(DECISIONS)}"
+
+
 def decisions_input(wildcards):
     """The calibrated decisions when postprocess.method is auto (else nothing)."""
-    return [DECISIONS] if AUTO_DECISIONS else []
+    return [POSTPROCESS_DECISIONS] if AUTO_DECISIONS else []
 
 
 def calibrate_args(wildcards):
@@ -275,8 +311,13 @@ def unlabelled_flag():
 
 
 def evaluated_datasets():
-    """Datasets that are both predicted and labelled (the ones with metrics)."""
-    return [name for name in LABELLED if name in PREDICTED]
+    """Datasets that are both predicted and labelled (the ones with metrics); none with a trained model."""
+    return [] if APPLY else [name for name in LABELLED if name in PREDICTED]
+
+
+def summarized_datasets():
+    """Predicted datasets without metrics: each gets a summary and a place in the segmentation report."""
+    return [name for name in PREDICTED if name not in evaluated_datasets()]
 
 
 def evaluate_args(wildcards):
@@ -306,7 +347,7 @@ def evaluate_args(wildcards):
 
 def view_truth_input(wildcards):
     """The ingested labels of a labelled dataset, shown as a layer of its view (else nothing)."""
-    return [f"{R}/{wildcards.dataset}/labels.ome.zarr"] if wildcards.dataset in LABELLED else []
+    return [f"{R}/{wildcards.dataset}/labels.ome.zarr"] if wildcards.dataset in LABELLED and not APPLY else []
 
 
 def view_args(wildcards):
@@ -325,7 +366,7 @@ def view_args(wildcards):
 
 EXPORT_PACKAGE = f"{R}/model/bioimageio.zip"
 # The test tile and the normalisation range of the package come from this dataset's raw store.
-EXPORT_SAMPLE = config["export"]["sample"] or TRAIN_DATASETS[0]
+EXPORT_SAMPLE = config["export"]["sample"] or (TRAIN_DATASETS or DATASETS)[0]
 if EXPORT_SAMPLE not in DATASETS:
     sys.exit(f"unet-pipe: error: config: export.sample {EXPORT_SAMPLE!r} is not a dataset ({', '.join(DATASETS)})")
 
@@ -341,12 +382,18 @@ def export_config_json(wildcards):
 
 def all_targets():
     targets = expand(f"{R}/{{dataset}}/raw.ome.zarr", dataset=DATASETS)
-    targets += expand(f"{R}/{{dataset}}/labels.ome.zarr", dataset=LABELLED)
+    targets += expand(f"{R}/{{dataset}}/labels.ome.zarr", dataset=[] if APPLY else LABELLED)
     targets += expand(f"{R}/{{dataset}}/instances.ome.zarr", dataset=PREDICTED)
     targets += expand(f"{R}/{{dataset}}/view.ome.zarr", dataset=PREDICTED)
     targets += expand(f"{R}/{{dataset}}/metrics.json", dataset=evaluated_datasets())
     if evaluated_datasets():
         targets.append(f"{R}/report/report.md")
+    targets += expand(f"{R}/{{dataset}}/summary.json", dataset=summarized_datasets())
+    if summarized_datasets():
+        targets.append(f"{R}/report/segmentation.md")
+    if config["segment"]["tiff"]:
+        targets += expand(f"{R}/{{dataset}}/instances.tif", dataset=PREDICTED)
+    targets.append(MODEL)
     if config["export"]["enabled"]:
         targets.append(EXPORT_PACKAGE)
     return targets

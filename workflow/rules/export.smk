@@ -6,7 +6,8 @@
 
 rule export:
     input:
-        checkpoint=f"{R}/model/checkpoint.pt",
+        # The bundled model: the package carries its decisions and voxel size (config.unet_pipe.application).
+        checkpoint=MODEL,
         sample=f"{R}/{EXPORT_SAMPLE}/raw.ome.zarr",
     output:
         package=EXPORT_PACKAGE,

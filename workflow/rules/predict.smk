@@ -3,7 +3,8 @@
 #   predict_prepare  creates probabilities.ome.zarr.partial (checks checkpoint and input)
 #   predict          one job per shard (predict.shards): the blocks of its z range
 #   predict_gather   checks that every block is done and publishes the store
-# Shards of an interrupted run resume from their finished blocks.
+# Shards of an interrupted run resume from their finished blocks. The checkpoint is the trained
+# one, or with segment.model the bundled model.pt (PREDICT_CHECKPOINT, common.smk).
 # Input/param functions: common.smk.
 
 
@@ -13,7 +14,7 @@ scattergather:
 
 rule predict_prepare:
     input:
-        checkpoint=f"{R}/model/checkpoint.pt",
+        checkpoint=PREDICT_CHECKPOINT,
         raw=f"{R}/{{dataset}}/raw.ome.zarr",
     output:
         prepared=touch(f"{R}/{{dataset}}/probabilities.shards/prepared"),
@@ -37,7 +38,7 @@ rule predict_prepare:
 
 rule predict:
     input:
-        checkpoint=f"{R}/model/checkpoint.pt",
+        checkpoint=PREDICT_CHECKPOINT,
         raw=f"{R}/{{dataset}}/raw.ome.zarr",
         prepared=f"{R}/{{dataset}}/probabilities.shards/prepared",
     output:
@@ -66,7 +67,7 @@ rule predict:
 
 rule predict_gather:
     input:
-        checkpoint=f"{R}/model/checkpoint.pt",
+        checkpoint=PREDICT_CHECKPOINT,
         raw=f"{R}/{{dataset}}/raw.ome.zarr",
         shards=gather.predict(f"{R}/{{{{dataset}}}}/probabilities.shards/{{scatteritem}}.done"),
     output:
