@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import os
 import json
 import platform
 import subprocess
@@ -81,12 +82,27 @@ def git_commit() -> str | None:
     return commit + ("+dirty" if dirty else "")
 
 
+#: sha256 of files already hashed by this process, keyed by what identifies their content on
+#: disk (path, inode, size, mtime in ns): predict hashed its checkpoint twice per run (the
+#: request's fingerprint and the provenance), 0.08 s each for the paper's 124 MB network.
+_SHA256_SEEN: dict[tuple, str] = {}
+
+
 def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (hashed once per process while the file is unchanged)."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    known = _SHA256_SEEN.get(key)
+    if known is not None:
+        return known
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(_CHUNK), b""):
             digest.update(block)
-    return digest.hexdigest()
+    if len(_SHA256_SEEN) > 4096:
+        _SHA256_SEEN.clear()
+    _SHA256_SEEN[key] = digest.hexdigest()
+    return _SHA256_SEEN[key]
 
 
 def input_checksum(path: str | Path) -> str:
