@@ -10,13 +10,12 @@ from unet_pipe.errors import InputError, OutputError
 from unet_pipe.io import StagedImage, image_metadata, open_image
 from unet_pipe.metrics import instances_from_binary, rand_error
 from unet_pipe.postprocess import (
-    as_probability,
     instances_from_probabilities,
     instances_from_stack,
     postprocess,
-    probability_scale,
     relabel_raster_order,
 )
+from unet_pipe.probabilities import as_probability, probability_scale
 from unet_pipe.synth import synthesize
 
 

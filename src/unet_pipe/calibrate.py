@@ -70,7 +70,8 @@ from unet_pipe.errors import InputError
 from unet_pipe.evaluate import truth_box, write_json_atomic
 from unet_pipe.io import image_metadata, open_image
 from unet_pipe.metrics import instances_from_binary, rand_error_per_slice
-from unet_pipe.postprocess import METHODS, as_probability, instances_from_probabilities, open_probabilities
+from unet_pipe.postprocess import METHODS, instances_from_probabilities
+from unet_pipe.probabilities import as_probability, open_probabilities
 from unet_pipe.provenance import provenance
 
 log = logging.getLogger(__name__)

@@ -52,7 +52,7 @@ from unet_pipe.metrics import (
     segmentation_scores,
     truth_instances_3d,
 )
-from unet_pipe.postprocess import as_probability, open_probabilities
+from unet_pipe.probabilities import as_probability, open_probabilities
 from unet_pipe.provenance import provenance
 from unet_pipe.safety import atomic_output
 from unet_pipe.warping import warping_error

@@ -74,6 +74,10 @@ import scipy.ndimage as ndi
 import zarr
 
 from unet_pipe.errors import ConfigError, InputError, OutputError
+from unet_pipe.io import DEFAULT_NGFF, StagedImage, image_metadata
+from unet_pipe.probabilities import as_probability, check_probabilities, needs_range_check, open_probabilities
+from unet_pipe.provenance import input_fingerprint, provenance
+from unet_pipe.safety import ATTRS_KEY
 from unet_pipe.tiling import Roi
 
 log = logging.getLogger(__name__)
@@ -502,7 +506,6 @@ class _Request:
 
 def _probability_reader(path: Path, prob: Any, scale: float, dtype: np.dtype) -> Reader:
     """Probabilities of a block as float32, refusing values outside [0, 1] (and NaN)."""
-    from unet_pipe.postprocess import as_probability, check_probabilities, needs_range_check
 
     checked = needs_range_check(dtype, scale)
 
@@ -560,9 +563,6 @@ def label_volume(
     ``flood`` (watershed; ``shard=(i, n)``: every n-th block from the i-th) and
     ``finalize`` (check that every block is written, then publish).  A rerun resumes from the blocks done.
     """
-    from unet_pipe.io import DEFAULT_NGFF, StagedImage, image_metadata
-    from unet_pipe.postprocess import open_probabilities
-    from unet_pipe.provenance import input_fingerprint, provenance
 
     if method not in ("threshold", "watershed"):
         raise ValueError(f"method must be 'threshold' or 'watershed', got {method!r}")
@@ -628,7 +628,6 @@ def label_volume(
 
 
 def _staging_matches(dest: Path, fingerprint: str) -> bool:
-    from unet_pipe.safety import ATTRS_KEY
 
     try:
         group = zarr.open_group(str(dest.with_name(dest.name + ".partial")), mode="r")

@@ -43,9 +43,11 @@ import scipy.ndimage as ndi
 from skimage.morphology import h_maxima
 from skimage.segmentation import watershed
 
-from unet_pipe.errors import ConfigError, InputError
-from unet_pipe.io import ATTRS_KEY, DEFAULT_NGFF, StagedImage, image_metadata, open_image
-from unet_pipe.provenance import provenance
+from unet_pipe.errors import ConfigError
+from unet_pipe.instances3d import label_volume
+from unet_pipe.io import DEFAULT_NGFF, StagedImage, image_metadata
+from unet_pipe.probabilities import as_probability, check_probabilities, needs_range_check, open_probabilities
+from unet_pipe.provenance import input_fingerprint, provenance
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,6 @@ Method = Literal["threshold", "watershed"]
 METHODS: tuple[str, ...] = ("threshold", "watershed")
 Instances = Literal["2d", "3d"]
 INSTANCE_MODES: tuple[str, ...] = ("2d", "3d")
-PROBABILITY_SCALE_KEY = "probability_scale"
 _FOUR_CONNECTED = ndi.generate_binary_structure(2, 1)
 _EIGHT_CONNECTED = ndi.generate_binary_structure(2, 2)  # a plateau maximum is one seed
 # px: takes the pixel-level speckle out of the probabilities and the distance
@@ -190,64 +191,6 @@ def instances_from_stack(
     return out
 
 
-def probability_scale(attrs: dict, dtype: np.dtype) -> float:
-    """The factor from stored values back to probabilities: ``p = stored * scale``.
-
-    Read from the attribute ``unet_pipe.probability_scale`` written by
-    :mod:`unet_pipe.predict` (nested under ``unet_pipe``, or as a flat dotted
-    key); otherwise inferred from the dtype: 1/255 for uint8 (stored as
-    ``round(255 p)``), 1 for floats.
-    """
-    own = attrs.get(ATTRS_KEY, {})
-    scale = own.get(PROBABILITY_SCALE_KEY) if isinstance(own, dict) else None
-    if scale is None:
-        scale = attrs.get(f"{ATTRS_KEY}.{PROBABILITY_SCALE_KEY}")
-    if scale is not None:
-        return float(scale)
-    dtype = np.dtype(dtype)
-    if dtype == np.uint8:
-        return 1.0 / 255.0
-    if dtype.kind == "f":
-        return 1.0
-    raise ValueError(f"cannot infer the probability scale of dtype {dtype}; set unet_pipe.{PROBABILITY_SCALE_KEY}")
-
-
-def as_probability(data: np.ndarray, scale: float) -> np.ndarray:
-    """Stored probabilities (any dtype) as float32 in [0, 1]: ``stored * scale``."""
-    out = np.asarray(data, dtype=np.float32)
-    if scale != 1.0:
-        out = out * np.float32(scale)
-    return out
-
-
-def check_probabilities(p: np.ndarray, path: str | Path, where: str) -> np.ndarray:
-    """``p`` (float probabilities) unchanged, or an :class:`InputError` when a value lies outside [0, 1] or is NaN."""
-    if p.size:
-        low, high = float(np.min(p)), float(np.max(p))
-        if not (low >= 0.0 and high <= 1.0):  # NaN fails both
-            raise InputError(path, f"values must be probabilities in [0, 1] (float, or uint8 = 255 p); found "
-                             f"{low:g} .. {high:g} {where}")
-    return p
-
-
-def needs_range_check(dtype: np.dtype, scale: float) -> bool:
-    """Whether stored values times ``scale`` can leave [0, 1] (not for uint8 stored as 255 p)."""
-    dtype = np.dtype(dtype)
-    return not (dtype.kind == "u" and np.iinfo(dtype).max * scale <= 1.0 + 1e-6)
-
-
-def open_probabilities(path: str | Path) -> tuple[Any, float]:
-    """Open a probability OME-Zarr: (level-0 zarr array, scale); checks the dtype."""
-    meta = image_metadata(path)
-    try:
-        scale = probability_scale(meta.attrs, meta.dtype)
-    except ValueError as exc:
-        raise InputError(path, str(exc)) from None
-    if not scale > 0:
-        raise InputError(path, f"probability scale must be positive, got {scale}")
-    return open_image(path), scale
-
-
 def postprocess(
     probabilities: str | Path,
     dest: str | Path,
@@ -284,8 +227,6 @@ def postprocess(
     if instances not in INSTANCE_MODES:
         raise ValueError(f"instances must be one of {INSTANCE_MODES}, got {instances!r}")
     if instances == "3d":
-        from unet_pipe.instances3d import label_volume
-
         return label_volume(
             probabilities, dest, method=method, threshold=threshold, seed_threshold=seed_threshold,
             min_size=min_size, pyramid_levels=pyramid_levels, overwrite=overwrite, resume=resume,
@@ -308,7 +249,6 @@ def postprocess(
         "min_size": min_size,
         "probability_scale": scale,
     }
-    from unet_pipe.provenance import input_fingerprint
 
     # The input's identity too: a run resumed on other probabilities must start over.
     fingerprint = repr(sorted(params.items())) + f"|{meta.shape}|{meta.dtype}|{input_fingerprint(probabilities)}"
