@@ -1,7 +1,8 @@
-"""The README's worked example ("Your own data") is a config that works: its mine.yaml,
-taken verbatim from the README with only /data/em/ pointed at a small synthetic stack of
+"""The worked example of docs/worked-example.md is a config that works: its mine.yaml,
+taken verbatim from the document with only /data/em/ pointed at a small synthetic stack of
 the same layout (OME-Zarr raw, a sparse labelled crop in its NGFF labels group, placed by
-its translation), composes with the ISBI CPU preset and the workflow plans every stage."""
+its translation), composes with the ISBI CPU preset, and the document's command block, run
+as a dry run, plans every stage."""
 from __future__ import annotations
 
 import re
@@ -16,15 +17,23 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-SCALE = [0.04, 0.005, 0.005]  # µm, the README's voxel size
-CROP = (40, 16, 24)  # voxel where the annotated box starts: slices 40-59, as in the README
+DOC = REPO / "docs" / "worked-example.md"
+SCALE = [0.04, 0.005, 0.005]  # µm, the worked example's voxel size
+CROP = (40, 16, 24)  # voxel where the annotated box starts: slices 40-59, as in the worked example
 
 
 def readme_mine_yaml() -> str:
-    text = (REPO / "README.md").read_text()
+    text = DOC.read_text()
     match = re.search(r"```yaml\n(# mine\.yaml.*?)```", text, re.S)
-    assert match, "README has no ```yaml block starting with '# mine.yaml'"
+    assert match, "docs/worked-example.md has no ```yaml block starting with '# mine.yaml'"
     return match.group(1)
+
+
+def workflow_block() -> str:
+    """The document's command block that checks the config and runs the workflow."""
+    blocks = re.findall(r"```bash\n(.*?)```", DOC.read_text(), re.S)
+    (block,) = [b for b in blocks if "snakemake --configfile config/isbi2012-cpu.yaml mine.yaml" in b]
+    return block
 
 
 def write_stack(root: Path) -> None:
@@ -81,9 +90,13 @@ def test_readme_example_composes_with_the_preset(example) -> None:
 
 @pytest.mark.slow
 def test_readme_example_plans_every_stage(example) -> None:
+    """The document's block as typed, from a folder laid out as the repository root, as a dry run."""
+    for name in ("Snakefile", "workflow", "profiles", "config"):
+        (example / name).symlink_to(REPO / name)
+    block = workflow_block()
+    assert block.count("\nsnakemake ") == 1
     proc = subprocess.run(
-        [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(example), "-n", "-p",
-         "--configfile", str(REPO / "config" / "isbi2012-cpu.yaml"), str(example / "mine.yaml")],
+        ["bash", "-euo", "pipefail", "-c", block.replace("\nsnakemake ", "\nsnakemake -n -p ")], cwd=example,
         capture_output=True, text=True, timeout=600, env={"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(example)},
     )  # fmt: skip
     text = proc.stdout + proc.stderr
