@@ -5,7 +5,7 @@
 AVX512-BF16.  This script trains the preset (``config/isbi2012-cpu.yaml``:
 network, tile, steps, optimiser, augmentation, the paper's loss) twice from the
 same seed, once in float32 and once in bfloat16, and scores both the way the
-README's candidate table is scored: the 4 mirrorings averaged in memory, the
+docs/isbi-results.md's candidate table is scored: the 4 mirrorings averaged in memory, the
 cell threshold and instance method calibrated on slices 20-24
 (:func:`unet_pipe.calibrate.calibrate_slices`), pixel and Rand error reported
 on 25-29.
