@@ -181,9 +181,10 @@ def test_every_command_block_is_valid_bash() -> None:
         assert proc.returncode == 0, f"{block}: {proc.stderr}"
 
 
-def test_markers_without_a_block_are_caught(tmp_path) -> None:
+def test_a_marker_counts_only_directly_above_its_block(tmp_path) -> None:
     doc = tmp_path / "x.md"
-    doc.write_text("<!-- not-run: a reason long enough -->\n\n```bash\necho a\n```\n<!-- run: a -->\n```sh\necho b\n```\n")
+    doc.write_text("<!-- not-run: a reason long enough -->\n\n```bash\necho a\n```\n"
+                   "<!-- run: a -->\n```sh\necho b\n```\n")
     first, second = command_blocks(doc)  # a blank line separates the first marker from its block
     assert (first.markers, first.text) == ((), "echo a\n")
     assert (second.markers, second.line, second.text) == ((("run", "a"),), 7, "echo b\n")
