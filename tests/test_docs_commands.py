@@ -1,4 +1,4 @@
-"""Every command block of README.md and docs/*.md is run by a test, or says why it cannot be.
+"""Every command block of README.md, docs/*.md and config/README.md is run by a test, or says why it cannot be.
 
 A fenced ``bash``/``sh`` block is preceded (directly, one comment per line) by exactly one of
   ``<!-- run: NAME -->``           run here by RUNNERS[NAME], verbatim but for what the runner says;
@@ -26,7 +26,7 @@ from unet_pipe.io import open_image
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "config" / "README.md"]
 SHELLS = {"bash", "sh", "shell"}
 MARKER = re.compile(r"<!--\s*(run|run-by|not-run):\s*(.*?)\s*-->")
 OWN_STACK_SHAPE = (6, 128, 128)  # 6 labelled slices: the automatic split is 0-4 / 4-5 / 5-6
@@ -195,7 +195,7 @@ def test_front_page_is_short_and_links_resolve() -> None:
     assert len(readme.splitlines()) <= 200
     for doc in sorted((REPO / "docs").glob("*.md")):
         assert f"](docs/{doc.name})" in readme, f"README does not link docs/{doc.name}"
-    for doc in [*DOCUMENTS, REPO / "config" / "README.md"]:
+    for doc in DOCUMENTS:
         for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", doc.read_text()):
             assert (doc.parent / target).exists(), f"{doc.relative_to(REPO)}: broken link {target}"
 
