@@ -144,7 +144,7 @@ def test_segment_equals_the_three_commands_and_writes_every_output(tmp_path, mod
         assert f"{item}: {len(ids)} objects" in stdout
     report = (out / "report.md").read_text()
     assert "| a | 3 × 64 × 72 |" in report and "| b | 2 × 70 × 64 |" in report
-    assert (out / "report_figures" / "a_slices.png").is_file() and (out / "report_figures" / "b_sizes.png").is_file()
+    assert (out / "report_figures" / "a_slices.jpg").is_file() and (out / "report_figures" / "b_sizes.png").is_file()
 
 
 def test_segment_without_decisions_warns_and_states_the_default(tmp_path, run_cli, caplog):
