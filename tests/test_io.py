@@ -231,6 +231,7 @@ def test_write_pyramid_streams_bands_and_matches_whole_slices(tmp_path, kind, mo
         return real(slab, kind)
 
     monkeypatch.setattr("unet_pipe.io.downsample2", spy)
+    monkeypatch.setattr("unet_pipe.io.SLAB_VOXELS", 1)  # one z-chunk per band
     assert write_pyramid(group, 3, kind=kind) == 3
     assert max(shape[1] for shape in requested) <= 16 and max(shape[0] for shape in requested) <= 2
     expected = data
@@ -453,3 +454,25 @@ def test_streamed_chunks_are_byte_identical_to_zarr_writes(tmp_path, compression
     dest = staged.commit(pyramid_levels=1)
     np.testing.assert_array_equal(open_image(dest)[:], data)
     np.testing.assert_array_equal(open_image(dest, level=1)[:], downsample2(data[:, :36, :52], "image"))
+
+
+def test_pyramid_bands_span_z_chunks_up_to_the_slab_budget(tmp_path, monkeypatch):
+    """Bands of several z-chunks per zarr call (chunks decoded concurrently), never above SLAB_VOXELS
+    input voxels, with the same levels as one chunk per band."""
+    data = np.random.default_rng(4).integers(0, 255, (7, 40, 24), dtype=np.uint8)
+    levels = {}
+    for budget in (1, 4 * 8 * 24 * 2, 1 << 24):
+        group = zarr.open_group(str(tmp_path / f"{budget}.zarr"), mode="w", zarr_format=2)
+        group.create_array("0", shape=data.shape, chunks=(2, 8, 16), dtype=data.dtype, fill_value=0)[:] = data
+        requested = []
+        monkeypatch.setattr("unet_pipe.io.downsample2", lambda slab, kind: (requested.append(slab.shape),
+                                                                            downsample2(slab, kind))[1])
+        monkeypatch.setattr("unet_pipe.io.SLAB_VOXELS", budget)
+        write_pyramid(group, 2)
+        levels[budget] = [group[str(k)][:] for k in (1, 2)]
+        assert max(z * y * x for z, y, x in requested) <= max(budget, 2 * 16 * 24)
+        level1 = [z for z, _, x in requested if x == 24]  # bands of level 0 -> 1
+        assert max(level1) == (2 if budget == 1 else 4 if budget < 1 << 20 else 7)
+    for budget in levels:
+        for got, want in zip(levels[budget], levels[1]):
+            np.testing.assert_array_equal(got, want)

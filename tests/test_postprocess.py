@@ -171,6 +171,7 @@ def test_postprocess_writes_uint32_labels_like_the_input(tmp_path):
 
 
 def test_postprocess_resumes_with_identical_ids(tmp_path, monkeypatch):
+    monkeypatch.setattr(pp, "slab_depth", lambda chunk, *_: chunk)  # one z-chunk per read: a kill per slab
     stack = synthesize((4, 64, 64), seed=1)
     prob = (stack.labels / 255.0).astype(np.float32)
     src = _write_probabilities(tmp_path / "prob.ome.zarr", prob, chunks=(1, 32, 32))
@@ -250,3 +251,26 @@ def test_threshold_fast_path_equals_the_canonical_relabelling(min_size):
         got = instances_from_probabilities(p, "threshold", 0.5, min_size=min_size)
         assert got.dtype == np.uint32 and expected.max() >= 1
         np.testing.assert_array_equal(got, expected)
+
+
+def test_slabs_are_read_in_runs_with_done_records_per_chunk(tmp_path, monkeypatch):
+    """Runs of z-chunks per zarr call (SLAB_VOXELS) give the ids of one chunk per call; finished slabs
+    (done records per chunk) are never recomputed, and runs never mix done and pending slabs."""
+    class Staged:
+        def __init__(self, done):
+            self.done = done
+
+        def is_done(self, key):
+            return key in self.done
+
+    assert pp._todo_runs(Staged(set()), 7, 2, 4) == [(0, 4, False), (4, 7, False)]
+    assert pp._todo_runs(Staged({"z2-4"}), 7, 2, 6) == [(0, 2, False), (2, 4, True), (4, 7, False)]
+    assert pp._todo_runs(Staged({"z0-1", "z1-2"}), 3, 1, 8) == [(0, 2, True), (2, 3, False)]
+    stack = synthesize((5, 64, 64), seed=2)
+    src = _write_probabilities(tmp_path / "prob.ome.zarr", (stack.labels / 255.0).astype(np.float32),
+                               chunks=(1, 32, 32))
+    batched = open_image(postprocess(src, tmp_path / "runs.ome.zarr", method="watershed"))[:]
+    monkeypatch.setattr(pp, "slab_depth", lambda chunk, *_: chunk)
+    single = open_image(postprocess(src, tmp_path / "single.ome.zarr", method="watershed"))[:]
+    np.testing.assert_array_equal(batched, single)
+    assert batched.max() > 5

@@ -134,8 +134,9 @@ def test_segment_equals_the_three_commands_and_writes_every_output(tmp_path, mod
         summary = json.loads((folder / "summary.json").read_text())
         ids, counts = np.unique(inst[inst > 0], return_counts=True)
         assert summary["objects"] == len(ids) > 0
-        assert summary["sizes"]["area_px"][3] == pytest.approx(np.median(counts))
-        assert summary["sizes"]["area_um2"][6] == pytest.approx(counts.max() * VOXEL[1] * VOXEL[2])
+        assert summary["sizes"]["px"][3] == pytest.approx(np.median(counts))
+        assert summary["sizes"]["um"][6] == pytest.approx(counts.max() * VOXEL[1] * VOXEL[2])
+        assert summary["sizes"]["measure"] == "area" and summary["instances"] == "2d"
         assert sum(summary["sizes"]["histogram"]["counts"]) == len(ids)
         assert summary["voxel_size_um"] == pytest.approx(list(VOXEL))
         assert summary["decisions"]["threshold"] == 0.45 and summary["decisions_source"] == "calibrate"
@@ -143,7 +144,7 @@ def test_segment_equals_the_three_commands_and_writes_every_output(tmp_path, mod
         assert f"{item}: {len(ids)} objects" in stdout
     report = (out / "report.md").read_text()
     assert "| a | 3 × 64 × 72 |" in report and "| b | 2 × 70 × 64 |" in report
-    assert (out / "report_figures" / "a_slices.png").is_file() and (out / "report_figures" / "b_sizes.png").is_file()
+    assert (out / "report_figures" / "a_slices.jpg").is_file() and (out / "report_figures" / "b_sizes.png").is_file()
 
 
 def test_segment_without_decisions_warns_and_states_the_default(tmp_path, run_cli, caplog):
@@ -316,3 +317,35 @@ def test_predict_on_a_tiff_points_to_segment(tmp_path, run_cli):
     code, _, err = run_cli("predict", ckpt, a, tmp_path / "out.ome.zarr")
     assert code == 2 and err.count("\n") == 1
     assert "a.tif: predict reads an ingested OME-Zarr image; segment a TIFF" in err and "unet-pipe segment" in err
+
+
+def test_segment_instances_3d_links_slices_and_measures_volumes(tmp_path, model, run_cli):
+    """--instances 3d: the instances are the 6-connected components of p > threshold over the whole
+    stack (scipy.ndimage.label's partition), whatever --block; the summary measures volumes."""
+    from scipy import ndimage as ndi
+
+    from unet_pipe.instances3d import same_partition
+
+    stack = write_stack(tmp_path / "in" / "a.tif", shape=(4, 64, 72))
+    outs = {}
+    for name, block in (("whole", []), ("blocks", ["--block", 1, 32, 36])):
+        code, stdout, err = run_cli("segment", model, stack, "--out", tmp_path / name, "--instances", "3d",
+                                    "--min-size", 0, "--precision", "float32", "--chunks", "1,32,36", *block)
+        assert code == 0, err
+        folder = tmp_path / name / "a"
+        outs[name] = np.asarray(open_image(folder / "instances.ome.zarr")[:])
+        prob = np.asarray(open_image(folder / "probabilities.ome.zarr")[:], np.float32)
+        expected, n = ndi.label(prob > DECISIONS["threshold"], ndi.generate_binary_structure(3, 1))
+        assert n > 0 and same_partition(outs[name], expected)
+        summary = json.loads((folder / "summary.json").read_text())
+        ids, counts = np.unique(outs[name][outs[name] > 0], return_counts=True)
+        assert summary["instances"] == "3d" and summary["objects"] == len(ids) == n
+        assert summary["objects_per_slice"] is None
+        assert summary["sizes"]["measure"] == "volume" and summary["sizes"]["unit"] == "µm³"
+        assert summary["sizes"]["px"][6] == pytest.approx(counts.max())
+        assert summary["sizes"]["um"][6] == pytest.approx(counts.max() * VOXEL[0] * VOXEL[1] * VOXEL[2])
+        assert "median volume" in stdout and "µm³" in stdout
+        assert "| 3d |" in (tmp_path / name / "report.md").read_text()
+    np.testing.assert_array_equal(outs["whole"], outs["blocks"])
+    code, _, err = run_cli("segment", model, stack, "--out", tmp_path / "bad", "--block", 1, 32, 32)
+    assert code == 2 and err.count("\n") == 1 and "--instances 3d" in err

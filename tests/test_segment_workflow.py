@@ -118,7 +118,7 @@ def test_batch_run_segments_every_dataset_and_adding_one_runs_only_its_jobs(batc
         assert (results / name / "instances.tif").is_file() and (results / name / "view.ome.zarr").is_dir()
     assert summary_row_count(report) == N_DATASETS
     assert reference["objects"] == json.loads((results / "stack03" / "summary.json").read_text())["objects"]
-    assert (results / "report" / "segmentation_figures" / "stack00_slices.png").is_file()
+    assert (results / "report" / "segmentation_figures" / "stack00_slices.jpg").is_file()
     # Nothing left to do; one more dataset plans its own chain and the report only.
     assert "Nothing to be done" in snakemake(batch, "-n").stdout + snakemake(batch, "-n").stderr
     (batch / "batch.yaml").write_text(yaml.safe_dump(batch_config(batch, N_DATASETS + 1)))

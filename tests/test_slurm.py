@@ -657,3 +657,61 @@ def test_demo_dag_through_slurm_equals_local_run(slurm_cluster, tmp_path):
         expected.pop("provenance", None)
         got.pop("provenance", None)
         assert got == expected, name
+
+
+@pytest.mark.slow
+def test_segment_batch_through_slurm_equals_local_run(slurm_cluster, tmp_path):
+    """The batch workflow (segment.model, unlabelled datasets, no training) with `--profile slurm`:
+    every job goes through sbatch (predict on the GPU partition), and the instances, summaries and
+    report table equal those of a local run."""
+    from test_segment import DECISIONS, tiny_checkpoint, write_stack
+    from test_segment_workflow import batch_config
+
+    from unet_pipe.model_bundle import bundle_model
+
+    n = 2  # each SLURM job costs seconds of submission and polling; 2 datasets show the fan-out
+    runs = {}
+    for name in ("local", "slurm"):
+        work = tmp_path / name
+        ckpt = tiny_checkpoint(work / "models" / "checkpoint.pt")
+        bundle_model(ckpt, work / "models" / "model.pt", decisions={**DECISIONS, "source": "calibrate"})
+        for i in range(n):
+            write_stack(work / "new" / f"stack{i:02d}.tif", shape=(2, 64, 64 + 8 * i), seed=i)
+        (work / "batch.yaml").write_text(yaml.safe_dump(batch_config(work, n)))
+        runs[name] = work
+    local = _start_snakemake(runs["local"], runs["local"] / "batch.yaml", slurm_cluster.env,
+                             "--profile", str(REPO / "profiles" / "local"), "--cores", "2")
+    default_partition, per_rule, gpu_rules = _profile_partitions()
+    home = tmp_path / "config-home"
+    installed = _install_profile(
+        home, "slurm", "--partition-cpu", default_partition, "--partition-gpu", per_rule[sorted(gpu_rules)[0]]
+    )
+    assert installed.returncode == 0, installed.stderr
+    slurm = _start_snakemake(runs["slurm"], runs["slurm"] / "batch.yaml",
+                             {**slurm_cluster.env, "XDG_CONFIG_HOME": str(home)}, "--profile", "slurm",
+                             *SLURM_TEST_ARGS)
+    _finish(local, runs["local"])
+    _finish(slurm, runs["slurm"])
+
+    log = _snakemake_log(runs["slurm"])
+    job_rules = _job_rules(runs["slurm"], log)
+    local_jobs = sorted(re.findall(r"^localrule (\w+):", _snakemake_log(runs["local"]), flags=re.M))
+    local_jobs.remove("all")
+    assert "train" not in local_jobs and local_jobs.count("summarize") == n, local_jobs
+    assert sorted(job_rules.values()) == local_jobs, f"submitted to SLURM: {job_rules}\n{log[-3000:]}"
+    queue = slurm_cluster.run("squeue", "--states=all", "--noheader", "--format=%i|%P|%T").stdout
+    seen = {job: (partition, state) for job, partition, state in (line.split("|") for line in queue.split())}
+    for slurm_id, rule in job_rules.items():
+        assert seen.get(slurm_id) == (per_rule.get(rule, default_partition), "COMPLETED"), (slurm_id, rule)
+    assert any(rule in gpu_rules for rule in job_rules.values()), "no job went to the GPU partition"
+
+    local_outputs, slurm_outputs = _outputs(runs["local"] / "results"), _outputs(runs["slurm"] / "results")
+    assert sorted(slurm_outputs) == sorted(local_outputs)
+    assert sum(name.endswith("instances.ome.zarr") for name in local_outputs) == n
+    for name, local_path in local_outputs.items():
+        np.testing.assert_array_equal(_read_array(slurm_outputs[name]), _read_array(local_path), err_msg=name)
+    for summary in sorted((runs["local"] / "results").rglob("summary.json")):
+        expected = json.loads(summary.read_text())
+        got = json.loads((runs["slurm"] / summary.relative_to(runs["local"])).read_text())
+        for key in ("objects", "sizes", "cell_fraction", "decisions", "shape", "voxel_size_um"):
+            assert got[key] == expected[key], (summary, key)

@@ -72,6 +72,13 @@ def add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (one subfolder per input)")
     p.add_argument("--tiff", action="store_true", help="also write instances.tif (ImageJ, with the voxel size)")
     _add_decision_options(p, "the decisions the model carries, else p > 0.5 with a warning")
+    p.add_argument("--instances", choices=("2d", "3d"), default=None,
+                   help="2d: each slice on its own; 3d: 6-connected objects across slices, ids unique in the volume "
+                   "(min size in voxels); default: what the decisions were calibrated for, else 2d")
+    p.add_argument("--block", nargs=3, type=int, metavar=("Z", "Y", "X"),
+                   help="3d: labelling block, multiples of the chunks (default: the chunks grown to ~4 Mvoxels)")
+    p.add_argument("--halo", type=int, default=32,
+                   help="3d watershed: voxels added on each side of a block for its flood (default 32)")
     p.add_argument("--voxel-size", nargs=3, type=float, metavar=("Z", "Y", "X"),
                    help="micrometres, for every INPUT (default: each file's metadata, else the model's)")
     p.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto",
@@ -99,12 +106,15 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from unet_pipe.io import DEFAULT_CHUNKS
     from unet_pipe.model_bundle import override_decisions, read_any_decisions
     from unet_pipe.segment import segment
+    from unet_pipe.summary import size_line
 
     check_option("--threads", args.threads, 1, MAX_THREADS)
     check_option("--workers", args.workers, 1, MAX_THREADS)
     check_option("--pyramid-levels", args.pyramid_levels, 0, MAX_PYRAMID_LEVELS)
     check_option("--figures", args.figures, 0, 100)
     check_option("--tile", args.tile, 1)
+    check_option("--block", args.block, 1, 1 << 30)
+    check_option("--halo", args.halo, 0, 1 << 20)
     _check_voxel_size(args.voxel_size)
     overrides = _decision_overrides(args)
     decisions = None
@@ -117,12 +127,11 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         workers=args.workers, tile=args.tile, tta=args.tta, dtype=args.dtype,
         chunks=args.chunks or DEFAULT_CHUNKS, pyramid_levels=args.pyramid_levels, ngff=ngff_choice(args, None),
         figures=args.figures, overwrite=args.overwrite, progress=progress_enabled(args),
+        instances=args.instances, block=args.block, halo=args.halo,
     )  # fmt: skip
     for s in summaries:  # one line per input on stdout: the short summary
-        areas = s["sizes"]["area_um2"]
-        median = "-" if not areas else f"{areas[3]:.4g}"
         total = sum(v for v in s["seconds"].values() if isinstance(v, (int, float)))
-        print(f"{s['dataset']}: {s['objects']} objects, median area {median} µm², voxel size "
+        print(f"{s['dataset']}: {s['objects']} objects, {size_line(s)}, voxel size "
               f"{' x '.join(f'{v:g}' for v in s['voxel_size_um'])} µm, {total:.1f} s -> {Path(args.out) / s['dataset']}")
     print(f"report: {Path(args.out) / 'report.md'}", file=sys.stdout)
     return 0

@@ -380,11 +380,26 @@ def _existing_levels(group: zarr.Group) -> int:
     return level
 
 
+#: Voxels read or written per zarr call by the slab loops (pyramid, postprocess, summary): zarr decodes
+#: and encodes the chunks of one call concurrently, so one chunk per call left a core idle. Measured on
+#: 30 ISBI slices (2 cores): postprocess 2D 0.43 s with one 512 x 512 chunk per call. A constant, so
+#: memory stays flat in the volume size (about 64 MiB of float32).
+SLAB_VOXELS = 1 << 24
+
+
+def slab_depth(chunk_depth: int, slice_voxels: int, budget: int | None = None) -> int:
+    """Slices per read/write call: a whole number of z-chunks (at least one) of at most ``budget``
+    voxels (default :data:`SLAB_VOXELS`)."""
+    chunk_voxels = max(1, int(chunk_depth) * int(slice_voxels))
+    return int(chunk_depth) * max(1, int(SLAB_VOXELS if budget is None else budget) // chunk_voxels)
+
+
 def write_pyramid(group: zarr.Group, levels: int, kind: str = "image", compression: dict | None = None) -> int:
     """Write ``levels`` 2x (y, x) downsampled arrays "1", "2", ... from array "0".
 
-    Streams one band of output chunk rows at a time (one z-chunk by one
-    y-chunk by the whole width), so memory does not grow with the slice area.
+    Streams one band of output chunk rows at a time (z-chunks up to
+    :data:`SLAB_VOXELS` by one y-chunk by the whole width), so memory does not
+    grow with the volume or the slice area.
     Images are averaged over 2x2 blocks (rounded back to integer dtypes);
     labels take the top-left pixel of each 2x2 block (nearest), which keeps
     label values valid.  Stops early once a level would be smaller than 1
@@ -399,11 +414,12 @@ def write_pyramid(group: zarr.Group, levels: int, kind: str = "image", compressi
             break
         out = _create_level(group, level, (prev.shape[0], ny, nx), base.chunks, prev.dtype, compression)
         cz, cy = out.chunks[0], out.chunks[1]
-        for z0 in range(0, prev.shape[0], cz):
+        dz = slab_depth(cz, 4 * min(cy, ny) * nx)
+        for z0 in range(0, prev.shape[0], dz):
             for y0 in range(0, ny, cy):
                 y1 = min(y0 + cy, ny)
-                band = prev[z0 : z0 + cz, 2 * y0 : 2 * y1, : 2 * nx]
-                out[z0 : z0 + cz, y0:y1] = downsample2(band, kind)
+                band = prev[z0 : z0 + dz, 2 * y0 : 2 * y1, : 2 * nx]
+                out[z0 : z0 + dz, y0:y1] = downsample2(band, kind)
         written = level
     return written
 

@@ -45,7 +45,7 @@ from skimage.segmentation import watershed
 
 from unet_pipe.errors import ConfigError
 from unet_pipe.instances3d import label_volume
-from unet_pipe.io import DEFAULT_NGFF, StagedImage, image_metadata
+from unet_pipe.io import DEFAULT_NGFF, StagedImage, image_metadata, slab_depth
 from unet_pipe.probabilities import as_probability, check_probabilities, needs_range_check, open_probabilities
 from unet_pipe.provenance import input_fingerprint, provenance
 
@@ -191,6 +191,20 @@ def instances_from_stack(
     return out
 
 
+def _todo_runs(staged: Any, depth: int, step: int, run: int) -> list[tuple[int, int, bool]]:
+    """``(z0, z1, done)``: consecutive z-chunk slabs grouped into runs of at most ``run`` slices,
+    finished slabs (per their done records ``z{z0}-{z1}``) and slabs still to do in separate runs."""
+    runs: list[tuple[int, int, bool]] = []
+    for z0 in range(0, depth, step):
+        z1 = min(z0 + step, depth)
+        done = staged.is_done(f"z{z0}-{z1}")
+        if runs and runs[-1][2] == done and runs[-1][1] == z0 and z1 - runs[-1][0] <= run:
+            runs[-1] = (runs[-1][0], z1, done)
+        else:
+            runs.append((z0, z1, done))
+    return runs
+
+
 def postprocess(
     probabilities: str | Path,
     dest: str | Path,
@@ -266,18 +280,18 @@ def postprocess(
     )
     out = staged.array
     step = out.chunks[0]
-    starts = range(0, meta.shape[0], step)
+    # Done records stay per z-chunk slab; the slabs still to do are read and written in runs of up
+    # to SLAB_VOXELS, so zarr decodes and encodes their chunks concurrently.
+    runs = _todo_runs(staged, meta.shape[0], step, slab_depth(step, meta.shape[1] * meta.shape[2]))
     if progress:
         from tqdm import tqdm
 
-        starts = tqdm(starts, unit="slab", desc=f"postprocess {Path(probabilities).name}")
+        runs = tqdm(runs, unit="run", desc=f"postprocess {Path(probabilities).name}")
     try:
         next_id = 1
-        for z0 in starts:
-            z1 = min(z0 + step, meta.shape[0])
-            key = f"z{z0}-{z1}"
-            if staged.is_done(key):
-                # Ids grow with z, so the slab's maximum is the last id used so far.
+        for z0, z1, done in runs:
+            if done:
+                # Ids grow with z, so the slabs' maximum is the last id used so far.
                 next_id = max(next_id, int(np.max(out[z0:z1], initial=0)) + 1)
                 continue
             slab = as_probability(prob[z0:z1], scale)
@@ -293,7 +307,8 @@ def postprocess(
                 min_size=min_size,
             )
             out[z0:z1] = labels
-            staged.mark_done(key)
+            for k0 in range(z0, z1, step):
+                staged.mark_done(f"z{k0}-{min(k0 + step, z1)}")
             next_id = max(next_id, int(labels.max(initial=0)) + 1)
         staged.commit(
             pyramid_levels,

@@ -271,6 +271,9 @@ def segment(
     figures: int = 1,
     overwrite: bool = False,
     progress: bool = False,
+    instances: str | None = None,
+    block: Sequence[int] | None = None,
+    halo: int = 32,
 ) -> list[dict[str, Any]]:
     """Segment every input with ``model`` into ``out_dir/<stem>/`` (see the module docstring);
     returns the summaries, in input order.
@@ -281,11 +284,14 @@ def segment(
     ``instances.tif``; ``voxel_size``: z, y, x µm of every input (default: each file's);
     ``precision``, ``device``, ``threads``, ``workers``, ``tile``, ``tta``, ``dtype``:
     as :func:`unet_pipe.predict.predict`; ``chunks``, ``pyramid_levels``, ``ngff``: the
-    stores'; ``figures``: slices shown per input in ``report.md``.
+    stores'; ``figures``: slices shown per input in ``report.md``; ``instances``: ``2d``
+    (each slice on its own) or ``3d`` (objects linked across slices and blocks; ``block`` and
+    ``halo`` as :func:`unet_pipe.postprocess.postprocess`), default: what the decisions were
+    calibrated for, else ``2d``.
     """
     from unet_pipe.postprocess import postprocess
     from unet_pipe.predict import predict
-    from unet_pipe.summary import summarize, write_summary_report
+    from unet_pipe.summary import size_line, summarize, write_summary_report
     from unet_pipe.view import build_view
 
     out_dir = Path(out_dir)
@@ -303,6 +309,14 @@ def segment(
         chosen = override_decisions(chosen, decision_overrides or {}, model)
     else:
         chosen = {**decisions, "source": decisions.get("source", "given")}
+    calibrated_for = chosen.get("instances")
+    if instances is not None and calibrated_for is not None and instances != calibrated_for:
+        raise InputError(model, f"its decisions were calibrated for instances {calibrated_for}, "
+                         f"not --instances {instances}")
+    instances = instances or calibrated_for or "2d"
+    if instances != "3d" and block is not None:
+        raise InputError(None, "--block needs --instances 3d")
+    options_3d = {"block": block, "halo": halo, "workers": threads or 1} if instances == "3d" else {}
     log.info("%s: %s", model, describe_record({**record, "decisions": chosen}))
     for item in items:
         warning = voxel_size_warning(record, item)
@@ -335,10 +349,11 @@ def segment(
             pyramid_levels=pyramid_levels, progress=progress, ngff=ngff,
         ), resumable=True)  # fmt: skip
         options = {k: chosen[k] for k in ("method", "threshold", "seed_threshold", "seed_prominence", "min_size")}
-        fp_post = _fingerprint("postprocess", fp_predict, options, pyramid_levels, ngff)
+        fp_post = _fingerprint("postprocess", fp_predict, options, pyramid_levels, ngff,
+                               *((instances, block, halo) if instances == "3d" else ()))
         _run_stage(records, "postprocess", fp_post, stores["instances"], overwrite, lambda: postprocess(
             stores["probabilities"], stores["instances"], **options, pyramid_levels=pyramid_levels,
-            overwrite=overwrite, resume=True, progress=progress, ngff=ngff,
+            overwrite=overwrite, resume=True, progress=progress, ngff=ngff, instances=instances, **options_3d,
         ), resumable=True)  # fmt: skip
         _run_stage(records, "view", _fingerprint("view", fp_post), stores["view"], overwrite, lambda: build_view(
             stores["raw"], stores["view"], {"instances": stores["instances"]}, overwrite=overwrite,
@@ -361,8 +376,8 @@ def segment(
         )  # fmt: skip
         summary["seconds"]["summary"] = round(time.perf_counter() - started, 3)
         write_json_atomic(summary_json, summary)
-        log.info("%s: %d objects (median area %s µm²), voxel size %s µm; seconds %s", item.stem, summary["objects"],
-                 _median(summary), summary["voxel_size_um"], summary["seconds"])
+        log.info("%s: %d objects (%s), voxel size %s µm; seconds %s", item.stem, summary["objects"],
+                 size_line(summary), summary["voxel_size_um"], summary["seconds"])
         summaries.append(summary)
     report = out_dir / "report.md"
     if report.exists() and not _is_our_report(report):
@@ -390,11 +405,6 @@ def instances_to_tiff(instances: str | Path, dest: str | Path, overwrite: bool =
     except ValueError as exc:
         raise OutputError(dest, str(exc)) from None
     return write_imagej_labels(open_image(instances), dest, meta.voxel_size, count)
-
-
-def _median(summary: dict[str, Any]) -> str:
-    areas = summary["sizes"]["area_um2"]
-    return "-" if not areas else f"{areas[3]:.4g}"
 
 
 def _is_our_summary(path: Path) -> bool:
