@@ -268,3 +268,85 @@ def test_report_says_where_decisions_were_chosen_and_warns_on_overlap() -> None:
     same = {"dataset": "isbi", "params": {"decisions": {**d, "slices": {"isbi": [25, 30]}}, "val_slices": [25, 30]}}
     assert "those val numbers saw the decisions and are optimistic" in "\n".join(_decisions_lines([same]))
     assert _decisions_lines([{"dataset": "x", "params": {"decisions": None}}]) == []
+
+
+def _stacked_cells() -> tuple[np.ndarray, np.ndarray]:
+    """Two 3D cells stacked in z (slices 0-2 and 4-6 of a 7 x 16 x 16 volume) and a membrane slice
+    between them whose one voxel (3, 8, 8) leaks at p = 0.6: binary truth (255 = cell) and p."""
+    truth = np.zeros((7, 16, 16), np.uint8)
+    truth[0:3, 2:14, 2:14] = 255
+    truth[4:7, 2:14, 2:14] = 255
+    prob = np.where(truth > 0, 0.9, 0.2).astype(np.float32)
+    prob[3, 8, 8] = 0.6
+    return truth, prob
+
+
+def test_3d_decisions_keep_objects_apart_across_slices() -> None:
+    """Slice by slice every threshold in [0.2, 0.9) splits the cells, and the one nearest 0.5 wins
+    (the leak voxel is membrane: no Rand cost, one pixel of error); in 3D, thresholds below 0.6 join
+    the two cells through the leak, so the 3D rule must pick 0.6 or above and says instances 3d."""
+    from unet_pipe.calibrate import calibrate_volumes, instances_3d
+    from unet_pipe.metrics import truth_instances_3d
+
+    truth, prob = _stacked_cells()
+    cells = truth > 0
+    inst3 = truth_instances_3d(cells)
+    assert inst3.max() == 2
+    result = calibrate_volumes([prob], [cells], [inst3])
+    d = result["decisions"]
+    assert d["instances"] == "3d" and d["method"] == "threshold" and d["min_size"] == 0
+    assert d["threshold"] == 0.6 and result["scores"]["rand_error"] == 0.0
+    by_t = {c["threshold"]: c for c in result["candidates"] if c["method"] == "threshold" and c["min_size"] == 0}
+    # merged in 3D: skimage counts voxel pairs, n (n - 1): precision 2*432*431 / (864*863), recall 1
+    precision = 2 * 432 * 431 / (864 * 863)
+    assert by_t[0.5]["rand_error"] == pytest.approx(1 - 2 * precision / (1 + precision))
+    assert result["scales"]["median_volume_voxels"] == 3 * 12 * 12 and result["scales"]["objects"] == 2
+    assert {c["method"] for c in result["candidates"]} == {"threshold", "watershed"}
+    assert instances_3d(prob, "threshold", 0.6).max() == 2 and instances_3d(prob, "threshold", 0.5).max() == 1
+    # min_size in voxels drops small objects, as postprocess --instances 3d does
+    assert instances_3d(prob, "threshold", 0.5, min_size=10_000).max() == 0
+    # the 2D rule, on the same data slice by slice, is satisfied at 0.5's neighbours too
+    flat = calibrate_slices(list(prob), list(cells), [truth_instances_3d(c[None])[0] for c in cells])
+    assert flat["scores"]["rand_error"] == 0.0 and "instances" not in flat["decisions"]
+
+
+def test_cli_calibrate_3d_then_postprocess_follows_the_decisions(tmp_path, run_cli) -> None:
+    """`calibrate --instances 3d` writes decisions that say 3d; `postprocess --decisions` then labels
+    in 3D by itself (and refuses --instances 2d with them); bundle carries them into a model."""
+    from scipy import ndimage as ndi
+
+    truth, prob = _stacked_cells()
+    prob_path = _store(tmp_path / "p.ome.zarr", prob)
+    truth_path = _store(tmp_path / "l.ome.zarr", truth, "labels")
+    out = tmp_path / "decisions.json"
+    code, _, err = run_cli("calibrate", "--probabilities", f"x={prob_path}", "--truth", f"x={truth_path}",
+                           "--slices", "x=0:7", "--instances", "3d", "--out", out)
+    assert code == 0, err
+    data = json.loads(out.read_text())
+    assert data["instances"] == "3d" and data["windows"] == {"x": [[[0, 7], [0, 16], [0, 16]]]}
+    decisions = read_decisions(out)
+    assert decisions["instances"] == "3d" and decisions["threshold"] == 0.6
+    code, _, err = run_cli("postprocess", prob_path, tmp_path / "i.ome.zarr", "--decisions", out)
+    assert code == 0, err
+    got = np.asarray(open_image(tmp_path / "i.ome.zarr")[:])
+    expected, n = ndi.label(prob > 0.6, ndi.generate_binary_structure(3, 1))
+    assert n == 2 and np.array_equal(got > 0, expected > 0) and np.unique(got[got > 0]).size == 2
+    code, _, err = run_cli("postprocess", prob_path, tmp_path / "j.ome.zarr", "--decisions", out,
+                           "--instances", "2d")
+    assert code == 2 and "calibrated for instances 3d" in err and err.count("\n") == 1
+    # 2D decisions files stay as they were: no instances key
+    code, _, err = run_cli("calibrate", "--probabilities", f"x={prob_path}", "--truth", f"x={truth_path}",
+                           "--slices", "x=0:7", "--out", tmp_path / "d2.json")
+    assert code == 0, err
+    assert "instances" not in read_decisions(tmp_path / "d2.json")
+
+
+def test_volume_window_by_hand() -> None:
+    from unet_pipe.calibrate import volume_window
+
+    assert volume_window((5, 100, 80), None) == (slice(0, 100), slice(0, 80))
+    assert volume_window((5, 100, 80), 5 * 100 * 80) == (slice(0, 100), slice(0, 80))
+    wy, wx = volume_window((4, 100, 80), 4 * 40 * 40)  # a centred 40 x 40 square
+    assert (wy, wx) == (slice(30, 70), slice(20, 60))
+    wy, wx = volume_window((2, 10, 1000), 2 * 10 * 300)  # the slice is narrower than the square
+    assert (wy, wx) == (slice(0, 10), slice(350, 650))

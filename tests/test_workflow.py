@@ -367,3 +367,17 @@ def test_cpu_preset_runs_unchanged_on_other_data(tmp_path):
     assert [s["z"] for s in metrics["per_slice"] if s["subset"] == "calibrate"] == [8, 9]
     assert open_image(tmp_path / "results" / "other" / "instances.ome.zarr").shape == (12, 200, 300)
     assert (tmp_path / "results" / "report" / "report.md").exists()
+
+
+def test_instances_3d_with_method_auto_calibrates_in_3d(tmp_path):
+    """postprocess.instances 3d with method auto: calibrate chooses 3D decisions (--instances 3d) and the
+    3D postprocess jobs take them from the decisions file."""
+    cfg = small_config()
+    cfg["postprocess"] = {**cfg.get("postprocess", {}), "instances": "3d", "method": "auto"}
+    proc = run_snakemake(tmp_path, "-n", "-p", "--forceall", config=cfg)
+    lines = (proc.stdout + proc.stderr).splitlines()
+    commands = [line.split("unet-pipe ", 1)[1] for line in lines if "unet-pipe " in line]
+    calibrate = [c for c in commands if c.startswith("calibrate ")]
+    assert len(calibrate) == 1 and "--instances 3d" in calibrate[0], commands
+    post = [c for c in commands if c.startswith("postprocess ")]
+    assert post and all("--decisions" in c and "--instances 3d" in c for c in post), post

@@ -38,6 +38,22 @@ slices that ``evaluate`` reports (the default), those numbers are optimistic;
 ``calibrate.datasets`` gives a separate range (e.g. ISBI: choose on 20-24,
 report on 25-29).
 
+**3D instances** (``instances="3d"``, for ``postprocess --instances 3d``): the
+same rule on volumes instead of slices.  Each dataset's calibration range is
+read as one ``(z, y, x)`` volume; ``volume`` = the median voxel count of the
+truth's 3D objects (binary truth: 6-connected components of its cells, as
+``evaluate`` scores them).  Candidates: 6-connected components of ``p > t`` for
+every ``t`` of the coarse grid with ``min_size`` 0 and ``volume / 20`` voxels,
+and the 3D seeded watershed (seeds: components of ``p > seed_threshold``; no
+prominence, no minimum size, as ``postprocess`` runs it) at the three best
+thresholds with ``seed_threshold = t + f (1 - t)``, ``f`` in {0.5, 0.8}.  Each
+is scored by 1 - the adapted Rand error of ``skimage.metrics`` over the whole
+volume (objects taken whole across slices: the figure ``evaluate`` reports as
+3D), averaged over datasets; ties as above.  The labelling is the whole-volume
+one (``scipy.ndimage.label``), which is the partition the blockwise
+``postprocess`` produces.  The pixel budget bounds each volume by a centred
+``(y, x)`` window over the whole range when it holds more voxels.
+
 Sparse truth (``unlabelled_value``): unlabelled pixels are left out of every
 pixel error (numerator and denominator) and are no truth segment, so the
 foreground-restricted Rand score ignores them as it ignores membrane.
@@ -65,11 +81,13 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+from scipy import ndimage as ndi
 
 from unet_pipe.errors import InputError
 from unet_pipe.evaluate import truth_box, write_json_atomic
 from unet_pipe.io import image_metadata, open_image
-from unet_pipe.metrics import instances_from_binary, rand_error_per_slice
+from unet_pipe.instances3d import SIX_CONNECTED, watershed_reference
+from unet_pipe.metrics import instances_from_binary, rand_error_per_slice, scores_3d, truth_instances_3d
 from unet_pipe.postprocess import METHODS, instances_from_probabilities
 from unet_pipe.probabilities import as_probability, open_probabilities
 from unet_pipe.provenance import provenance
@@ -92,6 +110,7 @@ CRITERION = (
     "cell threshold: lowest pixel error, ties to the threshold nearest 0.5."
 )
 DECISION_KEYS = ("method", "threshold", "seed_threshold", "seed_prominence", "min_size")
+INSTANCE_MODES = ("2d", "3d")
 
 
 def truth_scales(truth_instances: Iterable[np.ndarray]) -> dict[str, float]:
@@ -243,6 +262,157 @@ def calibrate_slices(
     }
 
 
+def _score_3d(
+    params: dict[str, Any],
+    prob: Sequence[np.ndarray],
+    cells: Sequence[np.ndarray],
+    truth: Sequence[np.ndarray],
+    annotated: Sequence[np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """A 3D candidate's mean (over volumes) adapted Rand score and pooled pixel error of its mask."""
+    errors, wrong, total = [], 0, 0
+    for p, c, t, k in zip(prob, cells, truth, _masks(cells, annotated)):
+        inst = instances_3d(p, params["method"], params["threshold"], params.get("seed_threshold", 1.0),
+                            params["min_size"])
+        with np.errstate(invalid="ignore", divide="ignore"):  # skimage divides 0/0 for empty candidates
+            errors.append(scores_3d(inst, t)["are"])
+        w, n = _wrong(inst != 0, c, k)
+        wrong += w
+        total += n
+    finite = [e for e in errors if not math.isnan(e)]
+    rand_error = float(np.mean(finite)) if finite else math.nan
+    pixel = wrong / total if total else math.nan
+    return {**params, "rand_score": 1.0 - rand_error, "rand_error": rand_error, "pixel_error": pixel}
+
+
+def instances_3d(p: np.ndarray, method: str, threshold: float, seed_threshold: float = 1.0,
+                 min_size: int = 0) -> np.ndarray:
+    """Whole-volume 3D instances of ``p``: the partition ``postprocess --instances 3d`` gives block by
+    block (6-connected components of ``p > threshold``, or the seeded watershed), objects smaller than
+    ``min_size`` voxels set to 0."""
+    p = np.asarray(p, dtype=np.float32)
+    if method == "watershed":
+        labels = watershed_reference(p, threshold, seed_threshold)
+    else:
+        labels, _ = ndi.label(p > threshold, structure=SIX_CONNECTED)
+    if min_size > 0 and labels.any():
+        small = np.bincount(labels.ravel()) < min_size
+        small[0] = False
+        labels[small[labels]] = 0
+    return labels
+
+
+def calibrate_volumes(
+    prob: Sequence[np.ndarray],
+    cells: Sequence[np.ndarray],
+    truth: Sequence[np.ndarray],
+    methods: Sequence[str] = METHODS,
+    annotated: Sequence[np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """Choose the decisions for 3D instances on ``(z, y, x)`` volumes (one per dataset): probabilities,
+    truth cell masks, truth 3D instances and optionally annotated masks (see the module docstring).
+
+    Returns what :func:`calibrate_slices` does, the decisions with ``instances: '3d'`` and the
+    scales with ``median_volume_voxels``."""
+    if not prob or len(prob) != len(cells) or len(prob) != len(truth):
+        raise ValueError("need the same positive number of probability, cell and truth volumes")
+    if annotated is not None and not any(np.any(k) for k in annotated):
+        raise InputError(None, "the calibration volumes hold no annotated voxel")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or not methods:
+        raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {list(methods)}")
+    sizes = [np.bincount(np.asarray(t).ravel())[1:] for t in truth]
+    sizes = np.concatenate([v[v > 0] for v in sizes]) if sizes else np.array([])
+    if sizes.size == 0:
+        raise InputError(None, "the calibration volumes hold no truth objects (no cell voxels)")
+    volume = float(np.median(sizes))
+    scales = {"median_volume_voxels": volume, "objects": int(sizes.size),
+              **truth_scales(z for t in truth for z in np.asarray(t))}
+    errors = pixel_errors(prob, cells, CELL_THRESHOLDS, annotated)
+    pixel = [{"threshold": t, "pixel_error": float(e)} for t, e in zip(CELL_THRESHOLDS, errors)]
+    cell = min(pixel, key=lambda c: (c["pixel_error"], abs(c["threshold"] - 0.5)))
+    min_sizes = sorted({0, int(round(MIN_SIZE_FRACTION * volume))})
+    plain = [_score_3d({"method": "threshold", "threshold": t, "min_size": m}, prob, cells, truth, annotated)
+             for t in THRESHOLDS for m in min_sizes]  # fmt: skip
+    candidates = list(plain) if "threshold" in methods else []
+    if "watershed" in methods:
+        ranked = sorted(plain, key=lambda c: (-c["rand_score"] if not math.isnan(c["rand_score"]) else math.inf))
+        for t in list(dict.fromkeys(c["threshold"] for c in ranked))[:WATERSHED_THRESHOLDS]:
+            for f in SEED_FRACTIONS:
+                params = {"method": "watershed", "threshold": t, "seed_threshold": round(t + f * (1 - t), 4),
+                          "min_size": 0}
+                candidates.append(_score_3d(params, prob, cells, truth, annotated))
+    winner = choose(candidates)
+    decisions = {k: winner[k] for k in DECISION_KEYS if k in winner}
+    decisions.setdefault("seed_threshold", max(0.9, decisions["threshold"]))
+    decisions.setdefault("seed_prominence", round(max(PROMINENCE_FRACTIONS[1] * scales["radius_px"], 0.5), 3))
+    decisions["instances"] = "3d"
+    return {
+        "decisions": decisions,
+        "scores": {k: winner[k] for k in ("rand_score", "rand_error", "pixel_error")},
+        "cell_threshold": cell["threshold"],
+        "cell_pixel_error": cell["pixel_error"],
+        "scales": scales,
+        "pixel_candidates": pixel,
+        "candidates": candidates,
+    }
+
+
+def volume_window(shape: Sequence[int], max_voxels: int | None) -> tuple[slice, slice]:
+    """The ``(y, x)`` window of a 3D calibration range of ``shape`` (z, y, x): the whole slices when
+    they fit in ``max_voxels`` (None: no bound), else a centred window, square where the slice allows,
+    of at most ``max_voxels`` over the whole range (objects are cut at its edge in truth and prediction
+    alike)."""
+    nz, h, w = (int(v) for v in shape)
+    if max_voxels is None or nz * h * w <= max_voxels:
+        return slice(0, h), slice(0, w)
+    sy = min(h, max(1, math.isqrt(max(1, int(max_voxels)) // nz)))
+    sx = min(w, max(1, int(max_voxels) // (nz * sy)))
+    y0, x0 = (h - sy) // 2, (w - sx) // 2
+    return slice(y0, y0 + sy), slice(x0, x0 + sx)
+
+
+def load_volume(
+    probabilities: str | Path,
+    truth: str | Path,
+    slices: Sequence[int],
+    truth_mode: str = "binary",
+    foreground_value: int | None = 255,
+    unlabelled_value: int | None = None,
+    max_voxels: int | None = None,
+    windows: list | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The calibration range ``[start, stop)`` of one dataset as ``(z, y, x)`` volumes: probabilities,
+    truth cell mask, truth 3D instances (binary truth: 6-connected components of the cells) and the
+    annotated mask; a centred window (:func:`volume_window`) beyond ``max_voxels``, recorded in
+    ``windows`` as ``[[z0, z1], [y0, y1], [x0, x1]]`` (truth coordinates)."""
+    probabilities, truth = Path(probabilities), Path(truth)
+    prob_arr, scale = open_probabilities(probabilities)
+    truth_meta = image_metadata(truth)
+    box = truth_box(truth_meta, truth, tuple(prob_arr.shape), probabilities)
+    oz = truth_meta.offset[0]
+    start, stop = (int(s) for s in slices)
+    if not oz <= start < stop <= oz + truth_meta.shape[0]:
+        where = f"the stack of {truth_meta.shape[0]}" if oz == 0 else f"the labelled slices [{oz}, {oz + truth_meta.shape[0]})"
+        raise InputError(truth, f"calibration slices [{start}, {stop}) outside {where}")
+    wy, wx = volume_window((stop - start, *truth_meta.shape[1:]), max_voxels)
+    if windows is not None:
+        windows.append([[start, stop], [wy.start, wy.stop], [wx.start, wx.stop]])
+    t = np.asarray(open_image(truth)[start - oz : stop - oz, wy, wx])
+    known = np.ones(t.shape, bool) if unlabelled_value is None else t != unlabelled_value
+    if truth_mode == "binary":
+        cells = ((t == foreground_value) if foreground_value is not None else (t != 0)) & known
+        inst = truth_instances_3d(cells)
+    else:
+        cells = (t != 0) & known
+        inst = np.where(known, t, 0)
+    by, bx = (slice(b.start + w.start, b.start + w.stop) for b, w in zip(box, (wy, wx)))
+    p = as_probability(prob_arr[start:stop, by, bx], scale)
+    if not np.all(np.isfinite(p)):
+        raise InputError(probabilities, f"slices {start}-{stop - 1} hold non-finite probabilities")
+    return p, cells, inst, known
+
+
 def calibration_windows(
     slices: Sequence[int], shape_yx: Sequence[int], max_pixels: int | None
 ) -> list[tuple[int, slice, slice]]:
@@ -329,20 +499,27 @@ def calibrate(
     methods: Sequence[str] = METHODS,
     unlabelled_value: int | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    instances: str = "2d",
 ) -> dict[str, Any]:
     """Choose the decisions on ``{name: {'probabilities': path, 'truth': path, 'slices': [a, b]}}``
     and write them, with every candidate's scores, to ``out_json`` (atomically).
 
-    ``max_pixels`` bounds the pixels scored (split evenly over the datasets; None: all)."""
+    ``max_pixels`` bounds the pixels scored (split evenly over the datasets; None: all);
+    ``instances``: ``2d`` (slice by slice) or ``3d`` (each range as one volume)."""
+    if instances not in INSTANCE_MODES:
+        raise ValueError(f"instances must be one of {INSTANCE_MODES}, got {instances!r}")
     prob, cells, truth, known = [], [], [], []
     inputs: dict[str, Path] = {}
     share = None if max_pixels is None else max(1, int(max_pixels) // max(1, len(datasets)))
     windows: dict[str, list] = {}
     for name, spec in sorted(datasets.items()):
-        p, c, t, k = load_slices(
+        load = load_volume if instances == "3d" else load_slices
+        p, c, t, k = load(
             spec["probabilities"], spec["truth"], spec["slices"], truth_mode, foreground_value, unlabelled_value,
             share, windows.setdefault(name, []),
         )
+        if instances == "3d":
+            p, c, t, k = [p], [c], [t], [k]
         prob += p
         cells += c
         truth += t
@@ -351,8 +528,10 @@ def calibrate(
         inputs[f"{name}.truth"] = Path(spec["truth"])
     if not prob:
         raise InputError(None, "no calibration slices given")
-    result = calibrate_slices(prob, cells, truth, methods, None if unlabelled_value is None else known)
+    choose_on = calibrate_volumes if instances == "3d" else calibrate_slices
+    result = choose_on(prob, cells, truth, methods, None if unlabelled_value is None else known)
     params = {
+        "instances": instances,
         "slices": {name: [int(v) for v in spec["slices"]] for name, spec in sorted(datasets.items())},
         "truth_mode": truth_mode,
         "foreground_value": foreground_value,
@@ -365,8 +544,9 @@ def calibrate(
     write_json_atomic(out_json, out)
     d = result["decisions"]
     log.info(
-        "calibrated on %d slices: cell threshold %.2f (pixel error %.4f); instances %s at %.2f "
-        "(Rand error %.4f)", len(prob), result["cell_threshold"], result["cell_pixel_error"], d["method"],
+        "calibrated (%s) on %d slices: cell threshold %.2f (pixel error %.4f); instances %s at %.2f "
+        "(Rand error %.4f)", instances, sum(len(a) for a in prob) if instances == "3d" else len(prob),
+        result["cell_threshold"], result["cell_pixel_error"], d["method"],
         d["threshold"], result["scores"]["rand_error"],
     )  # fmt: skip
     return out
@@ -405,6 +585,10 @@ def check_decisions(d: Any, where: str | Path | None) -> dict[str, Any]:
     )  # fmt: skip
     if not ok:
         raise InputError(where, "decisions out of range or missing (method, thresholds, prominence, min_size)")
+    if d.get("instances", "2d") not in INSTANCE_MODES:
+        raise InputError(where, f"decisions for instances {d.get('instances')!r}: expected 2d or 3d")
     out = {k: d[k] for k in (*DECISION_KEYS, "cell_threshold")}
     out["min_size"] = int(out["min_size"])
+    if d.get("instances", "2d") == "3d":  # 2D decisions stay as they were written (no key)
+        out["instances"] = "3d"
     return out

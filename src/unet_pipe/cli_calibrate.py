@@ -42,6 +42,11 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
         "--methods", default="threshold,watershed", help="instance methods to consider (default: threshold,watershed)"
     )
     p.add_argument(
+        "--instances", choices=("2d", "3d"), default="2d",
+        help="2d: choose slice by slice (postprocess's default); 3d: each range as one volume, scored by the 3D "
+        "adapted Rand error, for postprocess --instances 3d (the decisions say so)",
+    )
+    p.add_argument(
         "--max-pixels", type=int, metavar="N",
         help="score at most N pixels, sampled by a fixed rule when the slices hold more (default 4194304; 0: all)",
     )  # fmt: skip
@@ -72,7 +77,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else (args.max_pixels or None)
     calibrate(
         datasets, args.out, truth_mode=args.truth_mode, foreground_value=args.foreground_value, methods=methods,
-        unlabelled_value=args.unlabelled_value, max_pixels=max_pixels,
+        unlabelled_value=args.unlabelled_value, max_pixels=max_pixels, instances=args.instances,
     )
     log.info("wrote %s", args.out)
     return 0

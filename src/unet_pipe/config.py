@@ -181,9 +181,6 @@ def check_workflow(config: dict, source: str | Path | None = None) -> None:
             "dataset has a 'val' range and 'calibrate.datasets' is empty; add one, or set the method to "
             "threshold or watershed with its parameters"
         )
-    if config["postprocess"]["instances"] == "3d" and config["postprocess"]["method"] == "auto":
-        raise ConfigError(source, "key 'postprocess.instances': 3d needs postprocess.method threshold or watershed "
-                          "with its parameters (calibration chooses 2D decisions only, so far)")
     if config["postprocess"]["instances"] == "3d" and config["postprocess"]["min_size"] and (
         config["postprocess"]["method"] == "watershed"
     ):

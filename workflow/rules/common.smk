@@ -295,6 +295,8 @@ def calibrate_args(wildcards):
         args.append(unlabelled_flag().strip())
     args.append(f"--methods {','.join(config['calibrate']['methods'])}")
     args.append(f"--max-pixels {int(config['calibrate']['max_pixels'])}")
+    if config["postprocess"]["instances"] == "3d":
+        args.append("--instances 3d")
     return " ".join(args)
 
 
