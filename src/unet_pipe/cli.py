@@ -29,6 +29,7 @@ from unet_pipe.cli_export import add_export
 from unet_pipe.cli_view import add_view
 from unet_pipe.cli_model import add_predict, add_train
 from unet_pipe.cli_segment import add_bundle, add_segment, add_summarize, add_tiff
+from unet_pipe.determinism import help_text
 from unet_pipe.errors import UnetPipeError, error_lines
 
 log = logging.getLogger("unet_pipe")
@@ -98,6 +99,7 @@ def _add_postprocess(sub: argparse._SubParsersAction) -> None:
             "Writes uint32 ids unique across the stack (0 = membrane) to DEST as an OME-Zarr label "
             "image with the chunks of PROB. An interrupted run resumes where it stopped."
         ),
+        epilog=help_text("postprocess"),
     )
     p.add_argument("probabilities", metavar="PROB.ome.zarr", type=Path)
     p.add_argument("dest", metavar="DEST.ome.zarr", type=Path)
