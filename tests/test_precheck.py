@@ -76,6 +76,22 @@ def test_duplicates_in_every_overlay_at_once(tmp_path):
     assert [e.path for e in info.value.errors] == [str(a), str(b)]
 
 
+def test_each_problem_names_the_overlay_that_gave_its_key(tmp_path):
+    preset, mine = tmp_path / "preset.yaml", tmp_path / "mine.yaml"
+    cfg = small_config()
+    cfg["weights"]["sigma"] = "five"
+    write_yaml(preset, cfg)
+    write_yaml(mine, {"train": {"step": 5, "tile": 92}})
+    with pytest.raises(ConfigErrors) as info:
+        precheck([preset, mine], check_inputs=False)
+    assert problems(info.value) == [f"{mine}: unknown key 'train.step' (did you mean 'train.steps'?)",
+                                    f"{preset}: key 'weights.sigma': 'five' is not of type 'number'"]
+    with pytest.raises(ConfigErrors) as info:  # --config (Snakemake's) last: its sigma counts
+        precheck([mine, preset], {"weights": {"sigma": 2}, "seed": -1}, check_inputs=False)
+    assert problems(info.value) == ["--config: key 'seed': -1 is less than the minimum of 0",
+                                    f"{mine}: unknown key 'train.step' (did you mean 'train.steps'?)"]
+
+
 # ---------------------------------------------------------------- unknown keys, several problems
 
 
@@ -257,3 +273,21 @@ def test_error_lines_one_per_problem():
     assert error_lines(ConfigError("c.yaml", "p")) == ["unet-pipe: error: c.yaml: p"]
     copied = copy.deepcopy(many)  # pickles (dask workers) with every problem
     assert [str(e) for e in copied.errors] == [str(e) for e in many.errors]
+
+
+def test_the_workflow_names_overlays_and_its_config_option(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    cfg = small_config()
+    cfg["weights"]["sigma"] = "five"
+    write_yaml(tmp_path / "preset.yaml", cfg)
+    write_yaml(tmp_path / "mine.yaml", {"train": {"step": 5}})
+    assert main(["check-config", "preset.yaml", "mine.yaml"]) == 2
+    cli = capsys.readouterr().err.splitlines()
+    assert cli == ["unet-pipe: error: mine.yaml: unknown key 'train.step' (did you mean 'train.steps'?)",
+                   "unet-pipe: error: preset.yaml: key 'weights.sigma': 'five' is not of type 'number'"]
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.run([str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+                           "-n", "--configfile", "preset.yaml", "mine.yaml", "--config", "seed=-1"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    workflow = [line for line in proc.stderr.splitlines() if line.startswith("unet-pipe: error: ")]
+    assert workflow == ["unet-pipe: error: --config: key 'seed': -1 is less than the minimum of 0", *cli]

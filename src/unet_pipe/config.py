@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -530,24 +531,61 @@ def precheck(
     names exists; with ``read_inputs`` the inputs' headers (shapes, dtypes, slice ranges,
     label values, ``train.init_from``'s architecture; no pixel read); last the workflow's own
     needs (:func:`check_workflow`).  Raises every problem of the failing stage at once
-    (:class:`ConfigErrors`, one line each); returns the validated config with defaults and
-    the automatic split filled, and the lines saying what was chosen automatically.
+    (:class:`ConfigErrors`, one line each), each naming the file that gave its key
+    (``--config`` for ``overrides``; :func:`_attribute`); returns the validated config with
+    defaults and the automatic split filled, and the lines saying what was chosen automatically.
     """
     if not paths:
         raise ConfigError(None, "no config file given")
     layers = _read_layers(paths)
+    names = [str(p) for p in paths]
     if overrides:
         layers.append(dict(overrides))
+        names.append("--config")
     source = config_source(list(paths))
-    config = validate_config(compose_configs(layers), source)
-    said: list[str] = []
-    if check_inputs:
-        raise_all(_missing_inputs(config, base, source))
-        if read_inputs:
-            raise_all(_input_problems(config, base, source))
-        said = fill_default_splits(config, base, source)
-    raise_all(_workflow_problems(config, source))
-    return config, said
+    try:
+        config = validate_config(compose_configs(layers), source)
+        said: list[str] = []
+        if check_inputs:
+            raise_all(_missing_inputs(config, base, source))
+            if read_inputs:
+                raise_all(_input_problems(config, base, source))
+            said = fill_default_splits(config, base, source)
+        raise_all(_workflow_problems(config, source))
+        return config, said
+    except UnetPipeError as exc:
+        found = getattr(exc, "errors", [exc])
+    raise_all(_attribute(err, layers, names, source) for err in found)
+
+
+_KEY_IN_PROBLEM = re.compile(r"^(?:unknown )?key '([^']+)'")
+
+
+def _attribute(error: UnetPipeError, layers: list[dict], names: list[str], source: str) -> UnetPipeError:
+    """``error`` naming the layer that gave its key rather than the whole composition ``a.yaml+b.yaml``.
+
+    The layer holding the longest part of the key's path wins, the later one on a tie (it is the
+    one that counts); for a key of a dataset map only layers from the last one giving
+    ``datasets`` on count (earlier ones were discarded, :func:`compose_configs`).  A problem
+    naming another file, or a key no layer gives (a default), is left as it is.
+    """
+    match = _KEY_IN_PROBLEM.match(error.problem)
+    if error.path != source or len(layers) < 2 or match is None:
+        return error
+    parts = match.group(1).split(".")
+    first = 0
+    if ".".join(parts[:2]) in DATASET_MAPS[1:]:
+        first = max((i for i, layer in enumerate(layers) if "datasets" in layer), default=0)
+    best, depth = None, 0
+    for i in range(first, len(layers)):
+        node, held = layers[i], 0
+        for part in parts:
+            if not isinstance(node, dict) or part not in node:
+                break
+            node, held = node[part], held + 1
+        if held and held >= depth:
+            best, depth = i, held
+    return error if best is None else type(error)(names[best], error.problem)
 
 
 def load_config(path: str | Path, check_inputs: bool = True) -> dict:
