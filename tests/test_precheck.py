@@ -90,6 +90,12 @@ def test_each_problem_names_the_overlay_that_gave_its_key(tmp_path):
         precheck([mine, preset], {"weights": {"sigma": 2}, "seed": -1}, check_inputs=False)
     assert problems(info.value) == ["--config: key 'seed': -1 is less than the minimum of 0",
                                     f"{mine}: unknown key 'train.step' (did you mean 'train.steps'?)"]
+    # A key that no file gives (a default): the composed files are named.
+    write_yaml(preset, {"datasets": {"a": {"synthetic": {}}}, "train": {"datasets": {"a": {"train": [0, 3]}}}})
+    write_yaml(mine, {"seed": 1})
+    with pytest.raises(ConfigError) as info:
+        precheck([preset, mine], check_inputs=False)
+    assert problems(info.value)[0].startswith(f"{preset}+{mine}: key 'postprocess.method': auto chooses")
 
 
 # ---------------------------------------------------------------- unknown keys, several problems
