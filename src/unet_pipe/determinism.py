@@ -58,20 +58,20 @@ STATEMENTS: tuple[Statement, ...] = (
         ("tests/test_predict.py::test_cuda_gives_the_cpu_result",),
     ),
     Statement(
-        "postprocess", "any (NumPy/SciPy on the CPU)",
+        "postprocess", "CPU (NumPy/SciPy; no precision choice)",
         "2d: each slice on its own (no block or worker choice); a resumed run writes the same ids as an "
         "uninterrupted one",
         ("tests/test_postprocess.py::test_postprocess_resumes_with_identical_ids",),
     ),
     Statement(
-        "postprocess", "any (NumPy/SciPy on the CPU)",
+        "postprocess", "CPU (NumPy/SciPy; no precision choice)",
         "3d: instance ids are bit-identical across --threads and sharded --step runs, for one --block",
         ("tests/test_instances3d.py::test_worker_count_does_not_change_the_result",
          "tests/test_instances3d.py::test_sharded_steps_equal_one_run",
          "tests/test_determinism.py::test_3d_watershed_ids_are_bit_identical_across_threads"),
     ),
     Statement(
-        "postprocess", "any (NumPy/SciPy on the CPU)",
+        "postprocess", "CPU (NumPy/SciPy; no precision choice)",
         "3d: another --block gives the same objects as labelling the whole volume at once (the same voxels "
         "grouped the same way, ids 1..N), though the ids may be numbered differently; the watershed does so "
         "wherever every cell near a block fits in the block grown by --halo",
@@ -80,8 +80,9 @@ STATEMENTS: tuple[Statement, ...] = (
     ),
     Statement(
         "train", "CPU float32 and bfloat16",
-        "two runs with one seed and one --threads give bit-identical checkpoints and logs; --resume continues "
-        "bit-identically to an uninterrupted run",
+        "two runs with one seed and one --threads give bit-identical checkpoints and logs (the default is every "
+        "core this process may use: give --threads to fix it); --resume continues bit-identically to an "
+        "uninterrupted run",
         ("tests/test_train.py::test_two_runs_are_bit_identical_and_csv_is_complete",
          "tests/test_train.py::test_resume_is_bit_identical",
          "tests/test_precision.py::test_bf16_training_reruns_bit_identically_and_records_its_precision",
