@@ -58,7 +58,7 @@ def test_bad_config_stops_before_any_job(tmp_path):
     cfg["weights"]["sigmaa"] = 3
     proc = run_snakemake(tmp_path, "--cores", "1", config=cfg, check=False)
     assert proc.returncode != 0
-    assert "unet-pipe: error: config: unknown key 'weights.sigmaa'" in proc.stderr
+    assert "unet-pipe: error: config/config.yaml: unknown key 'weights.sigmaa' (did you mean 'weights.sigma'?)" in proc.stderr
     assert not (tmp_path / "results").exists()
 
 
@@ -111,13 +111,16 @@ def test_configfiles_compose_as_overlays(tmp_path):
 
 
 def test_init_from_is_an_input_of_train(tmp_path):
-    """train.init_from is a file input of rule train: missing, the DAG names it; present, train lists it."""
+    """train.init_from is a file input of rule train: missing, the pre-check names the key; present, train lists it."""
+    from unet_pipe.model import UNet, save_checkpoint
+
     cfg = small_config()
     cfg["train"]["init_from"] = "pretrained/model.pt"
     proc = run_snakemake(tmp_path, "-n", config=cfg, check=False)
-    assert proc.returncode != 0 and "pretrained/model.pt" in proc.stdout + proc.stderr
-    (tmp_path / "pretrained").mkdir()
-    (tmp_path / "pretrained" / "model.pt").write_bytes(b"")
+    assert proc.returncode != 0
+    assert ("unet-pipe: error: config/config.yaml: key 'train.init_from': 'pretrained/model.pt' is not a file"
+            in proc.stderr)
+    save_checkpoint(tmp_path / "pretrained" / "model.pt", UNet(**cfg["model"]))  # the pre-check reads its arch
     text = run_snakemake(tmp_path, "-n", config=cfg).stdout
     train_job = text[text.index("rule train:"):].split("\n\n")[0]
     assert re.search(r"input: .*pretrained/model\.pt", train_job), train_job

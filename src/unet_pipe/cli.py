@@ -29,7 +29,8 @@ from unet_pipe.cli_export import add_export
 from unet_pipe.cli_view import add_view
 from unet_pipe.cli_model import add_predict, add_train
 from unet_pipe.cli_segment import add_bundle, add_segment, add_summarize, add_tiff
-from unet_pipe.errors import UnetPipeError
+from unet_pipe.determinism import help_text
+from unet_pipe.errors import UnetPipeError, error_lines
 
 log = logging.getLogger("unet_pipe")
 
@@ -98,6 +99,7 @@ def _add_postprocess(sub: argparse._SubParsersAction) -> None:
             "Writes uint32 ids unique across the stack (0 = membrane) to DEST as an OME-Zarr label "
             "image with the chunks of PROB. An interrupted run resumes where it stopped."
         ),
+        epilog=help_text("postprocess"),
     )
     p.add_argument("probabilities", metavar="PROB.ome.zarr", type=Path)
     p.add_argument("dest", metavar="DEST.ome.zarr", type=Path)
@@ -419,7 +421,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _guard_outputs(args):
             return int(args.func(args) or 0)
     except UnetPipeError as exc:
-        print(f"unet-pipe: error: {exc}{getattr(exc, 'leftover', '')}", file=sys.stderr)
+        lines = error_lines(exc)
+        lines[-1] += getattr(exc, "leftover", "")
+        print("\n".join(lines), file=sys.stderr)
         return 2
     except OSError as exc:
         # The environment, not a bug: a full disk (ENOSPC), a folder made read-only, an I/O error.

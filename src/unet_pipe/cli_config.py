@@ -27,20 +27,27 @@ def add_check_config(sub: argparse._SubParsersAction) -> None:
             "Validate CONFIG.yaml against the schema. Several files are composed in order as "
             "`snakemake --configfile A.yaml B.yaml` composes them: dataset maps (datasets, "
             "train.datasets, predict.datasets, calibrate.datasets) of a later file replace the earlier ones, every other "
-            "section merges key by key (lists and values replaced). --print shows the result."
+            "section merges key by key (lists and values replaced). --print shows the result. "
+            "It finds what the workflow's own pre-check finds (the same function), every problem at once, "
+            "one line each: YAML errors and duplicate keys, unknown keys (with the closest known one), "
+            "the checks between keys, input files that do not exist, and from the inputs' headers (no pixel "
+            "read) slice ranges beyond a stack, labels that do not fit the raw stack or cannot hold the "
+            "configured class values, and a train.init_from of another architecture."
         ),
     )
     p.add_argument("config", metavar="CONFIG.yaml", nargs="+")
     p.add_argument("--print", action="store_true", help="print the composed config (defaults filled) as YAML")
-    p.add_argument("--no-inputs", action="store_true", help="do not check that input TIFF paths exist")
+    p.add_argument("--no-inputs", action="store_true", help="do not check the input files (existence, headers, train.init_from)")
     p.set_defaults(func=_cmd_check_config)
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    from unet_pipe.config import check_workflow, config_source, load_configs
+    from unet_pipe.config import config_source, precheck
 
-    config = load_configs(args.config, check_inputs=not args.no_inputs)
-    check_workflow(config, config_source(args.config))
+    # The workflow's pre-check (workflow/rules/common.smk) calls the same function.
+    config, said = precheck(args.config, check_inputs=not args.no_inputs)
+    for line in said:
+        log.info("%s", line)
     if args.print:
         import yaml
 

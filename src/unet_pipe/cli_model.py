@@ -10,6 +10,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from unet_pipe.determinism import help_text
 from unet_pipe.errors import UnetPipeError
 
 log = logging.getLogger("unet_pipe")
@@ -29,6 +30,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
             "periodic checkpoints to OUT.partial and the final one to OUT (atomically); --resume "
             "continues an interrupted or finished run exactly (bit-identical on the CPU)."
         ),
+        epilog=help_text("train"),
     )
     p.add_argument("config", metavar="CONFIG.yaml", nargs="?")
     p.add_argument(
@@ -136,10 +138,12 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
         help="overlap-tile inference: probabilities OME-Zarr from a checkpoint and a raw stack",
         description=(
             "Predict the foreground (cell) probability of RAW with the U-Net in CHECKPOINT into the OME-Zarr DEST "
-            "(same shape, chunks and voxel size), block by block with Dask. Borders are mirrored; the result does "
-            "not depend on tile, block or worker count. An interrupted run resumes from its finished blocks. "
+            "(same shape, chunks and voxel size), block by block with Dask. Borders are mirrored; tiles lie on the "
+            "pooling grid, so a tiled result equals the whole-slice forward pass (see Determinism below). An "
+            "interrupted run resumes from its finished blocks. "
             "Sharded (e.g. SLURM) runs: --prepare once, then --shard I N per job, then --finalize."
         ),
+        epilog=help_text("predict"),
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT", type=Path)
     p.add_argument("raw", metavar="RAW.ome.zarr", type=Path)

@@ -42,3 +42,23 @@ class CheckpointError(UnetPipeError):
 
 class OutputError(UnetPipeError):
     """An output path holds something that must not be overwritten."""
+
+
+class ConfigErrors(ConfigError):
+    """Every problem found in a configuration at once; the CLI prints one line per problem.
+
+    Reads as its first problem (``path``, ``problem``, ``str``), so code that expects one
+    :class:`ConfigError` keeps working; ``errors`` holds them all, in the order found.
+    """
+
+    def __init__(self, errors: list[UnetPipeError]) -> None:
+        self.errors = list(errors)
+        super().__init__(self.errors[0].path, self.errors[0].problem)
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.errors,))
+
+
+def error_lines(exc: UnetPipeError) -> list[str]:
+    """The lines ``unet-pipe: error: <file>: <problem>`` of an error: one per problem."""
+    return [f"unet-pipe: error: {err}" for err in getattr(exc, "errors", [exc])]

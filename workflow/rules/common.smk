@@ -1,4 +1,5 @@
 # Config validation, paths, input functions and target lists shared by the rules.
+import os
 import sys
 from pathlib import Path
 
@@ -7,39 +8,31 @@ from snakemake.utils import validate
 from unet_pipe.config import (
     applies_model,
     calibration_slices,
-    check_input_stacks,
-    check_workflow,
-    check_inputs_exist,
-    compose_configs,
-    fill_default_splits,
     is_labelled,
-    read_config_file,
-    validate_config,
+    precheck,
 )
-from unet_pipe.errors import UnetPipeError
+from unet_pipe.errors import UnetPipeError, error_lines
 
-# One clear line for a bad config or an unreadable TIFF, before any job starts.
-# TIFF headers are checked once, by the main Snakemake process (not in every job); only the
-# automatic split (train.datasets empty) reads the label headers in every process.
+# Every problem of the config and its inputs, one line each, before any job starts: the same
+# function as `unet-pipe check-config` (unet_pipe.config.precheck), so both find the same.
+# Snakemake deep-merges several --configfile files, so a preset's dataset would leak into a
+# user's run: precheck composes them again by unet-pipe's rule (dataset maps replaced, other
+# sections merged key by key), with --config key=value as the last layer.
+# workflow.configfiles: the --configfile files, else the Snakefile's demo default.
+# Input headers (and train.init_from) are read once, by the main Snakemake process (not in every
+# job); the automatic split (train.datasets empty) reads the label headers in every process.
+# Snakemake gives the config files as absolute paths: named relative to the working directory
+# (as the user typed them, and as check-config names them) where they lie inside it.
+_configfiles = [os.path.relpath(p) if not os.path.relpath(p).startswith("..") else p for p in workflow.configfiles]
 try:
-    # Snakemake deep-merges several --configfile files, so a preset's dataset
-    # would leak into a user's run: compose them again by unet-pipe's rule
-    # (unet_pipe.config.compose_configs: dataset maps replaced, other sections
-    # merged key by key), with --config key=value as the last layer.
-    # workflow.configfiles: the --configfile files, else the Snakefile's demo default.
-    _layers = [read_config_file(path) for path in workflow.configfiles]
-    _layers.append(dict(workflow.config_settings.config))
-    _validated = validate_config(compose_configs(_layers), source="config")
-    check_inputs_exist(_validated, source="config")
+    _validated, _said = precheck(
+        _configfiles, dict(workflow.config_settings.config), read_inputs=workflow.is_main_process
+    )
     if workflow.is_main_process:
-        check_input_stacks(_validated)
-    # Every process (a SLURM job parses the Snakefile again) makes the same split from headers.
-    for _line in fill_default_splits(_validated, source="config"):
-        if workflow.is_main_process:
+        for _line in _said:
             print(f"unet-pipe: {_line}", file=sys.stderr)
-    check_workflow(_validated, source="config")
 except UnetPipeError as _err:
-    sys.exit(f"unet-pipe: error: {_err}")
+    sys.exit("\n".join(error_lines(_err)))
 config.clear()
 config.update(_validated)
 # The Snakemake-native check against the same schema (fills nothing new).
