@@ -125,8 +125,9 @@ def synthesize_3d(
     # Gaps: faint spots in the membrane (the truth keeps them membrane: a leak for p > t components).
     gray_membrane = np.ones(cells.shape, np.float32)
     membrane_points = np.argwhere(membrane)
-    n_gaps = rng.poisson(p.gaps_per_cell * len(ids)) if len(membrane_points) else 0
-    for centre in membrane_points[rng.integers(0, len(membrane_points), n_gaps)] if n_gaps else []:
+    gap_rng = np.random.default_rng([seed, 1])  # its own stream: the gaps change nothing else
+    n_gaps = gap_rng.poisson(p.gaps_per_cell * len(ids)) if len(membrane_points) else 0
+    for centre in membrane_points[gap_rng.integers(0, len(membrane_points), n_gaps)] if n_gaps else []:
         lo = np.maximum(centre - int(np.ceil(p.gap_radius)), 0)
         hi = np.minimum(centre + int(np.ceil(p.gap_radius)) + 1, cells.shape)
         sl = tuple(slice(a, b) for a, b in zip(lo, hi))
