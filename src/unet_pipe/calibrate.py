@@ -72,6 +72,7 @@ from unet_pipe.io import image_metadata, open_image
 from unet_pipe.metrics import instances_from_binary, rand_error_per_slice
 from unet_pipe.postprocess import METHODS, instances_from_probabilities
 from unet_pipe.probabilities import as_probability, open_probabilities
+from unet_pipe.progress import progress_bar
 from unet_pipe.provenance import provenance
 
 log = logging.getLogger(__name__)
@@ -189,9 +190,11 @@ def calibrate_slices(
     truth: Sequence[np.ndarray],
     methods: Sequence[str] = METHODS,
     annotated: Sequence[np.ndarray] | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Choose the decisions on 2D slices: probabilities, truth cell masks, truth instances,
     and optionally the annotated-pixel masks (sparse truth; None: every pixel is annotated).
+    ``progress``: candidates scored, with an ETA (:mod:`unet_pipe.progress`).
 
     Returns ``{'decisions', 'cell_threshold', 'scales', 'pixel_candidates',
     'candidates'}`` (see the module docstring for the rule).
@@ -211,8 +214,19 @@ def calibrate_slices(
     cell = min(pixel, key=lambda c: (c["pixel_error"], abs(c["threshold"] - 0.5)))
     min_sizes = sorted({0, int(round(MIN_SIZE_FRACTION * scales["median_area_px"]))})
     candidates = []
+    watershed = "watershed" in methods
+    n_plain = len(THRESHOLDS) * len(min_sizes) if "threshold" in methods or watershed else 0
+    n_watershed = (min(WATERSHED_THRESHOLDS, len(set(THRESHOLDS))) * len(SEED_FRACTIONS) * len(PROMINENCE_FRACTIONS)
+                   * len(min_sizes)) if watershed else 0  # fmt: skip
+    bar = progress_bar(total=n_plain + n_watershed, desc="calibrate", unit="candidate", enabled=progress)
+
+    def score(params: dict[str, Any], *args: Any) -> dict[str, Any]:
+        scored = _score(params, *args)
+        bar.update(1)
+        return scored
+
     if "threshold" in methods or "watershed" in methods:
-        plain = [_score({"method": "threshold", "threshold": t, "min_size": m}, prob, cells, truth, annotated)
+        plain = [score({"method": "threshold", "threshold": t, "min_size": m}, prob, cells, truth, annotated)
                  for t in THRESHOLDS for m in min_sizes]  # fmt: skip
         if "threshold" in methods:
             candidates += plain
@@ -227,7 +241,8 @@ def calibrate_slices(
                             "method": "watershed", "threshold": t, "seed_threshold": round(t + f * (1 - t), 4),
                             "seed_prominence": round(max(g * scales["radius_px"], 0.5), 3), "min_size": m,
                         }  # fmt: skip
-                        candidates.append(_score(params, prob, cells, truth, annotated))
+                        candidates.append(score(params, prob, cells, truth, annotated))
+    bar.close()
     winner = choose(candidates)
     decisions = {k: winner[k] for k in DECISION_KEYS if k in winner}
     decisions.setdefault("seed_threshold", max(0.9, decisions["threshold"]))
@@ -329,6 +344,7 @@ def calibrate(
     methods: Sequence[str] = METHODS,
     unlabelled_value: int | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Choose the decisions on ``{name: {'probabilities': path, 'truth': path, 'slices': [a, b]}}``
     and write them, with every candidate's scores, to ``out_json`` (atomically).
@@ -351,7 +367,7 @@ def calibrate(
         inputs[f"{name}.truth"] = Path(spec["truth"])
     if not prob:
         raise InputError(None, "no calibration slices given")
-    result = calibrate_slices(prob, cells, truth, methods, None if unlabelled_value is None else known)
+    result = calibrate_slices(prob, cells, truth, methods, None if unlabelled_value is None else known, progress)
     params = {
         "slices": {name: [int(v) for v in spec["slices"]] for name, spec in sorted(datasets.items())},
         "truth_mode": truth_mode,

@@ -76,6 +76,7 @@ import zarr
 from unet_pipe.errors import ConfigError, InputError, OutputError
 from unet_pipe.io import DEFAULT_NGFF, StagedImage, image_metadata
 from unet_pipe.probabilities import as_probability, check_probabilities, needs_range_check, open_probabilities
+from unet_pipe.progress import progress_bar
 from unet_pipe.provenance import input_fingerprint, provenance
 from unet_pipe.safety import ATTRS_KEY
 from unet_pipe.tiling import Roi
@@ -639,9 +640,7 @@ def _staging_matches(dest: Path, fingerprint: str) -> bool:
 def _progress_bar(enabled: bool, dest: Path) -> Any:
     if not enabled:
         return None
-    from tqdm import tqdm
-
-    bar = tqdm(unit="vox", unit_scale=True, desc=f"instances 3d {dest.name}")
+    bar = progress_bar(unit="vox", unit_scale=True, desc=f"instances 3d {dest.name}")
     return bar.update
 
 

@@ -47,6 +47,7 @@ from unet_pipe.errors import ConfigError
 from unet_pipe.instances3d import label_volume
 from unet_pipe.io import DEFAULT_NGFF, StagedImage, image_metadata
 from unet_pipe.probabilities import as_probability, check_probabilities, needs_range_check, open_probabilities
+from unet_pipe.progress import progress_bar
 from unet_pipe.provenance import input_fingerprint, provenance
 
 log = logging.getLogger(__name__)
@@ -268,9 +269,7 @@ def postprocess(
     step = out.chunks[0]
     starts = range(0, meta.shape[0], step)
     if progress:
-        from tqdm import tqdm
-
-        starts = tqdm(starts, unit="slab", desc=f"postprocess {Path(probabilities).name}")
+        starts = progress_bar(starts, unit="slab", desc=f"postprocess {Path(probabilities).name}")
     try:
         next_id = 1
         for z0 in starts:
