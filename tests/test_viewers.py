@@ -234,3 +234,16 @@ def test_view_places_a_cropped_sparse_label_store_at_its_offset(stores, tmp_path
     code, _, err = run_cli("view", stores["raw"], tmp_path / "w.ome.zarr", "--labels", f"s={outside}")
     assert code == 2 and "shape (1, 4, 6) at offset [1, 5, 2] does not lie inside (2, 8, 8)" in err
     assert not (tmp_path / "w.ome.zarr").exists()
+
+
+def test_view_rule_shows_the_unlabelled_value_transparent(tmp_path):
+    """weights.unlabelled_value reaches the view job as --unlabelled labels=V (the truth layer only)."""
+    from test_workflow import run_snakemake, small_config
+
+    cfg = small_config()
+    cfg["weights"]["unlabelled_value"] = 128
+    proc = run_snakemake(tmp_path, "-n", "-p", "results/demo/view.ome.zarr", config=cfg)
+    view = [line for line in proc.stdout.splitlines() if line.startswith("Shell command: unet-pipe view ")]
+    assert len(view) == 1 and " --unlabelled labels=128 " in view[0], view
+    proc = run_snakemake(tmp_path, "-n", "-p", "results/demo/view.ome.zarr", config=small_config())
+    assert "--unlabelled" not in proc.stdout

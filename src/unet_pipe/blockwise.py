@@ -353,9 +353,8 @@ def compute_block(job: BlockJob, block: tuple[tuple[int, ...], tuple[int, ...]])
 class _Progress:
     """Blocks done, voxels/s and ETA on stderr (unet_pipe.progress); silent when disabled."""
 
-    def __init__(self, total: int, done: int, enabled: bool) -> None:
-        self.bar = progress_bar(total=total, initial=done, unit="block", desc="predict", enabled=enabled,
-                                smoothing=0.1)
+    def __init__(self, total: int, done: int, enabled: bool, desc: str = "predict") -> None:
+        self.bar = progress_bar(total=total, initial=done, unit="block", desc=desc, enabled=enabled, smoothing=0.1)
         self.voxels = 0
         self.start = time.perf_counter()
         self.lock = threading.Lock()
@@ -425,7 +424,8 @@ def run_blocks(
     workers load the checkpoint themselves); ``workers``: local compute slots
     (CPU workers or GPUs).  Restores this thread's torch thread count.
     """
-    bar = _Progress(total, total - len(blocks), progress)
+    # The stack in each line: jobs of several datasets share the Snakemake console.
+    bar = _Progress(total, total - len(blocks), progress, f"predict {'/'.join(Path(job.raw).parts[-2:])}")
     previous_threads = torch.get_num_threads()
     try:
         if blocks and scheduler:
