@@ -600,20 +600,21 @@ def label_volume(
     work = staged.staging / WORK_DIR
     done = (staged.is_done, staged.mark_done)
     bar = _progress_bar(progress, dest)
+    tick = bar.update if bar is not None else None
     if method == "threshold":
         labelling = BlockLabelling("cells", meta.shape, chosen, lambda roi: read_p(roi) > threshold, staged.array,
                                    work / "cells", done, min_size)
         final_steps = {"all": ("faces", "merge", "write"), "faces": ("faces",), "merge": ("merge",),
                        "write": ("write",), "flood": (), "finalize": ()}[step]
-        labelling.run(workers, shard, bar, final_steps)
+        labelling.run(workers, shard, tick, final_steps)
         count = labelling.merge().count if step in ("all", "finalize") else None
         missing = labelling.missing("write")
         broken = None
     else:
         count, missing, broken = _watershed_steps(
-            staged, meta.shape, chosen, halo3, read_p, threshold, seed_threshold, work, step, shard, workers, bar
+            staged, meta.shape, chosen, halo3, read_p, threshold, seed_threshold, work, step, shard, workers, tick
         )
-    if bar:
+    if bar is not None:
         bar.close()
     if step not in ("all", "finalize"):
         return dest
@@ -640,8 +641,7 @@ def _staging_matches(dest: Path, fingerprint: str) -> bool:
 def _progress_bar(enabled: bool, dest: Path) -> Any:
     if not enabled:
         return None
-    bar = progress_bar(unit="vox", unit_scale=True, desc=f"instances 3d {dest.name}")
-    return bar.update
+    return progress_bar(unit="vox", unit_scale=True, desc=f"instances 3d {dest.name}")
 
 
 def _watershed_steps(
