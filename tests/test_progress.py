@@ -79,6 +79,15 @@ def test_iterating_and_the_interval_from_the_environment(caplog, monkeypatch) ->
     assert [m.split(",")[0] for m in progress_messages(caplog)] == [
         "ingest raw.tif: 1/3 slices (33%)", "ingest raw.tif: 2/3 slices (67%)", "ingest raw.tif: 3/3 slices (100%)"]
     assert not isinstance(progress_bar(range(3), enabled=False), ProgressLines)
+    # A loop that logged a line ends with its final count, without a close() by the caller.
+    caplog.clear()
+    clock = FakeClock()
+    loop = ProgressLines(range(5), desc="weights", unit="slab", interval=30.0, clock=clock)
+    for z in loop:
+        clock.now += 20.0
+    assert progress_messages(caplog) == ["weights: 2/5 slabs (40%), 40s elapsed, ETA 1m00s",
+                                         "weights: 4/5 slabs (80%), 1m20s elapsed, ETA 20s",
+                                         "weights: 5/5 slabs (100%), 1m40s elapsed, done"]
 
 
 def test_cli_reads_options_from_an_args_file_and_training_reports_progress(tmp_path, run_cli, caplog, capsys,

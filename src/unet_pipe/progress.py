@@ -75,6 +75,7 @@ class ProgressLines:
         for item in self.iterable or ():
             yield item
             self.update(1)
+        self.close()  # as tqdm does: a loop's last line without a close() by the caller
 
     def update(self, n: int = 1) -> None:
         self.n += n
