@@ -219,3 +219,64 @@ def test_isbi_truth_scores_perfectly(tmp_path, isbi_dir):
     s = evaluate(inst, truth, tmp_path / "m.json", probabilities=prob)["summary"]["all"]
     assert (s["rand_error"], s["pixel_error"], s["vi"], s["iou"]) == (0.0, 0.0, 0.0, 1.0)
     assert (s["v_rand"], s["v_info"], s["warping_error"]) == (1.0, 1.0, 0.0)
+
+
+def test_error_panel_leaves_unlabelled_pixels_out() -> None:
+    """Red and blue only where the scores count an error; unlabelled pixels flat light gray."""
+    from unet_pipe.report import error_overlay
+
+    gray = np.array([[0, 100, 200, 255]], np.uint8)
+    pred = np.array([[True, False, True, True]])
+    truth = np.array([[False, True, False, True]])
+    known = np.array([[True, True, False, True]])
+    rgb = error_overlay(gray, pred, truth, known)
+    np.testing.assert_allclose(rgb[0, 0], (1.0, 0.1, 0.1))  # predicted cell on true membrane
+    np.testing.assert_allclose(rgb[0, 1], (0.2, 0.4, 1.0))  # missed cell
+    np.testing.assert_allclose(rgb[0, 2], (0.8, 0.8, 0.8))  # the same error, but unlabelled: not one
+    np.testing.assert_allclose(rgb[0, 3], [0.6] * 3)  # right: the raw, dimmed (255 is its 99th percentile)
+    np.testing.assert_allclose(error_overlay(gray, pred, truth)[0, 2], (1.0, 0.1, 0.1))  # dense truth: an error
+
+
+def _isbi_figure_metrics(tmp_path, isbi_dir, unlabelled: int | None = None) -> dict:
+    """Metrics inputs for a slice figure of ISBI slices 0-2: the truth, and a prediction 3 px off."""
+    import tifffile
+
+    raw = tifffile.imread(isbi_dir / "train-volume.tif")[:3]
+    labels = tifffile.imread(isbi_dir / "train-labels.tif")[:3]
+    pred = np.stack([instances_from_binary(np.roll(s == 255, 3, axis=1)) for s in labels]).astype(np.uint32)
+    if unlabelled is not None:
+        labels = labels.copy()
+        labels[:, :, 256:] = unlabelled  # the right half not annotated
+    big = (1, 256, 256)
+    return {
+        "inputs": {"raw": str(_store(tmp_path / "raw.ome.zarr", raw, chunks=big)),
+                   "truth": str(_store(tmp_path / "truth.ome.zarr", labels, "labels", chunks=big)),
+                   "instances": str(_store(tmp_path / "pred.ome.zarr", pred, "labels", chunks=big))},
+        "params": {"truth_mode": "binary", "foreground_value": 255, "unlabelled_value": unlabelled},
+        "per_slice": [{"z": z, "rand_error": 0.1 * z} for z in range(3)],
+    }
+
+
+def _light_gray_pixels(png) -> int:
+    import matplotlib.image
+
+    rgb = (matplotlib.image.imread(png)[..., :3] * 255).round()
+    return int(np.all(np.abs(rgb - 204) <= 3, axis=-1).sum())
+
+
+def test_slice_figure_of_512px_slices_is_small_and_paints_unlabelled_gray(tmp_path, isbi_dir) -> None:
+    """Three ISBI rows (4 x 512^2 panels each) under 400 kB (2.1 MB before); sparse truth: gray, not errors."""
+    from unet_pipe.report import slice_figure
+
+    dense = tmp_path / "dense"
+    dense.mkdir()
+    slice_figure(_isbi_figure_metrics(dense, isbi_dir), [(0, "best"), (1, "median"), (2, "worst")], dense / "f.png")
+    assert (dense / "f.png").stat().st_size < 400_000
+    sparse = tmp_path / "sparse"
+    sparse.mkdir()
+    slice_figure(_isbi_figure_metrics(sparse, isbi_dir, unlabelled=7), [(0, "best"), (1, "median"), (2, "worst")],
+                 sparse / "f.png")
+    assert (sparse / "f.png").stat().st_size < 400_000
+    # The right half of each error panel (about 3 x 110 x 220 pixels on the page) is flat light gray.
+    assert _light_gray_pixels(dense / "f.png") < 500
+    assert _light_gray_pixels(sparse / "f.png") > 3 * 100 * 200

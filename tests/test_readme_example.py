@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from test_workflow import expand_args_files
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -99,7 +100,7 @@ def test_readme_example_plans_every_stage(example) -> None:
         ["bash", "-euo", "pipefail", "-c", block.replace("\nsnakemake ", "\nsnakemake -n -p ")], cwd=example,
         capture_output=True, text=True, timeout=600, env={"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(example)},
     )  # fmt: skip
-    text = proc.stdout + proc.stderr
+    text = expand_args_files(proc.stdout + proc.stderr, example)
     assert proc.returncode == 0, text[-3000:]
     for rule in ("ingest", "weights", "train", "predict", "calibrate", "postprocess", "evaluate", "view", "export"):
         assert re.search(rf"^rule {rule}", text, re.M) or re.search(rf"\b{rule}\s+\d+", text), rule
@@ -137,7 +138,7 @@ def test_preset_with_only_the_datasets_replaced_plans_every_stage(example) -> No
          "--configfile", str(REPO / "config" / "isbi2012-cpu.yaml"), str(only_datasets_yaml(example))],
         capture_output=True, text=True, timeout=600, env={"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(example)},
     )  # fmt: skip
-    text = proc.stdout + proc.stderr
+    text = expand_args_files(proc.stdout + proc.stderr, example)
     assert proc.returncode == 0, text[-3000:]
     for rule in ("ingest", "weights", "train", "predict", "calibrate", "postprocess", "evaluate", "view"):
         assert re.search(rf"^rule {rule}", text, re.M) or re.search(rf"\b{rule}\s+\d+", text), rule

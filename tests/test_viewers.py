@@ -200,3 +200,50 @@ def test_every_store_of_a_workflow_run_reads_in_ome_zarr_py(tmp_path, ngff):
     np.testing.assert_array_equal(np.asarray(nodes["."].data[0]), open_image(results / "raw.ome.zarr")[:])
     np.testing.assert_array_equal(np.asarray(nodes["labels/instances"].data[1]),
                                   open_image(results / "instances.ome.zarr", 1)[:])
+
+
+def test_view_places_a_cropped_sparse_label_store_at_its_offset(stores, tmp_path, run_cli):
+    """Labels of a crop (labels_offset) with an unlabelled value: placed by their translation, U transparent."""
+    ngff, unlabelled = stores["ngff"], 7
+    crop = np.full((1, 4, 6), unlabelled, np.uint8)
+    crop[0, 1:3, 2:5] = [[0, 255, 0], [255, 255, 0]]
+    staged = StagedImage(tmp_path / "crop.ome.zarr", shape=crop.shape, dtype=crop.dtype, chunks=(1, 4, 4),
+                         voxel_size=VOXEL, kind="labels", ngff=ngff)
+    staged.array[:] = crop
+    cropped = staged.commit(pyramid_levels=1, extra_attrs={"offset": [1, 3, 2]})
+    dest = tmp_path / "v.ome.zarr"
+    code, _, err = run_cli("view", stores["raw"], dest, "--labels", f"truth={cropped}",
+                           "--labels", f"instances={stores['instances']}", "--unlabelled", f"truth={unlabelled}")
+    assert code == 0, err
+    nodes = read_nodes(dest)
+    truth = nodes["labels/truth"]
+    # The reader gets the crop's own values and the translation that puts voxel (0, 0, 0) at raw (1, 3, 2).
+    np.testing.assert_array_equal(np.asarray(truth.data[0]), crop)
+    np.testing.assert_array_equal(np.asarray(truth.data[1]), crop[:, ::2, ::2])
+    transforms = truth.metadata["coordinateTransformations"]
+    assert [t[1] for t in transforms] == [{"type": "translation", "translation": [0.05, 0.012, 0.008]}] * 2
+    # Unannotated pixels are fully transparent; the full-size layer is unchanged.
+    assert truth.metadata["color"][unlabelled] == [0, 0, 0, 0]
+    assert nodes["labels/instances"].metadata["color"] == {}
+    np.testing.assert_array_equal(np.asarray(nodes["labels/instances"].data[0]), open_image(stores["instances"])[:])
+    # A crop that does not fit the raw is refused with its place.
+    staged = StagedImage(tmp_path / "out.ome.zarr", shape=crop.shape, dtype=crop.dtype, chunks=(1, 4, 4),
+                         voxel_size=VOXEL, kind="labels", ngff=ngff)
+    staged.array[:] = crop
+    outside = staged.commit(pyramid_levels=1, extra_attrs={"offset": [1, 5, 2]})
+    code, _, err = run_cli("view", stores["raw"], tmp_path / "w.ome.zarr", "--labels", f"s={outside}")
+    assert code == 2 and "shape (1, 4, 6) at offset [1, 5, 2] does not lie inside (2, 8, 8)" in err
+    assert not (tmp_path / "w.ome.zarr").exists()
+
+
+def test_view_rule_shows_the_unlabelled_value_transparent(tmp_path):
+    """weights.unlabelled_value reaches the view job as --unlabelled labels=V (the truth layer only)."""
+    from test_workflow import run_snakemake, small_config
+
+    cfg = small_config()
+    cfg["weights"]["unlabelled_value"] = 128
+    proc = run_snakemake(tmp_path, "-n", "-p", "results/demo/view.ome.zarr", config=cfg)
+    view = [line for line in proc.stdout.splitlines() if line.startswith("Shell command: unet-pipe view ")]
+    assert len(view) == 1 and " --unlabelled labels=128 " in view[0], view
+    proc = run_snakemake(tmp_path, "-n", "-p", "results/demo/view.ome.zarr", config=small_config())
+    assert "--unlabelled" not in proc.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -45,6 +46,11 @@ def run_snakemake(workdir: Path, *args: str, config: dict | None = None, check: 
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def expand_args_files(text: str, workdir: Path) -> str:
+    """``text`` with each job's ``@FILE`` (its options, one per line: args_file in common.smk) written out."""
+    return re.sub(r"@(\S+\.args)\b", lambda m: shlex.join((workdir / m[1]).read_text().splitlines()), text)
 
 
 def test_dry_run_lists_the_chain(tmp_path):
@@ -100,7 +106,7 @@ def test_configfiles_compose_as_overlays(tmp_path):
     )
     preset = REPO / "config" / "isbi2012-cpu.yaml"
     proc = run_snakemake(tmp_path, "-n", "-p", "--configfile", str(preset), str(mine), "--config", "seed=5")
-    text = proc.stdout + proc.stderr
+    text = expand_args_files(proc.stdout + proc.stderr, tmp_path)
     assert "results/mine/mine/raw.ome.zarr" in text
     assert "isbi" not in text.replace(str(preset), "")
     # What training gets: the preset's network and tile, mine's steps and datasets, --config's seed.
@@ -319,7 +325,7 @@ def test_unlabelled_value_reaches_weights_calibrate_and_evaluate(tmp_path):
     cfg = small_config()
     cfg["weights"]["unlabelled_value"] = 128
     proc = run_snakemake(tmp_path, "-n", "-p", "--forceall", config=cfg)
-    lines = (proc.stdout + proc.stderr).splitlines()
+    lines = expand_args_files(proc.stdout + proc.stderr, tmp_path).splitlines()
     commands = [line.split("unet-pipe ", 1)[1] for line in lines if "unet-pipe " in line]
     for stage in ("weights", "calibrate", "evaluate"):
         chosen = [c for c in commands if c.startswith(f"{stage} ")]
@@ -378,7 +384,7 @@ def test_instances_3d_with_method_auto_calibrates_in_3d(tmp_path):
     cfg = small_config()
     cfg["postprocess"] = {**cfg.get("postprocess", {}), "instances": "3d", "method": "auto"}
     proc = run_snakemake(tmp_path, "-n", "-p", "--forceall", config=cfg)
-    lines = (proc.stdout + proc.stderr).splitlines()
+    lines = expand_args_files(proc.stdout + proc.stderr, tmp_path).splitlines()
     commands = [line.split("unet-pipe ", 1)[1] for line in lines if "unet-pipe " in line]
     calibrate = [c for c in commands if c.startswith("calibrate ")]
     assert len(calibrate) == 1 and "--instances 3d" in calibrate[0], commands

@@ -40,6 +40,7 @@ from unet_pipe.data import IntensityRange, normalize_raw
 from unet_pipe.io import StagedImage, open_image
 from unet_pipe.model import UNet, fused_conv_relu_available, model_from_checkpoint
 from unet_pipe.precision import autocast, resolve_precision
+from unet_pipe.progress import progress_bar
 from unet_pipe.tiling import Roi, TilePlan, block_tiles, iter_batches, read_mirrored, run_tiles
 
 #: Output dtypes and the factor that maps stored values back to probabilities.
@@ -350,12 +351,10 @@ def compute_block(job: BlockJob, block: tuple[tuple[int, ...], tuple[int, ...]])
 
 
 class _Progress:
-    """Blocks done, voxels/s and ETA on stderr (tqdm); silent when disabled."""
+    """Blocks done, voxels/s and ETA on stderr (unet_pipe.progress); silent when disabled."""
 
-    def __init__(self, total: int, done: int, enabled: bool) -> None:
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, initial=done, unit="block", desc="predict", disable=not enabled, smoothing=0.1)
+    def __init__(self, total: int, done: int, enabled: bool, desc: str = "predict") -> None:
+        self.bar = progress_bar(total=total, initial=done, unit="block", desc=desc, enabled=enabled, smoothing=0.1)
         self.voxels = 0
         self.start = time.perf_counter()
         self.lock = threading.Lock()
@@ -425,7 +424,8 @@ def run_blocks(
     workers load the checkpoint themselves); ``workers``: local compute slots
     (CPU workers or GPUs).  Restores this thread's torch thread count.
     """
-    bar = _Progress(total, total - len(blocks), progress)
+    # The stack in each line: jobs of several datasets share the Snakemake console.
+    bar = _Progress(total, total - len(blocks), progress, f"predict {'/'.join(Path(job.raw).parts[-2:])}")
     previous_threads = torch.get_num_threads()
     try:
         if blocks and scheduler:

@@ -90,6 +90,7 @@ from unet_pipe.instances3d import SIX_CONNECTED, watershed_reference
 from unet_pipe.metrics import instances_from_binary, rand_error_per_slice, scores_3d, truth_instances_3d
 from unet_pipe.postprocess import METHODS, instances_from_probabilities
 from unet_pipe.probabilities import as_probability, open_probabilities
+from unet_pipe.progress import progress_bar
 from unet_pipe.provenance import provenance
 
 log = logging.getLogger(__name__)
@@ -208,9 +209,11 @@ def calibrate_slices(
     truth: Sequence[np.ndarray],
     methods: Sequence[str] = METHODS,
     annotated: Sequence[np.ndarray] | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Choose the decisions on 2D slices: probabilities, truth cell masks, truth instances,
     and optionally the annotated-pixel masks (sparse truth; None: every pixel is annotated).
+    ``progress``: candidates scored, with an ETA (:mod:`unet_pipe.progress`).
 
     Returns ``{'decisions', 'cell_threshold', 'scales', 'pixel_candidates',
     'candidates'}`` (see the module docstring for the rule).
@@ -230,8 +233,19 @@ def calibrate_slices(
     cell = min(pixel, key=lambda c: (c["pixel_error"], abs(c["threshold"] - 0.5)))
     min_sizes = sorted({0, int(round(MIN_SIZE_FRACTION * scales["median_area_px"]))})
     candidates = []
+    watershed = "watershed" in methods
+    n_plain = len(THRESHOLDS) * len(min_sizes) if "threshold" in methods or watershed else 0
+    n_watershed = (min(WATERSHED_THRESHOLDS, len(set(THRESHOLDS))) * len(SEED_FRACTIONS) * len(PROMINENCE_FRACTIONS)
+                   * len(min_sizes)) if watershed else 0  # fmt: skip
+    bar = progress_bar(total=n_plain + n_watershed, desc="calibrate", unit="candidate", enabled=progress)
+
+    def score(params: dict[str, Any], *args: Any) -> dict[str, Any]:
+        scored = _score(params, *args)
+        bar.update(1)
+        return scored
+
     if "threshold" in methods or "watershed" in methods:
-        plain = [_score({"method": "threshold", "threshold": t, "min_size": m}, prob, cells, truth, annotated)
+        plain = [score({"method": "threshold", "threshold": t, "min_size": m}, prob, cells, truth, annotated)
                  for t in THRESHOLDS for m in min_sizes]  # fmt: skip
         if "threshold" in methods:
             candidates += plain
@@ -246,7 +260,8 @@ def calibrate_slices(
                             "method": "watershed", "threshold": t, "seed_threshold": round(t + f * (1 - t), 4),
                             "seed_prominence": round(max(g * scales["radius_px"], 0.5), 3), "min_size": m,
                         }  # fmt: skip
-                        candidates.append(_score(params, prob, cells, truth, annotated))
+                        candidates.append(score(params, prob, cells, truth, annotated))
+    bar.close()
     winner = choose(candidates)
     decisions = {k: winner[k] for k in DECISION_KEYS if k in winner}
     decisions.setdefault("seed_threshold", max(0.9, decisions["threshold"]))
@@ -308,6 +323,7 @@ def calibrate_volumes(
     truth: Sequence[np.ndarray],
     methods: Sequence[str] = METHODS,
     annotated: Sequence[np.ndarray] | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Choose the decisions for 3D instances on ``(z, y, x)`` volumes (one per dataset): probabilities,
     truth cell masks, truth 3D instances and optionally annotated masks (see the module docstring).
@@ -332,16 +348,24 @@ def calibrate_volumes(
     pixel = [{"threshold": t, "pixel_error": float(e)} for t, e in zip(CELL_THRESHOLDS, errors)]
     cell = min(pixel, key=lambda c: (c["pixel_error"], abs(c["threshold"] - 0.5)))
     min_sizes = sorted({0, int(round(MIN_SIZE_FRACTION * volume))})
-    plain = [_score_3d({"method": "threshold", "threshold": t, "min_size": m}, prob, cells, truth, annotated)
-             for t in THRESHOLDS for m in min_sizes]  # fmt: skip
+    n_watershed = WATERSHED_THRESHOLDS * len(SEED_FRACTIONS) if "watershed" in methods else 0
+    bar = progress_bar(total=len(THRESHOLDS) * len(min_sizes) + n_watershed, desc="calibrate 3d",
+                       unit="candidate", enabled=progress)
+
+    def score(params: dict[str, Any]) -> dict[str, Any]:
+        scored = _score_3d(params, prob, cells, truth, annotated)
+        bar.update(1)
+        return scored
+
+    plain = [score({"method": "threshold", "threshold": t, "min_size": m}) for t in THRESHOLDS for m in min_sizes]
     candidates = list(plain) if "threshold" in methods else []
     if "watershed" in methods:
         ranked = sorted(plain, key=lambda c: (-c["rand_score"] if not math.isnan(c["rand_score"]) else math.inf))
         for t in list(dict.fromkeys(c["threshold"] for c in ranked))[:WATERSHED_THRESHOLDS]:
             for f in SEED_FRACTIONS:
-                params = {"method": "watershed", "threshold": t, "seed_threshold": round(t + f * (1 - t), 4),
-                          "min_size": 0}
-                candidates.append(_score_3d(params, prob, cells, truth, annotated))
+                candidates.append(score({"method": "watershed", "threshold": t,
+                                         "seed_threshold": round(t + f * (1 - t), 4), "min_size": 0}))
+    bar.close()
     winner = choose(candidates)
     decisions = {k: winner[k] for k in DECISION_KEYS if k in winner}
     decisions.setdefault("seed_threshold", max(0.9, decisions["threshold"]))
@@ -500,6 +524,7 @@ def calibrate(
     unlabelled_value: int | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     instances: str = "2d",
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Choose the decisions on ``{name: {'probabilities': path, 'truth': path, 'slices': [a, b]}}``
     and write them, with every candidate's scores, to ``out_json`` (atomically).
@@ -529,7 +554,7 @@ def calibrate(
     if not prob:
         raise InputError(None, "no calibration slices given")
     choose_on = calibrate_volumes if instances == "3d" else calibrate_slices
-    result = choose_on(prob, cells, truth, methods, None if unlabelled_value is None else known)
+    result = choose_on(prob, cells, truth, methods, None if unlabelled_value is None else known, progress)
     params = {
         "instances": instances,
         "slices": {name: [int(v) for v in spec["slices"]] for name, spec in sorted(datasets.items())},

@@ -331,7 +331,8 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 
 
 def progress_enabled(args: argparse.Namespace) -> bool:
-    return not args.quiet and sys.stderr.isatty()
+    """Progress unless --quiet: a bar on a terminal, else a line per 30 s (unet_pipe.progress)."""
+    return not args.quiet
 
 
 class _Parser(argparse.ArgumentParser):
@@ -345,7 +346,11 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="unet-pipe", description="U-Net segmentation of EM stacks (Ronneberger et al. 2015), stage by stage."
+        prog="unet-pipe", description="U-Net segmentation of EM stacks (Ronneberger et al. 2015), stage by stage.",
+        epilog="@FILE anywhere on the command line stands for the arguments in FILE, one per line "
+               "(the workflow passes each job's settings so; see results/logs/args/).",
+        # The workflow's rules hand their options over as @FILE: a short, readable command line.
+        fromfile_prefix_chars="@",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")

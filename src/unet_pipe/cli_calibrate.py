@@ -55,7 +55,7 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from unet_pipe.calibrate import DEFAULT_MAX_PIXELS, calibrate
-    from unet_pipe.cli import check_option
+    from unet_pipe.cli import check_option, progress_enabled
     from unet_pipe.cli_model import named_values
     from unet_pipe.postprocess import METHODS
 
@@ -78,6 +78,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     calibrate(
         datasets, args.out, truth_mode=args.truth_mode, foreground_value=args.foreground_value, methods=methods,
         unlabelled_value=args.unlabelled_value, max_pixels=max_pixels, instances=args.instances,
+        progress=progress_enabled(args),
     )
     log.info("wrote %s", args.out)
     return 0

@@ -16,13 +16,15 @@ def add_view(sub: argparse._SubParsersAction) -> None:
             "(NGFF 0.4 labels/ group), so that one open in napari (napari-ome-zarr) or any ome-zarr-py "
             "reader shows them together. The levels are relative links into the stores (no copy, "
             "nothing changed in them) unless --copy. Label stores must be integer images of RAW's "
-            "shape and voxel size."
+            "voxel size, of RAW's shape or a crop of it (placed at its recorded offset)."
         ),
     )
     p.add_argument("raw", metavar="RAW.ome.zarr", type=Path)
     p.add_argument("dest", metavar="DEST.ome.zarr", type=Path)
     p.add_argument("--labels", action="append", default=[], metavar="NAME=PATH",
                    help="a label image shown as layer NAME (repeatable, in this order)")
+    p.add_argument("--unlabelled", action="append", default=[], metavar="NAME=V",
+                   help="value V of unannotated pixels in layer NAME (sparse labels), shown transparent")
     p.add_argument("--copy", action="store_true", help="copy the levels instead of linking them")
     p.add_argument("--overwrite", action="store_true", help="replace DEST (a view written by unet-pipe)")
     p.set_defaults(func=_cmd_view)
@@ -39,5 +41,14 @@ def _cmd_view(args: argparse.Namespace) -> int:
         if name in labels:
             raise InputError(Path(path), f"--labels: name {name!r} given twice")
         labels[name] = Path(path)
-    build_view(args.raw, args.dest, labels, copy=args.copy, overwrite=args.overwrite)
+    unlabelled: dict[str, int] = {}
+    for item in args.unlabelled:
+        name, sep, value = item.partition("=")
+        try:
+            unlabelled[name] = int(value)
+        except ValueError:
+            raise InputError(None, f"--unlabelled {item!r}: expected NAME=V with an integer V") from None
+        if not sep:
+            raise InputError(None, f"--unlabelled {item!r}: expected NAME=V with an integer V")
+    build_view(args.raw, args.dest, labels, copy=args.copy, overwrite=args.overwrite, unlabelled=unlabelled)
     return 0

@@ -53,6 +53,7 @@ from unet_pipe.metrics import (
     truth_instances_3d,
 )
 from unet_pipe.probabilities import as_probability, open_probabilities
+from unet_pipe.progress import progress_bar
 from unet_pipe.provenance import provenance
 from unet_pipe.safety import atomic_output
 from unet_pipe.warping import warping_error
@@ -278,9 +279,7 @@ def evaluate(
     truth_stack: list[np.ndarray] = []
     z_iter: Iterable[int] = zs
     if progress:
-        from tqdm import tqdm
-
-        z_iter = tqdm(zs, unit="slice", desc=f"evaluate {instances.name}")
+        z_iter = progress_bar(zs, unit="slice", desc=f"evaluate {instances.name}")
     for z in z_iter:
         t = np.asarray(truth_arr[z - oz])
         known = None if unlabelled_value is None else t != unlabelled_value

@@ -76,6 +76,7 @@ import zarr
 from unet_pipe.errors import ConfigError, InputError, OutputError
 from unet_pipe.io import DEFAULT_NGFF, StagedImage, image_metadata
 from unet_pipe.probabilities import as_probability, check_probabilities, needs_range_check, open_probabilities
+from unet_pipe.progress import progress_bar
 from unet_pipe.provenance import input_fingerprint, provenance
 from unet_pipe.safety import ATTRS_KEY
 from unet_pipe.tiling import Roi
@@ -599,20 +600,21 @@ def label_volume(
     work = staged.staging / WORK_DIR
     done = (staged.is_done, staged.mark_done)
     bar = _progress_bar(progress, dest)
+    tick = bar.update if bar is not None else None
     if method == "threshold":
         labelling = BlockLabelling("cells", meta.shape, chosen, lambda roi: read_p(roi) > threshold, staged.array,
                                    work / "cells", done, min_size)
         final_steps = {"all": ("faces", "merge", "write"), "faces": ("faces",), "merge": ("merge",),
                        "write": ("write",), "flood": (), "finalize": ()}[step]
-        labelling.run(workers, shard, bar, final_steps)
+        labelling.run(workers, shard, tick, final_steps)
         count = labelling.merge().count if step in ("all", "finalize") else None
         missing = labelling.missing("write")
         broken = None
     else:
         count, missing, broken = _watershed_steps(
-            staged, meta.shape, chosen, halo3, read_p, threshold, seed_threshold, work, step, shard, workers, bar
+            staged, meta.shape, chosen, halo3, read_p, threshold, seed_threshold, work, step, shard, workers, tick
         )
-    if bar:
+    if bar is not None:
         bar.close()
     if step not in ("all", "finalize"):
         return dest
@@ -639,10 +641,7 @@ def _staging_matches(dest: Path, fingerprint: str) -> bool:
 def _progress_bar(enabled: bool, dest: Path) -> Any:
     if not enabled:
         return None
-    from tqdm import tqdm
-
-    bar = tqdm(unit="vox", unit_scale=True, desc=f"instances 3d {dest.name}")
-    return bar.update
+    return progress_bar(unit="vox", unit_scale=True, desc=f"instances 3d {dest.name}")
 
 
 def _watershed_steps(

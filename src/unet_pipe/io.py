@@ -45,6 +45,7 @@ from unet_pipe.ngff import (  # noqa: F401  (re-exported: the pipeline's one imp
     multiscales_metadata,
     open_image,
 )
+from unet_pipe.progress import progress_bar
 from unet_pipe.safety import (
     ATTRS_KEY,
     DONE_DIR,
@@ -585,6 +586,4 @@ def ingest_tiff(
 def _progress(items: Any, enabled: bool, total: int, unit: str, name: str) -> Any:
     if not enabled:
         return items
-    from tqdm import tqdm
-
-    return tqdm(items, total=total, unit=unit, desc=f"ingest {name}")
+    return progress_bar(items, total=total, unit=unit, desc=f"ingest {name}")

@@ -47,6 +47,7 @@ from unet_pipe.errors import ConfigError
 from unet_pipe.instances3d import label_volume
 from unet_pipe.io import DEFAULT_NGFF, StagedImage, image_metadata, slab_depth
 from unet_pipe.probabilities import as_probability, check_probabilities, needs_range_check, open_probabilities
+from unet_pipe.progress import progress_bar
 from unet_pipe.provenance import input_fingerprint, provenance
 
 log = logging.getLogger(__name__)
@@ -284,9 +285,7 @@ def postprocess(
     # to SLAB_VOXELS, so zarr decodes and encodes their chunks concurrently.
     runs = _todo_runs(staged, meta.shape[0], step, slab_depth(step, meta.shape[1] * meta.shape[2]))
     if progress:
-        from tqdm import tqdm
-
-        runs = tqdm(runs, unit="run", desc=f"postprocess {Path(probabilities).name}")
+        runs = progress_bar(runs, unit="run", desc=f"postprocess {Path(probabilities).name}")
     try:
         next_id = 1
         for z0, z1, done in runs:

@@ -52,7 +52,12 @@ _TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
 _BEST_THRESHOLD_OF = {"v_rand": "v_rand_threshold", "v_info": "v_info_threshold"}
 _X_COLUMNS = ("step", "iteration", "epoch")
 _TIME_COLUMNS = ("seconds", "time", "elapsed", "wall_time")
-_MAX_PANEL_PIXELS = 1024  # larger slices are shown strided: a report needs no more
+# Slices are shown at most this many pixels wide (about a panel's width on the page): labels
+# strided, the raw resized with anti-aliasing. Only the picture shrinks: the numbers are computed
+# (by evaluate) on every pixel. 512^2 slices at full size made 2 MB figures.
+_MAX_PANEL_PIXELS = 256
+_FIGURE_DPI = 80
+_UNLABELLED_RGB = (0.8, 0.8, 0.8)  # flat light gray: not scored, so neither right nor wrong
 _MAX_TABLE_ROWS = 60  # longer stacks: the per-slice CSV only
 
 
@@ -90,11 +95,19 @@ def label_overlay(gray: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> 
     return rgb
 
 
-def error_overlay(gray: np.ndarray, pred_cells: np.ndarray, truth_cells: np.ndarray) -> np.ndarray:
-    """RGB: red = predicted cell on true membrane, blue = predicted membrane on a true cell."""
+def error_overlay(
+    gray: np.ndarray, pred_cells: np.ndarray, truth_cells: np.ndarray, known: np.ndarray | None = None
+) -> np.ndarray:
+    """RGB: red = predicted cell on true membrane, blue = predicted membrane on a true cell.
+
+    ``known``: the annotated pixels (sparse truth); the others are left out of the
+    scores, so they are painted flat light gray instead of as errors.
+    """
     rgb = np.repeat(_normalize(gray)[..., None] * 0.6, 3, axis=-1)
     rgb[pred_cells & ~truth_cells] = (1.0, 0.1, 0.1)
     rgb[~pred_cells & truth_cells] = (0.2, 0.4, 1.0)
+    if known is not None:
+        rgb[~known] = _UNLABELLED_RGB
     return rgb
 
 
@@ -110,7 +123,7 @@ def _new_figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=100)
+    fig = Figure(figsize=(width, height), dpi=_FIGURE_DPI)
     FigureCanvasAgg(fig)
     return fig
 
@@ -132,20 +145,23 @@ def slice_figure(metrics: dict[str, Any], slices: Sequence[tuple[int, str]], des
     for row, (z, tag) in enumerate(slices):
         p = np.asarray(pred[(z, *box)])[::step, ::step]
         t = np.asarray(truth[z - oz])
+        known = None
         if unlabelled is not None:
+            known = (t != unlabelled)[::step, ::step]
             t = np.where(t == unlabelled, 0, t)  # unlabelled pixels are shown as no cell
         if params.get("truth_mode", "binary") == "binary":
             fg = params.get("foreground_value")
             cells = t == fg if fg is not None else t != 0
             t = instances_from_binary(cells)
         t = t[::step, ::step]
-        gray = np.asarray(raw[(z, *box)])[::step, ::step] if raw is not None else np.zeros(p.shape, np.float32)
+        gray = _display_raw(np.asarray(raw[(z, *box)]), p.shape) if raw is not None else np.zeros(p.shape, np.float32)
         err = by_z.get(z, {}).get("rand_error")
         panels = (
             (gray, f"z={z} raw ({tag})" if raw is not None else f"z={z} ({tag}, no raw image)"),
             (label_overlay(gray, t), "truth"),
             (label_overlay(gray, p), f"prediction, Rand error {err:.3f}" if err is not None else "prediction"),
-            (error_overlay(gray, p != 0, t != 0), "class errors (red: false cell, blue: missed)"),
+            (error_overlay(gray, p != 0, t != 0, known),
+             "class errors (gray: unlabelled)" if known is not None else "class errors (red: false cell, blue: missed)"),
         )
         for col, (image, title) in enumerate(panels):
             ax = fig.add_subplot(len(slices), 4, row * 4 + col + 1)
@@ -153,7 +169,25 @@ def slice_figure(metrics: dict[str, Any], slices: Sequence[tuple[int, str]], des
             ax.set_title(title, fontsize=8)
             ax.set_axis_off()
     fig.tight_layout()
-    fig.savefig(dest)
+    _save_png(fig, dest)
+
+
+def _display_raw(gray: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``gray`` resized to ``shape`` (the strided labels' shape) with anti-aliasing, for display only."""
+    if gray.shape == tuple(shape):
+        return gray
+    from skimage.transform import resize
+
+    return resize(gray.astype(np.float32), shape, order=1, anti_aliasing=True, preserve_range=True)
+
+
+def _save_png(fig: Any, dest: Path) -> None:
+    """``fig`` as a 256-colour (palette) PNG: a third of the RGBA file, the same picture to the eye."""
+    from PIL import Image
+
+    fig.canvas.draw()
+    image = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3])
+    image.quantize(256, method=Image.Quantize.FASTOCTREE).save(dest, format="PNG", optimize=True)
 
 
 def weights_figure(
@@ -362,7 +396,9 @@ def write_report(
                 slice_figure(m, chosen, staging / png)
                 md += [f"![{name}: slices]({figdir.name}/{png})", ""]
                 md += ["Columns: raw, truth instances, predicted instances, cell/membrane "
-                       "errors (red: predicted cell on true membrane, blue: missed cell pixels).", ""]
+                       "errors (red: predicted cell on true membrane, blue: missed cell pixels; light gray: "
+                       "unlabelled, not scored). Slices over 256 pixels are shown downsampled; the scores "
+                       "use every pixel.", ""]
             except (UnetPipeError, OSError, KeyError) as exc:
                 md += [f"*Slice figures skipped: {exc}*", ""]
         rows = m["per_slice"]

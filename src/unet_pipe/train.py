@@ -50,6 +50,7 @@ from unet_pipe.data import (
 from unet_pipe.errors import CheckpointError, ConfigError, InputError, OutputError, UnetPipeError
 from unet_pipe.model import UNet, init_weights_from, load_checkpoint, save_checkpoint
 from unet_pipe.precision import autocast, precision_record, resolve_precision
+from unet_pipe.progress import progress_bar
 from unet_pipe.provenance import cpu_model, file_sha256
 from unet_pipe.safety import atomic_output
 # Validation lives in unet_pipe.validation; its public names stay importable from here.
@@ -361,8 +362,6 @@ def _train(
     progress: bool,
     tensorboard_dir: str | Path | None,
 ) -> dict:
-    from tqdm import tqdm
-
     train_cfg, model_cfg, weights_cfg = config["train"], config["model"], config["weights"]
     seed = int(config["seed"])
     volumes = volumes_from_config(config, open_stores(stores))
@@ -496,7 +495,7 @@ def _train(
     skipped = 0
     csv_file = open(log_path, "a", newline="", encoding="utf-8") if log_path is not None else None
     writer = csv.DictWriter(csv_file, fieldnames=CSV_COLUMNS) if csv_file is not None else None
-    bar = tqdm(total=total, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = progress_bar(total=total, initial=step, enabled=progress, desc="train", unit="step", dynamic_ncols=True)
     compute_threads = torch.get_num_threads()  # set by train()
     try:
         while step < stop:
@@ -548,8 +547,8 @@ def _train(
                 writer.writerow(_format_row(row))
                 csv_file.flush()
             board.add(row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)  # before update: its line shows this step
             bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
             if step % train_cfg["checkpoint_every"] == 0 and step < total:
                 save(partial)
     finally:

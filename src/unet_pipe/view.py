@@ -70,12 +70,16 @@ def build_view(
     *,
     copy: bool = False,
     overwrite: bool = False,
+    unlabelled: Mapping[str, int] | None = None,
 ) -> Path:
     """Write ``dest``: the image ``raw`` with each ``labels[name]`` as its label layer ``name``.
 
-    Every label store must be an integer image of raw's shape and voxel size
-    (z, y, x in micrometres).  Nothing in ``raw`` or the label stores is
-    changed.  Returns ``dest``.
+    Every label store must be an integer image of raw's voxel size (z, y, x in
+    micrometres) that lies inside raw: of raw's shape, or a crop of it whose
+    offset (``unet_pipe.offset``) is kept as its NGFF translation.
+    ``unlabelled[name]``: the value of unannotated pixels in layer ``name``
+    (sparse labels), shown transparent (NGFF ``image-label`` colour).  Nothing
+    in ``raw`` or the label stores is changed.  Returns ``dest``.
     """
     raw, dest = Path(raw), Path(dest)
     meta = image_metadata(raw)
@@ -86,8 +90,13 @@ def build_view(
         if name in checked:
             raise InputError(Path(path), f"label name {name!r} given twice")
         label = image_metadata(path)
-        if label.shape != meta.shape:
+        # Labels of a crop (ingested with labels_offset) record their offset and carry the NGFF
+        # translation that places them in the view; any other label image has raw's shape.
+        if label.offset == (0, 0, 0) and label.shape != meta.shape:
             raise InputError(label.path, f"shape {label.shape} differs from {meta.shape} of {raw}")
+        if any(o + s > n for o, s, n in zip(label.offset, label.shape, meta.shape)):
+            raise InputError(label.path, f"shape {label.shape} at offset {list(label.offset)} does not lie inside "
+                             f"{meta.shape} of {raw}")
         if not np.allclose(label.voxel_size, meta.voxel_size, rtol=1e-6):
             raise InputError(label.path, f"voxel size {label.voxel_size} differs from {meta.voxel_size} of {raw}")
         if label.dtype.kind not in "uib":
@@ -96,6 +105,9 @@ def build_view(
             raise InputError(label.path, f"is NGFF {label.ngff} but {raw} is NGFF {meta.ngff}; a view needs one "
                              "version (rerun the stages with the same ngff_version)")
         checked[name] = (label.path, label.multiscales)
+    for name in unlabelled or {}:
+        if name not in checked:
+            raise InputError(None, f"unlabelled value given for {name!r}, which is not a label layer")
     if (dest.exists() or dest.is_symlink()) and not overwrite:
         raise OutputError(dest, "already exists; remove it or pass --overwrite")
     if overwrite:
@@ -113,8 +125,12 @@ def build_view(
             write_group(staging / "labels", group_attributes(meta.ngff, labels=list(checked)), meta.ngff)
         for name, (path, multiscales) in checked.items():
             group = staging / "labels" / name
+            image_label: dict = {"source": {"image": "../../"}}
+            if unlabelled and name in unlabelled:
+                # Unannotated is not a class: transparent, so the raw shows through.
+                image_label["colors"] = [{"label-value": int(unlabelled[name]), "rgba": [0, 0, 0, 0]}]
             attrs = group_attributes(meta.ngff, multiscales=dict(multiscales, name=name, type="nearest"),
-                                     image_label={"source": {"image": "../../"}})
+                                     image_label=image_label)
             write_group(group, attrs, meta.ngff)
             _place_levels(path, group, multiscales, copy)
         (staging / STAGING_MARKER).unlink()

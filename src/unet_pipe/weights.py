@@ -62,6 +62,7 @@ from unet_pipe.border_term import (  # noqa: F401 (re-exported)
 )
 from unet_pipe.errors import ConfigError, InputError
 from unet_pipe.ngff import DEFAULT_NGFF
+from unet_pipe.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -400,9 +401,7 @@ def compute_weight_store(
         step = out.chunks[0] if params.mode == "2d" else out.shape[0]
         slabs = range(0, out.shape[0], step)
         if progress:
-            from tqdm import tqdm
-
-            slabs = tqdm(slabs, unit="slab", desc=f"weights {labels_path.name}")
+            slabs = progress_bar(slabs, unit="slab", desc=f"weights {labels_path.name}")
         for z0 in slabs:
             key = f"z{z0}"
             if staged.is_done(key):

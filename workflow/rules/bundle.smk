@@ -24,4 +24,4 @@ rule bundle:
         runtime=10,
     shell:
         # Snakemake owns the output: a rerun replaces the old model.pt (a unet-pipe checkpoint).
-        "unet-pipe bundle {input.source:q} {output.model:q} {params.args} --overwrite > {log:q} 2>&1"
+        "unet-pipe bundle {input.source:q} {output.model:q} {params.args} --overwrite 2>&1 | tee {log:q} >&2"

@@ -10,7 +10,7 @@ rule calibrate:
     output:
         decisions=DECISIONS,
     params:
-        args=calibrate_args,
+        args=args_file(calibrate_args),
     log:
         f"{R}/logs/calibrate/calibrate.log",
     benchmark:
@@ -22,4 +22,4 @@ rule calibrate:
         mem_mb=4000,
         runtime=60,
     shell:
-        "unet-pipe calibrate {params.args} --out {output.decisions:q} > {log:q} 2>&1"
+        "unet-pipe calibrate @{params.args:q} --out {output.decisions:q} 2>&1 | tee {log:q} >&2"

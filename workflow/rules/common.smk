@@ -101,6 +101,43 @@ def ingest_args(wildcards):
             f" --ngff {config['ngff_version']}")
 
 
+# ---------------------------------------------------------------- options as @FILE
+# A job's options reach its command as @FILE (argparse's fromfile_prefix_chars: one argument per
+# line), not inline: a page of JSON and flags on the command line, echoed three times when a job
+# failed, buried its one-line error. The file is named by its content (sha256), so the param (its
+# path) changes exactly when the options do: editing a section still reruns only the rules that
+# read it. Robust on SLURM: nothing rides in the sbatch command or the environment; a job parses
+# the workflow again and finds the same file on the shared file system (or writes the same bytes);
+# no shell quoting, no length limit. Written on a dry run too: after `snakemake -n -p`, `cat` the
+# file to see what a job would get.
+ARGS_DIR = f"{R}/logs/args"
+
+
+def args_file(build):
+    """A params function: the options ``build(wildcards)`` returns (a shell string or a list), as a file path."""
+    import hashlib
+    import os
+    import shlex
+    import tempfile
+
+    def params(wildcards):
+        args = build(wildcards)
+        args = shlex.split(args) if isinstance(args, str) else [str(a) for a in args]
+        text = "".join(f"{arg}\n" for arg in args)
+        digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+        path = Path(ARGS_DIR) / f"{build.__name__.removesuffix('_args')}.{digest}.args"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+            os.replace(tmp, path)  # atomic: a job never reads half a file
+        return str(path)
+
+    params.__name__ = build.__name__
+    return params
+
+
 def section_json(*keys):
     """The named config sections as one JSON string, for ``params:``.
 
@@ -122,21 +159,22 @@ MODEL = f"{R}/model/model.pt"
 PREDICT_CHECKPOINT = MODEL if APPLY else f"{R}/model/checkpoint.pt"
 
 
-def train_stores_args(wildcards, input):
-    """``--raw NAME=PATH --labels NAME=PATH --weights NAME=PATH`` for every training dataset."""
-    import shlex
-
-    args = []
-    for key in ("raw", "labels", "weights"):
-        for name, path in zip(TRAIN_DATASETS, input[key]):
-            args.append(f"--{key} {shlex.quote(f'{name}={path}')}")
-    return " ".join(args)
-
-
 def init_from_input(wildcards):
     """``train.init_from`` as an input of train (an empty list when training from scratch)."""
     path = config["train"]["init_from"]
     return [] if path is None else [path]
+
+
+def train_args(wildcards):
+    """``--config-json`` and the stores of every training dataset, as arguments (for :func:`args_file`).
+
+    Store paths are built here, not taken from ``input``: Snakemake records only input-independent params.
+    """
+    args = ["--config-json", train_config_json(wildcards)]
+    for key in ("raw", "labels", "weights"):
+        for name in TRAIN_DATASETS:
+            args += [f"--{key}", f"{name}={R}/{name}/{key}.ome.zarr"]
+    return args
 
 
 def train_config_json(wildcards):
@@ -353,8 +391,13 @@ def view_args(wildcards):
     import shlex
 
     instances = f"{R}/{wildcards.dataset}/instances.ome.zarr"
-    layers = [("labels", path) for path in view_truth_input(wildcards)] + [("instances", instances)]
-    return " ".join(f"--labels {shlex.quote(f'{name}={path}')}" for name, path in layers)
+    truth = view_truth_input(wildcards)
+    layers = [("labels", path) for path in truth] + [("instances", instances)]
+    args = [f"--labels {shlex.quote(f'{name}={path}')}" for name, path in layers]
+    unlabelled = config["weights"].get("unlabelled_value")
+    if truth and unlabelled is not None:  # sparse truth: unannotated pixels transparent
+        args.append(f"--unlabelled labels={unlabelled}")
+    return " ".join(args)
 
 
 # ---------------------------------------------------------------- export

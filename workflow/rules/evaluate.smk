@@ -2,6 +2,16 @@
 # Functions evaluate_args and evaluated_datasets: common.smk; include after train.smk.
 
 
+def evaluate_job_args(wildcards):
+    """The input stores (built from the wildcards, as in ``input``), the dataset and evaluate_args."""
+    import shlex
+
+    stores = {"prediction": "instances", "probabilities": "probabilities", "truth": "labels", "raw": "raw"}
+    args = [arg for option, store in stores.items()
+            for arg in (f"--{option}", f"{R}/{wildcards.dataset}/{store}.ome.zarr")]  # fmt: skip
+    return args + ["--dataset", wildcards.dataset, *shlex.split(evaluate_args(wildcards))]
+
+
 rule evaluate:
     input:
         instances=f"{R}/{{dataset}}/instances.ome.zarr",
@@ -13,7 +23,7 @@ rule evaluate:
         metrics=f"{R}/{{dataset}}/metrics.json",
         per_slice=f"{R}/{{dataset}}/metrics.csv",
     params:
-        args=evaluate_args,
+        args=args_file(evaluate_job_args),
     log:
         f"{R}/logs/evaluate/{{dataset}}.log",
     benchmark:
@@ -25,9 +35,8 @@ rule evaluate:
         mem_mb=2000,
         runtime=60,
     shell:
-        "unet-pipe evaluate --prediction {input.instances:q} --probabilities {input.probabilities:q}"
-        " --truth {input.truth:q} --raw {input.raw:q} --dataset {wildcards.dataset}"
-        " --out {output.metrics:q} {params.args} > {log:q} 2>&1"
+        # The stores of the input and the evaluate section in @FILE (evaluate_job_args).
+        "unet-pipe evaluate @{params.args:q} --out {output.metrics:q} 2>&1 | tee {log:q} >&2"
 
 
 rule report:
@@ -51,4 +60,4 @@ rule report:
         runtime=30,
     shell:
         "unet-pipe report --metrics {input.metrics:q} --training-log {input.training_log:q}"
-        " --figures {params.figures} --out {output.report:q} > {log:q} 2>&1"
+        " --figures {params.figures} --out {output.report:q} 2>&1 | tee {log:q} >&2"

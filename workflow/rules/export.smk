@@ -25,4 +25,4 @@ rule export:
         runtime=30,
     shell:
         "unet-pipe export {input.checkpoint:q} {output.package:q} --sample {input.sample:q}"
-        " --export-json {params.config:q} > {log:q} 2>&1"
+        " --export-json {params.config:q} 2>&1 | tee {log:q} >&2"

@@ -21,7 +21,7 @@ rule synth:
         mem_mb=2000,
         runtime=20,
     shell:
-        "unet-pipe synth {params.out_dir:q} --shape {params.shape} --seed {params.seed} > {log:q} 2>&1"
+        "unet-pipe synth {params.out_dir:q} --shape {params.shape} --seed {params.seed} 2>&1 | tee {log:q} >&2"
 
 
 rule ingest_raw:
@@ -44,7 +44,7 @@ rule ingest_raw:
         runtime=120,
     shell:
         "unet-pipe ingest {input.src:q} {output.zarr:q} {params.ingest} {params.voxel_size} --threads {threads}"
-        " > {log:q} 2>&1"
+        " 2>&1 | tee {log:q} >&2"
 
 
 rule ingest_labels:
@@ -68,4 +68,4 @@ rule ingest_labels:
         runtime=120,
     shell:
         "unet-pipe ingest {input.src:q} {output.zarr:q} --labels --like {input.raw:q}{params.offset} {params.ingest} --threads {threads}"
-        " > {log:q} 2>&1"
+        " 2>&1 | tee {log:q} >&2"

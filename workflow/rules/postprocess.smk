@@ -20,7 +20,7 @@ if not INSTANCES_3D:
         output:
             instances=directory(f"{R}/{{dataset}}/instances.ome.zarr"),
         params:
-            args=postprocess_args,
+            args=args_file(postprocess_args),
         log:
             f"{R}/logs/postprocess/{{dataset}}.log",
         benchmark:
@@ -33,7 +33,7 @@ if not INSTANCES_3D:
             runtime=120,
         shell:
             # An interrupted job leaves instances.ome.zarr.partial; the rerun resumes it.
-            "unet-pipe postprocess {input.probabilities:q} {output.instances:q} {params.args} > {log:q} 2>&1"
+            "unet-pipe postprocess {input.probabilities:q} {output.instances:q} @{params.args:q} 2>&1 | tee {log:q} >&2"
 
 else:
 
@@ -48,7 +48,7 @@ else:
             prepared=touch(f"{R}/{{dataset}}/instances.shards/prepared"),
         params:
             dest=f"{R}/{{dataset}}/instances.ome.zarr",
-            args=postprocess_args,
+            args=args_file(postprocess_args),
         log:
             f"{R}/logs/postprocess/{{dataset}}.prepare.log",
         benchmark:
@@ -60,7 +60,7 @@ else:
             mem_mb=1000,
             runtime=10,
         shell:
-            "unet-pipe postprocess {input.probabilities:q} {params.dest:q} --step prepare {params.args} > {log:q} 2>&1"
+            "unet-pipe postprocess {input.probabilities:q} {params.dest:q} --step prepare @{params.args:q} 2>&1 | tee {log:q} >&2"
 
     rule postprocess_faces:
         input:
@@ -72,7 +72,7 @@ else:
         params:
             dest=f"{R}/{{dataset}}/instances.ome.zarr",
             shard=postprocess_shard,
-            args=postprocess_args,
+            args=args_file(postprocess_args),
         log:
             f"{R}/logs/postprocess/{{dataset}}.faces.{{scatteritem}}.log",
         benchmark:
@@ -85,7 +85,7 @@ else:
             runtime=120,
         shell:
             "unet-pipe postprocess {input.probabilities:q} {params.dest:q} --step faces --shard {params.shard}"
-            " --threads {threads} {params.args} > {log:q} 2>&1"
+            " --threads {threads} @{params.args:q} 2>&1 | tee {log:q} >&2"
 
     rule postprocess_merge:
         input:
@@ -96,7 +96,7 @@ else:
             merged=touch(f"{R}/{{dataset}}/instances.shards/merged"),
         params:
             dest=f"{R}/{{dataset}}/instances.ome.zarr",
-            args=postprocess_args,
+            args=args_file(postprocess_args),
         log:
             f"{R}/logs/postprocess/{{dataset}}.merge.log",
         benchmark:
@@ -109,7 +109,7 @@ else:
             mem_mb=4000,
             runtime=60,
         shell:
-            "unet-pipe postprocess {input.probabilities:q} {params.dest:q} --step merge {params.args} > {log:q} 2>&1"
+            "unet-pipe postprocess {input.probabilities:q} {params.dest:q} --step merge @{params.args:q} 2>&1 | tee {log:q} >&2"
 
     rule postprocess_write:
         input:
@@ -121,7 +121,7 @@ else:
         params:
             dest=f"{R}/{{dataset}}/instances.ome.zarr",
             shard=postprocess_shard,
-            args=postprocess_args,
+            args=args_file(postprocess_args),
         log:
             f"{R}/logs/postprocess/{{dataset}}.write.{{scatteritem}}.log",
         benchmark:
@@ -134,7 +134,7 @@ else:
             runtime=120,
         shell:
             "unet-pipe postprocess {input.probabilities:q} {params.dest:q} --step write --shard {params.shard}"
-            " --threads {threads} {params.args} > {log:q} 2>&1"
+            " --threads {threads} @{params.args:q} 2>&1 | tee {log:q} >&2"
 
     rule postprocess_flood:
         input:
@@ -146,7 +146,7 @@ else:
         params:
             dest=f"{R}/{{dataset}}/instances.ome.zarr",
             shard=postprocess_shard,
-            args=postprocess_args,
+            args=args_file(postprocess_args),
         log:
             f"{R}/logs/postprocess/{{dataset}}.flood.{{scatteritem}}.log",
         benchmark:
@@ -159,7 +159,7 @@ else:
             runtime=120,
         shell:
             "unet-pipe postprocess {input.probabilities:q} {params.dest:q} --step flood --shard {params.shard}"
-            " --threads {threads} {params.args} > {log:q} 2>&1"
+            " --threads {threads} @{params.args:q} 2>&1 | tee {log:q} >&2"
 
     rule postprocess_finalize:
         input:
@@ -169,7 +169,7 @@ else:
         output:
             instances=directory(f"{R}/{{dataset}}/instances.ome.zarr"),
         params:
-            args=postprocess_args,
+            args=args_file(postprocess_args),
         log:
             f"{R}/logs/postprocess/{{dataset}}.finalize.log",
         benchmark:
@@ -182,5 +182,5 @@ else:
             runtime=60,
         shell:
             # Builds the pyramid and publishes instances.ome.zarr atomically.
-            "unet-pipe postprocess {input.probabilities:q} {output.instances:q} --step finalize {params.args}"
-            " > {log:q} 2>&1"
+            "unet-pipe postprocess {input.probabilities:q} {output.instances:q} --step finalize @{params.args:q}"
+            " 2>&1 | tee {log:q} >&2"

@@ -20,7 +20,7 @@ rule predict_prepare:
         prepared=touch(f"{R}/{{dataset}}/probabilities.shards/prepared"),
     params:
         dest=f"{R}/{{dataset}}/probabilities.ome.zarr",
-        args=predict_args,
+        args=args_file(predict_args),
     log:
         f"{R}/logs/predict/{{dataset}}.prepare.log",
     benchmark:
@@ -32,8 +32,8 @@ rule predict_prepare:
         mem_mb=2000,
         runtime=10,
     shell:
-        "unet-pipe predict {input.checkpoint:q} {input.raw:q} {params.dest:q} --prepare {params.args}"
-        " > {log:q} 2>&1"
+        "unet-pipe predict {input.checkpoint:q} {input.raw:q} {params.dest:q} --prepare @{params.args:q}"
+        " 2>&1 | tee {log:q} >&2"
 
 
 rule predict:
@@ -46,7 +46,7 @@ rule predict:
     params:
         dest=f"{R}/{{dataset}}/probabilities.ome.zarr",
         shard=predict_shard,
-        args=predict_args,
+        args=args_file(predict_args),
     log:
         f"{R}/logs/predict/{{dataset}}.{{scatteritem}}.log",
     benchmark:
@@ -62,7 +62,7 @@ rule predict:
         gpu=1,
     shell:
         "unet-pipe predict {input.checkpoint:q} {input.raw:q} {params.dest:q} --shard {params.shard}"
-        " --threads {threads} {params.args} > {log:q} 2>&1"
+        " --threads {threads} @{params.args:q} 2>&1 | tee {log:q} >&2"
 
 
 rule predict_gather:
@@ -73,7 +73,7 @@ rule predict_gather:
     output:
         probabilities=directory(f"{R}/{{dataset}}/probabilities.ome.zarr"),
     params:
-        args=predict_args,
+        args=args_file(predict_args),
     log:
         f"{R}/logs/predict/{{dataset}}.gather.log",
     benchmark:
@@ -86,5 +86,5 @@ rule predict_gather:
         runtime=60,
     shell:
         # Builds the 2x pyramid and publishes probabilities.ome.zarr atomically.
-        "unet-pipe predict {input.checkpoint:q} {input.raw:q} {output.probabilities:q} --finalize {params.args}"
-        " > {log:q} 2>&1"
+        "unet-pipe predict {input.checkpoint:q} {input.raw:q} {output.probabilities:q} --finalize @{params.args:q}"
+        " 2>&1 | tee {log:q} >&2"

@@ -22,7 +22,7 @@ rule summarize:
         runtime=30,
     shell:
         "unet-pipe summarize --raw {input.raw:q} --probabilities {input.probabilities:q}"
-        " --instances {input.instances:q} --dataset {wildcards.dataset} --out {output.summary:q} > {log:q} 2>&1"
+        " --instances {input.instances:q} --dataset {wildcards.dataset} --out {output.summary:q} 2>&1 | tee {log:q} >&2"
 
 
 rule segmentation_report:
@@ -45,7 +45,7 @@ rule segmentation_report:
         runtime=30,
     shell:
         "unet-pipe report --summaries {input.summaries:q} --figures {params.figures}"
-        " --out {output.report:q} > {log:q} 2>&1"
+        " --out {output.report:q} 2>&1 | tee {log:q} >&2"
 
 
 rule instances_tiff:
@@ -64,4 +64,4 @@ rule instances_tiff:
         mem_mb=2000,
         runtime=30,
     shell:
-        "unet-pipe tiff {input.instances:q} {output.tiff:q} --overwrite > {log:q} 2>&1"
+        "unet-pipe tiff {input.instances:q} {output.tiff:q} --overwrite 2>&1 | tee {log:q} >&2"

@@ -14,8 +14,8 @@ rule train:
         checkpoint=f"{R}/model/checkpoint.pt",
         log_csv=f"{R}/model/training.csv",
     params:
-        config=train_config_json,
-        stores=train_stores_args,
+        # The config sections training reads and the stores, as @FILE (args_file, common.smk).
+        args=args_file(train_args),
     log:
         f"{R}/logs/train/train.log",
     benchmark:
@@ -32,5 +32,5 @@ rule train:
         gpu=1,
     shell:
         # --resume: a retried or restarted job continues from checkpoint.pt.partial.
-        "unet-pipe train --config-json {params.config:q} {params.stores} --out {output.checkpoint:q}"
-        " --log {output.log_csv:q} --resume --threads {threads} > {log:q} 2>&1"
+        "unet-pipe train @{params.args:q} --out {output.checkpoint:q}"
+        " --log {output.log_csv:q} --resume --threads {threads} 2>&1 | tee {log:q} >&2"

@@ -23,4 +23,4 @@ rule view:
         mem_mb=500,
         runtime=10,
     shell:
-        "unet-pipe view {input.raw:q} {output.view:q} {params.args} --overwrite > {log:q} 2>&1"
+        "unet-pipe view {input.raw:q} {output.view:q} {params.args} --overwrite 2>&1 | tee {log:q} >&2"

@@ -1,6 +1,15 @@
 # The paper's loss-weight maps (eq. 2), precomputed block by block from the labels.
 
 
+def weights_args(wildcards):
+    """The weights section (and the NGFF version) as ``unet-pipe weights`` options."""
+    section = config["weights"]
+    return (f"--w0 {section['w0']} --sigma {section['sigma']} --tolerance {section['tolerance']}"
+            f" --label-mode {section['label_mode']} --foreground-value {section['foreground_value']}"
+            f" --mode {section['mode']}{unlabelled_flag()}{'' if section['class_balance'] else ' --no-class-balance'}"
+            f" --ngff {config['ngff_version']}")
+
+
 rule weights:
     input:
         labels=f"{R}/{{dataset}}/labels.ome.zarr",
@@ -10,15 +19,7 @@ rule weights:
         preview=f"{R}/{{dataset}}/weights_preview.png",
     params:
         # Settings as params, not config.yaml as an input: editing them reruns only this rule.
-        w0=config["weights"]["w0"],
-        sigma=config["weights"]["sigma"],
-        tolerance=config["weights"]["tolerance"],
-        label_mode=config["weights"]["label_mode"],
-        foreground_value=config["weights"]["foreground_value"],
-        mode=config["weights"]["mode"],
-        unlabelled=unlabelled_flag(),
-        balance="" if config["weights"]["class_balance"] else " --no-class-balance",
-        ngff=config["ngff_version"],
+        args=args_file(weights_args),
     log:
         f"{R}/logs/weights/{{dataset}}.log",
     benchmark:
@@ -32,7 +33,5 @@ rule weights:
     shell:
         # Same chunks and pyramid depth as the labels; an interrupted job leaves
         # weights.ome.zarr.partial and the rerun resumes it.
-        "unet-pipe weights {input.labels:q} {output.weights:q} --w0 {params.w0} --sigma {params.sigma}"
-        " --tolerance {params.tolerance} --label-mode {params.label_mode}"
-        " --foreground-value {params.foreground_value} --mode {params.mode}{params.unlabelled}{params.balance} --threads {threads}"
-        " --preview {output.preview:q} --raw {input.raw:q} --ngff {params.ngff} > {log:q} 2>&1"
+        "unet-pipe weights {input.labels:q} {output.weights:q} @{params.args:q} --threads {threads}"
+        " --preview {output.preview:q} --raw {input.raw:q} 2>&1 | tee {log:q} >&2"
