@@ -100,6 +100,25 @@ def test_view_refuses_stores_of_two_ngff_versions(tmp_path):
         build_view(raw, tmp_path / "v.ome.zarr", {"i": other})
 
 
+def test_view_written_through_symlinked_folders_shows_its_stores(stores, tmp_path):
+    # The view goes into a folder reached through a link to a deeper folder, and the raw
+    # is named through another link: a link computed from the unresolved paths would
+    # point at ``deep/raw.ome.zarr`` (nothing) or elsewhere.
+    (tmp_path / "deep" / "er").mkdir(parents=True)
+    (tmp_path / "out").symlink_to(tmp_path / "deep" / "er", target_is_directory=True)
+    (tmp_path / "in").symlink_to(tmp_path, target_is_directory=True)
+    view = build_view(tmp_path / "in" / "raw.ome.zarr", tmp_path / "out" / "view.ome.zarr",
+                      {"instances": tmp_path / "in" / "instances.ome.zarr"})
+    assert (tmp_path / "deep" / "er" / "view.ome.zarr" / "0").readlink() == Path("../../../raw.ome.zarr/0")
+    for where in (view, tmp_path / "deep" / "er" / "view.ome.zarr"):
+        # ome-zarr-py names the label nodes by their resolved path: take them in order.
+        image, labels, instances = read_nodes(where).values()
+        assert instances.zarr.path.rstrip("/").endswith("view.ome.zarr/labels/instances")
+        np.testing.assert_array_equal(np.asarray(image.data[0]), np.arange(128, dtype=np.uint8).reshape(2, 8, 8))
+        np.testing.assert_array_equal(np.asarray(instances.data[1]), open_image(stores["instances"], 1)[:])
+        assert np.asarray(instances.data[0]).max() == 2
+
+
 def test_view_copy_survives_removing_the_sources(stores, tmp_path):
     view = build_view(stores["raw"], tmp_path / "view.ome.zarr", {"instances": stores["instances"]}, copy=True)
     expected = open_image(stores["instances"], 1)[:]
