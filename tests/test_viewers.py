@@ -7,9 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 
 from unet_pipe.errors import InputError, OutputError
 from unet_pipe.io import StagedImage, image_metadata, open_image
+from unet_pipe.ngff import ngff_keys
 from unet_pipe.view import build_view
 
 ome_reader = pytest.importorskip("ome_zarr.reader")
@@ -198,8 +200,14 @@ def test_every_store_of_a_workflow_run_reads_in_ome_zarr_py(tmp_path, ngff):
     results = tmp_path / "results" / "demo"
     for store in ("raw", "labels", "weights", "probabilities", "instances", "view"):
         # Every writer honoured the config key (the view follows its stores).
-        assert ((results / f"{store}.ome.zarr" / "zarr.json").is_file(), image_metadata(
-            results / f"{store}.ome.zarr").ngff) == (ngff == "0.5", ngff), store
+        path = results / f"{store}.ome.zarr"
+        version = ngff_keys(zarr.open_group(str(path), mode="r").attrs.asdict())[0]
+        assert ((path / "zarr.json").is_file(), version) == (ngff == "0.5", ngff), store
+    # The view's levels are links to other stores: a stage given the view refuses it (it reads
+    # only inside the store it is given) and says which stores to give instead.
+    with pytest.raises(InputError, match="view.ome.zarr: multiscales dataset path '0' leads outside the store .*"
+                       "a view links to the stores it shows"):
+        image_metadata(results / "view.ome.zarr")
     expected_scales = [[0.05, 0.004, 0.004], [0.05, 0.008, 0.008]]
     for store in ("raw", "labels", "weights", "probabilities", "instances"):
         node = read_nodes(results / f"{store}.ome.zarr")["."]

@@ -254,9 +254,10 @@ def check_weights_match(labels: Path, weights: Path) -> None:
     ``unet-pipe weights`` records its labels' checksum in the provenance; a
     weight map of another labelling trains silently on wrong borders.
     """
-    from unet_pipe.io import ATTRS_KEY, image_metadata
+    from unet_pipe.io import ATTRS_KEY, image_metadata, open_image
     from unet_pipe.provenance import input_checksum
 
+    open_image(labels)  # a damaged labels store is named as such, not as "other labels"
     recorded = image_metadata(weights).attrs.get(ATTRS_KEY, {}).get("provenance", {}).get("inputs", {}).get("labels")
     if not isinstance(recorded, dict) or "sha256" not in recorded:
         return  # not made by `unet-pipe weights` (e.g. given by the user): nothing to compare
