@@ -71,8 +71,9 @@ from unet_pipe.evaluate import truth_box, write_json_atomic
 from unet_pipe.io import image_metadata, open_image
 from unet_pipe.metrics import instances_from_binary, rand_error_per_slice
 from unet_pipe.postprocess import METHODS, instances_from_probabilities
-from unet_pipe.probabilities import as_probability, open_probabilities
+from unet_pipe.probabilities import open_probabilities, read_probabilities
 from unet_pipe.provenance import provenance
+from unet_pipe.truth import check_unlabelled_value
 
 log = logging.getLogger(__name__)
 
@@ -310,8 +311,8 @@ def load_slices(
             c = (t != 0) & k
             i = np.where(k, t, 0)
         by, bx = (slice(b.start + w.start, b.start + w.stop) for b, w in zip(box, (wy, wx)))  # window in the box
-        p = as_probability(prob_arr[z, by, bx], scale)
-        if not np.all(np.isfinite(p)):
+        p = read_probabilities(prob_arr, scale, probabilities, (z, by, bx), f"in slice {z}")
+        if not np.all(np.isfinite(p)):  # uint8 stores skip the range check; floats never get here with NaN
             raise InputError(probabilities, f"slice {z} holds non-finite probabilities")
         prob.append(p)
         cells.append(c)
@@ -334,6 +335,8 @@ def calibrate(
     and write them, with every candidate's scores, to ``out_json`` (atomically).
 
     ``max_pixels`` bounds the pixels scored (split evenly over the datasets; None: all)."""
+    for spec in datasets.values():
+        check_unlabelled_value(spec["truth"], truth_mode, foreground_value, unlabelled_value)
     prob, cells, truth, known = [], [], [], []
     inputs: dict[str, Path] = {}
     share = None if max_pixels is None else max(1, int(max_pixels) // max(1, len(datasets)))

@@ -62,6 +62,7 @@ from unet_pipe.border_term import (  # noqa: F401 (re-exported)
 )
 from unet_pipe.errors import ConfigError, InputError
 from unet_pipe.ngff import DEFAULT_NGFF
+from unet_pipe.truth import require_annotated, unlabelled_problem
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +113,9 @@ class WeightParams:
         if u is not None:
             if isinstance(u, bool) or not isinstance(u, int):
                 raise ConfigError(None, f"weights.unlabelled_value must be an integer or null, got {u!r}")
-            # The unlabelled value must be neither class, else annotated pixels would vanish.
-            if u == 0 or (self.label_mode == "binary" and u == self.foreground_value):
-                taken = "0 (membrane/background)" if u == 0 else f"the cell value {u}"
-                raise ConfigError(None, f"weights.unlabelled_value must differ from {taken}")
+            problem = unlabelled_problem(self.label_mode, self.foreground_value, u)
+            if problem:
+                raise ConfigError(None, f"weights.unlabelled_value: {problem}")
 
     @classmethod
     def from_config(cls, section: dict[str, Any] | None, **overrides: Any) -> WeightParams:
@@ -327,6 +327,7 @@ def volume_class_weights(
         slab = np.asarray(labels[z0 : z0 + step])
         check_labels(slab, params, where)
         counts += class_counts(slab, params)
+    require_annotated(where, int(counts.sum()), params.unlabelled_value, "the labels")
     return counts, class_weights(counts, params.class_balance)
 
 
