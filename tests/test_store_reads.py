@@ -154,7 +154,7 @@ CASES = [  # (store whose chunk 0/1/1/0 is deleted, stage reading it)
     ("raw", "predict"), ("raw", "ingest"), ("raw", "train"),
     ("labels", "weights"), ("labels", "evaluate"), ("labels", "train"),
     ("weights", "train"),
-    ("prob", "postprocess"),
+    ("prob", "postprocess"), ("prob", "calibrate"), ("prob", "evaluate"),
     ("instances", "evaluate"),
 ]
 
@@ -176,6 +176,10 @@ def test_deleted_chunk_is_named_by_every_stage_that_reads_the_store(stores, tmp_
     elif stage == "evaluate":
         prediction = stores["instances"] if kind == "instances" else stores["labels"]
         args = ["--prediction", prediction, "--truth", stores["labels"], "--out", tmp_path / "out.json"]
+        args += ["--probabilities", stores["prob"]] if kind == "prob" else []
+    elif stage == "calibrate":
+        args = ["--probabilities", f"s={stores['prob']}", "--truth", f"s={stores['labels']}", "--slices", "s=0:2",
+                "--out", tmp_path / "out.json"]
     else:
         config = validate_config({
             "datasets": {"s": {"synthetic": {"shape": [2, 64, 64]}}},
