@@ -8,6 +8,7 @@ input kind: check                          weights  train  calibrate  evaluate  
 truth: integer dtype                       x        x      x          x         -            -
 truth: unlabelled value not a class value  x        x      x*         x*        -            -
 truth: an annotated pixel                  x*       x      x          x*        -            -
+truth: binary values 0, cell, unlabelled   x        x*     x*         x*        -            -
 probabilities: values in [0, 1]            -        -      x*         x*        x            x*
 instances: integer dtype                   -        -      -          x*        -            -
 =========================================  =======  =====  =========  ========  ===========  =======
@@ -27,7 +28,7 @@ import pytest
 
 from unet_pipe.errors import InputError
 from unet_pipe.evaluate import SUMMARY_KEYS, evaluate, summarize
-from unet_pipe.io import StagedImage
+from unet_pipe.io import StagedImage, open_image
 
 
 def _store(path: Path, data: np.ndarray, kind: str = "image") -> Path:
@@ -44,22 +45,25 @@ def _one_line(code: int, err: str) -> str:
 
 @pytest.fixture
 def case(tmp_path) -> dict:
-    """Binary truth (0 membrane, 255 cell, 7 unlabelled in slice 1), instances, probabilities, a weight map."""
+    """Binary truth (0 membrane, 255 cell; and with 7 unlabelled in half of slice 1), instances,
+    probabilities, a weight map, and truth with every pixel unlabelled."""
     truth = np.zeros((2, 16, 16), np.uint8)
     truth[:, 2:7, 2:7] = 255
     truth[:, 9:14, 9:14] = 255
-    truth[1, :, 8:] = 7
     instances = np.zeros((2, 16, 16), np.uint32)
     instances[:, 2:7, 2:7] = 1
     instances[:, 9:14, 9:14] = 2
     prob = (truth == 255).astype(np.float32) * 0.9 + 0.05
     weights = 1.0 + 9.0 * (truth == 0)  # a weight map: values up to 10
+    sparse = truth.copy()
+    sparse[1, :, 8:] = 7
     return {
         "truth": _store(tmp_path / "labels.ome.zarr", truth, "labels"),
         "instances": _store(tmp_path / "inst.ome.zarr", instances, "labels"),
         "prob": _store(tmp_path / "prob.ome.zarr", prob),
         "weights": _store(tmp_path / "weights.ome.zarr", weights.astype(np.float32)),
         "unlabelled": _store(tmp_path / "blank.ome.zarr", np.full((2, 16, 16), 7, np.uint8), "labels"),
+        "sparse": _store(tmp_path / "sparse.ome.zarr", sparse, "labels"),
     }
 
 
@@ -90,10 +94,38 @@ def test_truth_without_an_annotated_pixel_is_refused_by_every_stage(case, tmp_pa
     assert "blank.ome.zarr" in err or stage == "calibrate", err
     assert "no annotated pixel" in err, err
     assert not (tmp_path / "out.json").exists() and not (tmp_path / "out.ome.zarr").exists()
-    # The same truth with one slice annotated is accepted (the check is not a blanket refusal).
-    if stage == "evaluate":
-        code, _, err = run_cli("-q", *_stage_args(stage, case, tmp_path), "--unlabelled-value", 7)
+    # Truth with some pixels annotated is accepted (the check is not a blanket refusal).
+    if stage != "calibrate":
+        code, _, err = run_cli("-q", *_stage_args(stage, case, tmp_path, truth=case["sparse"]), "--unlabelled-value", 7)
         assert code == 0, err
+
+
+@pytest.mark.parametrize("stage", ["weights", "calibrate", "evaluate", "train"])
+def test_binary_truth_with_a_value_of_neither_class_is_refused_by_every_stage(case, tmp_path, run_cli, stage):
+    """Truth holding 0, 255 and 128 (e.g. an annotation tool's 'unsure'): 128 would silently count as membrane."""
+    import yaml
+
+    from unet_pipe.config import validate_config
+
+    truth = np.asarray(open_image(case["truth"])[:])
+    truth[1, 0, 0] = 128
+    odd = _store(tmp_path / "odd.ome.zarr", truth, "labels")
+    if stage == "train":
+        config = validate_config({
+            "datasets": {"s": {"synthetic": {"shape": [2, 16, 16]}}},
+            "model": {"depth": 2, "base_channels": 4},
+            "train": {"datasets": {"s": {"train": [0, 2]}}, "tile": 44, "steps": 1, "val_every": 1},
+        })
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+        raw = _store(tmp_path / "raw.ome.zarr", np.arange(512, dtype=np.uint16).reshape(2, 16, 16).astype(np.uint8))
+        args = ["train", tmp_path / "c.yaml", "--raw", f"s={raw}", "--labels", f"s={odd}", "--out", tmp_path / "out.pt",
+                "--threads", "1"]
+    else:
+        args = _stage_args(stage, case, tmp_path, truth=odd)
+    err = _one_line(*run_cli("-q", *args)[::2])
+    assert "odd.ome.zarr: binary labels must hold only 0 (membrane/background) and 255 (cell), found values 0, 128, 255" \
+        in err, err
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("out")]
 
 
 @pytest.mark.parametrize("stage", ["calibrate", "evaluate", "postprocess"])

@@ -73,7 +73,7 @@ from unet_pipe.metrics import instances_from_binary, rand_error_per_slice
 from unet_pipe.postprocess import METHODS, instances_from_probabilities
 from unet_pipe.probabilities import open_probabilities, read_probabilities
 from unet_pipe.provenance import provenance
-from unet_pipe.truth import check_unlabelled_value
+from unet_pipe.truth import check_binary_values, check_unlabelled_value
 
 log = logging.getLogger(__name__)
 
@@ -303,6 +303,8 @@ def load_slices(
             windows.append([z, [wy.start, wy.stop], [wx.start, wx.stop]])
         t = np.asarray(truth_arr[z - oz, wy, wx])
         k = np.ones(t.shape, bool) if unlabelled_value is None else t != unlabelled_value
+        if truth_mode == "binary" and foreground_value is not None and t.dtype != np.bool_:
+            check_binary_values(truth, np.unique(t), foreground_value, unlabelled_value)
         if truth_mode == "binary":
             c = (t == foreground_value) if foreground_value is not None else (t != 0)
             c &= k

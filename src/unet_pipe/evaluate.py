@@ -54,7 +54,7 @@ from unet_pipe.metrics import (
 )
 from unet_pipe.probabilities import open_probabilities, read_probabilities
 from unet_pipe.provenance import provenance
-from unet_pipe.truth import check_unlabelled_value, require_annotated
+from unet_pipe.truth import check_binary_values, check_unlabelled_value, require_annotated
 from unet_pipe.safety import atomic_output
 from unet_pipe.warping import warping_error
 
@@ -296,6 +296,8 @@ def evaluate(
         t = np.asarray(truth_arr[z - oz])
         known = None if unlabelled_value is None else t != unlabelled_value
         annotated += t.size if known is None else int(np.count_nonzero(known))
+        if truth_mode == "binary" and foreground_value is not None and t.dtype != np.bool_:
+            check_binary_values(truth, np.unique(t), foreground_value, unlabelled_value)
         if truth_mode == "binary":
             cells = t == foreground_value if foreground_value is not None else binarize(t)
             if known is not None:

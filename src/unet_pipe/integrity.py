@@ -95,6 +95,11 @@ class CheckedArray:
         self._store = Path(store)
         self._level = level
 
+    @property
+    def store(self) -> Path:
+        """The store this array was opened from (the path the user gave); zarr's own ``store`` is hidden."""
+        return self._store
+
     def __getitem__(self, selection: Any) -> Any:
         try:
             return self._array[selection]

@@ -62,7 +62,7 @@ from unet_pipe.border_term import (  # noqa: F401 (re-exported)
 )
 from unet_pipe.errors import ConfigError, InputError
 from unet_pipe.ngff import DEFAULT_NGFF
-from unet_pipe.truth import require_annotated, unlabelled_problem
+from unet_pipe.truth import check_binary_values, require_annotated, unlabelled_problem
 
 log = logging.getLogger(__name__)
 
@@ -150,22 +150,7 @@ def check_labels(labels: np.ndarray, params: WeightParams, where: str | Path | N
         return
     if dtype == np.bool_:
         return  # True is the cell class whatever foreground_value says
-    values = np.unique(labels)
-    unexpected = values[(values != 0) & (values != params.foreground_value) & (values != params.unlabelled_value)]
-    if unexpected.size:
-        shown = ", ".join(str(v) for v in values[:8]) + (", ..." if values.size > 8 else "")
-        nonzero = values[values != 0]
-        hint = (
-            f"; set foreground_value to {nonzero[0]}"
-            if nonzero.size == 1
-            else "; instance ids need label_mode 'instances'"
-        )
-        raise InputError(
-            where,
-            f"binary labels must hold only 0 (membrane/background) and {params.foreground_value} (cell)"
-            + ("" if params.unlabelled_value is None else f" and {params.unlabelled_value} (unlabelled)")
-            + f", found values {shown}{hint}",
-        )
+    check_binary_values(where, np.unique(labels), params.foreground_value, params.unlabelled_value)
 
 
 def foreground(labels: np.ndarray, params: WeightParams) -> np.ndarray:
