@@ -14,6 +14,11 @@ instances: integer dtype                   -        -      -          x*        
 =========================================  =======  =====  =========  ========  ===========  =======
 
 (``view`` refuses non-integer label layers; ``report`` reads what ``evaluate`` checked.)
+Stores unet-pipe published also say what they hold (``ngff.store_role``: raw, labels,
+weights, probabilities, instances); each stage refuses one of ours that holds another
+kind (``ngff.check_role``): predict and export take raw, weights takes labels or
+instances, train raw / labels or instances / weights, probability readers
+probabilities, evaluate instances or labels.
 A pooled score needs something to pool: the summary IoU of slices with no cell
 pixel is undefined (null in the JSON, with a note), never 1.0.
 """
@@ -172,3 +177,82 @@ def test_evaluate_of_empty_truth_and_prediction_reports_no_iou(tmp_path):
     assert math.isnan(result["summary"]["all"]["iou"])
     written = json.loads((tmp_path / "m.json").read_text())["summary"]["all"]
     assert written["iou"] is None and written["notes"]["iou"].startswith("undefined: no cell pixel")
+
+
+@pytest.fixture
+def published(tmp_path, run_cli) -> dict:
+    """Stores as the pipeline publishes them: ingested raw and labels, weights, probabilities, instances."""
+    import tifffile
+
+    raw = (np.arange(2 * 32 * 32).reshape(2, 32, 32) % 251).astype(np.uint8)
+    labels = np.where((np.arange(32)[None, :, None] // 8 + np.arange(32)[None, None, :] // 8) % 2, 255, 0)
+    labels = np.broadcast_to(labels, (2, 32, 32)).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "raw.tif", raw)
+    tifffile.imwrite(tmp_path / "labels.tif", labels)
+    out = {k: tmp_path / f"{k}.ome.zarr" for k in ("raw", "labels", "weights", "instances")}
+    for argv in (["ingest", tmp_path / "raw.tif", out["raw"]],
+                 ["ingest", tmp_path / "labels.tif", out["labels"], "--labels"],
+                 ["weights", out["labels"], out["weights"]]):
+        code, _, err = run_cli("-q", *argv, "--pyramid-levels", "0")
+        assert code == 0, err
+    prob = _store(tmp_path / "p.ome.zarr", (labels / 255 * 0.8 + 0.1).astype(np.float32))
+    attrs = json.loads((prob / ".zattrs").read_text())
+    attrs["unet_pipe"]["probability_scale"] = 1.0  # as predict records it
+    (prob / ".zattrs").write_text(json.dumps(attrs))
+    out["probabilities"] = prob
+    code, _, err = run_cli("-q", "postprocess", prob, out["instances"], "--pyramid-levels", "0")
+    assert code == 0, err
+    return out
+
+
+def test_published_stores_say_what_they_hold(published):
+    from unet_pipe.ngff import image_metadata as meta_of
+    from unet_pipe.ngff import store_role
+
+    assert {k: store_role(meta_of(p).attrs) for k, p in published.items()} == {
+        "raw": "raw", "labels": "labels", "weights": "weights", "probabilities": "probabilities",
+        "instances": "instances"}
+
+
+@pytest.mark.parametrize(("stage", "given", "slot"), [
+    ("predict", "labels", "raw"), ("predict", "weights", "raw"), ("predict", "probabilities", "raw"),
+    ("weights", "raw", "labels"), ("weights", "weights", "labels"),
+    ("postprocess", "raw", "probabilities"), ("calibrate", "instances", "probabilities"),
+    ("evaluate", "weights", "prediction"), ("evaluate", "raw", "truth"),
+    ("train", "labels", "raw"), ("train", "raw", "labels"), ("train", "labels", "weights"),
+])
+def test_a_store_of_another_kind_is_refused_by_every_stage(published, tmp_path, run_cli, stage, given, slot):
+    import yaml
+
+    from unet_pipe.config import validate_config
+    from unet_pipe.model import UNet, save_checkpoint
+
+    p = dict(published)
+    wrong = p[given]
+    if stage == "predict":
+        save_checkpoint(tmp_path / "m.pt", UNet(depth=2, base_channels=4))
+        args = ["predict", tmp_path / "m.pt", wrong, tmp_path / "out.ome.zarr"]
+    elif stage == "weights":
+        args = ["weights", wrong, tmp_path / "out.ome.zarr"]
+    elif stage == "postprocess":
+        args = ["postprocess", wrong, tmp_path / "out.ome.zarr"]
+    elif stage == "calibrate":
+        args = ["calibrate", "--probabilities", f"d={wrong}", "--truth", f"d={p['labels']}", "--slices", "d=0:2",
+                "--out", tmp_path / "out.json"]
+    elif stage == "evaluate":
+        p[slot if slot == "truth" else "instances"] = wrong
+        args = ["evaluate", "--prediction", p["instances"], "--truth", p["truth"] if "truth" in p else p["labels"],
+                "--out", tmp_path / "out.json"]
+    else:
+        config = validate_config({
+            "datasets": {"s": {"synthetic": {"shape": [2, 32, 32]}}},
+            "model": {"depth": 2, "base_channels": 4},
+            "train": {"datasets": {"s": {"train": [0, 2]}}, "tile": 44, "steps": 1, "val_every": 1},
+        })
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+        p[slot] = wrong
+        args = ["train", tmp_path / "c.yaml", "--raw", f"s={p['raw']}", "--labels", f"s={p['labels']}",
+                "--weights", f"s={p['weights']}", "--out", tmp_path / "out.pt", "--threads", "1"]
+    err = _one_line(*run_cli("-q", *args)[::2])
+    assert f"{wrong.name}: holds {given} (written by `unet-pipe " in err and "takes" in err, err
+    assert not [q.name for q in tmp_path.iterdir() if q.name.startswith("out")]

@@ -43,6 +43,7 @@ import numpy as np
 
 from unet_pipe.errors import InputError
 from unet_pipe.io import image_metadata, open_image
+from unet_pipe.ngff import check_role
 from unet_pipe.isbi_protocol import ISBI_THRESHOLDS, ThinnedScores, best_over_thresholds, thinned_scores
 from unet_pipe.metrics import (
     binarize,
@@ -250,6 +251,8 @@ def evaluate(
     check_unlabelled_value(truth, truth_mode, foreground_value, unlabelled_value)
     pred_meta = image_metadata(instances)
     truth_meta = image_metadata(truth)
+    check_role(pred_meta, ("instances", "labels"), "evaluate's --prediction")
+    check_role(truth_meta, ("labels", "instances"), "evaluate's --truth")
     box = truth_box(truth_meta, truth, tuple(pred_meta.shape), instances)
     if pred_meta.dtype.kind not in "uib":  # e.g. a probability or weight map given as instances
         raise InputError(instances, f"instances must be integer labels (0 = membrane), found dtype {pred_meta.dtype}; "

@@ -246,6 +246,35 @@ def open_image(path: str | Path, level: int = 0) -> CheckedArray:
     return CheckedArray(array, path, name)
 
 
+# What each kind of store we publish records (under unet_pipe), and the command that writes it.
+_ROLE_MARKS = (("probabilities", "probability_scale", "predict"), ("instances", "instances", "postprocess"),
+               ("weights", "weights", "weights"))
+
+
+def store_role(attrs: dict) -> str | None:
+    """What a store unet-pipe published holds: "raw", "labels", "weights", "probabilities" or
+    "instances"; None for a store of another tool (or one written without its records)."""
+    own = own_attributes(attrs)
+    for role, mark, _ in _ROLE_MARKS:
+        if mark in own:
+            return role
+    if "source" in own:  # ingest records its input
+        return "labels" if own.get("kind") == "labels" else "raw"
+    return None
+
+
+def check_role(meta: ImageMeta, allowed: Sequence[str], what: str) -> None:
+    """Refuse one of our stores that holds another kind of data than ``what`` takes (``allowed``
+    roles): e.g. labels or a weight map given as the raw image, read as if it were one.
+    Stores of other tools are not judged here (their values are checked where they are read)."""
+    role = store_role(meta.attrs)
+    if role is None or role in allowed:
+        return
+    command = next((c for r, _, c in _ROLE_MARKS if r == role), "ingest")
+    raise InputError(meta.path, f"holds {role} (written by `unet-pipe {command}`), but {what} takes "
+                     f"{' or '.join(allowed)}")
+
+
 def own_attributes(attrs: dict) -> dict:
     """The ``unet_pipe`` attributes of a group ({} for a store of another tool)."""
     own = attrs.get(ATTRS_KEY)

@@ -12,6 +12,7 @@ import numpy as np
 
 from unet_pipe.errors import InputError
 from unet_pipe.io import ATTRS_KEY, image_metadata, open_image
+from unet_pipe.ngff import check_role
 
 #: The attribute (under ``unet_pipe``) that ``predict`` writes for the stored scale.
 PROBABILITY_SCALE_KEY = "probability_scale"
@@ -79,6 +80,7 @@ def read_probabilities(array: Any, scale: float, path: str | Path, selection: An
 def open_probabilities(path: str | Path) -> tuple[Any, float]:
     """Open a probability OME-Zarr: (level-0 zarr array, scale); checks the dtype."""
     meta = image_metadata(path)
+    check_role(meta, ("probabilities",), "a probability input")
     try:
         scale = probability_scale(meta.attrs, meta.dtype)
     except ValueError as exc:

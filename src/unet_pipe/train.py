@@ -266,20 +266,26 @@ def check_weights_match(labels: Path, weights: Path) -> None:
                          "recompute it with `unet-pipe weights`")
 
 
+# What each store given to train may hold (labels: truth, or instances curated into truth).
+TRAIN_ROLES = {"raw": ("raw",), "labels": ("labels", "instances"), "weights": ("weights",)}
+
+
 def open_stores(stores: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Open OME-Zarr paths lazily (``unet_pipe.io.open_image``); arrays pass through."""
-    from unet_pipe.io import open_image
+    from unet_pipe.io import image_metadata, open_image
+    from unet_pipe.ngff import check_role
 
     opened: dict[str, dict[str, Any]] = {}
     for name, parts in stores.items():
+        for key, value in parts.items():
+            if isinstance(value, (str, Path)) and key in TRAIN_ROLES:  # before comparing them with each other
+                check_role(image_metadata(value), TRAIN_ROLES[key], f"train's --{key}")
         if isinstance(parts.get("labels"), (str, Path)) and isinstance(parts.get("weights"), (str, Path)):
             check_weights_match(Path(parts["labels"]), Path(parts["weights"]))
         opened[name] = {}
         for key, value in parts.items():
             if isinstance(value, (str, Path)):
                 if key == "labels":
-                    from unet_pipe.io import image_metadata
-
                     offset = image_metadata(value).offset
                     opened[name]["labels_offset"] = offset if any(offset) else None
                 value = open_image(value)

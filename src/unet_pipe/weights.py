@@ -61,7 +61,7 @@ from unet_pipe.border_term import (  # noqa: F401 (re-exported)
     cutoff_distance,
 )
 from unet_pipe.errors import ConfigError, InputError
-from unet_pipe.ngff import DEFAULT_NGFF
+from unet_pipe.ngff import DEFAULT_NGFF, check_role
 from unet_pipe.truth import check_binary_values, require_annotated, unlabelled_problem
 
 log = logging.getLogger(__name__)
@@ -350,6 +350,7 @@ def compute_weight_store(
 
     labels_path, dest = Path(labels_path), Path(dest)
     meta = image_metadata(labels_path)
+    check_role(meta, ("labels", "instances"), "weights")
     labels = open_image(labels_path)
     sampling = pixel_sampling(meta.voxel_size, params.mode)
     halo = border_halo(params.sigma, sampling, params.tolerance)
