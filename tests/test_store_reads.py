@@ -150,6 +150,20 @@ def test_published_store_records_its_chunks(stores, tmp_path):
     np.testing.assert_array_equal(open_image(sparse, 1)[1, 20, 20], 5)  # the other level is whole
 
 
+def test_deleted_chunk_of_an_ngff_05_store_is_named(tmp_path):
+    data = np.arange(2 * 64 * 64, dtype=np.uint16).reshape(2, 64, 64) + 1
+    staged = StagedImage(tmp_path / "v3.ome.zarr", shape=data.shape, dtype=data.dtype, chunks=(1, 32, 32), ngff="0.5")
+    staged.array[:] = data
+    store = staged.commit(pyramid_levels=1)
+    record = json.loads((store / "zarr.json").read_text())["attributes"]["unet_pipe"]["chunks"]
+    assert record == {"0": {"count": 8, "absent": []}, "1": {"count": 2, "absent": []}}
+    np.testing.assert_array_equal(open_image(store)[:], data)
+    (store / "1" / "c" / "1" / "0" / "0").unlink()
+    np.testing.assert_array_equal(open_image(store)[:], data)  # level 0 is whole
+    with pytest.raises(InputError, match=r"v3.ome.zarr: chunk 1/c/1/0/0 is missing"):
+        open_image(store, 1)
+
+
 CASES = [  # (store whose chunk 0/1/1/0 is deleted, stage reading it)
     ("raw", "predict"), ("raw", "ingest"), ("raw", "train"),
     ("labels", "weights"), ("labels", "evaluate"), ("labels", "train"),
