@@ -128,8 +128,8 @@ def test_binary_truth_with_a_value_of_neither_class_is_refused_by_every_stage(ca
     else:
         args = _stage_args(stage, case, tmp_path, truth=odd)
     err = _one_line(*run_cli("-q", *args)[::2])
-    assert "odd.ome.zarr: binary labels must hold only 0 (membrane/background) and 255 (cell), found values 0, 128, 255" \
-        in err, err
+    assert ("odd.ome.zarr: binary labels must hold only 0 (membrane/background) and 255 (cell), "
+            "found values 0, 128, 255") in err, err
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("out")]
 
 

@@ -43,7 +43,6 @@ import numpy as np
 
 from unet_pipe.errors import InputError
 from unet_pipe.io import image_metadata, open_image
-from unet_pipe.ngff import check_role
 from unet_pipe.isbi_protocol import ISBI_THRESHOLDS, ThinnedScores, best_over_thresholds, thinned_scores
 from unet_pipe.metrics import (
     binarize,
@@ -53,10 +52,11 @@ from unet_pipe.metrics import (
     segmentation_scores,
     truth_instances_3d,
 )
+from unet_pipe.ngff import check_role
 from unet_pipe.probabilities import open_probabilities, read_probabilities
 from unet_pipe.provenance import provenance
-from unet_pipe.truth import check_binary_values, check_unlabelled_value, require_annotated
 from unet_pipe.safety import atomic_output
+from unet_pipe.truth import check_binary_values, check_unlabelled_value, require_annotated
 from unet_pipe.warping import warping_error
 
 log = logging.getLogger(__name__)
@@ -310,7 +310,8 @@ def evaluate(
         else:
             cells = t != 0 if known is None else (t != 0) & known
             truth_inst = t if known is None else np.where(known, t, 0)
-        prob = None if prob_arr is None else read_probabilities(prob_arr, scale, probabilities, (z, *box), f"in slice {z}")
+        prob = None if prob_arr is None else read_probabilities(
+            prob_arr, scale, probabilities, (z, *box), f"in slice {z}")
         pred_slice = np.asarray(pred_arr[(z, *box)])
         row = score_slice(pred_slice, truth_inst, cells, prob, threshold, known)
         pred_stack.append(pred_slice)

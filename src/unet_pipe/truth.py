@@ -52,7 +52,8 @@ def check_binary_values(
         return
     shown = ", ".join(str(v) for v in values[:8]) + (", ..." if values.size > 8 else "")
     nonzero = values[values != 0]
-    hint = f"; set foreground_value to {nonzero[0]}" if nonzero.size == 1 else "; instance ids need label_mode 'instances'"
+    hint = (f"; set foreground_value to {nonzero[0]}" if nonzero.size == 1
+            else "; instance ids need label_mode 'instances'")
     raise InputError(
         where,
         f"binary labels must hold only 0 (membrane/background) and {foreground_value} (cell)"
