@@ -16,7 +16,7 @@ instances: integer dtype                   -        -      -          x*        
 (``view`` refuses non-integer label layers; ``report`` reads what ``evaluate`` checked.)
 Stores unet-pipe published also say what they hold (``ngff.store_role``: raw, labels,
 weights, probabilities, instances); each stage refuses one of ours that holds another
-kind (``ngff.check_role``): predict and export take raw, weights takes labels or
+kind (``ngff.check_role``): predict, segment and export take raw, weights takes labels or
 instances, train raw / labels or instances / weights, probability readers
 probabilities, evaluate instances or labels.
 A pooled score needs something to pool: the summary IoU of slices with no cell
@@ -220,6 +220,7 @@ def test_published_stores_say_what_they_hold(published):
     ("postprocess", "raw", "probabilities"), ("calibrate", "instances", "probabilities"),
     ("evaluate", "weights", "prediction"), ("evaluate", "raw", "truth"),
     ("train", "labels", "raw"), ("train", "raw", "labels"), ("train", "labels", "weights"),
+    ("segment", "labels", "stack"), ("segment", "instances", "stack"),
 ])
 def test_a_store_of_another_kind_is_refused_by_every_stage(published, tmp_path, run_cli, stage, given, slot):
     import yaml
@@ -232,6 +233,9 @@ def test_a_store_of_another_kind_is_refused_by_every_stage(published, tmp_path, 
     if stage == "predict":
         save_checkpoint(tmp_path / "m.pt", UNet(depth=2, base_channels=4))
         args = ["predict", tmp_path / "m.pt", wrong, tmp_path / "out.ome.zarr"]
+    elif stage == "segment":
+        save_checkpoint(tmp_path / "m.pt", UNet(depth=2, base_channels=4))
+        args = ["segment", tmp_path / "m.pt", wrong, "--out", tmp_path / "out"]
     elif stage == "weights":
         args = ["weights", wrong, tmp_path / "out.ome.zarr"]
     elif stage == "postprocess":

@@ -267,11 +267,15 @@ def check_role(meta: ImageMeta, allowed: Sequence[str], what: str) -> None:
     """Refuse one of our stores that holds another kind of data than ``what`` takes (``allowed``
     roles): e.g. labels or a weight map given as the raw image, read as if it were one.
     Stores of other tools are not judged here (their values are checked where they are read)."""
-    role = store_role(meta.attrs)
+    refuse_role(meta.path, store_role(meta.attrs), allowed, what)
+
+
+def refuse_role(path: str | Path, role: str | None, allowed: Sequence[str], what: str) -> None:
+    """:func:`check_role` for a store whose role is known (:func:`store_role`)."""
     if role is None or role in allowed:
         return
     command = next((c for r, _, c in _ROLE_MARKS if r == role), "ingest")
-    raise InputError(meta.path, f"holds {role} (written by `unet-pipe {command}`), but {what} takes "
+    raise InputError(path, f"holds {role} (written by `unet-pipe {command}`), but {what} takes "
                      f"{' or '.join(allowed)}")
 
 

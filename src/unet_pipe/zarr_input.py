@@ -39,7 +39,7 @@ import zarr
 
 from unet_pipe.errors import InputError
 from unet_pipe.integrity import CHUNKS_KEY, CheckedArray, check_chunks
-from unet_pipe.ngff import entry_in_store, ngff_keys, own_attributes
+from unet_pipe.ngff import entry_in_store, ngff_keys, own_attributes, store_role
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ class ZarrSource:
     ngff: str | None  # NGFF version, None for a plain array
     array: Any = field(compare=False, repr=False)
     roles: tuple[str | None, ...] = field(compare=False, repr=False)  # per array axis: "z"/"y"/"x" or None (index 0)
+    held: str | None = field(default=None, compare=False)  # what a store unet-pipe published holds (store_role)
 
     @property
     def files(self) -> tuple[Path, ...]:
@@ -199,10 +200,11 @@ def open_zarr_source(path: str | Path) -> ZarrSource:
     if translation is not None:
         at = {roles[i]: translation[i] * factors[i] for i in spatial}
         translated = (at.get("z"), at["y"], at["x"])
-    return _source(path, level, array, roles, voxel, translated, version)
+    return _source(path, level, array, roles, voxel, translated, version, store_role(dict(node.attrs)))
 
 
-def _source(path: Path, level: str, array: Any, roles: tuple, voxel: Any, translation: Any, ngff: Any) -> ZarrSource:
+def _source(path: Path, level: str, array: Any, roles: tuple, voxel: Any, translation: Any, ngff: Any,
+            held: str | None = None) -> ZarrSource:
     dtype = np.dtype(array.dtype)
     if dtype.kind not in "uif" and dtype != np.bool_:
         raise InputError(path, f"unsupported dtype {dtype} (expected integers, floats or booleans)")
@@ -215,6 +217,7 @@ def _source(path: Path, level: str, array: Any, roles: tuple, voxel: Any, transl
     return ZarrSource(
         path=path, shape=shape, dtype=dtype.newbyteorder("="), level=level, voxel_size=voxel,
         translation=translation, ngff=ngff, array=CheckedArray(array, path, level or "array"), roles=roles,
+        held=held,
     )
 
 
