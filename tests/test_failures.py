@@ -276,7 +276,7 @@ BAD_OPTIONS = [
     (["evaluate", "--prediction", "{labels}", "--truth", "{labels}", "--out", "{out}", "--foreground-value", "-3"],
      "--foreground-value -3 cannot occur in uint8 labels"),
     (["evaluate", "--prediction", "{labels}", "--truth", "{labels}", "--out", "{out}", "--foreground-value", "7"],
-     "no pixel equals --foreground-value 7 in the evaluated slices"),
+     "and 7 (cell), found values 0, 255; set foreground_value to 255"),
     (["report", "--metrics", "{yaml}", "--out", "{out}.md", "--figures", "-1"], "--figures must be a finite number >= 0"),
     (["ingest", "{tif}", "{out}", "--threads", "0"], "--threads must be a finite number in [1, 1024], got 0"),
     (["ingest", "{tif}", "{out}", "--pyramid-levels", "17"], "--pyramid-levels must be a finite number in [0, 16]"),

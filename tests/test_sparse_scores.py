@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from unet_pipe.calibrate import calibrate, load_slices, pixel_errors
+from unet_pipe.errors import InputError
 from unet_pipe.evaluate import evaluate
 from unet_pipe.io import StagedImage
 
@@ -56,9 +57,11 @@ def test_evaluate_leaves_unlabelled_pixels_out(tmp_path, sparse_case):
     s = result["summary"]["all"]
     assert s["pixel_error"] == pytest.approx(1 / 12) and s["iou"] == pytest.approx(8 / 9)
     assert result["params"]["unlabelled_value"] == U
-    # Read as fully labelled, column 3 counts as membrane: 4 more wrong pixels, and slice 1 is all membrane.
-    dense = evaluate(sparse_case["instances"], sparse_case["truth"], tmp_path / "d.json", **kwargs)["per_slice"]
-    assert dense[0]["pixel_error"] == pytest.approx(5 / 16) and dense[1]["pixel_error"] == pytest.approx(13 / 16)
+    # Without the unlabelled value, 7 is neither class: refused, as `weights` refuses it (it was scored as
+    # membrane: 4 more wrong pixels in slice 0, and slice 1 all membrane).
+    with pytest.raises(InputError, match=r"truth.ome.zarr: binary labels must hold only 0 .* and 255 \(cell\), "
+                       r"found values 0, 7, 255"):
+        evaluate(sparse_case["instances"], sparse_case["truth"], tmp_path / "d.json", **kwargs)
 
 
 def test_calibration_pixel_error_counts_annotated_pixels_only(sparse_case):

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 
 from unet_pipe.errors import InputError, OutputError
 from unet_pipe.io import StagedImage, image_metadata, open_image
+from unet_pipe.ngff import ngff_keys
 from unet_pipe.view import build_view
 
 ome_reader = pytest.importorskip("ome_zarr.reader")
@@ -100,6 +102,25 @@ def test_view_refuses_stores_of_two_ngff_versions(tmp_path):
         build_view(raw, tmp_path / "v.ome.zarr", {"i": other})
 
 
+def test_view_written_through_symlinked_folders_shows_its_stores(stores, tmp_path):
+    # The view goes into a folder reached through a link to a deeper folder, and the raw
+    # is named through another link: a link computed from the unresolved paths would
+    # point at ``deep/raw.ome.zarr`` (nothing) or elsewhere.
+    (tmp_path / "deep" / "er").mkdir(parents=True)
+    (tmp_path / "out").symlink_to(tmp_path / "deep" / "er", target_is_directory=True)
+    (tmp_path / "in").symlink_to(tmp_path, target_is_directory=True)
+    view = build_view(tmp_path / "in" / "raw.ome.zarr", tmp_path / "out" / "view.ome.zarr",
+                      {"instances": tmp_path / "in" / "instances.ome.zarr"})
+    assert (tmp_path / "deep" / "er" / "view.ome.zarr" / "0").readlink() == Path("../../../raw.ome.zarr/0")
+    for where in (view, tmp_path / "deep" / "er" / "view.ome.zarr"):
+        # ome-zarr-py names the label nodes by their resolved path: take them in order.
+        image, labels, instances = read_nodes(where).values()
+        assert instances.zarr.path.rstrip("/").endswith("view.ome.zarr/labels/instances")
+        np.testing.assert_array_equal(np.asarray(image.data[0]), np.arange(128, dtype=np.uint8).reshape(2, 8, 8))
+        np.testing.assert_array_equal(np.asarray(instances.data[1]), open_image(stores["instances"], 1)[:])
+        assert np.asarray(instances.data[0]).max() == 2
+
+
 def test_view_copy_survives_removing_the_sources(stores, tmp_path):
     view = build_view(stores["raw"], tmp_path / "view.ome.zarr", {"instances": stores["instances"]}, copy=True)
     expected = open_image(stores["instances"], 1)[:]
@@ -179,8 +200,14 @@ def test_every_store_of_a_workflow_run_reads_in_ome_zarr_py(tmp_path, ngff):
     results = tmp_path / "results" / "demo"
     for store in ("raw", "labels", "weights", "probabilities", "instances", "view"):
         # Every writer honoured the config key (the view follows its stores).
-        assert ((results / f"{store}.ome.zarr" / "zarr.json").is_file(), image_metadata(
-            results / f"{store}.ome.zarr").ngff) == (ngff == "0.5", ngff), store
+        path = results / f"{store}.ome.zarr"
+        version = ngff_keys(zarr.open_group(str(path), mode="r").attrs.asdict())[0]
+        assert ((path / "zarr.json").is_file(), version) == (ngff == "0.5", ngff), store
+    # The view's levels are links to other stores: a stage given the view refuses it (it reads
+    # only inside the store it is given) and says which stores to give instead.
+    with pytest.raises(InputError, match="view.ome.zarr: multiscales dataset path '0' leads outside the store .*"
+                       "a view links to the stores it shows"):
+        image_metadata(results / "view.ome.zarr")
     expected_scales = [[0.05, 0.004, 0.004], [0.05, 0.008, 0.008]]
     for store in ("raw", "labels", "weights", "probabilities", "instances"):
         node = read_nodes(results / f"{store}.ome.zarr")["."]

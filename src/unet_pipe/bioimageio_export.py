@@ -53,6 +53,7 @@ from unet_pipe.config import load_schema
 from unet_pipe.data import IntensityRange, normalize_raw
 from unet_pipe.errors import CheckpointError, ConfigError, InputError, OutputError
 from unet_pipe.io import image_metadata, open_image
+from unet_pipe.ngff import check_role
 from unet_pipe.model import UNet, margin, model_from_checkpoint, nearest_valid_input_size
 from unet_pipe.model_bundle import application_record
 from unet_pipe.predict import input_intensity
@@ -245,6 +246,7 @@ def export_model(checkpoint: str | Path, dest: str | Path, *, sample: str | Path
         raise CheckpointError(checkpoint, f"expects {arch['in_channels']} input channels; EM stacks have 1")
     sample = Path(sample) if sample is not None else default_sample(data, checkpoint)
     meta = image_metadata(sample)
+    check_role(meta, ("raw",), "export's --sample")
     intensity = input_intensity(data.get("extra") or {}, checkpoint, meta)  # as predict normalises it
     gain, offset = input_scaling(intensity, meta.dtype)
     start, size = test_tile(meta.shape, arch["depth"], arch["dims"], where=sample)

@@ -89,9 +89,10 @@ from unet_pipe.io import image_metadata, open_image
 from unet_pipe.instances3d import SIX_CONNECTED, watershed_reference
 from unet_pipe.metrics import instances_from_binary, rand_error_per_slice, scores_3d, truth_instances_3d
 from unet_pipe.postprocess import METHODS, instances_from_probabilities
-from unet_pipe.probabilities import as_probability, open_probabilities
+from unet_pipe.probabilities import as_probability, open_probabilities, read_probabilities
 from unet_pipe.progress import progress_bar
 from unet_pipe.provenance import provenance
+from unet_pipe.truth import check_binary_values, check_unlabelled_value
 
 log = logging.getLogger(__name__)
 
@@ -496,6 +497,8 @@ def load_slices(
             windows.append([z, [wy.start, wy.stop], [wx.start, wx.stop]])
         t = np.asarray(truth_arr[z - oz, wy, wx])
         k = np.ones(t.shape, bool) if unlabelled_value is None else t != unlabelled_value
+        if truth_mode == "binary" and foreground_value is not None and t.dtype != np.bool_:
+            check_binary_values(truth, np.unique(t), foreground_value, unlabelled_value)
         if truth_mode == "binary":
             c = (t == foreground_value) if foreground_value is not None else (t != 0)
             c &= k
@@ -504,8 +507,8 @@ def load_slices(
             c = (t != 0) & k
             i = np.where(k, t, 0)
         by, bx = (slice(b.start + w.start, b.start + w.stop) for b, w in zip(box, (wy, wx)))  # window in the box
-        p = as_probability(prob_arr[z, by, bx], scale)
-        if not np.all(np.isfinite(p)):
+        p = read_probabilities(prob_arr, scale, probabilities, (z, by, bx), f"in slice {z}")
+        if not np.all(np.isfinite(p)):  # uint8 stores skip the range check; floats never get here with NaN
             raise InputError(probabilities, f"slice {z} holds non-finite probabilities")
         prob.append(p)
         cells.append(c)
@@ -533,6 +536,8 @@ def calibrate(
     ``instances``: ``2d`` (slice by slice) or ``3d`` (each range as one volume)."""
     if instances not in INSTANCE_MODES:
         raise ValueError(f"instances must be one of {INSTANCE_MODES}, got {instances!r}")
+    for spec in datasets.values():
+        check_unlabelled_value(spec["truth"], truth_mode, foreground_value, unlabelled_value)
     prob, cells, truth, known = [], [], [], []
     inputs: dict[str, Path] = {}
     share = None if max_pixels is None else max(1, int(max_pixels) // max(1, len(datasets)))

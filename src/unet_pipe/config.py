@@ -22,6 +22,7 @@ import jsonschema
 import yaml
 
 from unet_pipe.errors import ConfigError, ConfigErrors, InputError, UnetPipeError
+from unet_pipe.truth import unlabelled_problem
 
 log = logging.getLogger(__name__)
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
@@ -165,13 +166,9 @@ def _semantic_problems(config: dict, source: str | Path | None) -> Iterator[Conf
                     "(validation slices must be held out)"
                 )
     weights = config["weights"]
-    unlabelled = weights.get("unlabelled_value")
-    if unlabelled is not None and (
-        unlabelled == 0 or (weights["label_mode"] == "binary" and unlabelled == weights["foreground_value"])
-    ):
-        # Unlabelled must be neither class, or annotated pixels would silently drop out of the loss.
-        yield ConfigError(source, f"key 'weights.unlabelled_value': {unlabelled} is a class value "
-                          "(0 = membrane/background, foreground_value = cell); pick a value the labels use for neither")
+    problem = unlabelled_problem(weights["label_mode"], weights["foreground_value"], weights.get("unlabelled_value"))
+    if problem:
+        yield ConfigError(source, f"key 'weights.unlabelled_value': {problem}")
     init = config["train"].get("init_from")
     if init is not None and os.path.normpath(init) == os.path.normpath(f"{config['results']}/model/checkpoint.pt"):
         # The workflow's own output: as an input of train it would be a cycle.

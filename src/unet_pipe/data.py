@@ -48,9 +48,11 @@ import numpy as np
 import torch
 
 from unet_pipe.errors import ConfigError, InputError
+from unet_pipe.integrity import CheckedArray
 from unet_pipe.model import margin as unet_margin
 from unet_pipe.model import valid_output_size
 from unet_pipe.tiling import read_mirrored
+from unet_pipe.truth import check_binary_values
 
 LABEL_MODES = ("binary", "instances")
 #: Draws per tile before giving up on finding an annotated output window (sparse labels).
@@ -402,4 +404,22 @@ def volumes_from_config(config: dict, stores: dict[str, dict[str, Any]]) -> list
                 labels_offset=offset,
             )
         )
+        _check_binary_truth(volumes[-1], config.get("weights") or {})
     return volumes
+
+
+def _check_binary_truth(volume: Volume, weights: dict[str, Any]) -> None:
+    """Binary labels of ``volume``'s train and val slices hold only 0, the cell value and the
+    unlabelled value (:func:`unet_pipe.truth.check_binary_values`, as ``weights`` checks them);
+    read once, slab by slab."""
+    if weights.get("label_mode", "binary") != "binary" or np.dtype(volume.labels.dtype) == np.bool_:
+        return
+    foreground, unlabelled = int(weights.get("foreground_value", 255)), weights.get("unlabelled_value")
+    step = int(volume.labels.chunks[0]) if hasattr(volume.labels, "chunks") else 1
+    # The store the user gave (a CheckedArray's own ``path`` is zarr's array name, "0").
+    where = volume.labels.store if isinstance(volume.labels, CheckedArray) else volume.name
+    for start, stop in filter(None, (volume.train, volume.val)):
+        z0, z1 = (z - int(volume.labels_offset[0]) for z in (start, stop))  # slices of the label array
+        for z in range(z0, z1, step):
+            slab = np.asarray(volume.labels[z : min(z + step, z1)])
+            check_binary_values(where, np.unique(slab), foreground, unlabelled)

@@ -52,10 +52,12 @@ from unet_pipe.metrics import (
     segmentation_scores,
     truth_instances_3d,
 )
-from unet_pipe.probabilities import as_probability, open_probabilities
+from unet_pipe.ngff import check_role
+from unet_pipe.probabilities import open_probabilities, read_probabilities
 from unet_pipe.progress import progress_bar
 from unet_pipe.provenance import provenance
 from unet_pipe.safety import atomic_output
+from unet_pipe.truth import check_binary_values, check_unlabelled_value, require_annotated
 from unet_pipe.warping import warping_error
 
 log = logging.getLogger(__name__)
@@ -195,7 +197,12 @@ def summarize(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
     for key in SUMMARY_KEYS:
         if key == "iou":
             union = sum(r["_union"] for r in rows)
-            out[key] = sum(r["_intersection"] for r in rows) / union if union else (1.0 if rows else math.nan)
+            # A pooled score needs something to pool: slices without a cell pixel in the truth or
+            # the prediction have nothing to agree on, so their IoU is undefined, not a perfect 1.0.
+            out[key] = sum(r["_intersection"] for r in rows) / union if union else math.nan
+            if rows and not union:
+                out.setdefault("notes", {})[key] = ("undefined: no cell pixel in the truth or the prediction of "
+                                                    "these slices")
             continue
         values = np.array([r[key] for r in rows], dtype=np.float64)
         values = values[np.isfinite(values)]
@@ -242,9 +249,15 @@ def evaluate(
     instances, truth, out_json = Path(instances), Path(truth), Path(out_json)
     if truth_mode not in ("binary", "instances"):
         raise ValueError(f"truth_mode must be 'binary' or 'instances', got {truth_mode!r}")
+    check_unlabelled_value(truth, truth_mode, foreground_value, unlabelled_value)
     pred_meta = image_metadata(instances)
     truth_meta = image_metadata(truth)
+    check_role(pred_meta, ("instances", "labels"), "evaluate's --prediction")
+    check_role(truth_meta, ("labels", "instances"), "evaluate's --truth")
     box = truth_box(truth_meta, truth, tuple(pred_meta.shape), instances)
+    if pred_meta.dtype.kind not in "uib":  # e.g. a probability or weight map given as instances
+        raise InputError(instances, f"instances must be integer labels (0 = membrane), found dtype {pred_meta.dtype}; "
+                         "probabilities go to --probabilities")
     offset = truth_meta.offset
     oz = offset[0]
     pred_arr = open_image(instances)
@@ -273,6 +286,7 @@ def evaluate(
         if info is not None and not info.min <= foreground_value <= info.max:
             raise InputError(truth, f"--foreground-value {foreground_value} cannot occur in {truth_meta.dtype} labels")
     any_cells = False
+    annotated = 0
     rows: list[dict[str, Any]] = []
     # The evaluated range's slices, kept for the 3D scores (objects taken whole across z).
     pred_stack: list[np.ndarray] = []
@@ -283,6 +297,9 @@ def evaluate(
     for z in z_iter:
         t = np.asarray(truth_arr[z - oz])
         known = None if unlabelled_value is None else t != unlabelled_value
+        annotated += t.size if known is None else int(np.count_nonzero(known))
+        if truth_mode == "binary" and foreground_value is not None and t.dtype != np.bool_:
+            check_binary_values(truth, np.unique(t), foreground_value, unlabelled_value)
         if truth_mode == "binary":
             cells = t == foreground_value if foreground_value is not None else binarize(t)
             if known is not None:
@@ -292,7 +309,8 @@ def evaluate(
         else:
             cells = t != 0 if known is None else (t != 0) & known
             truth_inst = t if known is None else np.where(known, t, 0)
-        prob = as_probability(prob_arr[(z, *box)], scale) if prob_arr is not None else None
+        prob = None if prob_arr is None else read_probabilities(
+            prob_arr, scale, probabilities, (z, *box), f"in slice {z}")
         pred_slice = np.asarray(pred_arr[(z, *box)])
         row = score_slice(pred_slice, truth_inst, cells, prob, threshold, known)
         pred_stack.append(pred_slice)
@@ -300,6 +318,7 @@ def evaluate(
         subset = "val" if z in val else "train" if z in train else "calibrate" if z in calibrated else "other"
         rows.append({"z": z, "subset": subset, **row})
 
+    require_annotated(truth, annotated, unlabelled_value, "the evaluated slices")
     if truth_mode == "binary" and foreground_value is not None and not any_cells:
         # A wrong cell value scores every slice as all membrane: a plausible-looking wrong result.
         raise InputError(truth, f"no pixel equals --foreground-value {foreground_value} in the evaluated slices")

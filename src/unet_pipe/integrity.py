@@ -20,6 +20,7 @@ Two layers, both in effect once :mod:`unet_pipe.io` is imported:
 from __future__ import annotations
 
 import itertools
+import os
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ from numcodecs.compat import ensure_contiguous_ndarray
 
 from unet_pipe.errors import InputError, UnetPipeError
 
+# Under the unet_pipe attributes of a store we publish: the chunks written, per level.
+CHUNKS_KEY = "chunks"
 _BLOSC_HEADER = 16  # bytes; bytes 12..16 hold the compressed size, little endian
 
 
@@ -91,6 +94,11 @@ class CheckedArray:
         self._array = array
         self._store = Path(store)
         self._level = level
+
+    @property
+    def store(self) -> Path:
+        """The store this array was opened from (the path the user gave); zarr's own ``store`` is hidden."""
+        return self._store
 
     def __getitem__(self, selection: Any) -> Any:
         try:
@@ -154,3 +162,68 @@ class CheckedArray:
         # Not one chunk alone: report the failure itself, still on one line with the store named.
         reason = exc.problem if isinstance(exc, CorruptChunk) else f"{type(exc).__name__}: {exc}"
         return InputError(self._store, f"level {self._level!r} could not be read ({reason})")
+
+
+# ------------------------------------------------------------------ chunks a store wrote
+
+# Files of a level's folder that are metadata, not chunks (zarr format 2 and 3).
+_METADATA_FILES = frozenset({".zarray", ".zattrs", ".zgroup", ".zmetadata", "zarr.json"})
+
+
+def stored_chunk_keys(folder: Path) -> set[str]:
+    """The chunk keys (``z/y/x``, or ``c/z/y/x`` in format 3) whose files are in a level's folder."""
+    keys: set[str] = set()
+    for root, _, files in os.walk(folder):
+        prefix = os.path.relpath(root, folder)
+        for name in files:
+            if name not in _METADATA_FILES:
+                keys.add(name if prefix == "." else f"{prefix}/{name}".replace(os.sep, "/"))
+    return keys
+
+
+def _grid_keys(array: Any) -> list[str]:
+    grid = (range(-(-n // c)) for n, c in zip(array.shape, array.chunks))
+    return [array.metadata.encode_chunk_key(index) for index in itertools.product(*grid)]
+
+
+def chunk_record(folder: Path, array: Any) -> dict[str, Any]:
+    """What a store we publish records of one level's chunks (``unet_pipe.chunks[LEVEL]``).
+
+    ``count``: the chunk files written.  zarr leaves out chunks equal to the fill value,
+    so some may be absent by design: the record lists the shorter of the absent keys
+    (``absent``) or the written ones (``present``), so that a complete level costs a few bytes.
+    """
+    written = stored_chunk_keys(folder)
+    grid = _grid_keys(array)
+    absent = [k for k in grid if k not in written]
+    if len(absent) <= len(grid) - len(absent):
+        return {"count": len(written), "absent": absent}
+    return {"count": len(written), "present": sorted(written)}
+
+
+def check_chunks(store: Path, level: str, array: Any, records: Any) -> None:
+    """Refuse a level of one of our stores whose recorded chunk files are not all there.
+
+    ``records``: the store's ``unet_pipe.chunks`` (None for stores of other tools,
+    whose missing chunks keep zarr's meaning: the fill value).  One listing of the
+    level's folder; no chunk is read.
+    """
+    if records is None:
+        return
+    record = records.get(level) if isinstance(records, dict) else None
+    if not isinstance(record, dict) or not ({"absent", "present"} & set(record)):
+        raise InputError(store, f"its chunk record has no entry for level {level!r}; rewrite the store "
+                         "(rerun the stage that made it)")
+    written = stored_chunk_keys(Path(store) / level)
+    if record.get("absent") == [] and len(written) == record.get("count"):
+        return  # a complete level, as written: no need to enumerate the chunk grid
+    if "present" in record:
+        expected = record["present"]
+    else:
+        absent = set(record["absent"])
+        expected = [k for k in _grid_keys(array) if k not in absent]
+    missing = [k for k in expected if k not in written]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise InputError(store, f"chunk {level}/{missing[0]} is missing{more}: the store was written with it; "
+                         "rewrite the store (rerun the stage that made it)")

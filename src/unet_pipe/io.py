@@ -33,6 +33,7 @@ import zarr
 
 from unet_pipe.downsample import downsample2  # noqa: F401  (re-exported; write_pyramid looks it up here)
 from unet_pipe.errors import InputError, OutputError
+from unet_pipe.integrity import CHUNKS_KEY, chunk_record
 from unet_pipe.ngff import (  # noqa: F401  (re-exported: the pipeline's one import for OME-Zarr)
     DEFAULT_NGFF,
     NGFF_VERSIONS,
@@ -278,11 +279,15 @@ class StagedImage:
                 # Relative: the pair stays valid when the results folder moves as a whole.
                 image_label["source"] = {"image": os.path.relpath(Path(source_image), self.dest)}
         offset = (extra_attrs or {}).get("offset")
+        # Which chunks were written, per level: readers tell a deleted chunk from one zarr left out.
+        chunks = {str(level): chunk_record(self.staging / str(level), self.group[str(level)])
+                  for level in range(levels + 1)}
         self.group.attrs.put(group_attributes(
             self.ngff,
             multiscales=multiscales_metadata(self.dest.name, self.voxel_size, levels, self.kind, offset, self.ngff),
             image_label=image_label,
-            own={"kind": self.kind, **(provenance and {"provenance": provenance} or {}), **(extra_attrs or {})},
+            own={"kind": self.kind, **(provenance and {"provenance": provenance} or {}), **(extra_attrs or {}),
+                 CHUNKS_KEY: chunks},
         ))
         shutil.rmtree(self.staging / _DONE_DIR, ignore_errors=True)
         if hasattr(self, "_chunk_writer"):

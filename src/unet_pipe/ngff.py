@@ -28,7 +28,7 @@ import numpy as np
 import zarr
 
 from unet_pipe.errors import InputError
-from unet_pipe.integrity import CheckedArray
+from unet_pipe.integrity import CHUNKS_KEY, CheckedArray, check_chunks
 from unet_pipe.safety import ATTRS_KEY
 
 NGFF_VERSIONS: tuple[str, ...] = ("0.4", "0.5")
@@ -153,6 +153,26 @@ def write_group(folder: Path, attrs: dict, ngff: str) -> None:
         (folder / "zarr.json").write_text(json.dumps(meta, indent=2))
 
 
+def entry_in_store(store: str | Path, entry: Any, what: str) -> str:
+    """``entry``, a path that metadata of ``store`` names (a dataset, a label image), if it stays inside.
+
+    Every path read from NGFF metadata goes through here before it is opened: an
+    absolute entry, ``..``, a backslash, or one that resolves outside the store
+    (symbolic links followed) would make a stage read what the user did not give it.
+    ``what`` says which metadata named it, for the error line.
+    """
+    store = Path(store)
+    if (not isinstance(entry, str) or not entry.strip("/") or entry.startswith("/") or "\\" in entry
+            or ".." in Path(entry).parts or Path(entry).is_absolute()):
+        raise InputError(store, f"{what} {entry!r} is not a relative name inside the store")
+    root = store.resolve()
+    target = (store / entry).resolve()
+    if target == root or not target.is_relative_to(root):
+        raise InputError(store, f"{what} {entry!r} leads outside the store (to {target}); "
+                         "unet-pipe reads only inside the store it was given")
+    return entry
+
+
 def _open_group(path: Path) -> zarr.Group:
     if not path.exists():
         raise InputError(path, "not found")
@@ -176,10 +196,15 @@ def image_metadata(path: str | Path) -> ImageMeta:
         name = level0["path"]
     except (KeyError, IndexError, StopIteration, TypeError, AttributeError):
         raise InputError(path, "not an OME-Zarr image (no valid 'multiscales' metadata)") from None
+    own = attrs.get(ATTRS_KEY)
     for ds in ms.get("datasets", []):
-        p = ds.get("path") if isinstance(ds, dict) else None
-        if not isinstance(p, str) or not p or p.startswith("/") or ".." in Path(p).parts or "\\" in p:
-            raise InputError(path, f"multiscales dataset path {p!r} is not a relative name inside the store")
+        try:
+            entry_in_store(path, ds.get("path") if isinstance(ds, dict) else None, "multiscales dataset path")
+        except InputError as exc:
+            if isinstance(own, dict) and own.get("kind") == "view":
+                raise InputError(path, f"{exc.problem}: a view links to the stores it shows, for viewers; "
+                                 "give a stage those stores") from None
+            raise
     try:
         array = group[name]
     except KeyError:
@@ -216,7 +241,48 @@ def open_image(path: str | Path, level: int = 0) -> CheckedArray:
     if not 0 <= level < len(datasets):
         raise InputError(path, f"has no pyramid level {level}")
     name = datasets[level]["path"]
-    return CheckedArray(_open_group(path)[name], path, name)
+    array = _open_group(path)[name]
+    check_chunks(path, name, array, own_attributes(meta.attrs).get(CHUNKS_KEY))
+    return CheckedArray(array, path, name)
+
+
+# What each kind of store we publish records (under unet_pipe), and the command that writes it.
+_ROLE_MARKS = (("probabilities", "probability_scale", "predict"), ("instances", "instances", "postprocess"),
+               ("weights", "weights", "weights"))
+
+
+def store_role(attrs: dict) -> str | None:
+    """What a store unet-pipe published holds: "raw", "labels", "weights", "probabilities" or
+    "instances"; None for a store of another tool (or one written without its records)."""
+    own = own_attributes(attrs)
+    for role, mark, _ in _ROLE_MARKS:
+        if mark in own:
+            return role
+    if "source" in own:  # ingest records its input
+        return "labels" if own.get("kind") == "labels" else "raw"
+    return None
+
+
+def check_role(meta: ImageMeta, allowed: Sequence[str], what: str) -> None:
+    """Refuse one of our stores that holds another kind of data than ``what`` takes (``allowed``
+    roles): e.g. labels or a weight map given as the raw image, read as if it were one.
+    Stores of other tools are not judged here (their values are checked where they are read)."""
+    refuse_role(meta.path, store_role(meta.attrs), allowed, what)
+
+
+def refuse_role(path: str | Path, role: str | None, allowed: Sequence[str], what: str) -> None:
+    """:func:`check_role` for a store whose role is known (:func:`store_role`)."""
+    if role is None or role in allowed:
+        return
+    command = next((c for r, _, c in _ROLE_MARKS if r == role), "ingest")
+    raise InputError(path, f"holds {role} (written by `unet-pipe {command}`), but {what} takes "
+                     f"{' or '.join(allowed)}")
+
+
+def own_attributes(attrs: dict) -> dict:
+    """The ``unet_pipe`` attributes of a group ({} for a store of another tool)."""
+    own = attrs.get(ATTRS_KEY)
+    return own if isinstance(own, dict) else {}
 
 
 def describe(path: str | Path) -> str:

@@ -82,6 +82,7 @@ from unet_pipe.data import IntensityRange, intensity_range
 from unet_pipe.errors import CheckpointError, ConfigError, InputError, OutputError
 from unet_pipe.io import DEFAULT_NGFF, StagedImage, check_ngff, image_metadata, open_image
 from unet_pipe.model import UNet, model_from_checkpoint
+from unet_pipe.ngff import check_role
 from unet_pipe.precision import check_request, precision_record, resolve_precision
 from unet_pipe.provenance import input_checksum, input_fingerprint, provenance
 from unet_pipe.tiling import Roi, TilePlan, make_plan
@@ -184,6 +185,7 @@ def _setup(checkpoint, raw, dest, expected_arch, *, tile, block, batch, tta, dty
         raise InputError(raw, "predict reads an ingested OME-Zarr image; segment a TIFF or a folder of slices in "
                          "one command with `unet-pipe segment MODEL STACK --out DIR`, or `unet-pipe ingest` it first")
     meta = image_metadata(raw)  # InputError unless a 3D (z, y, x) OME-Zarr image
+    check_role(meta, ("raw",), "predict's RAW")
     model, intensity = _load_model(checkpoint, expected_arch, meta)
     if model.dims == 3 and min(meta.shape) < 2:
         raise InputError(raw, f"a 3D model needs at least 2 voxels per axis, the image has shape {meta.shape}")

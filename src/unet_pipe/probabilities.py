@@ -12,6 +12,7 @@ import numpy as np
 
 from unet_pipe.errors import InputError
 from unet_pipe.io import ATTRS_KEY, image_metadata, open_image
+from unet_pipe.ngff import check_role
 
 #: The attribute (under ``unet_pipe``) that ``predict`` writes for the stored scale.
 PROBABILITY_SCALE_KEY = "probability_scale"
@@ -63,9 +64,23 @@ def needs_range_check(dtype: np.dtype, scale: float) -> bool:
     return not (dtype.kind == "u" and np.iinfo(dtype).max * scale <= 1.0 + 1e-6)
 
 
+def read_probabilities(array: Any, scale: float, path: str | Path, selection: Any, where: str) -> np.ndarray:
+    """``array[selection]`` as float32 probabilities, refused (naming ``path``) when a value is not one.
+
+    The one read of stored probabilities for stages that read them whole or by slice
+    (calibrate, evaluate, summarize): a weight map or raw stack given as probabilities
+    is refused by each, as postprocess refuses it.
+    """
+    p = as_probability(array[selection], scale)
+    if needs_range_check(array.dtype, scale):
+        check_probabilities(p, path, where)
+    return p
+
+
 def open_probabilities(path: str | Path) -> tuple[Any, float]:
     """Open a probability OME-Zarr: (level-0 zarr array, scale); checks the dtype."""
     meta = image_metadata(path)
+    check_role(meta, ("probabilities",), "a probability input")
     try:
         scale = probability_scale(meta.attrs, meta.dtype)
     except ValueError as exc:

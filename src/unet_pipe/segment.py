@@ -62,6 +62,7 @@ from unet_pipe.model_bundle import (
     model_decisions,
     override_decisions,
 )
+from unet_pipe.ngff import refuse_role
 from unet_pipe.provenance import file_sha256, provenance
 from unet_pipe.safety import ATTRS_KEY, check_dest, is_our_store
 from unet_pipe.tiff import is_our_label_tiff
@@ -105,6 +106,7 @@ def check_inputs(inputs: Sequence[str | Path], voxel_size: Sequence[float] | Non
     for item in inputs:
         path = Path(item)
         source = open_input_stack(path)  # InputError: missing, corrupt, not grayscale z, y, x
+        refuse_role(path, getattr(source, "held", None), ("raw",), "segment")  # e.g. labels given as a stack
         stem = input_stem(path)
         if not stem or stem.startswith("."):
             raise InputError(path, "cannot name an output folder after this input; rename it")

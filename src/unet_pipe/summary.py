@@ -26,6 +26,7 @@ import numpy as np
 from unet_pipe.errors import InputError, OutputError, UnetPipeError
 from unet_pipe.evaluate import write_json_atomic
 from unet_pipe.io import ATTRS_KEY, image_metadata, open_image, slab_depth
+from unet_pipe.probabilities import open_probabilities, read_probabilities
 from unet_pipe.report import _MAX_PANEL_PIXELS, _normalize, _safe, label_overlay
 
 log = logging.getLogger(__name__)
@@ -212,15 +213,14 @@ def segmentation_figure(summary: dict[str, Any], slices: Sequence[int], dest: Pa
     from PIL import Image, ImageDraw
 
     inputs = summary["inputs"]
-    raw, prob, inst = (open_image(inputs[k]) for k in ("raw", "probabilities", "instances"))
-    scale = float((image_metadata(inputs["probabilities"]).attrs.get(ATTRS_KEY, {}) or {})
-                  .get("probability_scale", 1.0))
+    raw, inst = (open_image(inputs[k]) for k in ("raw", "instances"))
+    prob, scale = open_probabilities(inputs["probabilities"])
     step = max(1, math.ceil(max(raw.shape[1:]) / _MAX_PANEL_PIXELS))
     um_per_px = summary["voxel_size_um"][2] * step
     rows = []
     for z in slices:
         gray = np.asarray(raw[z])[::step, ::step]
-        p = np.asarray(prob[z], dtype=np.float32)[::step, ::step] * np.float32(scale)
+        p = read_probabilities(prob, scale, inputs["probabilities"], z, f"in slice {z}")[::step, ::step]
         labels = np.asarray(inst[z])[::step, ::step]
         n = len(np.unique(labels[labels > 0]))
         rows.append(((_rgb(_normalize(gray)), f"z={z} raw"), (probability_colours(p), "cell probability"),

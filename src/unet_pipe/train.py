@@ -255,9 +255,10 @@ def check_weights_match(labels: Path, weights: Path) -> None:
     ``unet-pipe weights`` records its labels' checksum in the provenance; a
     weight map of another labelling trains silently on wrong borders.
     """
-    from unet_pipe.io import ATTRS_KEY, image_metadata
+    from unet_pipe.io import ATTRS_KEY, image_metadata, open_image
     from unet_pipe.provenance import input_checksum
 
+    open_image(labels)  # a damaged labels store is named as such, not as "other labels"
     recorded = image_metadata(weights).attrs.get(ATTRS_KEY, {}).get("provenance", {}).get("inputs", {}).get("labels")
     if not isinstance(recorded, dict) or "sha256" not in recorded:
         return  # not made by `unet-pipe weights` (e.g. given by the user): nothing to compare
@@ -266,20 +267,26 @@ def check_weights_match(labels: Path, weights: Path) -> None:
                          "recompute it with `unet-pipe weights`")
 
 
+# What each store given to train may hold (labels: truth, or instances curated into truth).
+TRAIN_ROLES = {"raw": ("raw",), "labels": ("labels", "instances"), "weights": ("weights",)}
+
+
 def open_stores(stores: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Open OME-Zarr paths lazily (``unet_pipe.io.open_image``); arrays pass through."""
-    from unet_pipe.io import open_image
+    from unet_pipe.io import image_metadata, open_image
+    from unet_pipe.ngff import check_role
 
     opened: dict[str, dict[str, Any]] = {}
     for name, parts in stores.items():
+        for key, value in parts.items():
+            if isinstance(value, (str, Path)) and key in TRAIN_ROLES:  # before comparing them with each other
+                check_role(image_metadata(value), TRAIN_ROLES[key], f"train's --{key}")
         if isinstance(parts.get("labels"), (str, Path)) and isinstance(parts.get("weights"), (str, Path)):
             check_weights_match(Path(parts["labels"]), Path(parts["weights"]))
         opened[name] = {}
         for key, value in parts.items():
             if isinstance(value, (str, Path)):
                 if key == "labels":
-                    from unet_pipe.io import image_metadata
-
                     offset = image_metadata(value).offset
                     opened[name]["labels_offset"] = offset if any(offset) else None
                 value = open_image(value)

@@ -60,7 +60,10 @@ def _place_levels(src: Path, dest: Path, multiscales: dict, copy: bool) -> None:
             shutil.copytree(src / name, dest / name)
         else:
             # Relative to the link's own folder: the view survives moving the results together.
-            os.symlink(os.path.relpath(src / name, dest), dest / name, target_is_directory=True)
+            # Both ends resolved: the kernel follows a relative link from the folder it really
+            # lies in, so a path written through a symlinked folder would point elsewhere.
+            target = os.path.relpath((src / name).resolve(), (dest / name).parent.resolve())
+            os.symlink(target, dest / name, target_is_directory=True)
 
 
 def build_view(

@@ -61,8 +61,9 @@ from unet_pipe.border_term import (  # noqa: F401 (re-exported)
     cutoff_distance,
 )
 from unet_pipe.errors import ConfigError, InputError
-from unet_pipe.ngff import DEFAULT_NGFF
+from unet_pipe.ngff import DEFAULT_NGFF, check_role
 from unet_pipe.progress import progress_bar
+from unet_pipe.truth import check_binary_values, require_annotated, unlabelled_problem
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +114,9 @@ class WeightParams:
         if u is not None:
             if isinstance(u, bool) or not isinstance(u, int):
                 raise ConfigError(None, f"weights.unlabelled_value must be an integer or null, got {u!r}")
-            # The unlabelled value must be neither class, else annotated pixels would vanish.
-            if u == 0 or (self.label_mode == "binary" and u == self.foreground_value):
-                taken = "0 (membrane/background)" if u == 0 else f"the cell value {u}"
-                raise ConfigError(None, f"weights.unlabelled_value must differ from {taken}")
+            problem = unlabelled_problem(self.label_mode, self.foreground_value, u)
+            if problem:
+                raise ConfigError(None, f"weights.unlabelled_value: {problem}")
 
     @classmethod
     def from_config(cls, section: dict[str, Any] | None, **overrides: Any) -> WeightParams:
@@ -151,22 +151,7 @@ def check_labels(labels: np.ndarray, params: WeightParams, where: str | Path | N
         return
     if dtype == np.bool_:
         return  # True is the cell class whatever foreground_value says
-    values = np.unique(labels)
-    unexpected = values[(values != 0) & (values != params.foreground_value) & (values != params.unlabelled_value)]
-    if unexpected.size:
-        shown = ", ".join(str(v) for v in values[:8]) + (", ..." if values.size > 8 else "")
-        nonzero = values[values != 0]
-        hint = (
-            f"; set foreground_value to {nonzero[0]}"
-            if nonzero.size == 1
-            else "; instance ids need label_mode 'instances'"
-        )
-        raise InputError(
-            where,
-            f"binary labels must hold only 0 (membrane/background) and {params.foreground_value} (cell)"
-            + ("" if params.unlabelled_value is None else f" and {params.unlabelled_value} (unlabelled)")
-            + f", found values {shown}{hint}",
-        )
+    check_binary_values(where, np.unique(labels), params.foreground_value, params.unlabelled_value)
 
 
 def foreground(labels: np.ndarray, params: WeightParams) -> np.ndarray:
@@ -328,6 +313,7 @@ def volume_class_weights(
         slab = np.asarray(labels[z0 : z0 + step])
         check_labels(slab, params, where)
         counts += class_counts(slab, params)
+    require_annotated(where, int(counts.sum()), params.unlabelled_value, "the labels")
     return counts, class_weights(counts, params.class_balance)
 
 
@@ -365,6 +351,7 @@ def compute_weight_store(
 
     labels_path, dest = Path(labels_path), Path(dest)
     meta = image_metadata(labels_path)
+    check_role(meta, ("labels", "instances"), "weights")
     labels = open_image(labels_path)
     sampling = pixel_sampling(meta.voxel_size, params.mode)
     halo = border_halo(params.sigma, sampling, params.tolerance)

@@ -38,8 +38,8 @@ import numpy as np
 import zarr
 
 from unet_pipe.errors import InputError
-from unet_pipe.integrity import CheckedArray
-from unet_pipe.ngff import ngff_keys
+from unet_pipe.integrity import CHUNKS_KEY, CheckedArray, check_chunks
+from unet_pipe.ngff import entry_in_store, ngff_keys, own_attributes, store_role
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ class ZarrSource:
     ngff: str | None  # NGFF version, None for a plain array
     array: Any = field(compare=False, repr=False)
     roles: tuple[str | None, ...] = field(compare=False, repr=False)  # per array axis: "z"/"y"/"x" or None (index 0)
+    held: str | None = field(default=None, compare=False)  # what a store unet-pipe published holds (store_role)
 
     @property
     def files(self) -> tuple[Path, ...]:
@@ -166,7 +167,8 @@ def open_zarr_source(path: str | Path) -> ZarrSource:
     if "multiscales" not in meta:
         names = meta.get("labels")
         if isinstance(names, list) and len(names) == 1 and isinstance(names[0], str):
-            return open_zarr_source(path / names[0])  # an NGFF labels group of one image
+            # An NGFF labels group of one image.
+            return open_zarr_source(path / entry_in_store(path, names[0], "labels entry"))
         if isinstance(names, list):
             raise InputError(path, f"a labels group of {len(names)} images {names}: name one (…/labels/NAME)")
         raise InputError(path, "no 'multiscales' metadata: not an OME-Zarr image (give an image group or a zarr array)")
@@ -176,8 +178,7 @@ def open_zarr_source(path: str | Path) -> ZarrSource:
         level = datasets[0]["path"]
     except (KeyError, IndexError, TypeError):
         raise InputError(path, "'multiscales' metadata names no dataset (level 0)") from None
-    if not isinstance(level, str) or not level or level.startswith("/") or ".." in Path(level).parts:
-        raise InputError(path, f"multiscales dataset path {level!r} is not a relative name inside the store")
+    entry_in_store(path, level, "multiscales dataset path")
     try:
         array = node[level]
     except KeyError:
@@ -186,6 +187,7 @@ def open_zarr_source(path: str | Path) -> ZarrSource:
         raise InputError(path, f"level {level!r} has unreadable array metadata ({type(exc).__name__})") from None
     if not isinstance(array, zarr.Array):
         raise InputError(path, f"level {level!r} is a group, not an array")
+    check_chunks(path, level, array, own_attributes(dict(node.attrs)).get(CHUNKS_KEY))
     version = str(meta.get("version") or ms.get("version") or "") or None
     roles, factors = _axes(path, ms.get("axes"), array.shape)
     transforms = [datasets[0].get("coordinateTransformations"), ms.get("coordinateTransformations")]
@@ -198,10 +200,11 @@ def open_zarr_source(path: str | Path) -> ZarrSource:
     if translation is not None:
         at = {roles[i]: translation[i] * factors[i] for i in spatial}
         translated = (at.get("z"), at["y"], at["x"])
-    return _source(path, level, array, roles, voxel, translated, version)
+    return _source(path, level, array, roles, voxel, translated, version, store_role(dict(node.attrs)))
 
 
-def _source(path: Path, level: str, array: Any, roles: tuple, voxel: Any, translation: Any, ngff: Any) -> ZarrSource:
+def _source(path: Path, level: str, array: Any, roles: tuple, voxel: Any, translation: Any, ngff: Any,
+            held: str | None = None) -> ZarrSource:
     dtype = np.dtype(array.dtype)
     if dtype.kind not in "uif" and dtype != np.bool_:
         raise InputError(path, f"unsupported dtype {dtype} (expected integers, floats or booleans)")
@@ -214,6 +217,7 @@ def _source(path: Path, level: str, array: Any, roles: tuple, voxel: Any, transl
     return ZarrSource(
         path=path, shape=shape, dtype=dtype.newbyteorder("="), level=level, voxel_size=voxel,
         translation=translation, ngff=ngff, array=CheckedArray(array, path, level or "array"), roles=roles,
+        held=held,
     )
 
 
