@@ -89,7 +89,7 @@ from unet_pipe.io import image_metadata, open_image
 from unet_pipe.instances3d import SIX_CONNECTED, watershed_reference
 from unet_pipe.metrics import instances_from_binary, rand_error_per_slice, scores_3d, truth_instances_3d
 from unet_pipe.postprocess import METHODS, instances_from_probabilities
-from unet_pipe.probabilities import as_probability, open_probabilities, read_probabilities
+from unet_pipe.probabilities import open_probabilities, read_probabilities
 from unet_pipe.progress import progress_bar
 from unet_pipe.provenance import provenance
 from unet_pipe.truth import check_binary_values, check_unlabelled_value
@@ -426,13 +426,15 @@ def load_volume(
     t = np.asarray(open_image(truth)[start - oz : stop - oz, wy, wx])
     known = np.ones(t.shape, bool) if unlabelled_value is None else t != unlabelled_value
     if truth_mode == "binary":
+        check_binary_values(truth, np.unique(t), foreground_value, unlabelled_value)
         cells = ((t == foreground_value) if foreground_value is not None else (t != 0)) & known
         inst = truth_instances_3d(cells)
     else:
         cells = (t != 0) & known
         inst = np.where(known, t, 0)
     by, bx = (slice(b.start + w.start, b.start + w.stop) for b, w in zip(box, (wy, wx)))
-    p = as_probability(prob_arr[start:stop, by, bx], scale)
+    p = read_probabilities(prob_arr, scale, probabilities, (slice(start, stop), by, bx),
+                           f"in slices {start}-{stop - 1}")
     if not np.all(np.isfinite(p)):
         raise InputError(probabilities, f"slices {start}-{stop - 1} hold non-finite probabilities")
     return p, cells, inst, known
