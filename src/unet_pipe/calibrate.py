@@ -425,8 +425,9 @@ def load_volume(
         windows.append([[start, stop], [wy.start, wy.stop], [wx.start, wx.stop]])
     t = np.asarray(open_image(truth)[start - oz : stop - oz, wy, wx])
     known = np.ones(t.shape, bool) if unlabelled_value is None else t != unlabelled_value
-    if truth_mode == "binary":
+    if truth_mode == "binary" and foreground_value is not None and t.dtype != np.bool_:
         check_binary_values(truth, np.unique(t), foreground_value, unlabelled_value)
+    if truth_mode == "binary":
         cells = ((t == foreground_value) if foreground_value is not None else (t != 0)) & known
         inst = truth_instances_3d(cells)
     else:
