@@ -66,6 +66,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from unet_pipe.atomic import check_ours
 from unet_pipe.errors import InputError
 from unet_pipe.evaluate import truth_box, write_json_atomic
 from unet_pipe.io import image_metadata, open_image
@@ -334,6 +335,7 @@ def calibrate(
     and write them, with every candidate's scores, to ``out_json`` (atomically).
 
     ``max_pixels`` bounds the pixels scored (split evenly over the datasets; None: all)."""
+    check_ours(Path(out_json))  # before the work, not after it
     prob, cells, truth, known = [], [], [], []
     inputs: dict[str, Path] = {}
     share = None if max_pixels is None else max(1, int(max_pixels) // max(1, len(datasets)))

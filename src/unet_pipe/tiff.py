@@ -350,7 +350,7 @@ def write_imagej_labels(labels: Any, dest: str | Path, voxel_size: Sequence[floa
     Ids are stored as :func:`imagej_label_dtype` gives; ``dest`` is written atomically and carries
     :data:`LABEL_TIFF_MARK` as its ImageJ ``Info``.
     """
-    from unet_pipe.safety import atomic_output
+    from unet_pipe.atomic import atomic_output
 
     dtype = imagej_label_dtype(int(max_id))
     vz, vy, vx = (float(v) for v in voxel_size)
