@@ -53,6 +53,7 @@ from unet_pipe.safety import (
     check_writable,
     is_our_staging,
     mark_staging,
+    recover_swap,
     remove_staging,
     replace_with,
 )
@@ -147,6 +148,7 @@ class StagedImage:
         self.fingerprint = fingerprint
         self.threads = threads  # chunk-encoding threads of write_slab (default: the usable cores)
         self.compression = {**DEFAULT_COMPRESSION, **(compression or {})}
+        recover_swap(self.dest)  # an --overwrite swap a kill interrupted
         if (self.dest.exists() or self.dest.is_symlink()) and not overwrite:
             raise OutputError(self.dest, "already exists; remove it or pass --overwrite")
         if overwrite:

@@ -45,6 +45,7 @@ from unet_pipe.safety import (
     check_replaceable,
     is_our_staging,
     mark_staging,
+    recover_swap,
     remove_staging,
     replace_with,
 )
@@ -96,6 +97,7 @@ def build_view(
             raise InputError(label.path, f"is NGFF {label.ngff} but {raw} is NGFF {meta.ngff}; a view needs one "
                              "version (rerun the stages with the same ngff_version)")
         checked[name] = (label.path, label.multiscales)
+    recover_swap(dest)  # an --overwrite swap a kill interrupted
     if (dest.exists() or dest.is_symlink()) and not overwrite:
         raise OutputError(dest, "already exists; remove it or pass --overwrite")
     if overwrite:
