@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -81,6 +82,28 @@ def _read_record(path: Path) -> list[dict]:
     return accepted if isinstance(accepted, list) else []
 
 
+def _temporary(path: Path) -> Path:
+    """A fresh temporary name beside ``path``; ones a killed process left there are removed."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[0-9a-f]{{8}}\.tmp")
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(path.parent):
+            found = pattern.fullmatch(entry.name)
+            if found and not _pid_alive(int(found.group(1))):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _write_record(path: Path, accepted: list[dict]) -> None:
     """Write the record of ``path`` atomically (a kill leaves the old or the new record)."""
     target = record_path(path)
@@ -88,7 +111,7 @@ def _write_record(path: Path, accepted: list[dict]) -> None:
     if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
         raise OutputError(folder, "is in the way of unet-pipe's ownership records; move it away")
     folder.mkdir(exist_ok=True)
-    tmp = folder / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp = _temporary(target)
     tmp.write_text(json.dumps({"accept": accepted}), encoding="utf-8")
     os.replace(tmp, target)
 
@@ -236,7 +259,7 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     ours_by_place = inside_ours(path)
     if not ours_by_place:
         check_ours(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = _temporary(path)
     try:
         yield tmp
         publish(tmp, path, recorded=not ours_by_place)

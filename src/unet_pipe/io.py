@@ -163,8 +163,10 @@ class StagedImage:
             log.info("resuming %s: %d blocks already done", self.dest, len(self.done_keys()))
             return
         remove_staging(self.staging)  # refuses a DEST.partial that is not ours
-        self.group = zarr.open_group(str(self.staging), mode="w", zarr_format=self.zarr_format)
+        # Marked before zarr writes anything in it: a kill at any moment leaves a folder we recognise.
+        self.staging.mkdir()
         mark_staging(self.staging)
+        self.group = zarr.open_group(str(self.staging), mode="a", zarr_format=self.zarr_format)
         self.group.attrs[ATTRS_KEY] = {"staging": {"fingerprint": fingerprint, "complete": False}}
         self.array = _create_array(self.group, "0", self.shape, self.chunks, self.dtype, self.compression, fill_value)
         (self.staging / _DONE_DIR).mkdir()

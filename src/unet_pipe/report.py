@@ -85,7 +85,7 @@ def label_overlay(gray: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> 
     lut = np.random.default_rng(0).uniform(0.15, 1.0, size=(256, 3))
     rgb = np.repeat(g[..., None], 3, axis=-1)
     fg = labels != 0
-    rgb[fg] = (1 - alpha) * rgb[fg] + alpha * lut[labels[fg] % 256]
+    rgb[fg] = (1 - alpha) * rgb[fg] + alpha * lut[labels[fg].astype(np.int64) % 256]  # uint8 ids: 256 overflows
     return rgb
 
 

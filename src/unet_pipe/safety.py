@@ -33,7 +33,7 @@ import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from unet_pipe.atomic import STAGING_MARKER, atomic_output, exchange  # noqa: F401 (atomic_output re-exported)
+from unet_pipe.atomic import STAGING_MARKER, _pid_alive, atomic_output, exchange  # noqa: F401 (atomic_output re-exported)
 from unet_pipe.errors import OutputError
 
 LOCK_SUFFIX = ".unet-pipe.lock"
@@ -230,16 +230,6 @@ def check_not_inside_store(dest: Path) -> None:
     for folder in target.parents:
         if any((folder / name).is_file() for name in _ZARR_METADATA):
             raise OutputError(dest, f"is inside the zarr store {folder}; choose a DEST outside it")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class DestLock:
