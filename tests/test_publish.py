@@ -405,20 +405,22 @@ def test_old_store_of_an_interrupted_two_rename_swap_is_recovered(small, tmp_pat
 
 
 def test_error_on_a_store_names_the_store_not_its_array(small, tmp_path):
+    """Training data with no contrast: the line named zarr's array path ``0``, not the store."""
     import shutil
 
-    from unet_pipe.data import intensity_range
+    import zarr
+
+    from unet_pipe.data import volumes_from_config
     from unet_pipe.io import open_image
 
     flat = tmp_path / "flat.ome.zarr"
     shutil.copytree(small / "raw.ome.zarr", flat)
-    array = open_image(flat)
-    assert array.path == flat  # zarr's own path would be "0"
-    import zarr
-
     zarr.open_array(str(flat / "0"), mode="r+")[:] = 7
+    assert open_image(flat).path == flat
+    config = {"train": {"datasets": {"d": {"train": [0, 4]}}}, "datasets": {}}
+    stores = {"d": {"raw": open_image(flat), "labels": open_image(small / "labels.ome.zarr")}}
     with pytest.raises(InputError, match="no contrast") as info:
-        intensity_range(open_image(flat), where=getattr(open_image(flat), "path", "x"))
+        volumes_from_config(config, stores)
     assert info.value.path == str(flat)
 
 

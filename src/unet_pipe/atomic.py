@@ -10,9 +10,13 @@ file (``<name>.json``) with the size, ``mtime_ns`` and, up to
 without a matching record is refused in one line.  The record is written
 before the rename and accepts both the old and the new file, then narrowed to
 the new one, so a kill at any moment leaves a file the rerun still recognises.
+Formats that carry our mark inside (checkpoints, label TIFFs, bioimage.io
+packages) are also recognised by it (``recognise=``), e.g. when copied in.
 
-Files inside a staging folder or store of ours are ours by construction and
-get no record.
+Files inside a staging folder or store of ours, and names in our hidden
+namespace (``.unet-pipe*``), are ours by construction and get no record.
+Folder outputs (report figures) are built in ``DEST.partial``, ours by a
+record beside it, and published by :func:`publish` with one atomic exchange.
 
 :func:`exchange` swaps two paths atomically (Linux ``renameat2`` with
 ``RENAME_EXCHANGE``); where that is not available it returns False and the
@@ -32,7 +36,7 @@ import os
 import re
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from unet_pipe.errors import OutputError
 
@@ -122,7 +126,10 @@ def forget(path: Path) -> None:
 
 
 def inside_ours(path: Path) -> bool:
-    """True when ``path`` lies in a staging folder or store of ours (ours by construction)."""
+    """True when ``path`` lies in a staging folder or store of ours, or carries a name in our
+    hidden namespace (``.unet-pipe*``, e.g. segment's stage records): ours by construction."""
+    if Path(path).name.startswith(".unet-pipe"):
+        return True
     for folder in Path(os.path.abspath(path)).parents:
         if (folder / STAGING_MARKER).is_file() or _is_staging_folder(folder):
             return True
@@ -176,12 +183,17 @@ def open_append(path: str | Path) -> Any:
     return open(path, "a", newline="", encoding="utf-8")
 
 
-def check_ours(*paths: Path) -> None:
-    """Refuse, before any work, the first of ``paths`` that holds something not written by us."""
+def check_ours(*paths: Path, recognise: Callable[[Path], bool] | None = None) -> None:
+    """Refuse, before any work, the first of ``paths`` that holds something not written by us.
+
+    ``recognise``: for formats that carry our mark inside (a checkpoint's format
+    key), a test that a file without a matching record is ours all the same.
+    """
     for path in paths:
         path = Path(path)
         if (path.exists() or path.is_symlink()) and not inside_ours(path) and not is_ours(path):
-            raise OutputError(path, _FOREIGN)
+            if recognise is None or path.is_symlink() or not path.is_file() or not recognise(path):
+                raise OutputError(path, _FOREIGN)
 
 
 def _is_staging_folder(folder: Path) -> bool:
@@ -218,7 +230,7 @@ def staging_folder(dest: Path) -> Path:
     return staging
 
 
-def publish(tmp: Path, path: Path, *, recorded: bool = True) -> None:
+def publish(tmp: Path, path: Path, *, recorded: bool = True, recognise: Callable[[Path], bool] | None = None) -> None:
     """Rename ``tmp`` (a file or folder of ours beside ``path``) to ``path``, recording it as ours.
 
     The record accepts the old and the new content during the swap, so a kill
@@ -229,7 +241,7 @@ def publish(tmp: Path, path: Path, *, recorded: bool = True) -> None:
     if not recorded:
         os.replace(tmp, path)
         return
-    check_ours(path)
+    check_ours(path, recognise=recognise)
     new = fingerprint(tmp)  # a rename keeps size, mtime and content
     old = [fingerprint(path)] if (path.exists() or path.is_symlink()) else []
     if tmp.is_dir():
@@ -248,21 +260,22 @@ def publish(tmp: Path, path: Path, *, recorded: bool = True) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
+def atomic_output(path: str | Path, *, recognise: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it to ``path``, on failure remove it.
 
-    An existing ``path`` that this project did not write is refused (before
-    the caller writes anything).  A full disk or a crash mid-write leaves
-    neither a half-written ``path`` nor a changed user file.
+    An existing ``path`` that this project did not write (no matching record,
+    and not ``recognise``-d, see :func:`check_ours`) is refused before the
+    caller writes anything.  A full disk or a crash mid-write leaves neither a
+    half-written ``path`` nor a changed user file.
     """
     path = Path(path)
     ours_by_place = inside_ours(path)
     if not ours_by_place:
-        check_ours(path)
+        check_ours(path, recognise=recognise)
     tmp = _temporary(path)
     try:
         yield tmp
-        publish(tmp, path, recorded=not ours_by_place)
+        publish(tmp, path, recorded=not ours_by_place, recognise=recognise)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

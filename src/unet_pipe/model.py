@@ -380,7 +380,7 @@ def save_checkpoint(
     # the file 0600, so the checkpoint gets the user's umask permissions), then renamed over
     # ``path`` only when that is a file we wrote.
     try:
-        with atomic_output(path) as tmp:
+        with atomic_output(path, recognise=_is_checkpoint) as tmp:
             with open(tmp, "xb") as fh:
                 torch.save(payload, fh)
                 fh.flush()
@@ -388,6 +388,18 @@ def save_checkpoint(
     except OSError as exc:  # a full disk (ENOSPC) or a folder gone read-only mid-run
         raise OutputError(path, f"could not be written ({exc.strerror or exc}); an earlier {path.name} is unchanged") from None
     return path
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """A checkpoint of ours (our format key inside), e.g. one copied here or written by an older
+    release: replaceable like one with an ownership record."""
+    from unet_pipe.errors import UnetPipeError
+
+    try:
+        load_checkpoint(path)
+    except UnetPipeError:
+        return False
+    return True
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

@@ -158,7 +158,8 @@ def _check_outputs(out: Path, partial: Path, log_path: Path | None) -> None:
                 raise CheckpointError(path, f"{exc.problem}; refusing to resume or replace it") from None
     for folder in {out.parent, *([log_path.parent] if log_path is not None else [])}:
         check_writable(folder, 0)
-    check_ours(out, partial, *([log_path] if log_path is not None else []))  # files of the user's are refused
+    if log_path is not None:
+        check_ours(log_path)  # a user's CSV is refused (checkpoints: recognised by loading them, above)
 
 
 def _check_init_unchanged(source: Path, record: Mapping[str, Any] | None) -> None:
