@@ -158,6 +158,24 @@ def test_tiff_export_refuses_a_users_tif(small, tmp_path, run_cli):
     assert dest.read_bytes() == USER_BYTES
 
 
+def test_tiff_export_rerun_over_its_own_output_is_bit_identical(small, tmp_path, run_cli):
+    dest = tmp_path / "t.tif"
+    assert run_cli("tiff", small / "labels.ome.zarr", dest)[0] == 0
+    first = dest.read_bytes()
+    assert run_cli("tiff", "--overwrite", small / "labels.ome.zarr", dest)[0] == 0
+    assert dest.read_bytes() == first
+
+
+def test_calibrate_refuses_a_users_decisions_file_before_the_work(tmp_path):
+    from unet_pipe.calibrate import calibrate
+
+    out = tmp_path / "decisions.json"
+    out.write_bytes(USER_BYTES)
+    with pytest.raises(OutputError, match="not written by unet-pipe") as info:
+        calibrate({"d": {"probabilities": tmp_path / "missing.ome.zarr"}}, out)  # the inputs are never read
+    assert info.value.path == str(out) and out.read_bytes() == USER_BYTES
+
+
 @pytest.mark.parametrize("user_file", ["r.md", "r_figures"])
 def test_report_refuses_a_users_markdown_or_figure_folder_and_leaves_no_partial(small, tmp_path, run_cli,
                                                                                    user_file):
@@ -229,6 +247,9 @@ spec = json.loads(Path(sys.argv[1]).read_text())
 os.chdir(spec["cwd"])
 import unet_pipe.atomic as atomic
 from unet_pipe.cli import main
+
+if spec["no_exchange"]:
+    atomic._RENAMEAT2 = None  # as on a system without renameat2: the two-rename fallback
 
 def reset():
     for name in os.listdir("."):
@@ -316,13 +337,13 @@ print(json.dumps({"points": points, "failures": failures}))
 
 
 def _kill_everywhere(tmp_path: Path, cwd: Path, args: list, copy: list, keep: list, prepare: list | None = None,
-                     max_points: int = 400) -> dict:
+                     max_points: int = 400, no_exchange: bool = False) -> dict:
     """Run ``args`` in ``cwd`` killed (``os._exit``) at its 1st, 2nd, ... file-system change (rename,
     exchange, unlink, rmdir), rerun it each time and compare with an uninterrupted run.  Before
     each run, everything in ``cwd`` but ``keep`` is removed, ``copy`` pairs copied in and
     ``prepare`` (a command) run.  Forked children: the imports are paid once."""
     spec = {"cwd": str(cwd), "args": [str(a) for a in args], "copy": copy, "keep": keep, "max_points": max_points,
-            "prepare": [str(a) for a in prepare] if prepare else None}
+            "prepare": [str(a) for a in prepare] if prepare else None, "no_exchange": no_exchange}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     (tmp_path / "harness.py").write_text(_HARNESS)
     done = subprocess.run([sys.executable, tmp_path / "harness.py", tmp_path / "spec.json"],
@@ -348,24 +369,26 @@ def test_kill_at_every_step_of_a_store_publish_is_completed_by_the_rerun(small, 
 
 
 @pytest.mark.slow
-def test_kill_at_every_step_of_an_overwrite_swap_is_completed_by_the_rerun(small, tmp_path):
+@pytest.mark.parametrize("no_exchange", [False, True], ids=["renameat2", "two-renames"])
+def test_kill_at_every_step_of_an_overwrite_swap_is_completed_by_the_rerun(small, tmp_path, no_exchange):
     cwd = _work(tmp_path, small)
     # The old store differs from the new one (labels, not raw): a mix of both would show.
     result = _kill_everywhere(tmp_path, cwd, ["ingest", "syn/raw.tif", "dest.ome.zarr", "--overwrite"],
                               [[str(small / "labels.ome.zarr"), "dest.ome.zarr"]],
-                              ["syn", "raw.ome.zarr", "labels.ome.zarr", "eval"])
+                              ["syn", "raw.ome.zarr", "labels.ome.zarr", "eval"], no_exchange=no_exchange)
     assert result["points"] > 10 and result["failures"] == [], json.dumps(result["failures"], indent=1)
 
 
 @pytest.mark.slow
-def test_kill_at_every_step_of_a_report_publish_is_completed_by_the_rerun(small, tmp_path):
+@pytest.mark.parametrize("no_exchange", [False, True], ids=["renameat2", "two-renames"])
+def test_kill_at_every_step_of_a_report_publish_is_completed_by_the_rerun(small, tmp_path, no_exchange):
     cwd = _work(tmp_path, small)
     # An earlier report of ours (other figures: none) is there first: its figure folder is swapped.
     result = _kill_everywhere(tmp_path, cwd, ["report", "--metrics", "eval/m.json", "--out", "r.md", "--figures", "1"],
                               [],
                               ["syn", "raw.ome.zarr", "labels.ome.zarr", "eval"],
                               prepare=["report", "--metrics", "eval/m.json", "--out", "r.md", "--figures", "0",
-                                       "--title", "old"])
+                                       "--title", "old"], no_exchange=no_exchange)
     assert result["points"] > 3 and result["failures"] == [], json.dumps(result["failures"], indent=1)
 
 

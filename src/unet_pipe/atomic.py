@@ -34,6 +34,7 @@ import json
 import math
 import os
 import re
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -202,8 +203,6 @@ def _is_staging_folder(folder: Path) -> bool:
 
 def discard(path: Path) -> None:
     """Remove a file or folder of ours (and its record); refuse anything else in one line."""
-    import shutil
-
     path = Path(path)
     if path.exists() or path.is_symlink():
         check_ours(path)
@@ -247,8 +246,6 @@ def publish(tmp: Path, path: Path, *, recorded: bool = True, recognise: Callable
     if tmp.is_dir():
         leftover = path.with_name(f".{path.name}.unet-pipe-old")
         if leftover.is_dir() and not leftover.is_symlink():
-            import shutil
-
             shutil.rmtree(leftover)  # the old folder of a swap (fallback) that a kill interrupted
     _write_record(path, old + [new])
     if tmp.is_dir() and path.is_dir():
@@ -362,8 +359,6 @@ def exchange(a: Path, b: Path) -> bool:
 
 def _swap_folders(new: Path, dest: Path) -> None:
     """Replace the folder ``dest`` by the folder ``new`` (both ours); ``new``'s name is gone after."""
-    import shutil
-
     if not exchange(new, dest):
         old = dest.with_name(f".{dest.name}.unet-pipe-old")  # hidden and fixed: only we make it
         shutil.rmtree(old, ignore_errors=True)  # a leftover of an interrupted swap

@@ -32,7 +32,6 @@ inputs, provenance) and, next to it, ``metrics.csv`` with one row per slice.
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math

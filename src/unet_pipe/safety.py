@@ -31,7 +31,7 @@ import shutil
 import socket
 import uuid
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from unet_pipe.atomic import STAGING_MARKER, _pid_alive, atomic_output, exchange  # noqa: F401 (atomic_output re-exported)
 from unet_pipe.errors import OutputError
