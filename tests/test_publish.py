@@ -201,6 +201,14 @@ def test_refused_report_input_leaves_no_partial(small, tmp_path, run_cli):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
 
 
+def test_refused_summary_report_leaves_no_partial(tmp_path, run_cli):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    code, _, err = run_cli("report", "--summaries", bad, "--out", tmp_path / "out" / "s.md")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and str(bad) in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+
+
 def test_report_rerun_is_bit_identical_and_leaves_nothing_of_ours_in_the_figures(small, tmp_path, run_cli):
     args = ("report", "--metrics", small / "eval" / "m.json", "--out", tmp_path / "r.md", "--figures", 1)
     assert run_cli(*args)[0] == 0
