@@ -58,7 +58,7 @@ from unet_pipe.model import UNet, margin, model_from_checkpoint, nearest_valid_i
 from unet_pipe.model_bundle import application_record
 from unet_pipe.predict import input_intensity
 from unet_pipe.provenance import file_sha256
-from unet_pipe.safety import atomic_output
+from unet_pipe.atomic import atomic_output
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +349,7 @@ def export_model(checkpoint: str | Path, dest: str | Path, *, sample: str | Path
                 "application": application_record(data),
             }),
         )
-        with atomic_output(dest) as tmp:
+        with atomic_output(dest, recognise=is_our_package) as tmp:
             save_bioimageio_package(descr, output_path=tmp)
     except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
         raise ConfigError(None, f"the bioimage.io description is invalid: {exc}") from None

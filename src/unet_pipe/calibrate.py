@@ -83,6 +83,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
+from unet_pipe.atomic import check_ours
 from unet_pipe.errors import InputError
 from unet_pipe.evaluate import truth_box, write_json_atomic
 from unet_pipe.io import image_metadata, open_image
@@ -541,6 +542,7 @@ def calibrate(
         raise ValueError(f"instances must be one of {INSTANCE_MODES}, got {instances!r}")
     for spec in datasets.values():
         check_unlabelled_value(spec["truth"], truth_mode, foreground_value, unlabelled_value)
+    check_ours(Path(out_json))  # before the work, not after it
     prob, cells, truth, known = [], [], [], []
     inputs: dict[str, Path] = {}
     share = None if max_pixels is None else max(1, int(max_pixels) // max(1, len(datasets)))

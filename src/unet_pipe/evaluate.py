@@ -32,7 +32,6 @@ inputs, provenance) and, next to it, ``metrics.csv`` with one row per slice.
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -41,6 +40,8 @@ from typing import Any, Iterable, Literal, Sequence
 
 import numpy as np
 
+# write_json_atomic is also imported from here by calibrate, segment and summary
+from unet_pipe.atomic import check_ours, write_csv_atomic, write_json_atomic
 from unet_pipe.errors import InputError
 from unet_pipe.io import image_metadata, open_image
 from unet_pipe.isbi_protocol import ISBI_THRESHOLDS, ThinnedScores, best_over_thresholds, thinned_scores
@@ -56,7 +57,6 @@ from unet_pipe.ngff import check_role
 from unet_pipe.probabilities import open_probabilities, read_probabilities
 from unet_pipe.progress import progress_bar
 from unet_pipe.provenance import provenance
-from unet_pipe.safety import atomic_output
 from unet_pipe.truth import check_binary_values, check_unlabelled_value, require_annotated
 from unet_pipe.warping import warping_error
 
@@ -247,6 +247,7 @@ def evaluate(
     the CSV goes to ``out_json`` with suffix ``.csv``.
     """
     instances, truth, out_json = Path(instances), Path(truth), Path(out_json)
+    check_ours(out_json, out_json.with_suffix(".csv"))  # before the work, not after it
     if truth_mode not in ("binary", "instances"):
         raise ValueError(f"truth_mode must be 'binary' or 'instances', got {truth_mode!r}")
     check_unlabelled_value(truth, truth_mode, foreground_value, unlabelled_value)
@@ -405,42 +406,6 @@ def _dataset_name(instances: Path) -> str:
     """``results/<dataset>/instances.ome.zarr`` -> ``<dataset>``."""
     parent = instances.resolve().parent.name
     return parent or instances.name
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN/inf -> None: strict JSON has no NaN (and readers like jq reject it)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        return _json_safe(value.item())
-    return value
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n"
-    with atomic_output(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def write_csv_atomic(path: str | Path, rows: Sequence[dict[str, Any]], fields: Sequence[str]) -> None:
-    path = Path(path)
-    with atomic_output(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(fields), extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _csv_value(row.get(k)) for k in fields})
-
-
-def _csv_value(value: Any) -> Any:
-    if isinstance(value, float):
-        return "" if not math.isfinite(value) else f"{value:.6g}"
-    return "" if value is None else value
 
 
 def read_metrics(path: str | Path) -> dict[str, Any]:

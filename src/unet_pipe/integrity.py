@@ -114,6 +114,12 @@ class CheckedArray:
         data = self[...]
         return data if dtype is None else data.astype(dtype)
 
+    @property
+    def path(self) -> Path:
+        """The store the user gave, not the array's path inside it (zarr's ``path``, e.g. ``0``):
+        error lines name it."""
+        return self._store
+
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):  # unpickling looks these up before _array exists
             raise AttributeError(name)

@@ -55,6 +55,7 @@ from unet_pipe.safety import (
     check_writable,
     is_our_staging,
     mark_staging,
+    recover_swap,
     remove_staging,
     replace_with,
 )
@@ -149,6 +150,7 @@ class StagedImage:
         self.fingerprint = fingerprint
         self.threads = threads  # chunk-encoding threads of write_slab (default: the usable cores)
         self.compression = {**DEFAULT_COMPRESSION, **(compression or {})}
+        recover_swap(self.dest)  # an --overwrite swap a kill interrupted
         if (self.dest.exists() or self.dest.is_symlink()) and not overwrite:
             raise OutputError(self.dest, "already exists; remove it or pass --overwrite")
         if overwrite:
@@ -163,8 +165,10 @@ class StagedImage:
             log.info("resuming %s: %d blocks already done", self.dest, len(self.done_keys()))
             return
         remove_staging(self.staging)  # refuses a DEST.partial that is not ours
-        self.group = zarr.open_group(str(self.staging), mode="w", zarr_format=self.zarr_format)
+        # Marked before zarr writes anything in it: a kill at any moment leaves a folder we recognise.
+        self.staging.mkdir()
         mark_staging(self.staging)
+        self.group = zarr.open_group(str(self.staging), mode="a", zarr_format=self.zarr_format)
         self.group.attrs[ATTRS_KEY] = {"staging": {"fingerprint": fingerprint, "complete": False}}
         self.array = _create_array(self.group, "0", self.shape, self.chunks, self.dtype, self.compression, fill_value)
         (self.staging / _DONE_DIR).mkdir()

@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 import os
 import pickle
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -357,6 +356,7 @@ def save_checkpoint(
     caller converts numpy states with plain types; big ints are stored as str).
     """
     import unet_pipe
+    from unet_pipe.atomic import atomic_output
     from unet_pipe.errors import OutputError
     from unet_pipe.provenance import git_commit
 
@@ -376,22 +376,30 @@ def save_checkpoint(
         "git_commit": git_commit(),
         "extra": _plain(extra) if extra is not None else {},
     }
-    # A unique name opened normally (not mkstemp, which makes the file 0600):
-    # the checkpoint gets the user's umask permissions, like any other output.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    # The project's one writer: a temporary file opened normally (not mkstemp, which makes
+    # the file 0600, so the checkpoint gets the user's umask permissions), then renamed over
+    # ``path`` only when that is a file we wrote.
     try:
-        with open(tmp, "xb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        with atomic_output(path, recognise=_is_checkpoint) as tmp:
+            with open(tmp, "xb") as fh:
+                torch.save(payload, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
     except OSError as exc:  # a full disk (ENOSPC) or a folder gone read-only mid-run
-        Path(tmp).unlink(missing_ok=True)
         raise OutputError(path, f"could not be written ({exc.strerror or exc}); an earlier {path.name} is unchanged") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """A checkpoint of ours (our format key inside), e.g. one copied here or written by an older
+    release: replaceable like one with an ownership record."""
+    from unet_pipe.errors import UnetPipeError
+
+    try:
+        load_checkpoint(path)
+    except UnetPipeError:
+        return False
+    return True
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

@@ -211,6 +211,8 @@ def image_metadata(path: str | Path) -> ImageMeta:
         raise InputError(path, f"multiscales names dataset {name!r}, which is missing") from None
     except Exception as exc:  # garbled .zarray / zarr.json: zarr raises many types
         raise InputError(path, f"dataset {name!r} has unreadable array metadata ({type(exc).__name__})") from None
+    if not isinstance(array, zarr.Array):
+        raise InputError(path, f"multiscales dataset {name!r} is a group, not an array")
     if array.ndim != 3:
         raise InputError(path, f"expected a 3D (z, y, x) image, found {array.ndim} dimensions")
     if (not isinstance(scale, list) or len(scale) != array.ndim

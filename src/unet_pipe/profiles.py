@@ -32,6 +32,7 @@ from pathlib import Path
 
 import yaml
 
+from unet_pipe.atomic import exchange
 from unet_pipe.errors import ConfigError, OutputError
 
 PROFILE_MARKER = ".unet-pipe-profile"
@@ -159,13 +160,17 @@ def install_profile(
         (staging / "config.yaml").write_text(text, encoding="utf-8")
         marker = {"source": str(source), "files": _files(staging)}
         (staging / PROFILE_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
-        old = None
-        if dest.exists():
-            old = dest.with_name(f".{name}.unet-pipe-old-{uuid.uuid4().hex[:8]}")
-            os.replace(dest, old)
-        os.replace(staging, dest)
-        if old is not None:
-            shutil.rmtree(old)
+        if dest.exists() and exchange(staging, dest):
+            # One atomic step: a kill leaves the old or the new profile at dest, never none.
+            shutil.rmtree(staging)  # now the old profile
+        else:
+            old = None
+            if dest.exists():
+                old = dest.with_name(f".{name}.unet-pipe-old-{uuid.uuid4().hex[:8]}")
+                os.replace(dest, old)
+            os.replace(staging, dest)
+            if old is not None:
+                shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

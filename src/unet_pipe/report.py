@@ -21,14 +21,13 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
-import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from unet_pipe.errors import OutputError, UnetPipeError
+from unet_pipe.atomic import atomic_output, check_ours, discard, publish, staging_folder, write_text_atomic
+from unet_pipe.errors import UnetPipeError
 from unet_pipe.evaluate import read_metrics
 from unet_pipe.io import open_image
 from unet_pipe.metrics import instances_from_binary
@@ -91,7 +90,7 @@ def label_overlay(gray: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> 
     lut = np.random.default_rng(0).uniform(0.15, 1.0, size=(256, 3))
     rgb = np.repeat(g[..., None], 3, axis=-1)
     fg = labels != 0
-    rgb[fg] = (1 - alpha) * rgb[fg] + alpha * lut[labels[fg] % 256]
+    rgb[fg] = (1 - alpha) * rgb[fg] + alpha * lut[labels[fg].astype(np.int64) % 256]  # uint8 ids: 256 overflows
     return rgb
 
 
@@ -226,9 +225,8 @@ def weights_figure(
         fig.suptitle(title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    tmp.replace(path)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png")
     return path
 
 
@@ -360,15 +358,29 @@ def write_report(
     out_md = Path(out_md)
     out_md.parent.mkdir(parents=True, exist_ok=True)
     figdir = out_md.parent / f"{out_md.stem}_figures"
-    staging = figdir.with_name(figdir.name + ".partial")
-    from unet_pipe.safety import atomic_output, is_our_staging, mark_staging, remove_staging
+    check_ours(out_md, figdir)
+    all_metrics = [read_metrics(p) for p in metrics_files]  # a refused input leaves no staging folder
+    staging = staging_folder(figdir)
+    try:
+        md = _report_lines(title, metrics_files, all_metrics, training_logs, figures, figdir, staging)
+    except BaseException:
+        discard(staging)
+        raise
+    publish(staging, figdir)
+    write_text_atomic(out_md, "\n".join(md))
+    return out_md
 
-    if figdir.exists() and not is_our_staging(figdir):  # the marker stays in our published figure folder
-        raise OutputError(figdir, "exists but was not created by unet-pipe; move it away")
-    remove_staging(staging)
-    staging.mkdir()
-    mark_staging(staging)
-    all_metrics = [read_metrics(p) for p in metrics_files]
+
+def _report_lines(
+    title: str,
+    metrics_files: Sequence[str | Path],
+    all_metrics: list[dict[str, Any]],
+    training_logs: Sequence[str | Path],
+    figures: int,
+    figdir: Path,
+    staging: Path,
+) -> list[str]:
+    """The report's Markdown lines; its figures are written to ``staging``."""
 
     md = [f"# {title}", ""]
     md += ["## Summary", ""]
@@ -451,12 +463,7 @@ def write_report(
         md += [f"- git commit: `{prov.get('git_commit')}`"]
         md += [f"- versions: {', '.join(f'{k} {v}' for k, v in prov.get('versions', {}).items())}"]
         md += [f"- metrics: {', '.join(f'`{p}`' for p in metrics_files)}", ""]
-
-    remove_staging(figdir)
-    os.replace(staging, figdir)
-    with atomic_output(out_md) as tmp:
-        tmp.write_text("\n".join(md), encoding="utf-8")
-    return out_md
+    return md
 
 
 def _decisions_lines(all_metrics: Sequence[dict[str, Any]]) -> list[str]:

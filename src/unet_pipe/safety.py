@@ -5,9 +5,17 @@
   never removed.
 * **Replacing** an existing ``DEST`` (``--overwrite``) is allowed only for a
   store this project wrote (its ``.zattrs``, or ``zarr.json`` attributes, hold our
-  ``unet_pipe`` key); the old
-  store is first moved to a fresh, unique backup name (never one the user may
-  have made, such as ``DEST.old``) and removed after the swap.
+  ``unet_pipe`` key).  The new store and the old one are exchanged in one atomic
+  step (Linux ``renameat2``), the old one then sits at ``DEST.partial`` and is
+  removed; elsewhere the old store is moved to ``DEST.unet-pipe-old`` first.  A
+  kill at any moment leaves ``DEST`` whole (old or new) or, in the fallback,
+  the old store under that fixed name, which :func:`recover_swap` (run by every
+  writer of ``DEST`` first) puts back or removes.
+* **Staging folders are ours throughout**: a ``DEST.partial`` with our marker
+  *or* our attributes key is ours (the marker is removed just before publishing,
+  so none is left inside a published store), and :func:`remove_staging` deletes
+  the marker and the attributes last, so a kill mid-removal leaves a folder the
+  rerun still recognises.
 * **Destinations and inputs** never overlap: a destination (or its staging
   folder) equal to, inside or containing an input is refused, with or without
   ``--overwrite``.
@@ -17,21 +25,21 @@
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import socket
 import uuid
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
+from unet_pipe.atomic import STAGING_MARKER, _pid_alive, atomic_output, exchange  # noqa: F401 (atomic_output re-exported)
 from unet_pipe.errors import OutputError
 
-STAGING_MARKER = ".unet-pipe-staging"
 LOCK_SUFFIX = ".unet-pipe.lock"
 DONE_DIR = ".unet_pipe_done"  # per-block done records inside a staging folder
 ATTRS_KEY = "unet_pipe"  # our key in every store's attributes (re-exported by unet_pipe.io)
+OLD_SUFFIX = ".unet-pipe-old"  # the old store during a two-rename swap (fixed: a rerun finds it)
 
 
 def mark_staging(folder: Path) -> None:
@@ -41,20 +49,47 @@ def mark_staging(folder: Path) -> None:
 
 
 def is_our_staging(folder: Path) -> bool:
+    """True for a staging folder of ours: our marker, or (a store about to be published, or an
+    old one being removed) our key in its attributes."""
     folder = Path(folder)
-    return folder.is_dir() and not folder.is_symlink() and (folder / STAGING_MARKER).is_file()
+    if not folder.is_dir() or folder.is_symlink():
+        return False
+    return (folder / STAGING_MARKER).is_file() or is_our_store(folder)
 
 
 def remove_staging(folder: Path) -> None:
-    """Remove a staging folder of ours; refuse anything else found under its name."""
+    """Remove a staging folder of ours; refuse anything else found under its name.
+
+    The marker is written first and deleted last (after the attributes), so a
+    kill mid-removal leaves a folder that is still recognisably ours; an empty
+    folder (a removal cut short after its last file) is removed as well.
+    """
     folder = Path(folder)
     if not folder.exists() and not folder.is_symlink():
+        return
+    if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
+        folder.rmdir()
         return
     if not is_our_staging(folder):
         raise OutputError(
             folder, "exists but was not created by unet-pipe (no staging marker); move it away or choose another DEST"
         )
-    shutil.rmtree(folder)
+    marker = folder / STAGING_MARKER
+    if not marker.is_file():
+        mark_staging(folder)
+    last = {STAGING_MARKER, *_ATTRIBUTE_FILES}
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name in last):
+        if entry.name == STAGING_MARKER:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    marker.unlink()
+    folder.rmdir()
+
+
+_ATTRIBUTE_FILES = (".zattrs", "zarr.json", ".zgroup")
 
 
 def store_attributes(path: Path) -> tuple[Path, dict] | None:
@@ -96,16 +131,39 @@ def check_replaceable(dest: Path) -> None:
 
 
 def replace_with(staging: Path, dest: Path) -> None:
-    """Publish ``staging`` as ``dest``, swapping out an existing store of ours."""
+    """Publish ``staging`` as ``dest``, swapping out an existing store of ours.
+
+    Crash-safe: see the module docstring.  ``staging`` must hold no marker
+    (it would be published with it) but our attributes key.
+    """
     staging, dest = Path(staging), Path(dest)
+    recover_swap(dest)
     if not (dest.exists() or dest.is_symlink()):
         os.replace(staging, dest)
         return
     check_replaceable(dest)
-    backup = dest.with_name(f"{dest.name}.unet-pipe-old-{uuid.uuid4().hex[:12]}")
-    os.replace(dest, backup)  # a fresh name: nothing of the user's is in the way
+    if exchange(staging, dest):
+        remove_staging(staging)  # the old store: ours by its attributes, marked before its removal
+        return
+    backup = dest.with_name(dest.name + OLD_SUFFIX)
+    os.replace(dest, backup)
     os.replace(staging, dest)
-    shutil.rmtree(backup)
+    remove_staging(backup)
+
+
+def recover_swap(dest: Path) -> None:
+    """Finish a two-rename swap of ``dest`` that a kill interrupted: put the old store back
+    when ``dest`` is missing, else remove it.  Anything not ours under that name is refused."""
+    dest = Path(dest)
+    backup = dest.with_name(dest.name + OLD_SUFFIX)
+    if not (backup.exists() or backup.is_symlink()):
+        return
+    if not is_our_staging(backup):
+        raise OutputError(backup, f"is in the way of {dest.name} and was not written by unet-pipe; move it away")
+    if dest.exists() or dest.is_symlink():
+        remove_staging(backup)
+    else:
+        os.replace(backup, dest)
 
 
 def _resolved(path: Path) -> Path:
@@ -172,33 +230,6 @@ def check_not_inside_store(dest: Path) -> None:
     for folder in target.parents:
         if any((folder / name).is_file() for name in _ZARR_METADATA):
             raise OutputError(dest, f"is inside the zarr store {folder}; choose a DEST outside it")
-
-
-@contextlib.contextmanager
-def atomic_output(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it to ``path`` on success, remove it on failure.
-
-    A full disk or a crash mid-write thus leaves neither a half-written
-    ``path`` nor a stray temporary file.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class DestLock:

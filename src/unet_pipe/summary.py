@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from unet_pipe.errors import InputError, OutputError, UnetPipeError
+from unet_pipe.atomic import check_ours, discard, publish, staging_folder, write_text_atomic
+from unet_pipe.errors import InputError, UnetPipeError
 from unet_pipe.evaluate import write_json_atomic
 from unet_pipe.io import ATTRS_KEY, image_metadata, open_image, slab_depth
 from unet_pipe.probabilities import open_probabilities, read_probabilities
@@ -297,18 +297,26 @@ def write_summary_report(
 ) -> Path:
     """Write the Markdown report of segmented (unlabelled) stacks and its figures in
     ``<stem>_figures/`` (rebuilt and swapped in; the Markdown written atomically)."""
-    from unet_pipe.safety import atomic_output, is_our_staging, mark_staging, remove_staging
-
     out_md = Path(out_md)
     out_md.parent.mkdir(parents=True, exist_ok=True)
     figdir = out_md.parent / f"{out_md.stem}_figures"
-    staging = figdir.with_name(figdir.name + ".partial")
-    if figdir.exists() and not is_our_staging(figdir):
-        raise OutputError(figdir, "exists but was not created by unet-pipe; move it away")
-    data = [s if isinstance(s, dict) else read_summary(s) for s in summaries]
-    remove_staging(staging)
-    staging.mkdir()
-    mark_staging(staging)
+    check_ours(out_md, figdir)
+    data = [s if isinstance(s, dict) else read_summary(s) for s in summaries]  # a refused input leaves no staging
+    staging = staging_folder(figdir)
+    try:
+        md = _summary_report_lines(title, data, figures, figdir, staging)
+    except BaseException:
+        discard(staging)
+        raise
+    publish(staging, figdir)
+    write_text_atomic(out_md, "\n".join(md))
+    return out_md
+
+
+def _summary_report_lines(
+    title: str, data: list[dict[str, Any]], figures: int, figdir: Path, staging: Path
+) -> list[str]:
+    """The summary report's Markdown lines; its figures are written to ``staging``."""
     md = [f"# {title}", "", "## Summary", ""]
     md += summary_table(data)
     md += ["", "Objects are the instances (0 = membrane/background): with *instances* 2d those of each slice, "
@@ -348,8 +356,4 @@ def write_summary_report(
                 md += [f"![{name}: object sizes]({figdir.name}/{png})", ""]
         except (UnetPipeError, OSError, KeyError) as exc:
             md += [f"*Figures skipped: {exc}*", ""]
-    remove_staging(figdir)
-    os.replace(staging, figdir)
-    with atomic_output(out_md) as tmp:
-        tmp.write_text("\n".join(md), encoding="utf-8")
-    return out_md
+    return md

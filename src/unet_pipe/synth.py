@@ -32,7 +32,7 @@ import tifffile
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from unet_pipe.safety import atomic_output
+from unet_pipe.atomic import atomic_output, check_ours
 
 DEFAULT_SHAPE: tuple[int, int, int] = (12, 256, 256)
 DEFAULT_VOXEL_SIZE: tuple[float, float, float] = (0.05, 0.004, 0.004)  # µm: ISBI-like 50 x 4 x 4 nm
@@ -244,6 +244,7 @@ def write_synthetic(
     out.mkdir(parents=True, exist_ok=True)
     stack = synthesize(shape, seed)
     paths = {name: out / f"{name}.tif" for name in ("raw", "labels", "instances")}
+    check_ours(*paths.values())  # a user's raw.tif in the folder is refused before anything is written
     for name, path in paths.items():
         _write_tiff_atomic(path, getattr(stack, name), voxel_size)
     return paths

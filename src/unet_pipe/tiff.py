@@ -350,12 +350,12 @@ def write_imagej_labels(labels: Any, dest: str | Path, voxel_size: Sequence[floa
     Ids are stored as :func:`imagej_label_dtype` gives; ``dest`` is written atomically and carries
     :data:`LABEL_TIFF_MARK` as its ImageJ ``Info``.
     """
-    from unet_pipe.safety import atomic_output
+    from unet_pipe.atomic import atomic_output
 
     dtype = imagej_label_dtype(int(max_id))
     vz, vy, vx = (float(v) for v in voxel_size)
     pages = (np.asarray(labels[z]).astype(dtype) for z in range(labels.shape[0]))
-    with atomic_output(Path(dest)) as tmp:
+    with atomic_output(Path(dest), recognise=is_our_label_tiff) as tmp:
         tifffile.imwrite(
             tmp, pages, shape=tuple(labels.shape), dtype=dtype, imagej=True,
             resolution=(1.0 / vx, 1.0 / vy),

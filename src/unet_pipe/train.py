@@ -52,7 +52,7 @@ from unet_pipe.model import UNet, init_weights_from, load_checkpoint, save_check
 from unet_pipe.precision import autocast, precision_record, resolve_precision
 from unet_pipe.progress import progress_bar
 from unet_pipe.provenance import cpu_model, file_sha256
-from unet_pipe.safety import atomic_output
+from unet_pipe.atomic import check_ours, forget, open_append, write_csv_atomic
 # Validation lives in unet_pipe.validation; its public names stay importable from here.
 from unet_pipe.validation import (  # noqa: F401 (re-exported)
     ValidationData,
@@ -159,6 +159,8 @@ def _check_outputs(out: Path, partial: Path, log_path: Path | None) -> None:
                 raise CheckpointError(path, f"{exc.problem}; refusing to resume or replace it") from None
     for folder in {out.parent, *([log_path.parent] if log_path is not None else [])}:
         check_writable(folder, 0)
+    if log_path is not None:
+        check_ours(log_path)  # a user's CSV is refused (checkpoints: recognised by loading them, above)
 
 
 def _check_init_unchanged(source: Path, record: Mapping[str, Any] | None) -> None:
@@ -202,14 +204,6 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
             if a.get(key) != b.get(key):
                 return _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
     return prefix.rstrip(".") or "<config>"
-
-
-def _write_csv_atomic(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(_format_row(r) for r in rows)
 
 
 def _format_row(row: Mapping[str, Any]) -> dict:
@@ -495,12 +489,12 @@ def _train(
         save_checkpoint(path, model, optimizer, step=step, config=config, extra=extra)
 
     if log_path is not None:
-        _write_csv_atomic(log_path, history)
+        write_csv_atomic(log_path, [_format_row(r) for r in history], CSV_COLUMNS)
     board = _Tensorboard(tensorboard_dir)
     started = time.perf_counter()
     last_val = (float("nan"), float("nan"))
     skipped = 0
-    csv_file = open(log_path, "a", newline="", encoding="utf-8") if log_path is not None else None
+    csv_file = open_append(log_path) if log_path is not None else None
     writer = csv.DictWriter(csv_file, fieldnames=CSV_COLUMNS) if csv_file is not None else None
     bar = progress_bar(total=total, initial=step, enabled=progress, desc="train", unit="step", dynamic_ncols=True)
     compute_threads = torch.get_num_threads()  # set by train()
@@ -567,6 +561,7 @@ def _train(
     if step >= total:
         save(out)
         partial.unlink(missing_ok=True)
+        forget(partial)
         written = out
     else:
         save(partial)

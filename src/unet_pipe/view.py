@@ -45,6 +45,7 @@ from unet_pipe.safety import (
     check_replaceable,
     is_our_staging,
     mark_staging,
+    recover_swap,
     remove_staging,
     replace_with,
 )
@@ -111,6 +112,7 @@ def build_view(
     for name in unlabelled or {}:
         if name not in checked:
             raise InputError(None, f"unlabelled value given for {name!r}, which is not a label layer")
+    recover_swap(dest)  # an --overwrite swap a kill interrupted
     if (dest.exists() or dest.is_symlink()) and not overwrite:
         raise OutputError(dest, "already exists; remove it or pass --overwrite")
     if overwrite:
