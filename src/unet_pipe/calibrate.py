@@ -540,9 +540,9 @@ def calibrate(
     ``instances``: ``2d`` (slice by slice) or ``3d`` (each range as one volume)."""
     if instances not in INSTANCE_MODES:
         raise ValueError(f"instances must be one of {INSTANCE_MODES}, got {instances!r}")
+    check_ours(Path(out_json))  # before the work, not after it
     for spec in datasets.values():
         check_unlabelled_value(spec["truth"], truth_mode, foreground_value, unlabelled_value)
-    check_ours(Path(out_json))  # before the work, not after it
     prob, cells, truth, known = [], [], [], []
     inputs: dict[str, Path] = {}
     share = None if max_pixels is None else max(1, int(max_pixels) // max(1, len(datasets)))
