@@ -33,16 +33,10 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from unet_pipe.atomic import atomic_output, check_ours
+from unet_pipe.synth3d import SynthStack, synthesize_3d
 
 DEFAULT_SHAPE: tuple[int, int, int] = (12, 256, 256)
 DEFAULT_VOXEL_SIZE: tuple[float, float, float] = (0.05, 0.004, 0.004)  # µm: ISBI-like 50 x 4 x 4 nm
-
-
-@dataclass(frozen=True)
-class SynthStack:
-    raw: np.ndarray  # (z, y, x) uint8
-    labels: np.ndarray  # (z, y, x) uint8, 0 = membrane, 255 = cell
-    instances: np.ndarray  # (z, y, x) uint16/uint32 cell ids, 0 on membranes
 
 
 @dataclass(frozen=True)
@@ -238,13 +232,23 @@ def write_synthetic(
     shape: Sequence[int] = DEFAULT_SHAPE,
     seed: int = 0,
     voxel_size: Sequence[float] = DEFAULT_VOXEL_SIZE,
+    mode: str = "2d",
+    anisotropy: float = 1.0,
 ) -> dict[str, Path]:
-    """Write ``raw.tif``, ``labels.tif`` and ``instances.tif`` to ``out_dir``; return their paths."""
+    """Write ``raw.tif``, ``labels.tif`` and ``instances.tif`` to ``out_dir``; return their paths.
+
+    ``mode``: ``2d`` (serial sections, :func:`synthesize`) or ``3d`` (3D cells,
+    :func:`unet_pipe.synth3d.synthesize_3d` with ``anisotropy``)."""
+    if mode not in ("2d", "3d"):
+        raise ValueError(f"mode must be 2d or 3d, got {mode!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stack = synthesize(shape, seed)
     paths = {name: out / f"{name}.tif" for name in ("raw", "labels", "instances")}
     check_ours(*paths.values())  # a user's raw.tif in the folder is refused before anything is written
+    if mode == "3d":
+        stack = synthesize_3d(shape, seed, anisotropy)
+    else:
+        stack = synthesize(shape, seed)
     for name, path in paths.items():
         _write_tiff_atomic(path, getattr(stack, name), voxel_size)
     return paths

@@ -30,11 +30,18 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from unet_pipe.synth import SynthStack
-
 DEFAULT_SHAPE_3D: tuple[int, int, int] = (64, 128, 128)
 DEFAULT_VOXEL_SIZE_3D: tuple[float, float, float] = (0.01, 0.01, 0.01)  # µm: isotropic 10 nm FIB-SEM
 _SLAB = 16  # z slices labelled per cKDTree query: bounds the query's temporaries
+
+
+@dataclass(frozen=True)
+class SynthStack:
+    """A synthetic stack and its truth (both generators: :mod:`unet_pipe.synth` and this module)."""
+
+    raw: np.ndarray  # (z, y, x) uint8
+    labels: np.ndarray  # (z, y, x) uint8, 0 = membrane, 255 = cell
+    instances: np.ndarray  # (z, y, x) uint16/uint32 cell ids, 0 on membranes
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,14 @@ def synth_seed(wildcards):
     return dataset(wildcards)["synthetic"]["seed"]
 
 
+def synth_mode(wildcards):
+    """``--mode 3d --anisotropy A`` for a synthetic 3D volume (synthetic.mode: 3d), else empty."""
+    synthetic = dataset(wildcards)["synthetic"]
+    if synthetic.get("mode", "2d") != "3d":
+        return ""
+    return f" --mode 3d --anisotropy {float(synthetic.get('anisotropy', 1.0))}"
+
+
 def voxel_size_arg(wildcards):
     """``--voxel-size Z Y X`` when the config gives one; else the TIFF metadata is used."""
     size = dataset(wildcards).get("voxel_size")

@@ -10,6 +10,7 @@ rule synth:
         out_dir=synth_dir,
         shape=synth_shape,
         seed=synth_seed,
+        mode=synth_mode,
     log:
         f"{R}/logs/synth/{{dataset}}.log",
     benchmark:
@@ -21,7 +22,7 @@ rule synth:
         mem_mb=2000,
         runtime=20,
     shell:
-        "unet-pipe synth {params.out_dir:q} --shape {params.shape} --seed {params.seed} 2>&1 | tee {log:q} >&2"
+        "unet-pipe synth {params.out_dir:q} --shape {params.shape} --seed {params.seed}{params.mode} 2>&1 | tee {log:q} >&2"
 
 
 rule ingest_raw:
