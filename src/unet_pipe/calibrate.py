@@ -77,6 +77,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -398,6 +399,52 @@ def volume_window(shape: Sequence[int], max_voxels: int | None) -> tuple[slice, 
     return slice(y0, y0 + sy), slice(x0, x0 + sx)
 
 
+@dataclass(frozen=True)
+class _Range:
+    """One dataset's calibration range: its probabilities and truth opened, slices checked."""
+
+    probabilities: Path
+    truth: Path
+    prob: Any
+    scale: float
+    truth_meta: Any
+    box: tuple[slice, slice]  # the truth's (y, x) box in the probabilities
+    start: int
+    stop: int
+
+    @classmethod
+    def open(cls, probabilities: str | Path, truth: str | Path, slices: Sequence[int]) -> "_Range":
+        probabilities, truth = Path(probabilities), Path(truth)
+        prob, scale = open_probabilities(probabilities)
+        meta = image_metadata(truth)
+        box = truth_box(meta, truth, tuple(prob.shape), probabilities)
+        oz = meta.offset[0]
+        start, stop = (int(v) for v in slices)
+        if not oz <= start < stop <= oz + meta.shape[0]:
+            where = f"the stack of {meta.shape[0]}" if oz == 0 else f"the labelled slices [{oz}, {oz + meta.shape[0]})"
+            raise InputError(truth, f"calibration slices [{start}, {stop}) outside {where}")
+        return cls(probabilities, truth, prob, scale, meta, box, start, stop)
+
+    def truth_masks(self, t: np.ndarray, truth_mode: str, foreground_value: int | None,
+                    unlabelled_value: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(cells, annotated, ids) of a truth array: binary truth's ids are still to be labelled (0/1)."""
+        known = np.ones(t.shape, bool) if unlabelled_value is None else t != unlabelled_value
+        if truth_mode == "binary" and foreground_value is not None and t.dtype != np.bool_:
+            check_binary_values(self.truth, np.unique(t), foreground_value, unlabelled_value)
+        if truth_mode == "binary":
+            cells = ((t == foreground_value) if foreground_value is not None else (t != 0)) & known
+            return cells, known, cells
+        return (t != 0) & known, known, np.where(known, t, 0)
+
+    def probabilities_at(self, z: slice | int, wy: slice, wx: slice, where: str) -> np.ndarray:
+        """Probabilities of truth window (z, wy, wx), range-checked and finite."""
+        by, bx = (slice(b.start + w.start, b.start + w.stop) for b, w in zip(self.box, (wy, wx)))
+        p = read_probabilities(self.prob, self.scale, self.probabilities, (z, by, bx), where)
+        if not np.all(np.isfinite(p)):  # uint8 stores skip the range check; floats never get here with NaN
+            raise InputError(self.probabilities, f"{where.removeprefix('in ')} holds non-finite probabilities")
+        return p
+
+
 def load_volume(
     probabilities: str | Path,
     truth: str | Path,
@@ -412,33 +459,15 @@ def load_volume(
     truth cell mask, truth 3D instances (binary truth: 6-connected components of the cells) and the
     annotated mask; a centred window (:func:`volume_window`) beyond ``max_voxels``, recorded in
     ``windows`` as ``[[z0, z1], [y0, y1], [x0, x1]]`` (truth coordinates)."""
-    probabilities, truth = Path(probabilities), Path(truth)
-    prob_arr, scale = open_probabilities(probabilities)
-    truth_meta = image_metadata(truth)
-    box = truth_box(truth_meta, truth, tuple(prob_arr.shape), probabilities)
-    oz = truth_meta.offset[0]
-    start, stop = (int(s) for s in slices)
-    if not oz <= start < stop <= oz + truth_meta.shape[0]:
-        where = f"the stack of {truth_meta.shape[0]}" if oz == 0 else f"the labelled slices [{oz}, {oz + truth_meta.shape[0]})"
-        raise InputError(truth, f"calibration slices [{start}, {stop}) outside {where}")
-    wy, wx = volume_window((stop - start, *truth_meta.shape[1:]), max_voxels)
+    r = _Range.open(probabilities, truth, slices)
+    oz = r.truth_meta.offset[0]
+    wy, wx = volume_window((r.stop - r.start, *r.truth_meta.shape[1:]), max_voxels)
     if windows is not None:
-        windows.append([[start, stop], [wy.start, wy.stop], [wx.start, wx.stop]])
-    t = np.asarray(open_image(truth)[start - oz : stop - oz, wy, wx])
-    known = np.ones(t.shape, bool) if unlabelled_value is None else t != unlabelled_value
-    if truth_mode == "binary" and foreground_value is not None and t.dtype != np.bool_:
-        check_binary_values(truth, np.unique(t), foreground_value, unlabelled_value)
-    if truth_mode == "binary":
-        cells = ((t == foreground_value) if foreground_value is not None else (t != 0)) & known
-        inst = truth_instances_3d(cells)
-    else:
-        cells = (t != 0) & known
-        inst = np.where(known, t, 0)
-    by, bx = (slice(b.start + w.start, b.start + w.stop) for b, w in zip(box, (wy, wx)))
-    p = read_probabilities(prob_arr, scale, probabilities, (slice(start, stop), by, bx),
-                           f"in slices {start}-{stop - 1}")
-    if not np.all(np.isfinite(p)):
-        raise InputError(probabilities, f"slices {start}-{stop - 1} hold non-finite probabilities")
+        windows.append([[r.start, r.stop], [wy.start, wy.stop], [wx.start, wx.stop]])
+    t = np.asarray(open_image(r.truth)[r.start - oz : r.stop - oz, wy, wx])
+    cells, known, ids = r.truth_masks(t, truth_mode, foreground_value, unlabelled_value)
+    inst = truth_instances_3d(cells) if truth_mode == "binary" else ids
+    p = r.probabilities_at(slice(r.start, r.stop), wy, wx, f"in slices {r.start}-{r.stop - 1}")
     return p, cells, inst, known
 
 
@@ -485,38 +514,18 @@ def load_slices(
 
     Beyond ``max_pixels`` only the windows of :func:`calibration_windows` are read; their
     ``[z, [y0, y1], [x0, x1]]`` (truth coordinates) are appended to ``windows`` when given."""
-    probabilities, truth = Path(probabilities), Path(truth)
-    prob_arr, scale = open_probabilities(probabilities)
-    truth_meta = image_metadata(truth)
-    box = truth_box(truth_meta, truth, tuple(prob_arr.shape), probabilities)
-    oz = truth_meta.offset[0]
-    start, stop = (int(s) for s in slices)
-    if not oz <= start < stop <= oz + truth_meta.shape[0]:
-        where = f"the stack of {truth_meta.shape[0]}" if oz == 0 else f"the labelled slices [{oz}, {oz + truth_meta.shape[0]})"
-        raise InputError(truth, f"calibration slices [{start}, {stop}) outside {where}")
-    truth_arr = open_image(truth)
+    r = _Range.open(probabilities, truth, slices)
+    oz = r.truth_meta.offset[0]
+    truth_arr = open_image(r.truth)
     prob, cells, inst, known = [], [], [], []
-    for z, wy, wx in calibration_windows(range(start, stop), truth_meta.shape[1:], max_pixels):
+    for z, wy, wx in calibration_windows(range(r.start, r.stop), r.truth_meta.shape[1:], max_pixels):
         if windows is not None:
             windows.append([z, [wy.start, wy.stop], [wx.start, wx.stop]])
-        t = np.asarray(truth_arr[z - oz, wy, wx])
-        k = np.ones(t.shape, bool) if unlabelled_value is None else t != unlabelled_value
-        if truth_mode == "binary" and foreground_value is not None and t.dtype != np.bool_:
-            check_binary_values(truth, np.unique(t), foreground_value, unlabelled_value)
-        if truth_mode == "binary":
-            c = (t == foreground_value) if foreground_value is not None else (t != 0)
-            c &= k
-            i = instances_from_binary(c)
-        else:
-            c = (t != 0) & k
-            i = np.where(k, t, 0)
-        by, bx = (slice(b.start + w.start, b.start + w.stop) for b, w in zip(box, (wy, wx)))  # window in the box
-        p = read_probabilities(prob_arr, scale, probabilities, (z, by, bx), f"in slice {z}")
-        if not np.all(np.isfinite(p)):  # uint8 stores skip the range check; floats never get here with NaN
-            raise InputError(probabilities, f"slice {z} holds non-finite probabilities")
-        prob.append(p)
+        c, k, ids = r.truth_masks(np.asarray(truth_arr[z - oz, wy, wx]), truth_mode, foreground_value,
+                                  unlabelled_value)
+        prob.append(r.probabilities_at(z, wy, wx, f"in slice {z}"))
         cells.append(c)
-        inst.append(i)
+        inst.append(instances_from_binary(c) if truth_mode == "binary" else ids)
         known.append(k)
     return prob, cells, inst, known
 
