@@ -284,6 +284,22 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def write_markdown_with_figures(out_md: Path, figdir: Path, make_lines: Callable[[Path], list[str]]) -> Path:
+    """A Markdown report and its figure folder: ``make_lines(staging)`` writes the figures into a
+    fresh staging folder and returns the lines; the folder is published by one swap, then the
+    Markdown. A failure removes the staging folder. Call :func:`check_ours` on both and read the
+    inputs first, so a refused input leaves nothing behind."""
+    staging = staging_folder(figdir)
+    try:
+        md = make_lines(staging)
+    except BaseException:
+        discard(staging)
+        raise
+    publish(staging, figdir)
+    write_text_atomic(out_md, "\n".join(md))
+    return out_md
+
+
 def write_json_atomic(path: str | Path, data: Any) -> None:
     """Write ``data`` as strict JSON (NaN/inf as null, numpy scalars as numbers) through :func:`atomic_output`."""
     path = Path(path)

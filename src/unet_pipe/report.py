@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from unet_pipe.atomic import atomic_output, check_ours, discard, publish, staging_folder, write_text_atomic
+from unet_pipe.atomic import atomic_output, check_ours, write_markdown_with_figures
 from unet_pipe.errors import UnetPipeError
 from unet_pipe.evaluate import read_metrics
 from unet_pipe.io import open_image
@@ -360,15 +360,8 @@ def write_report(
     figdir = out_md.parent / f"{out_md.stem}_figures"
     check_ours(out_md, figdir)
     all_metrics = [read_metrics(p) for p in metrics_files]  # a refused input leaves no staging folder
-    staging = staging_folder(figdir)
-    try:
-        md = _report_lines(title, metrics_files, all_metrics, training_logs, figures, figdir, staging)
-    except BaseException:
-        discard(staging)
-        raise
-    publish(staging, figdir)
-    write_text_atomic(out_md, "\n".join(md))
-    return out_md
+    return write_markdown_with_figures(out_md, figdir, lambda staging: _report_lines(
+        title, metrics_files, all_metrics, training_logs, figures, figdir, staging))
 
 
 def _report_lines(

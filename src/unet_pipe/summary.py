@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from unet_pipe.atomic import check_ours, discard, publish, staging_folder, write_text_atomic
+from unet_pipe.atomic import check_ours, write_markdown_with_figures
 from unet_pipe.errors import InputError, UnetPipeError
 from unet_pipe.evaluate import write_json_atomic
 from unet_pipe.io import ATTRS_KEY, image_metadata, open_image, slab_depth
@@ -302,15 +302,8 @@ def write_summary_report(
     figdir = out_md.parent / f"{out_md.stem}_figures"
     check_ours(out_md, figdir)
     data = [s if isinstance(s, dict) else read_summary(s) for s in summaries]  # a refused input leaves no staging
-    staging = staging_folder(figdir)
-    try:
-        md = _summary_report_lines(title, data, figures, figdir, staging)
-    except BaseException:
-        discard(staging)
-        raise
-    publish(staging, figdir)
-    write_text_atomic(out_md, "\n".join(md))
-    return out_md
+    return write_markdown_with_figures(
+        out_md, figdir, lambda staging: _summary_report_lines(title, data, figures, figdir, staging))
 
 
 def _summary_report_lines(
