@@ -19,7 +19,8 @@ from typing import Any, Sequence
 import jsonschema
 import yaml
 
-from unet_pipe.errors import ConfigError
+from unet_pipe.errors import ConfigError, InputError
+from unet_pipe.zarr_input import crop_offset, open_input_stack, source_frame
 
 log = logging.getLogger(__name__)
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
@@ -457,8 +458,6 @@ def schema_markdown() -> str:
 def _open_dataset(ds: dict, base: str | Path) -> tuple[Any, Any, tuple[int, int, int] | None]:
     """A file dataset's raw and labels (None without labels), opened lazily (headers only), and the raw
     voxel where the labels start (None: they cover the raw), :func:`unet_pipe.zarr_input.crop_offset`."""
-    from unet_pipe.zarr_input import crop_offset, open_input_stack, source_frame
-
     raw = open_input_stack(Path(base) / ds["raw"])
     if "labels" not in ds:
         return raw, None, None
@@ -474,8 +473,6 @@ def check_input_stacks(config: dict, base: str | Path = ".") -> None:
     OME-Zarr label image's translation puts them) before any job runs (headers
     only: no pixel data is read).
     """
-    from unet_pipe.errors import InputError
-
     for ds_name, ds in config["datasets"].items():
         if "raw" not in ds:
             continue

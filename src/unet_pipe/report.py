@@ -32,6 +32,7 @@ from unet_pipe.errors import OutputError, UnetPipeError
 from unet_pipe.evaluate import read_metrics
 from unet_pipe.io import open_image
 from unet_pipe.metrics import instances_from_binary
+from unet_pipe.safety import atomic_output, is_our_staging, mark_staging, remove_staging
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +328,6 @@ def write_report(
     out_md.parent.mkdir(parents=True, exist_ok=True)
     figdir = out_md.parent / f"{out_md.stem}_figures"
     staging = figdir.with_name(figdir.name + ".partial")
-    from unet_pipe.safety import atomic_output, is_our_staging, mark_staging, remove_staging
 
     if figdir.exists() and not is_our_staging(figdir):  # the marker stays in our published figure folder
         raise OutputError(figdir, "exists but was not created by unet-pipe; move it away")

@@ -17,6 +17,7 @@ import torch
 from unet_pipe.data import Volume, annotated_mask, label_classes, normalize_raw
 from unet_pipe.metrics import instances_from_binary, rand_error_per_slice
 from unet_pipe.model import UNet
+from unet_pipe.postprocess import instances_from_probabilities
 from unet_pipe.precision import autocast
 from unet_pipe.tiling import Roi, fit_tile, predict_tiled, unet_axis_geometry, volume_geometry
 
@@ -109,8 +110,6 @@ def validate(
     and connected components); the pixel error thresholds the cell probability
     the same way.
     """
-    from unet_pipe.postprocess import instances_from_probabilities
-
     method = postprocess_cfg.get("method", "auto")
     if method == "auto":
         # The decisions are calibrated after training (unet_pipe.calibrate); monitoring uses the

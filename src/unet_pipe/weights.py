@@ -61,7 +61,10 @@ from unet_pipe.border_term import (  # noqa: F401 (re-exported)
     cutoff_distance,
 )
 from unet_pipe.errors import ConfigError, InputError
+from unet_pipe.io import StagedImage, image_metadata, open_image
 from unet_pipe.ngff import DEFAULT_NGFF
+from unet_pipe.provenance import input_fingerprint, provenance
+from unet_pipe.report import weights_figure
 
 log = logging.getLogger(__name__)
 
@@ -297,8 +300,6 @@ def weight_map(
 
 
 def _fingerprint(labels_path: Path, params: WeightParams) -> str:
-    from unet_pipe.provenance import input_fingerprint
-
     text = json.dumps({"labels": input_fingerprint(labels_path), "params": asdict(params)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -358,9 +359,6 @@ def compute_weight_store(
     """
     import dask
     import dask.array as da
-
-    from unet_pipe.io import StagedImage, image_metadata, open_image
-    from unet_pipe.provenance import provenance
 
     labels_path, dest = Path(labels_path), Path(dest)
     meta = image_metadata(labels_path)
@@ -463,8 +461,6 @@ def write_preview(
     with the class weights of the whole label volume (3d mode: of the whole
     volume, so keep it small).
     """
-    from unet_pipe.io import image_metadata, open_image
-
     labels = open_image(labels_path)
     nz = labels.shape[0]
     z = nz // 2 if z is None else z
@@ -501,7 +497,6 @@ def write_preview(
             raise InputError(raw_path, f"shape {raw.shape} does not hold the {labels.shape} labels of {labels_path} "
                              f"at offset {[oz, oy, ox]}")
         raw_slice = np.asarray(raw[box])
-    from unet_pipe.report import weights_figure
 
     inst = _sequential_ids(instances_from_labels(label_slice, WeightParams(**{**asdict(params), "mode": "2d"})))
     title = f"{Path(labels_path).name}, z = {z}"
