@@ -219,7 +219,7 @@ class Volume:
 
 
 @dataclass(frozen=True)
-class Tile:
+class TrainingTile:
     """One training sample at INPUT size: image float32, classes int64, weights float32,
     each ``(T, T)`` (2D) or ``(T, T, T)`` (3D); ``origin`` is the input window's
     (z, y, x) start in the store (may be negative: mirrored)."""
@@ -282,7 +282,7 @@ class TileSampler:
         first, last = min(0, slack), max(0, slack)
         return low + int(rng.integers(first, last + 1)) - self.margin
 
-    def sample(self, rng: np.random.Generator) -> Tile:
+    def sample(self, rng: np.random.Generator) -> TrainingTile:
         """One random tile; a deterministic function of ``rng``'s state (which it advances)."""
         for _ in range(MAX_DRAWS):
             tile = self._draw(rng)
@@ -294,7 +294,7 @@ class TileSampler:
             "the annotated pixels cover too little of the train ranges (annotate more, or widen the ranges)",
         )
 
-    def _draw(self, rng: np.random.Generator) -> Tile | None:
+    def _draw(self, rng: np.random.Generator) -> TrainingTile | None:
         """One random draw; None when its output window holds no annotated pixel."""
         k = int(np.searchsorted(self._cumulative, rng.random(), side="right"))
         volume = self.volumes[min(k, len(self.volumes) - 1)]
@@ -340,7 +340,7 @@ class TileSampler:
         if known is not None:
             weights[~known] = 0.0  # also when the weights store is missing or was made without the value
         squeeze = 0 if self.dims == 2 else slice(None)
-        return Tile(
+        return TrainingTile(
             image=normalize_raw(raw, volume.intensity)[squeeze],
             classes=label_classes(labels, self.label_mode, self.foreground_value, self.unlabelled_value)[squeeze],
             weights=np.ascontiguousarray(weights[squeeze]),

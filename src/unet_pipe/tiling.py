@@ -178,6 +178,7 @@ def unet_axis_geometry(depth: int) -> AxisGeometry:
 
     Derived from the model's own size algebra, never restated here.
     """
+    # torch loads with the model (~2 s); geometry users (3D labelling, block planning) need no torch.
     from unet_pipe import model as unet
 
     step = 2 ** (depth - 1)
@@ -205,7 +206,7 @@ def volume_geometry(axis: AxisGeometry, dims: int) -> tuple[AxisGeometry, AxisGe
 
 
 @dataclass(frozen=True)
-class Tile:
+class InferenceTile:
     """One network evaluation.
 
     ``origin``: global position of the first output voxel of the network
@@ -234,7 +235,7 @@ def check_tile_shape(tile: Sequence[int], geometry: Sequence[AxisGeometry]) -> t
     return tile
 
 
-def tile_grid(region: Roi, tile: Sequence[int], geometry: Sequence[AxisGeometry]) -> list[Tile]:
+def tile_grid(region: Roi, tile: Sequence[int], geometry: Sequence[AxisGeometry]) -> list[InferenceTile]:
     """Tiles that cover ``region`` (the write region of one block), in C order.
 
     Tile origins are ``floor(region.start / step) * step + k * tile``, so the
@@ -255,7 +256,7 @@ def tile_grid(region: Roi, tile: Sequence[int], geometry: Sequence[AxisGeometry]
         if write.size == 0:
             continue
         read = Roi(tuple(x - g.margin for x, g in zip(o, geometry)), read_shape)
-        tiles.append(Tile(origin=o, read=read, write=write))
+        tiles.append(InferenceTile(origin=o, read=read, write=write))
     return tiles
 
 
@@ -314,7 +315,7 @@ def iter_batches(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[i : i + size]
 
 
-def block_tiles(region: Roi, tile: Sequence[int], geometry: Sequence[AxisGeometry]) -> tuple[list[Tile], Roi]:
+def block_tiles(region: Roi, tile: Sequence[int], geometry: Sequence[AxisGeometry]) -> tuple[list[InferenceTile], Roi]:
     """The tiles of one block and the union of their read windows (read once per block)."""
     tiles = tile_grid(region, tile, geometry)
     if not tiles:
@@ -326,7 +327,7 @@ def run_tiles(
     data: np.ndarray,
     window: Roi,
     region: Roi,
-    tiles: Sequence[Tile],
+    tiles: Sequence[InferenceTile],
     forward: Callable[[np.ndarray], np.ndarray],
     batch: int = 1,
 ) -> np.ndarray:
