@@ -19,7 +19,7 @@ from unet_pipe.model import load_checkpoint, save_checkpoint
 from unet_pipe.model import UNet, fused_conv_relu_available
 from unet_pipe.precision import CPU_BF16_ENV, cpu_bf16_native, resolve_precision
 from unet_pipe.predict import Predictor, predict, read_probabilities
-from unet_pipe.provenance import cpu_model
+from unet_pipe.machine import cpu_model
 from unet_pipe.synth import synthesize
 from unet_pipe.train import predict_probabilities, train
 

@@ -67,12 +67,12 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from unet_pipe.errors import InputError
-from unet_pipe.evaluate import truth_box, write_json_atomic
 from unet_pipe.io import image_metadata, open_image
-from unet_pipe.metrics import instances_from_binary, rand_error_per_slice
+from unet_pipe.metrics import instances_from_binary, rand_error_per_slice, truth_box
 from unet_pipe.postprocess import METHODS, instances_from_probabilities
 from unet_pipe.probabilities import as_probability, open_probabilities
 from unet_pipe.provenance import provenance
+from unet_pipe.safety import write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,6 @@ inputs, provenance) and, next to it, ``metrics.csv`` with one row per slice.
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -50,11 +49,12 @@ from unet_pipe.metrics import (
     pixel_error,
     scores_3d,
     segmentation_scores,
+    truth_box,
     truth_instances_3d,
 )
 from unet_pipe.probabilities import as_probability, open_probabilities
 from unet_pipe.provenance import provenance
-from unet_pipe.safety import atomic_output
+from unet_pipe.safety import write_csv_atomic, write_json_atomic
 from unet_pipe.warping import warping_error
 
 log = logging.getLogger(__name__)
@@ -337,7 +337,8 @@ def evaluate(
         "provenance": provenance(inputs, params),
     }
     write_json_atomic(out_json, result)
-    write_csv_atomic(out_json.with_suffix(".csv"), result["per_slice"], CSV_FIELDS)
+    write_csv_atomic(out_json.with_suffix(".csv"),
+                     ({k: _csv_value(row.get(k)) for k in CSV_FIELDS} for row in result["per_slice"]), CSV_FIELDS)
     main = summary.get("val", summary["all"])
     log.info(
         "%s: Rand error %.4f, pixel error %.4f, VI %.3f, IoU %.3f, warping error %.6f, "
@@ -366,57 +367,10 @@ def _scores_3d(
     return out
 
 
-def truth_box(truth_meta: Any, truth: Path, shape: tuple[int, ...], other: Path) -> tuple[slice, slice]:
-    """The (y, x) window of a stack of ``shape`` (from ``other``) that the truth labels cover.
-
-    Labels of a crop carry their offset (``truth_meta.offset``); labels without one must have
-    the stack's shape.  Raises :class:`InputError` for labels that do not fit or are not integers.
-    """
-    _, oy, ox = offset = truth_meta.offset
-    if offset == (0, 0, 0) and truth_meta.shape != shape:
-        raise InputError(truth, f"shape {truth_meta.shape} differs from {shape} of {other}")
-    if any(o + s > n for o, s, n in zip(offset, truth_meta.shape, shape)):
-        raise InputError(truth, f"labels of shape {truth_meta.shape} at offset {list(offset)} do not lie inside "
-                         f"the {shape} stack of {other}")
-    if truth_meta.dtype.kind not in "uib":
-        raise InputError(truth, f"truth labels must be integers, found dtype {truth_meta.dtype}")
-    return slice(oy, oy + truth_meta.shape[1]), slice(ox, ox + truth_meta.shape[2])
-
-
 def _dataset_name(instances: Path) -> str:
     """``results/<dataset>/instances.ome.zarr`` -> ``<dataset>``."""
     parent = instances.resolve().parent.name
     return parent or instances.name
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN/inf -> None: strict JSON has no NaN (and readers like jq reject it)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        return _json_safe(value.item())
-    return value
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n"
-    with atomic_output(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def write_csv_atomic(path: str | Path, rows: Sequence[dict[str, Any]], fields: Sequence[str]) -> None:
-    path = Path(path)
-    with atomic_output(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(fields), extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _csv_value(row.get(k)) for k in fields})
 
 
 def _csv_value(value: Any) -> Any:

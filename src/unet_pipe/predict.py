@@ -65,14 +65,10 @@ import zarr
 from unet_pipe.blockwise import (  # noqa: F401 (re-exported)
     CPU_TILE_MEMORY_CAP,
     MEMORY_FRACTION,
-    OUTPUT_DTYPES,
     WAVE_PER_WORKER,
     BlockJob,
     Predictor,
-    available_cores,
-    available_memory,
     compute_block,
-    encode_probabilities,
     run_blocks,
     tile_memory_budget,
     tta_transforms,
@@ -81,8 +77,10 @@ from unet_pipe.blockwise import (  # noqa: F401 (re-exported)
 from unet_pipe.data import IntensityRange, intensity_range
 from unet_pipe.errors import CheckpointError, ConfigError, InputError, OutputError
 from unet_pipe.io import DEFAULT_NGFF, StagedImage, check_ngff, image_metadata, open_image
+from unet_pipe.machine import available_cores, resolve_device
 from unet_pipe.model import UNet, model_from_checkpoint
 from unet_pipe.precision import check_request, precision_record, resolve_precision
+from unet_pipe.probabilities import OUTPUT_DTYPES
 from unet_pipe.provenance import input_checksum, input_fingerprint, provenance
 from unet_pipe.tiling import Roi, TilePlan, make_plan
 
@@ -112,16 +110,6 @@ class PredictResult:
             return 0.0
         return math.prod(self.plan.shape) * self.computed / len(self.plan.blocks()) / max(self.seconds, 1e-9)
 
-
-
-def _default_device(device: str | None) -> str:
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise ConfigError(None, f"device must be auto, cpu or cuda, got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(None, f"device {device!r} requested but no CUDA device is visible")
-    return device
 
 
 def input_intensity(extra: dict, checkpoint: Path, raw: Any = None) -> IntensityRange | None:
@@ -341,7 +329,7 @@ def predict(
     same arguments, resumes from its finished blocks and ends bit-identical.
     """
     started = time.perf_counter()
-    device = _default_device(device)
+    device = resolve_device(device)
     sharded = shard is not None or z_range is not None
     cores = available_cores() if threads is None else int(threads)
     if workers is None:

@@ -18,13 +18,17 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
+import math
 import os
 import shutil
 import socket
 import uuid
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
 
 from unet_pipe.errors import OutputError
 
@@ -269,3 +273,35 @@ def check_writable(folder: Path, need_bytes: int = 0) -> None:
         raise OutputError(
             folder, f"needs about {need_bytes / 2**20:.0f} MiB but only {free / 2**20:.0f} MiB are free"
         )
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf -> None: strict JSON has no NaN (and readers like jq reject it)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return _json_safe(value.item())
+    return value
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write ``data`` as indented strict JSON (NaN and infinities as null), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n"
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_csv_atomic(path: str | Path, rows: Iterable[Mapping[str, Any]], fields: Sequence[str]) -> None:
+    """Write ``rows`` (values already formatted by the caller) as a CSV table with columns ``fields``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(fields), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)

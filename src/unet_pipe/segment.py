@@ -49,9 +49,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+# The stages are called through their modules: looked up when called, so one can stand in for a stage.
+import unet_pipe.postprocess as postprocess_stage
+import unet_pipe.predict as predict_stage
 from unet_pipe.errors import CheckpointError, InputError, OutputError
-from unet_pipe.evaluate import write_json_atomic
-from unet_pipe.io import DEFAULT_CHUNKS, DEFAULT_NGFF, image_metadata, ingest_tiff
+from unet_pipe.io import DEFAULT_CHUNKS, DEFAULT_NGFF, image_metadata, ingest_tiff, open_image
 from unet_pipe.model import load_checkpoint
 from unet_pipe.model_bundle import (
     VOXEL_TOLERANCE,
@@ -63,8 +65,11 @@ from unet_pipe.model_bundle import (
     override_decisions,
 )
 from unet_pipe.provenance import file_sha256, provenance
-from unet_pipe.safety import ATTRS_KEY, check_dest, is_our_store
-from unet_pipe.tiff import is_our_label_tiff
+from unet_pipe.safety import ATTRS_KEY, check_dest, is_our_store, write_json_atomic
+from unet_pipe.summary import SUMMARY_FORMAT, summarize, write_summary_report
+from unet_pipe.tiff import imagej_label_dtype, is_our_label_tiff, write_imagej_labels
+from unet_pipe.view import build_view
+from unet_pipe.zarr_input import open_input_stack
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +103,6 @@ def input_stem(path: str | Path) -> str:
 def check_inputs(inputs: Sequence[str | Path], voxel_size: Sequence[float] | None = None) -> list[SegmentInput]:
     """Open every input's header (:func:`unet_pipe.zarr_input.open_input_stack`); refuse two inputs of
     one stem.  ``voxel_size`` (z, y, x µm) replaces what the files say."""
-    from unet_pipe.zarr_input import open_input_stack
-
     checked: list[SegmentInput] = []
     seen: dict[str, Path] = {}
     for item in inputs:
@@ -283,11 +286,6 @@ def segment(
     as :func:`unet_pipe.predict.predict`; ``chunks``, ``pyramid_levels``, ``ngff``: the
     stores'; ``figures``: slices shown per input in ``report.md``.
     """
-    from unet_pipe.postprocess import postprocess
-    from unet_pipe.predict import predict
-    from unet_pipe.summary import summarize, write_summary_report
-    from unet_pipe.view import build_view
-
     out_dir = Path(out_dir)
     if not inputs:
         raise InputError(None, "no input stacks given")
@@ -329,14 +327,14 @@ def segment(
             provenance=provenance(None, {"source": str(item.path), "voxel_size": size, "command": "segment"}),
         ))  # fmt: skip
         fp_predict = _fingerprint("predict", fp_ingest, model_sha, precision, tile, tta, dtype, pyramid_levels, ngff)
-        _run_stage(records, "predict", fp_predict, stores["probabilities"], overwrite, lambda: predict(
+        _run_stage(records, "predict", fp_predict, stores["probabilities"], overwrite, lambda: predict_stage.predict(
             checkpoint, stores["raw"], stores["probabilities"], tile=tile, workers=workers, threads=threads,
             device=device, tta=tta, dtype=dtype, precision=precision, overwrite=overwrite,
             pyramid_levels=pyramid_levels, progress=progress, ngff=ngff,
         ), resumable=True)  # fmt: skip
         options = {k: chosen[k] for k in ("method", "threshold", "seed_threshold", "seed_prominence", "min_size")}
         fp_post = _fingerprint("postprocess", fp_predict, options, pyramid_levels, ngff)
-        _run_stage(records, "postprocess", fp_post, stores["instances"], overwrite, lambda: postprocess(
+        _run_stage(records, "postprocess", fp_post, stores["instances"], overwrite, lambda: postprocess_stage.postprocess(
             stores["probabilities"], stores["instances"], **options, pyramid_levels=pyramid_levels,
             overwrite=overwrite, resume=True, progress=progress, ngff=ngff,
         ), resumable=True)  # fmt: skip
@@ -374,9 +372,6 @@ def segment(
 def instances_to_tiff(instances: str | Path, dest: str | Path, overwrite: bool = True) -> Path:
     """Write an instance store as an ImageJ TIFF with its voxel size (:func:`unet_pipe.tiff.write_imagej_labels`);
     an existing ``dest`` is replaced only with ``overwrite`` and only when it is one of ours."""
-    from unet_pipe.io import open_image
-    from unet_pipe.tiff import imagej_label_dtype, write_imagej_labels
-
     dest = Path(dest)
     if dest.exists() or dest.is_symlink():
         if not is_our_label_tiff(dest):
@@ -398,8 +393,6 @@ def _median(summary: dict[str, Any]) -> str:
 
 
 def _is_our_summary(path: Path) -> bool:
-    from unet_pipe.summary import SUMMARY_FORMAT
-
     try:
         return json.loads(path.read_text(encoding="utf-8")).get("format") == SUMMARY_FORMAT
     except (OSError, ValueError, AttributeError):

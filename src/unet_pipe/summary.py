@@ -22,9 +22,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from unet_pipe.errors import InputError, OutputError, UnetPipeError
-from unet_pipe.evaluate import write_json_atomic
 from unet_pipe.io import ATTRS_KEY, image_metadata, open_image
 from unet_pipe.report import _MAX_PANEL_PIXELS, _normalize, _safe, label_overlay
+from unet_pipe.safety import atomic_output, is_our_staging, mark_staging, remove_staging, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -271,8 +271,6 @@ def write_summary_report(
 ) -> Path:
     """Write the Markdown report of segmented (unlabelled) stacks and its figures in
     ``<stem>_figures/`` (rebuilt and swapped in; the Markdown written atomically)."""
-    from unet_pipe.safety import atomic_output, is_our_staging, mark_staging, remove_staging
-
     out_md = Path(out_md)
     out_md.parent.mkdir(parents=True, exist_ok=True)
     figdir = out_md.parent / f"{out_md.stem}_figures"

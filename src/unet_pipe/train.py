@@ -40,7 +40,6 @@ import torch
 import torch.nn.functional as F
 
 from unet_pipe.augment import AugmentParams, augment_sample
-from unet_pipe.blockwise import available_cores
 from unet_pipe.data import (
     PERCENTILES,
     TileSampler,
@@ -48,10 +47,12 @@ from unet_pipe.data import (
     volumes_from_config,
 )
 from unet_pipe.errors import CheckpointError, ConfigError, InputError, OutputError, UnetPipeError
+from unet_pipe.io import ATTRS_KEY, image_metadata, open_image
+from unet_pipe.machine import available_cores, cpu_model, resolve_device
 from unet_pipe.model import UNet, init_weights_from, load_checkpoint, save_checkpoint
 from unet_pipe.precision import autocast, precision_record, resolve_precision
-from unet_pipe.provenance import cpu_model, file_sha256
-from unet_pipe.safety import atomic_output
+from unet_pipe.provenance import file_sha256, input_checksum
+from unet_pipe.safety import check_writable, write_csv_atomic
 # Validation lives in unet_pipe.validation; its public names stay importable from here.
 from unet_pipe.validation import (  # noqa: F401 (re-exported)
     ValidationData,
@@ -130,24 +131,11 @@ def make_optimizer(model: torch.nn.Module, train_cfg: Mapping[str, Any]) -> torc
     raise ConfigError(None, f"key 'train.optimizer': unknown optimizer {train_cfg['optimizer']!r}")
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` = the GPU when present, else the CPU; ``cuda`` without a GPU is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UnetPipeError(None, f"--device {device}: no CUDA device is available (use --device cpu)")
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        raise UnetPipeError(None, f"--device must be auto, cpu or cuda[:N], got {device!r}")
-    return torch.device(device)
-
-
 # --------------------------------------------------------------------------- bookkeeping
 
 
 def _check_outputs(out: Path, partial: Path, log_path: Path | None) -> None:
     """Before any step: outputs writable, and files we would replace are checkpoints of ours."""
-    from unet_pipe.safety import check_writable
-
     for path in (out, partial):
         if path.is_dir() or path.is_symlink():
             raise OutputError(path, "is a folder or a link, not a checkpoint file; refusing to replace it")
@@ -203,14 +191,6 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
     return prefix.rstrip(".") or "<config>"
 
 
-def _write_csv_atomic(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(_format_row(r) for r in rows)
-
-
 def _format_row(row: Mapping[str, Any]) -> dict:
     out = {}
     for key in CSV_COLUMNS:
@@ -254,9 +234,6 @@ def check_weights_match(labels: Path, weights: Path) -> None:
     ``unet-pipe weights`` records its labels' checksum in the provenance; a
     weight map of another labelling trains silently on wrong borders.
     """
-    from unet_pipe.io import ATTRS_KEY, image_metadata
-    from unet_pipe.provenance import input_checksum
-
     recorded = image_metadata(weights).attrs.get(ATTRS_KEY, {}).get("provenance", {}).get("inputs", {}).get("labels")
     if not isinstance(recorded, dict) or "sha256" not in recorded:
         return  # not made by `unet-pipe weights` (e.g. given by the user): nothing to compare
@@ -267,8 +244,6 @@ def check_weights_match(labels: Path, weights: Path) -> None:
 
 def open_stores(stores: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Open OME-Zarr paths lazily (``unet_pipe.io.open_image``); arrays pass through."""
-    from unet_pipe.io import open_image
-
     opened: dict[str, dict[str, Any]] = {}
     for name, parts in stores.items():
         if isinstance(parts.get("labels"), (str, Path)) and isinstance(parts.get("weights"), (str, Path)):
@@ -277,8 +252,6 @@ def open_stores(stores: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, 
         for key, value in parts.items():
             if isinstance(value, (str, Path)):
                 if key == "labels":
-                    from unet_pipe.io import image_metadata
-
                     offset = image_metadata(value).offset
                     opened[name]["labels_offset"] = offset if any(offset) else None
                 value = open_image(value)
@@ -326,7 +299,7 @@ def train(
         raise ConfigError(init, "train.init_from is this run's own checkpoint; copy it to another name first")
     total = int(train_cfg["steps"])
     stop = total if until_step is None else min(int(until_step), total)
-    dev = resolve_device(device)
+    dev = torch.device(resolve_device(device))
 
     # Determinism settings (restored afterwards: this is a library function).
     previous_deterministic = torch.are_deterministic_algorithms_enabled()
@@ -367,7 +340,6 @@ def _train(
     seed = int(config["seed"])
     volumes = volumes_from_config(config, open_stores(stores))
     input_dtypes = {v.name: str(np.dtype(v.raw.dtype)) for v in volumes}
-    from unet_pipe.io import image_metadata
 
     # The voxel size (z, y, x µm) of each training stack: segment warns when a new stack's differs.
     voxel_sizes = {name: list(image_metadata(parts["raw"]).voxel_size) for name, parts in sorted(stores.items())
@@ -489,7 +461,7 @@ def _train(
         save_checkpoint(path, model, optimizer, step=step, config=config, extra=extra)
 
     if log_path is not None:
-        _write_csv_atomic(log_path, history)
+        write_csv_atomic(log_path, (_format_row(r) for r in history), CSV_COLUMNS)
     board = _Tensorboard(tensorboard_dir)
     started = time.perf_counter()
     last_val = (float("nan"), float("nan"))
