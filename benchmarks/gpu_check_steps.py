@@ -393,7 +393,7 @@ def decide(config: dict, probabilities: Path, stores: dict, work: Path) -> dict:
 def step_isbi(params: dict, report: Report) -> None:
     from unet_pipe.machine import available_cores
     from unet_pipe.evaluate import evaluate
-    from unet_pipe.io import ingest_tiff
+    from unet_pipe.ingest import ingest_tiff
     from unet_pipe.model import UNet
     from unet_pipe.postprocess import postprocess
     from unet_pipe.predict import predict

@@ -17,7 +17,8 @@ from unet_pipe.cli_common import (
     parse_compression,
     progress_enabled,
 )
-from unet_pipe.io import DEFAULT_CHUNKS, describe, ingest_tiff
+from unet_pipe.ingest import ingest_tiff
+from unet_pipe.io import DEFAULT_CHUNKS, describe
 from unet_pipe.provenance import provenance
 
 log = logging.getLogger("unet_pipe")

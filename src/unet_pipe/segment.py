@@ -4,7 +4,7 @@ For each input (a TIFF stack, a folder of TIFF slices or an OME-Zarr image)
 :func:`segment` runs the stages of the workflow with their library functions
 into ``OUT/<stem>/``::
 
-    raw.ome.zarr            ingest (unet_pipe.io.ingest_tiff)
+    raw.ome.zarr            ingest (unet_pipe.ingest.ingest_tiff)
     probabilities.ome.zarr  predict (unet_pipe.predict.predict)
     instances.ome.zarr      postprocess with the model's decisions (unet_pipe.postprocess)
     view.ome.zarr           raw + instances as one napari/ome-zarr open (unet_pipe.view)
@@ -53,7 +53,8 @@ from typing import Any, Callable, Sequence
 import unet_pipe.postprocess as postprocess_stage
 import unet_pipe.predict as predict_stage
 from unet_pipe.errors import CheckpointError, InputError, OutputError
-from unet_pipe.io import DEFAULT_CHUNKS, DEFAULT_NGFF, image_metadata, ingest_tiff, open_image
+from unet_pipe.ingest import ingest_tiff
+from unet_pipe.io import DEFAULT_CHUNKS, DEFAULT_NGFF, image_metadata, open_image
 from unet_pipe.model import load_checkpoint
 from unet_pipe.model_bundle import (
     VOXEL_TOLERANCE,
