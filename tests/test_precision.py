@@ -12,7 +12,7 @@ from test_predict import make_net, reference, write_image
 from test_train import _assert_same_checkpoint, _config
 
 from unet_pipe import precision as precision_module
-from unet_pipe.data import normalize_raw
+from unet_pipe.intensity import normalize_raw
 from unet_pipe.errors import CheckpointError, ConfigError, OutputError
 from unet_pipe.io import image_metadata
 from unet_pipe.model import load_checkpoint, save_checkpoint

@@ -50,7 +50,7 @@ import yaml
 import unet_pipe
 from unet_pipe import model as model_module
 from unet_pipe.config import load_schema
-from unet_pipe.data import IntensityRange, normalize_raw
+from unet_pipe.intensity import IntensityRange, normalize_raw
 from unet_pipe.errors import CheckpointError, ConfigError, InputError, OutputError
 from unet_pipe.io import image_metadata, open_image
 from unet_pipe.model import UNet, margin, model_from_checkpoint, nearest_valid_input_size

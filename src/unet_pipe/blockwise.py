@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from unet_pipe.data import IntensityRange, normalize_raw
+from unet_pipe.intensity import IntensityRange, normalize_raw
 from unet_pipe.io import StagedImage, open_image
 from unet_pipe.machine import available_cores, available_memory
 from unet_pipe.model import UNet, fused_conv_relu_available, model_from_checkpoint

@@ -74,7 +74,7 @@ from unet_pipe.blockwise import (  # noqa: F401 (re-exported)
     tta_transforms,
     tune_allocator,
 )
-from unet_pipe.data import IntensityRange, intensity_range
+from unet_pipe.intensity import IntensityRange, intensity_range
 from unet_pipe.errors import CheckpointError, ConfigError, InputError, OutputError
 from unet_pipe.io import DEFAULT_NGFF, StagedImage, check_ngff, image_metadata, open_image
 from unet_pipe.machine import available_cores, resolve_device

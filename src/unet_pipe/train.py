@@ -40,12 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from unet_pipe.augment import AugmentParams, augment_sample
-from unet_pipe.data import (
-    PERCENTILES,
-    TileSampler,
-    center_crop,
-    volumes_from_config,
-)
+from unet_pipe.data import TileSampler, center_crop, volumes_from_config
+from unet_pipe.intensity import PERCENTILES
 from unet_pipe.errors import CheckpointError, ConfigError, InputError, OutputError, UnetPipeError
 from unet_pipe.io import ATTRS_KEY, image_metadata, open_image
 from unet_pipe.machine import available_cores, cpu_model, resolve_device

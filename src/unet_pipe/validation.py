@@ -14,7 +14,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from unet_pipe.data import Volume, annotated_mask, label_classes, normalize_raw
+from unet_pipe.data import Volume, annotated_mask, label_classes
+from unet_pipe.intensity import normalize_raw
 from unet_pipe.metrics import instances_from_binary, rand_error_per_slice
 from unet_pipe.model import UNet
 from unet_pipe.postprocess import instances_from_probabilities
