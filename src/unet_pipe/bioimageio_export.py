@@ -15,7 +15,7 @@ The package (format 0.5 of the bioimage.io model spec, written with
 * the preprocessing as ``ensure_dtype float32`` + a fixed ``scale_linear``
   (gain ``1 / (high - low)``, offset ``-low / (high - low)``), where
   ``low``/``high`` are the checkpoint's percentiles of the *sample* stack, by
-  the very function predict uses (:func:`unet_pipe.data.intensity_range`):
+  the very function predict uses (:func:`unet_pipe.intensity.intensity_range`):
   on that stack it is predict's normalisation exactly.  bioimage.io's
   ``scale_range`` would take the percentiles of each tile instead, which
   differs from predict's per-stack range; a stack of other contrast needs its
@@ -136,7 +136,7 @@ def test_tile(shape: tuple[int, ...], depth: int, dims: int, where: Any = None) 
 
 
 def input_scaling(intensity: IntensityRange | None, dtype: np.dtype) -> tuple[float, float]:
-    """Gain and offset with ``gain * raw + offset`` = :func:`unet_pipe.data.normalize_raw`."""
+    """Gain and offset with ``gain * raw + offset`` = :func:`unet_pipe.intensity.normalize_raw`."""
     if intensity is not None:
         gain = 1.0 / (intensity.high - intensity.low)
         return gain, -intensity.low * gain

@@ -109,7 +109,7 @@ class Predictor:
     """Maps a batch of raw input windows to foreground probabilities of the valid outputs.
 
     ``windows``: ``(B, z, y, x)`` raw values (z = 1 for a 2D model), normalised with
-    ``intensity`` (:func:`unet_pipe.data.normalize_raw`); returns
+    ``intensity`` (:func:`unet_pipe.intensity.normalize_raw`); returns
     float32 ``(B, z', y', x')``.  ``tta`` averages the probabilities of the 8
     rotations/flips in (y, x) (``True``; paper: ISBI 2012) or of the 4 mirrorings
     (``"flips"``), see :func:`tta_transforms`.  ``precision``: a request

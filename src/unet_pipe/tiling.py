@@ -13,7 +13,7 @@ Conventions
 * Mirroring is numpy's ``'reflect'`` mode: the border voxel is the mirror axis
   and is not repeated (``[a b c] -> b | a b c | b``); windows that hang over by
   more than the volume size keep reflecting (period ``2 * (size - 1)``).  The
-  training tile sampler (:mod:`unet_pipe.data`) pads the same way, so border
+  training tile sampler (:mod:`unet_pipe.sampling`) pads the same way, so border
   pixels see the same kind of context in training and inference.
 * Exactness.  A U-Net with ``L`` 2x2 poolings is shift-equivariant only for
   shifts that are multiples of ``step = 2**L``.  Every tile origin here is a

@@ -40,15 +40,15 @@ import torch
 import torch.nn.functional as F
 
 from unet_pipe.augment import AugmentParams, augment_sample
-from unet_pipe.data import TileSampler, center_crop, volumes_from_config
-from unet_pipe.intensity import PERCENTILES
 from unet_pipe.errors import CheckpointError, ConfigError, InputError, OutputError, UnetPipeError
+from unet_pipe.intensity import PERCENTILES
 from unet_pipe.io import ATTRS_KEY, image_metadata, open_image
 from unet_pipe.machine import available_cores, cpu_model, resolve_device
 from unet_pipe.model import UNet, init_weights_from, load_checkpoint, save_checkpoint
 from unet_pipe.precision import autocast, precision_record, resolve_precision
 from unet_pipe.provenance import file_sha256, input_checksum
 from unet_pipe.safety import check_writable, write_csv_atomic
+from unet_pipe.sampling import TileSampler, center_crop, volumes_from_config
 # Validation lives in unet_pipe.validation; its public names stay importable from here.
 from unet_pipe.validation import (  # noqa: F401 (re-exported)
     ValidationData,
@@ -341,7 +341,7 @@ def _train(
     voxel_sizes = {name: list(image_metadata(parts["raw"]).voxel_size) for name, parts in sorted(stores.items())
                    if isinstance(parts.get("raw"), (str, Path))}
     normalization = {
-        "rule": "percentile",  # unet_pipe.data.intensity_range; predict applies it to its own stack
+        "rule": "percentile",  # unet_pipe.intensity.intensity_range; predict applies it to its own stack
         "percentiles": list(PERCENTILES),
         "volumes": {v.name: v.intensity.to_list() for v in volumes if v.intensity is not None},
     }

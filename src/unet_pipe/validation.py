@@ -14,12 +14,12 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from unet_pipe.data import Volume, annotated_mask, label_classes
 from unet_pipe.intensity import normalize_raw
 from unet_pipe.metrics import instances_from_binary, rand_error_per_slice
 from unet_pipe.model import UNet
 from unet_pipe.postprocess import instances_from_probabilities
 from unet_pipe.precision import autocast
+from unet_pipe.sampling import Volume, annotated_mask, label_classes
 from unet_pipe.tiling import Roi, fit_tile, predict_tiled, unet_axis_geometry, volume_geometry
 
 _VALIDATION_TILE = 512  # largest output tile edge (px) used to predict validation slices

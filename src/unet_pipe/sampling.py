@@ -1,4 +1,4 @@
-"""Training data: random tiles from the raw/labels/weights OME-Zarr stores.
+"""Training tile sampling: random tiles from the raw/labels/weights OME-Zarr stores.
 
 Conventions
 -----------
