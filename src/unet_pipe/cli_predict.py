@@ -75,7 +75,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     import json
 
     # torch loads with this module (~2 s): imported when the command runs, not on every `unet-pipe` call.
-    from unet_pipe.predict import finalize, predict, tune_allocator
+    from unet_pipe.predict import PredictRequest, finalize, predict, tune_allocator
 
     check_option("--threads", args.threads, 1, MAX_THREADS)
     check_option("--workers", args.workers, 1, MAX_THREADS)
@@ -95,27 +95,30 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             expected = {**(expected or {}), **json.loads(args.expect_arch)}
         except (json.JSONDecodeError, TypeError):
             raise UnetPipeError(None, f"--expect-arch must be a JSON object, got {args.expect_arch!r}") from None
-    tile = args.tile if args.tile is not None else section.get("tile")
-    options = dict(
-        tile=tile,
+    # The flags over the config's predict section, checked here once and passed down as they are.
+    request = PredictRequest(
+        tile=args.tile if args.tile is not None else section.get("tile"),
         block=args.block,
         batch=args.batch,
         tta=args.tta if args.tta is not None else section.get("tta", False),
         dtype=args.dtype or section.get("dtype", "float32"),
         precision=args.precision or section.get("precision", "auto"),
+        ngff=ngff_choice(args, config),
+    )
+    options = dict(
         pyramid_levels=args.pyramid_levels if args.pyramid_levels is not None
         else (config["ingest"]["pyramid_levels"] if config else 2),
         expected_arch=expected,
-        ngff=ngff_choice(args, config),
     )
     if args.finalize:
-        finalize(args.checkpoint, args.raw, args.dest, overwrite=args.overwrite, **options)
+        finalize(args.checkpoint, args.raw, args.dest, request, overwrite=args.overwrite, **options)
         log.info("wrote %s", args.dest)
         return 0
     result = predict(
         args.checkpoint,
         args.raw,
         args.dest,
+        request,
         workers=args.workers,
         threads=args.threads,
         device=args.device,

@@ -290,6 +290,8 @@ def segment(
     out_dir = Path(out_dir)
     if not inputs:
         raise InputError(None, "no input stacks given")
+    # The prediction settings, checked before any stack is read.
+    request = predict_stage.PredictRequest(tile=tile, tta=tta, dtype=dtype, precision=precision, ngff=ngff)
     items = check_inputs(inputs, voxel_size)
     for item in items:  # outputs never overlap an input or the model
         check_dest(out_dir / item.stem, [*(i.path for i in items), Path(model)])
@@ -329,9 +331,8 @@ def segment(
         ))  # fmt: skip
         fp_predict = _fingerprint("predict", fp_ingest, model_sha, precision, tile, tta, dtype, pyramid_levels, ngff)
         _run_stage(records, "predict", fp_predict, stores["probabilities"], overwrite, lambda: predict_stage.predict(
-            checkpoint, stores["raw"], stores["probabilities"], tile=tile, workers=workers, threads=threads,
-            device=device, tta=tta, dtype=dtype, precision=precision, overwrite=overwrite,
-            pyramid_levels=pyramid_levels, progress=progress, ngff=ngff,
+            checkpoint, stores["raw"], stores["probabilities"], request, workers=workers, threads=threads,
+            device=device, overwrite=overwrite, pyramid_levels=pyramid_levels, progress=progress,
         ), resumable=True)  # fmt: skip
         options = {k: chosen[k] for k in ("method", "threshold", "seed_threshold", "seed_prominence", "min_size")}
         fp_post = _fingerprint("postprocess", fp_predict, options, pyramid_levels, ngff)
