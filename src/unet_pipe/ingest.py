@@ -68,10 +68,47 @@ def ingest_tiff(
     An OME-Zarr label image with a ``translation`` gives its own offset in
     ``like`` (:func:`unet_pipe.zarr_input.crop_offset`; ``offset`` must agree).
     """
+    source, offset, voxel_size = _check_source(src, kind, like, offset, voxel_size, threads)
+    dest = Path(dest)
+    staged = StagedImage(
+        dest,
+        shape=source.shape,
+        dtype=source.dtype,
+        chunks=chunks,
+        voxel_size=voxel_size,
+        kind=kind,
+        overwrite=overwrite,
+        compression=INGEST_COMPRESSION if compression is None else compression,
+        threads=threads,
+        ngff=ngff,
+    )
+    try:
+        digest = _stream(source, staged, pyramid_levels, max_buffer_bytes, progress)
+        staged.commit(
+            pyramid_levels,
+            provenance=provenance,
+            extra_attrs={
+                "array_sha256": digest,
+                "source": source_record(source),
+                **({"offset": list(offset)} if offset is not None else {}),
+            },
+            source_image=like if kind == "labels" else None,
+        )
+    except BaseException:
+        staged.abort()
+        raise
+    return dest
+
+
+def _check_source(
+    src: str | Path, kind: str, like: str | Path | None, offset: Sequence[int] | None,
+    voxel_size: Sequence[float] | None, threads: int | None,
+) -> tuple[Any, tuple[int, ...] | None, Sequence[float]]:
+    """The opened source, the labels' offset in ``like`` (None: none) and the voxel size to record,
+    checked against ``like`` as :func:`ingest_tiff` describes."""
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     source = open_input_stack(src)
-    dest = Path(dest)
     if kind == "labels" and like is not None:
         ref = image_metadata(like)
         offset = crop_offset(source, store_frame(ref), ref.shape[0], offset)
@@ -106,18 +143,11 @@ def ingest_tiff(
     if voxel_size is None:
         log.warning("%s: no voxel size in config or TIFF metadata; using 1 µm", source.path)
         voxel_size = (1.0, 1.0, 1.0)
-    staged = StagedImage(
-        dest,
-        shape=source.shape,
-        dtype=source.dtype,
-        chunks=chunks,
-        voxel_size=voxel_size,
-        kind=kind,
-        overwrite=overwrite,
-        compression=INGEST_COMPRESSION if compression is None else compression,
-        threads=threads,
-        ngff=ngff,
-    )
+    return source, offset, voxel_size
+
+
+def _stream(source: Any, staged: StagedImage, pyramid_levels: int, max_buffer_bytes: int, progress: bool) -> str:
+    """Read ``source`` slab by slab (or band by band) into ``staged``; the sha256 of its bytes, in order."""
     digest = hashlib.sha256()
     # Double buffering: while the pool encodes and hashes one slab, the main
     # thread reads and downsamples the next (measured 1.6x faster than writing
@@ -166,22 +196,9 @@ def ingest_tiff(
                 write(z, y0, buffers[turn][:, : len(band)])
         for future in pending[0] + pending[1]:
             future.result()
-        staged.commit(
-            pyramid_levels,
-            provenance=provenance,
-            extra_attrs={
-                "array_sha256": digest.hexdigest(),
-                "source": source_record(source),
-                **({"offset": list(offset)} if offset is not None else {}),
-            },
-            source_image=like if kind == "labels" else None,
-        )
-    except BaseException:
-        staged.abort()
-        raise
     finally:
         hasher.shutdown(wait=True)
-    return dest
+    return digest.hexdigest()
 
 
 def _progress(items: Any, enabled: bool, total: int, unit: str, name: str) -> Any:

@@ -351,43 +351,29 @@ def predict(
 
     ``request``: what to compute (:class:`PredictRequest`); without one it is made from
     ``tile``, ``block``, ``batch``, ``tta``, ``dtype``, ``precision`` and ``ngff``.
-    ``workers``: CPU workers sharing ``threads`` cores
-    (default all of this process's; torch threads = threads // workers) — with
-    GPUs one per GPU; ``scheduler``: a ``dask.distributed`` address (workers
-    there must see the same files).  ``shard=(i, n)`` or ``z_range=(a, b)``:
-    compute only the blocks starting in that z range of a store made with
-    ``prepare_only`` and do not publish (see :func:`finalize`).  Otherwise
-    ``dest`` is published when done.  An interrupted call, re-run with the
-    same arguments, resumes from its finished blocks and ends bit-identical.
+    ``workers``: CPU workers sharing ``threads`` cores (default all of this process's; torch
+    threads = threads // workers) — with GPUs one per GPU; ``scheduler``: a ``dask.distributed``
+    address (workers there must see the same files).  ``shard=(i, n)`` or ``z_range=(a, b)``:
+    compute only the blocks starting in that z range of a store made with ``prepare_only`` and do
+    not publish (see :func:`finalize`).  Otherwise ``dest`` is published when done.  An interrupted
+    call, re-run with the same arguments, resumes from its finished blocks and ends bit-identical.
     """
     started = time.perf_counter()
     if request is None:
         request = PredictRequest(tile, block, batch, tta, dtype, precision, ngff)
     device = resolve_device(device)
     sharded = shard is not None or z_range is not None
-    cores = available_cores() if threads is None else int(threads)
-    if workers is None:
-        workers = torch.cuda.device_count() if device == "cuda" else 1
-    if workers < 1 or cores < 1:
-        raise ConfigError(None, f"workers and threads must be >= 1, got {workers} and {cores}")
-    if device == "cpu" and workers > cores:
-        raise ConfigError(None, f"{workers} CPU workers on {cores} cores would oversubscribe them")
+    workers, cores = _workers_and_cores(device, workers, threads)
     setup = _setup(checkpoint, raw, dest, expected_arch, request)
     staged = _open_staged(setup, overwrite=overwrite, must_exist=sharded)
     resolved = resolve_precision(request.precision, device)
     if prepare_only:
         return PredictResult(setup.dest, None, 0, 0, time.perf_counter() - started, False)
-    plan = _shared_plan(
-        staged,
-        device,
-        resolved,
-        lambda: make_plan(
-            setup.model.arch, setup.meta.shape, setup.meta.chunks, tile=request.tile, block=request.block,
-            batch=request.batch,
-            memory=tile_memory_budget(device, workers),
-            min_z_blocks=int(shard[1]) if shard is not None else 1,
-        ),
-    )  # fmt: skip
+    plan = _shared_plan(staged, device, resolved, lambda: make_plan(
+        setup.model.arch, setup.meta.shape, setup.meta.chunks, tile=request.tile, block=request.block,
+        batch=request.batch, memory=tile_memory_budget(device, workers),
+        min_z_blocks=int(shard[1]) if shard is not None else 1,
+    ))  # fmt: skip
     log.info(
         "plan: tile %s, input window %s (useful fraction %.2f), block %s, batch %d; %d workers x %d threads; %s",
         plan.tile, plan.window, plan.useful_fraction, plan.block, plan.batch, workers, max(1, cores // workers),
@@ -415,6 +401,18 @@ def predict(
         _publish(staged, plan, resolved, setup, pyramid_levels)
         committed = True
     return PredictResult(setup.dest, plan, len(todo), len(mine), time.perf_counter() - started, committed)
+
+
+def _workers_and_cores(device: str, workers: int | None, threads: int | None) -> tuple[int, int]:
+    """Workers (default: one per GPU, else one) and the cores they share (default: this process's)."""
+    cores = available_cores() if threads is None else int(threads)
+    if workers is None:
+        workers = torch.cuda.device_count() if device == "cuda" else 1
+    if workers < 1 or cores < 1:
+        raise ConfigError(None, f"workers and threads must be >= 1, got {workers} and {cores}")
+    if device == "cpu" and workers > cores:
+        raise ConfigError(None, f"{workers} CPU workers on {cores} cores would oversubscribe them")
+    return workers, cores
 
 
 def _publish(staged: StagedImage, plan: TilePlan, resolved: str | None, setup: _Setup, pyramid_levels: int) -> Path:
