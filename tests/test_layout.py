@@ -173,11 +173,9 @@ LONG_FUNCTIONS = {
     "train._train": 227,
     "evaluate.evaluate": 139,
     "bioimageio_export.export_model": 133,
-    "segment.segment": 116,
     "postprocess.postprocess": 115,
     "weights.compute_weight_store": 110,
     "report.write_report": 110,
-    "tiling.make_plan": 98,
     "instances3d.label_volume": 94,
     "instances3d._watershed_steps": 90,
 }

@@ -292,23 +292,7 @@ def segment(
         raise InputError(None, "no input stacks given")
     # The prediction settings, checked before any stack is read.
     request = predict_stage.PredictRequest(tile=tile, tta=tta, dtype=dtype, precision=precision, ngff=ngff)
-    items = check_inputs(inputs, voxel_size)
-    for item in items:  # outputs never overlap an input or the model
-        check_dest(out_dir / item.stem, [*(i.path for i in items), Path(model)])
-    checkpoint, data = open_model(model, out_dir)
-    record = application_record(data)
-    for item in items:
-        check_model_fits(record, Path(model), item)
-    if decisions is None:
-        chosen = model_decisions(data, model, warn=not decision_overrides)
-        chosen = override_decisions(chosen, decision_overrides or {}, model)
-    else:
-        chosen = {**decisions, "source": decisions.get("source", "given")}
-    log.info("%s: %s", model, describe_record({**record, "decisions": chosen}))
-    for item in items:
-        warning = voxel_size_warning(record, item)
-        if warning:
-            log.warning("%s", warning)
+    items, checkpoint, record, chosen = _check_run(model, inputs, out_dir, voxel_size, decisions, decision_overrides)
     model_sha = file_sha256(checkpoint)
     summaries = []
     for item in items:
@@ -316,11 +300,7 @@ def segment(
         folder.mkdir(parents=True, exist_ok=True)
         records = _StageRecords(folder)
         stores = {k: folder / f"{k}.ome.zarr" for k in ("raw", "probabilities", "instances", "view")}
-        size = item.voxel_size
-        if size is None and record["voxel_size"] is not None:
-            log.warning("%s: no voxel size in the file or given; using the model's %s µm", item.path,
-                        record["voxel_size"])
-            size = tuple(record["voxel_size"])
+        size = _voxel_size(item, record)
         log.info("segmenting %s into %s", item.path, folder)
 
         fp_ingest = _fingerprint("ingest", _stat_fingerprint(item.path), size, list(chunks), pyramid_levels, ngff)
@@ -348,27 +328,71 @@ def segment(
 
             _run_stage(records, "tiff", _fingerprint("tiff", fp_post), tif, overwrite,
                        lambda: instances_to_tiff(stores["instances"], tif))
-        seconds = {stage: records.seconds(stage) for stage in STAGES[:5] if stage in records.data}
-        summary_json = folder / "summary.json"
-        if summary_json.exists() and not _is_our_summary(summary_json):
-            raise OutputError(summary_json, "exists and is not a unet-pipe summary; move it away")
-        started = time.perf_counter()
-        summary = summarize(
-            stores["raw"], stores["probabilities"], stores["instances"], None, dataset=item.stem, seconds=seconds,
-            extra={"input": str(item.path), "model": str(model), "model_sha256": model_sha,
-                   "decisions_source": chosen.get("source"), "trained_voxel_size_um": record["voxel_size"],
-                   "voxel_size_warning": voxel_size_warning(record, item)},
-        )  # fmt: skip
-        summary["seconds"]["summary"] = round(time.perf_counter() - started, 3)
-        write_json_atomic(summary_json, summary)
-        log.info("%s: %d objects (median area %s µm²), voxel size %s µm; seconds %s", item.stem, summary["objects"],
-                 _median(summary), summary["voxel_size_um"], summary["seconds"])
-        summaries.append(summary)
-    report = out_dir / "report.md"
+        summaries.append(_write_summary(item, folder, stores, records, model, model_sha, record, chosen))
+    _write_report(out_dir / "report.md", summaries, figures)
+    return summaries
+
+
+def _voxel_size(item: SegmentInput, record: dict) -> tuple[float, ...] | None:
+    """The input's voxel size (z, y, x µm), else the model's (with a warning), else None."""
+    size = item.voxel_size
+    if size is None and record["voxel_size"] is not None:
+        log.warning("%s: no voxel size in the file or given; using the model's %s µm", item.path,
+                    record["voxel_size"])
+        size = tuple(record["voxel_size"])
+    return size
+
+
+def _write_report(report: Path, summaries: list[dict[str, Any]], figures: int) -> None:
     if report.exists() and not _is_our_report(report):
         raise OutputError(report, "exists and was not written by unet-pipe; move it away")
     write_summary_report(report, summaries, figures=figures)
-    return summaries
+
+
+def _check_run(
+    model: str | Path, inputs: Sequence[str | Path], out_dir: Path, voxel_size: Sequence[float] | None,
+    decisions: dict[str, Any] | None, decision_overrides: dict[str, Any] | None,
+) -> tuple[list[SegmentInput], Path, dict, dict]:
+    """Before any work: the inputs, the model's checkpoint, its application record and the decisions."""
+    items = check_inputs(inputs, voxel_size)
+    for item in items:  # outputs never overlap an input or the model
+        check_dest(out_dir / item.stem, [*(i.path for i in items), Path(model)])
+    checkpoint, data = open_model(model, out_dir)
+    record = application_record(data)
+    for item in items:
+        check_model_fits(record, Path(model), item)
+    if decisions is None:
+        chosen = model_decisions(data, model, warn=not decision_overrides)
+        chosen = override_decisions(chosen, decision_overrides or {}, model)
+    else:
+        chosen = {**decisions, "source": decisions.get("source", "given")}
+    log.info("%s: %s", model, describe_record({**record, "decisions": chosen}))
+    for item in items:
+        warning = voxel_size_warning(record, item)
+        if warning:
+            log.warning("%s", warning)
+    return items, checkpoint, record, chosen
+
+
+def _write_summary(item: SegmentInput, folder: Path, stores: dict[str, Path], records: _StageRecords,
+                   model: str | Path, model_sha: str, record: dict, chosen: dict) -> dict[str, Any]:
+    """Summarise one segmented input into ``folder/summary.json``; returns the summary."""
+    seconds = {stage: records.seconds(stage) for stage in STAGES[:5] if stage in records.data}
+    summary_json = folder / "summary.json"
+    if summary_json.exists() and not _is_our_summary(summary_json):
+        raise OutputError(summary_json, "exists and is not a unet-pipe summary; move it away")
+    started = time.perf_counter()
+    summary = summarize(
+        stores["raw"], stores["probabilities"], stores["instances"], None, dataset=item.stem, seconds=seconds,
+        extra={"input": str(item.path), "model": str(model), "model_sha256": model_sha,
+               "decisions_source": chosen.get("source"), "trained_voxel_size_um": record["voxel_size"],
+               "voxel_size_warning": voxel_size_warning(record, item)},
+    )  # fmt: skip
+    summary["seconds"]["summary"] = round(time.perf_counter() - started, 3)
+    write_json_atomic(summary_json, summary)
+    log.info("%s: %d objects (median area %s µm²), voxel size %s µm; seconds %s", item.stem, summary["objects"],
+             _median(summary), summary["voxel_size_um"], summary["seconds"])
+    return summary
 
 
 def instances_to_tiff(instances: str | Path, dest: str | Path, overwrite: bool = True) -> Path:

@@ -487,6 +487,45 @@ def _block_and_tile(extent: int, chunk: int, max_tile: int, axis: AxisGeometry, 
     return best[1], best[2]
 
 
+def _max_tile(requested: tuple[int, ...] | None, geometry: Sequence[AxisGeometry], whole: tuple[int, ...],
+              voxels: float, dims: int) -> tuple[int, ...]:
+    """The largest output tile: the requested one (checked), else the largest whose network
+    activations, ``voxels`` input voxels' worth, fit; at most ``whole`` (the volume on the grid)."""
+    axes = _spatial_axes(dims)
+    if requested is not None:
+        try:
+            check_tile_shape(requested, geometry)
+        except ValueError as exc:
+            raise ConfigError(None, f"tile {list(requested)}: {exc}") from None
+        max_tile = tuple(min(t, w) for t, w in zip(requested, whole))
+    else:
+        # Largest cube/square window within the budget, minus the context, on the pooling grid ...
+        g = geometry[axes[-1]]
+        edge = int(voxels ** (1.0 / dims)) - 2 * g.margin - g.step
+        edge = max(g.step, (edge // g.step) * g.step)
+        # ... but no larger than needed to come within 2 % of its useful-output fraction: beyond
+        # that, bigger tiles only cost cache misses and page faults (measured: a 3328^2 tile of a
+        # depth-2 net ran at half the speed of a 1024^2 one, with 40 % of the time in the kernel).
+        edge = _enough_tile(edge, g, dims)
+        max_tile = tuple(min(edge, w) if a in axes else 1 for a, w in enumerate(whole))
+    return max_tile
+
+
+def _given_block(block: Sequence[int], chunks: tuple[int, ...], shape: tuple[int, ...]) -> list[int]:
+    """A block given by the user, checked (whole chunks or whole axes) and cut to the volume."""
+    block_shape = [int(b) for b in block]
+    if len(block_shape) != 3 or min(block_shape) < 1:
+        raise ConfigError(None, f"block must be three positive integers Z Y X, got {block}")
+    for b, c, n, name in zip(block_shape, chunks, shape, "zyx"):
+        if b % c and b < n:
+            raise ConfigError(
+                None, f"block {list(block_shape)}: the {name} edge {b} must be a multiple of the chunk edge {c}"
+                " (blocks must not share chunks) or cover the whole axis"
+            )
+    block_shape = [min(b, n) for b, n in zip(block_shape, shape)]
+    return block_shape
+
+
 def make_plan(
     arch: dict,
     shape: Sequence[int],
@@ -519,22 +558,7 @@ def make_plan(
     whole = tuple(-(-n // g.step) * g.step for n, g in zip(shape, geometry))
 
     requested = _normalize_request(tile, dims, "tile")
-    if requested is not None:
-        try:
-            check_tile_shape(requested, geometry)
-        except ValueError as exc:
-            raise ConfigError(None, f"tile {list(requested)}: {exc}") from None
-        max_tile = tuple(min(t, w) for t, w in zip(requested, whole))
-    else:
-        # Largest cube/square window within the budget, minus the context, on the pooling grid ...
-        g = geometry[axes[-1]]
-        edge = int((memory / per_voxel) ** (1.0 / dims)) - 2 * g.margin - g.step
-        edge = max(g.step, (edge // g.step) * g.step)
-        # ... but no larger than needed to come within 2 % of its useful-output fraction: beyond
-        # that, bigger tiles only cost cache misses and page faults (measured: a 3328^2 tile of a
-        # depth-2 net ran at half the speed of a 1024^2 one, with 40 % of the time in the kernel).
-        edge = _enough_tile(edge, g, dims)
-        max_tile = tuple(min(edge, w) if a in axes else 1 for a, w in enumerate(whole))
+    max_tile = _max_tile(requested, geometry, whole, memory / per_voxel, dims)
 
     if block is None:
         picks = [
@@ -544,16 +568,7 @@ def make_plan(
         block_shape = [b for b, _ in picks]
         final_tile = tuple(t for _, t in picks)
     else:
-        block_shape = [int(b) for b in block]
-        if len(block_shape) != 3 or min(block_shape) < 1:
-            raise ConfigError(None, f"block must be three positive integers Z Y X, got {block}")
-        for b, c, n, name in zip(block_shape, chunks, shape, "zyx"):
-            if b % c and b < n:
-                raise ConfigError(
-                    None, f"block {list(block_shape)}: the {name} edge {b} must be a multiple of the chunk edge {c}"
-                    " (blocks must not share chunks) or cover the whole axis"
-                )
-        block_shape = [min(b, n) for b, n in zip(block_shape, shape)]
+        block_shape = _given_block(block, chunks, shape)
         final_tile = tuple(
             (fit_tile(b, t, g.step) if requested is None else t) if a in axes else 1
             for a, (b, t, g) in enumerate(zip(block_shape, max_tile, geometry))
