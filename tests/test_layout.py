@@ -175,9 +175,6 @@ LONG_FUNCTIONS = {
     "bioimageio_export.export_model": 133,
     "postprocess.postprocess": 115,
     "weights.compute_weight_store": 110,
-    "report.write_report": 110,
-    "instances3d.label_volume": 94,
-    "instances3d._watershed_steps": 90,
 }
 
 

@@ -353,59 +353,8 @@ def write_report(
 
     md += _decisions_lines(all_metrics)
     for source, m in zip(metrics_files, all_metrics):
-        name = m["dataset"]
-        md += [f"## {name}", ""]
-        chosen = pick_slices(m["per_slice"], figures)
-        if chosen:
-            png = f"{_safe(name)}_slices.png"
-            try:
-                slice_figure(m, chosen, staging / png)
-                md += [f"![{name}: slices]({figdir.name}/{png})", ""]
-                md += ["Columns: raw, truth instances, predicted instances, cell/membrane "
-                       "errors (red: predicted cell on true membrane, blue: missed cell pixels).", ""]
-            except (UnetPipeError, OSError, KeyError) as exc:
-                md += [f"*Slice figures skipped: {exc}*", ""]
-        rows = m["per_slice"]
-        md += [f"Per-slice values: `{Path(source).with_suffix('.csv')}`.", ""]
-        if len(rows) <= _MAX_TABLE_ROWS:
-            md += ["| z | subset | pixel error | Rand error | VI split | VI merge | IoU | warping error |",
-                   "|---|---|---|---|---|---|---|---|"]
-            for r in rows:
-                md.append(
-                    f"| {r['z']} | {r.get('subset', '')} | {_fmt(r.get('pixel_error'), '{:.4f}')} | "
-                    f"{_fmt(r.get('rand_error'), '{:.4f}')} | {_fmt(r.get('vi_split'), '{:.3f}')} | "
-                    f"{_fmt(r.get('vi_merge'), '{:.3f}')} | {_fmt(r.get('iou'), '{:.4f}')} | "
-                    f"{_fmt(r.get('warping_error'), '{:.6f}')} |"
-                )
-            md.append("")
-
-    md += ["## Training", ""]
-    if not training_logs:
-        md += ["No training log given.", ""]
-    for i, path in enumerate(training_logs):
-        path = Path(path)
-        try:
-            columns = read_training_log(path)
-        except (OSError, UnicodeDecodeError, csv.Error) as exc:
-            md += [f"*Training log {path} not readable: {exc}*", ""]
-            continue
-        png = f"training_{i}.png" if len(training_logs) > 1 else "training.png"
-        plotted = training_figure(columns, staging / png) if columns else []
-        if not plotted:
-            md += [f"*Training log {path} has no numeric columns to plot.*", ""]
-            continue
-        md += [f"![training curves]({figdir.name}/{png})", "", f"From `{path}`. Last values:", ""]
-        md += ["| column | last value |", "|---|---|"]
-        shown = plotted + [c for c in columns if c.lower() in _TIME_COLUMNS and np.isfinite(columns[c]).any()]
-        for name in shown:
-            y = columns[name][np.isfinite(columns[name])]
-            md.append(f"| {name} | {y[-1]:.5g} |")
-        md.append("")
-        if any(c.lower().startswith("val") for c in plotted):
-            md += ["The `val_*` columns monitor training on the val slices without test-time augmentation, "
-                   "at the decision known while training (p > 0.5 and connected components unless "
-                   "`postprocess` fixes another): the calibrated decisions come after training, so these "
-                   "are not the numbers of the metrics table.", ""]
+        md += _dataset_lines(source, m, figures, staging, figdir.name)
+    md += _training_lines(training_logs, staging, figdir.name)
 
     if all_metrics:
         md += ["## Definitions", ""]
@@ -421,6 +370,68 @@ def write_report(
     with atomic_output(out_md) as tmp:
         tmp.write_text("\n".join(md), encoding="utf-8")
     return out_md
+
+
+def _dataset_lines(source: str | Path, m: dict[str, Any], figures: int, staging: Path, figdir: str) -> list[str]:
+    """One dataset's section: slice figure (written into ``staging``) and per-slice table."""
+    name = m["dataset"]
+    md = [f"## {name}", ""]
+    chosen = pick_slices(m["per_slice"], figures)
+    if chosen:
+        png = f"{_safe(name)}_slices.png"
+        try:
+            slice_figure(m, chosen, staging / png)
+            md += [f"![{name}: slices]({figdir}/{png})", ""]
+            md += ["Columns: raw, truth instances, predicted instances, cell/membrane "
+                   "errors (red: predicted cell on true membrane, blue: missed cell pixels).", ""]
+        except (UnetPipeError, OSError, KeyError) as exc:
+            md += [f"*Slice figures skipped: {exc}*", ""]
+    rows = m["per_slice"]
+    md += [f"Per-slice values: `{Path(source).with_suffix('.csv')}`.", ""]
+    if len(rows) <= _MAX_TABLE_ROWS:
+        md += ["| z | subset | pixel error | Rand error | VI split | VI merge | IoU | warping error |",
+               "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            md.append(
+                f"| {r['z']} | {r.get('subset', '')} | {_fmt(r.get('pixel_error'), '{:.4f}')} | "
+                f"{_fmt(r.get('rand_error'), '{:.4f}')} | {_fmt(r.get('vi_split'), '{:.3f}')} | "
+                f"{_fmt(r.get('vi_merge'), '{:.3f}')} | {_fmt(r.get('iou'), '{:.4f}')} | "
+                f"{_fmt(r.get('warping_error'), '{:.6f}')} |"
+            )
+        md.append("")
+    return md
+
+
+def _training_lines(training_logs: Sequence[str | Path], staging: Path, figdir: str) -> list[str]:
+    """The training section: curves of each log (written into ``staging``) and their last values."""
+    md = ["## Training", ""]
+    if not training_logs:
+        md += ["No training log given.", ""]
+    for i, path in enumerate(training_logs):
+        path = Path(path)
+        try:
+            columns = read_training_log(path)
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            md += [f"*Training log {path} not readable: {exc}*", ""]
+            continue
+        png = f"training_{i}.png" if len(training_logs) > 1 else "training.png"
+        plotted = training_figure(columns, staging / png) if columns else []
+        if not plotted:
+            md += [f"*Training log {path} has no numeric columns to plot.*", ""]
+            continue
+        md += [f"![training curves]({figdir}/{png})", "", f"From `{path}`. Last values:", ""]
+        md += ["| column | last value |", "|---|---|"]
+        shown = plotted + [c for c in columns if c.lower() in _TIME_COLUMNS and np.isfinite(columns[c]).any()]
+        for name in shown:
+            y = columns[name][np.isfinite(columns[name])]
+            md.append(f"| {name} | {y[-1]:.5g} |")
+        md.append("")
+        if any(c.lower().startswith("val") for c in plotted):
+            md += ["The `val_*` columns monitor training on the val slices without test-time augmentation, "
+                   "at the decision known while training (p > 0.5 and connected components unless "
+                   "`postprocess` fixes another): the calibrated decisions come after training, so these "
+                   "are not the numbers of the metrics table.", ""]
+    return md
 
 
 def _decisions_lines(all_metrics: Sequence[dict[str, Any]]) -> list[str]:
