@@ -174,7 +174,6 @@ LONG_FUNCTIONS = {
     "evaluate.evaluate": 139,
     "bioimageio_export.export_model": 133,
     "postprocess.postprocess": 115,
-    "weights.compute_weight_store": 110,
 }
 
 
