@@ -173,7 +173,6 @@ LONG_FUNCTIONS = {
     "train._train": 227,
     "evaluate.evaluate": 139,
     "bioimageio_export.export_model": 133,
-    "postprocess.postprocess": 115,
 }
 
 
