@@ -170,7 +170,7 @@ MAX_FUNCTION_LINES = 80
 #: Functions still longer, with their length when this check came in: each may only shrink, and
 #: leaves this table once it is split (the test says so).
 LONG_FUNCTIONS = {
-    "train._train": 227,
+    "train._train": 157,  # inputs, restore and summary split out; the loop and checkpointing remain
 }
 
 

@@ -317,23 +317,28 @@ def train(
         torch.set_num_threads(previous_threads)
 
 
-def _train(
-    config: dict,
-    stores: Mapping[str, Mapping[str, Any]],
-    out: Path,
-    partial: Path,
-    log_path: Path | None,
-    resume: bool,
-    dev: torch.device,
-    total: int,
-    stop: int,
-    progress: bool,
-    tensorboard_dir: str | Path | None,
-) -> dict:
-    from tqdm import tqdm
+def _run_summary(written: Path, step: int, total: int, history: list[dict], last_val: tuple[float, float],
+                 precision: str) -> dict:
+    """What a training run returns: the checkpoint written, the step, the last loss and validation."""
+    return {
+        "checkpoint": str(written),
+        "step": step,
+        "finished": step >= total,
+        "loss": history[-1]["loss"] if history else float("nan"),
+        "val_pixel_error": last_val[0],
+        "val_rand_error": last_val[1],
+        "seconds": history[-1]["seconds"] if history else 0.0,
+        "precision": precision,
+        "cpu_model": cpu_model(),
+    }
 
+
+def _training_inputs(config: dict, stores: Mapping[str, Mapping[str, Any]]) -> tuple[
+    TileSampler, AugmentParams, list, dict[str, str], dict[str, list[float]], dict[str, Any]
+]:
+    """The tile sampler, the augmentation, the validation data, and what the checkpoint records of
+    the inputs: their dtypes, voxel sizes and the normalisation rule with each stack's range."""
     train_cfg, model_cfg, weights_cfg = config["train"], config["model"], config["weights"]
-    seed = int(config["seed"])
     volumes = volumes_from_config(config, open_stores(stores))
     input_dtypes = {v.name: str(np.dtype(v.raw.dtype)) for v in volumes}
 
@@ -358,6 +363,78 @@ def _train(
     val_data = load_validation(
         volumes, weights_cfg["label_mode"], weights_cfg["foreground_value"], weights_cfg.get("unlabelled_value")
     )
+    return sampler, augment, val_data, input_dtypes, voxel_sizes, normalization
+
+
+def _restore(source: Path, config: dict, model: UNet, normalization: dict, precision: str, dev: torch.device,
+             tile_rng: np.random.Generator, aug_gen: torch.Generator, scaler: Any, total: int) -> tuple[
+    dict, int, list[dict], float, dict | None
+]:
+    """Continue from the checkpoint ``source``: refuse one of another architecture, config,
+    normalisation or precision; load the weights and the random states.  Returns the optimiser's
+    state, the step, the history, the seconds trained and the checkpoint it was initialised from."""
+    use_cuda, use_scaler = dev.type == "cuda", precision == "float16"  # as _train decides them
+    ckpt = load_checkpoint(source)
+    if ckpt["arch"] != model.arch:
+        raise CheckpointError(source, f"architecture {ckpt['arch']} differs from the config's {model.arch}")
+    recorded = ckpt.get("config") or {}
+    if "train" not in recorded or _resume_key(recorded) != _resume_key(config):
+        key = _first_difference(_resume_key(recorded), _resume_key(config)) if "train" in recorded else "train"
+        raise CheckpointError(
+            source, f"was trained with a different config (key '{key}' differs); delete it or pass --overwrite to start over"
+        )
+    extra = ckpt.get("extra") or {}
+    # The same config may normalise differently across releases (dtype maximum before the
+    # percentile rule) or stacks (the percentiles of changed data): continuing would mix the two.
+    recorded_norm = extra.get("input_normalization")
+    if recorded_norm != normalization:
+        was = (f"{recorded_norm.get('rule')} {recorded_norm.get('volumes')}" if isinstance(recorded_norm, dict)
+               else "dtype maximum (an older release)")
+        raise CheckpointError(
+            source, f"was trained on inputs normalised by {was}, this run by the percentile rule "
+            f"{normalization['volumes']}; pass --overwrite to start over"
+        )
+    if extra.get("precision", precision) != precision:
+        raise CheckpointError(
+            source, f"was trained in {extra['precision']} but this run resolves the precision to {precision}; "
+            f"resume with --precision {extra['precision']} (or on a machine like the first) or pass --overwrite"
+        )
+    model.load_state_dict(ckpt["model_state"])
+    optimizer_state = ckpt["optimizer_state"]
+    step = int(ckpt["step"])
+    torch.set_rng_state(ckpt["torch_rng_state"])
+    tile_rng.bit_generator.state = extra["tile_rng"]
+    aug_gen.set_state(extra["aug_rng"])
+    if use_cuda and extra.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(extra["cuda_rng"])
+    if use_scaler and extra.get("scaler"):
+        scaler.load_state_dict(extra["scaler"])
+    history = [dict(r) for r in extra.get("history", []) if int(r["step"]) <= step]
+    elapsed = float(extra.get("seconds", 0.0))
+    init_record = extra.get("init_from")
+    _check_init_unchanged(source, init_record)
+    log.info("resuming %s at step %d of %d", source, step, total)
+    return optimizer_state, step, history, elapsed, init_record
+
+
+def _train(
+    config: dict,
+    stores: Mapping[str, Mapping[str, Any]],
+    out: Path,
+    partial: Path,
+    log_path: Path | None,
+    resume: bool,
+    dev: torch.device,
+    total: int,
+    stop: int,
+    progress: bool,
+    tensorboard_dir: str | Path | None,
+) -> dict:
+    from tqdm import tqdm
+
+    train_cfg, model_cfg, weights_cfg = config["train"], config["model"], config["weights"]
+    seed = int(config["seed"])
+    sampler, augment, val_data, input_dtypes, voxel_sizes, normalization = _training_inputs(config, stores)
 
     torch.manual_seed(seed)
     model = UNet(
@@ -385,46 +462,9 @@ def _train(
     optimizer_state = None
     init_record: dict | None = None  # the checkpoint whose weights started this run (fine-tuning)
     if source is not None:
-        ckpt = load_checkpoint(source)
-        if ckpt["arch"] != model.arch:
-            raise CheckpointError(source, f"architecture {ckpt['arch']} differs from the config's {model.arch}")
-        recorded = ckpt.get("config") or {}
-        if "train" not in recorded or _resume_key(recorded) != _resume_key(config):
-            key = _first_difference(_resume_key(recorded), _resume_key(config)) if "train" in recorded else "train"
-            raise CheckpointError(
-                source, f"was trained with a different config (key '{key}' differs); delete it or pass --overwrite to start over"
-            )
-        extra = ckpt.get("extra") or {}
-        # The same config may normalise differently across releases (dtype maximum before the
-        # percentile rule) or stacks (the percentiles of changed data): continuing would mix the two.
-        recorded_norm = extra.get("input_normalization")
-        if recorded_norm != normalization:
-            was = (f"{recorded_norm.get('rule')} {recorded_norm.get('volumes')}" if isinstance(recorded_norm, dict)
-                   else "dtype maximum (an older release)")
-            raise CheckpointError(
-                source, f"was trained on inputs normalised by {was}, this run by the percentile rule "
-                f"{normalization['volumes']}; pass --overwrite to start over"
-            )
-        if extra.get("precision", precision) != precision:
-            raise CheckpointError(
-                source, f"was trained in {extra['precision']} but this run resolves the precision to {precision}; "
-                f"resume with --precision {extra['precision']} (or on a machine like the first) or pass --overwrite"
-            )
-        model.load_state_dict(ckpt["model_state"])
-        optimizer_state = ckpt["optimizer_state"]
-        step = int(ckpt["step"])
-        torch.set_rng_state(ckpt["torch_rng_state"])
-        tile_rng.bit_generator.state = extra["tile_rng"]
-        aug_gen.set_state(extra["aug_rng"])
-        if use_cuda and extra.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(extra["cuda_rng"])
-        if use_scaler and extra.get("scaler"):
-            scaler.load_state_dict(extra["scaler"])
-        history = [dict(r) for r in extra.get("history", []) if int(r["step"]) <= step]
-        elapsed = float(extra.get("seconds", 0.0))
-        init_record = extra.get("init_from")
-        _check_init_unchanged(source, init_record)
-        log.info("resuming %s at step %d of %d", source, step, total)
+        optimizer_state, step, history, elapsed, init_record = _restore(
+            source, config, model, normalization, precision, dev, tile_rng, aug_gen, scaler, total
+        )
     elif train_cfg.get("init_from") is not None:
         # Fine-tuning: weights only; the optimiser, schedule and step start afresh.
         init_record = init_weights_from(model, train_cfg["init_from"])
@@ -533,17 +573,7 @@ def _train(
     else:
         save(partial)
         written = partial
-    return {
-        "checkpoint": str(written),
-        "step": step,
-        "finished": step >= total,
-        "loss": history[-1]["loss"] if history else float("nan"),
-        "val_pixel_error": last_val[0],
-        "val_rand_error": last_val[1],
-        "seconds": history[-1]["seconds"] if history else 0.0,
-        "precision": precision,
-        "cpu_model": cpu_model(),
-    }
+    return _run_summary(written, step, total, history, last_val, precision)
 
 
 def iter_rows(log_csv: str | Path) -> Iterator[dict]:
