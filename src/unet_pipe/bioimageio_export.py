@@ -53,7 +53,7 @@ from unet_pipe.config import load_schema
 from unet_pipe.intensity import IntensityRange, normalize_raw
 from unet_pipe.errors import CheckpointError, ConfigError, InputError, OutputError
 from unet_pipe.io import image_metadata, open_image
-from unet_pipe.model import UNet, margin, model_from_checkpoint, nearest_valid_input_size
+from unet_pipe.model import UNet, class_probabilities, margin, model_from_checkpoint, nearest_valid_input_size
 from unet_pipe.model_bundle import application_record
 from unet_pipe.predict import input_intensity
 from unet_pipe.provenance import file_sha256
@@ -342,7 +342,7 @@ def export_model(checkpoint: str | Path, dest: str | Path, *, sample: str | Path
     spatial = raw_tile if arch["dims"] == 3 else raw_tile[0]
     with torch.no_grad():  # not inference_mode: x is also the trace's example, which needs normal tensors
         x = torch.from_numpy(normalize_raw(spatial, intensity))[None, None]
-        probabilities = torch.softmax(model(x).float(), dim=1).numpy()
+        probabilities = class_probabilities(model(x)).numpy()
     test_input = spatial[None, None]
 
     work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))

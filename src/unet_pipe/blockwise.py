@@ -37,7 +37,7 @@ import torch
 from unet_pipe.intensity import IntensityRange, normalize_raw
 from unet_pipe.io import StagedImage, open_image
 from unet_pipe.machine import available_cores, available_memory
-from unet_pipe.model import UNet, fused_conv_relu_available, model_from_checkpoint
+from unet_pipe.model import UNet, class_probabilities, fused_conv_relu_available, model_from_checkpoint
 from unet_pipe.precision import autocast, resolve_precision
 from unet_pipe.probabilities import encode_probabilities
 from unet_pipe.tiling import Roi, TilePlan, block_tiles, iter_batches, read_mirrored, run_tiles
@@ -163,7 +163,7 @@ class Predictor:
 
     def _foreground(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.logits(x)
-        probs = torch.softmax(logits.float(), dim=1)
+        probs = class_probabilities(logits)
         return probs[:, 1:2] if self.n_classes == 2 else 1.0 - probs[:, 0:1]
 
     def __call__(self, windows: np.ndarray) -> np.ndarray:

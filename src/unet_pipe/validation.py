@@ -16,7 +16,7 @@ import torch
 
 from unet_pipe.intensity import normalize_raw
 from unet_pipe.metrics import instances_from_binary, rand_error_per_slice
-from unet_pipe.model import UNet
+from unet_pipe.model import UNet, class_probabilities
 from unet_pipe.postprocess import instances_from_probabilities
 from unet_pipe.precision import autocast
 from unet_pipe.sampling import Volume, annotated_mask, label_classes
@@ -53,7 +53,7 @@ def predict_probabilities(
         x = (x if model.dims == 2 else x[:, None]).to(device)
         with torch.no_grad(), autocast(device, precision):
             logits = model(x)
-        prob = 1.0 - torch.softmax(logits.float(), dim=1)[:, 0]
+        prob = 1.0 - class_probabilities(logits)[:, 0]
         return (prob[:, None] if model.dims == 2 else prob).cpu().numpy()
 
     region = Roi((0, 0, 0), tuple(raw.shape))
