@@ -1,4 +1,5 @@
-"""``unet-pipe ingest`` and ``info``: TIFF or OME-Zarr to an OME-Zarr store, and what a store holds (:mod:`unet_pipe.io`)."""
+"""``unet-pipe ingest`` and ``info``: a TIFF stack or an OME-Zarr image into our OME-Zarr store
+(:mod:`unet_pipe.ingest`), and what a store holds (:mod:`unet_pipe.ngff`)."""
 from __future__ import annotations
 
 import argparse
