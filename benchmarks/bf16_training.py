@@ -47,8 +47,9 @@ import torch.nn.functional as F
 from unet_pipe.blockwise import tta_transforms
 from unet_pipe.calibrate import calibrate_slices
 from unet_pipe.config import load_config
-from unet_pipe.data import intensity_range, normalize_raw
-from unet_pipe.io import ingest_tiff, open_image
+from unet_pipe.intensity import intensity_range, normalize_raw
+from unet_pipe.ingest import ingest_tiff
+from unet_pipe.io import open_image
 from unet_pipe.metrics import instances_from_binary, rand_error_per_slice
 from unet_pipe.model import UNet, model_from_checkpoint
 from unet_pipe.postprocess import instances_from_probabilities

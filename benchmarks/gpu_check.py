@@ -148,7 +148,8 @@ def run_step(name: str, params: dict, limit: float, workdir: Path, logfile: Path
     """Run one step in a fresh process group, killed after ``limit`` seconds; return its report."""
     report_path = workdir / f"{name}.json"
     report_path.unlink(missing_ok=True)
-    command = [sys.executable, str(Path(__file__).resolve()), "--step", name, "--params", json.dumps(params)]
+    # The steps' module imports this one (ROOT, json_safe, write_json), never the reverse: run it as the script.
+    command = [sys.executable, str(Path(__file__).resolve().with_name("gpu_check_steps.py")), name, json.dumps(params)]
     started = time.perf_counter()
     with open(logfile, "a") as out:
         out.write(f"\n===== step {name} (limit {limit:.0f} s)\n")
@@ -269,14 +270,7 @@ def main(argv: list[str] | None = None) -> None:
                                        "$UNET_PIPE_ISBI_DIR, ../shared/data/isbi2012)")
     parser.add_argument("--workdir", help="keep the stores here (default: a temporary folder, removed)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
-    parser.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)
-    parser.add_argument("--params", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.step:
-        from gpu_check_steps import run  # beside this file: sys.path[0] is benchmarks/
-
-        run(args.step, json.loads(args.params))
-        return
     print(json.dumps(json_safe(orchestrate(args))))
 
 

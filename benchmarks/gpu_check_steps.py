@@ -22,7 +22,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Callable
 
-from gpu_check import ROOT, json_safe, write_json
+from gpu_check import ROOT, STEPS, json_safe, write_json
 
 PACKAGES = ("numpy", "scipy", "scikit-image", "tifffile", "zarr", "numcodecs", "dask", "jsonschema", "natsort",
             "torch", "pytest")
@@ -81,7 +81,7 @@ def cpu_model() -> str | None:
 def step_env(params: dict, report: Report) -> None:
     from importlib import metadata
 
-    from unet_pipe.blockwise import available_cores
+    from unet_pipe.machine import available_cores
 
     versions = {}
     for name in PACKAGES:
@@ -391,9 +391,9 @@ def decide(config: dict, probabilities: Path, stores: dict, work: Path) -> dict:
 
 
 def step_isbi(params: dict, report: Report) -> None:
-    from unet_pipe.blockwise import available_cores
+    from unet_pipe.machine import available_cores
     from unet_pipe.evaluate import evaluate
-    from unet_pipe.io import ingest_tiff
+    from unet_pipe.ingest import ingest_tiff
     from unet_pipe.model import UNet
     from unet_pipe.postprocess import postprocess
     from unet_pipe.predict import predict
@@ -462,5 +462,7 @@ def step_isbi(params: dict, report: Report) -> None:
     report.stage("done", pixel_error=scores["pixel_error"], rand_error=scores["rand_error"])
 
 
-if __name__ == "__main__":  # pragma: no cover - run through gpu_check.py
-    raise SystemExit("run benchmarks/gpu_check.py")
+if __name__ == "__main__":  # run by gpu_check.run_step as ``gpu_check_steps.py STEP PARAMS_JSON``
+    if len(sys.argv) != 3 or sys.argv[1] not in STEPS:
+        raise SystemExit("run benchmarks/gpu_check.py")
+    run(sys.argv[1], json.loads(sys.argv[2]))

@@ -49,7 +49,7 @@ ISBI = REPO.parent / "shared" / "data" / "isbi2012" / "train-volume.tif"
 PEAK = "int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1024"
 INGEST = f"""
 import sys, time
-from unet_pipe.io import ingest_tiff
+from unet_pipe.ingest import ingest_tiff
 t = time.perf_counter()
 ingest_tiff(sys.argv[1], sys.argv[2], chunks=(1, 512, 512), pyramid_levels=2)
 print(time.perf_counter() - t, {PEAK})
@@ -58,7 +58,8 @@ print(time.perf_counter() - t, {PEAK})
 # each level through zarr with the same chunks and codec (no checksum).
 ZARR_BASELINE = f"""
 import sys, time, numcodecs, tifffile, zarr
-from unet_pipe.io import INGEST_COMPRESSION, downsample2
+from unet_pipe.ingest import INGEST_COMPRESSION
+from unet_pipe.io import downsample2
 t = time.perf_counter()
 level = tifffile.imread(sys.argv[1])
 group = zarr.open_group(sys.argv[2], mode="w", zarr_format=2)

@@ -162,7 +162,7 @@ def main() -> None:
 
     from unet_pipe.instances3d import SIX_CONNECTED, choose_block, same_partition
     from unet_pipe.io import open_image
-    from unet_pipe.provenance import cpu_model
+    from unet_pipe.machine import cpu_model
 
     args.out.mkdir(parents=True, exist_ok=True)
     shape = (64, 256, 256) if args.quick else (256, 512, 512)

@@ -160,7 +160,7 @@ def conv_limit(threads: int, rounds: int, precision: str = "float32") -> tuple[f
 
 def bare_forward(predictor, raw: np.ndarray, plan) -> tuple[float, int, int]:
     """Seconds of the bare model calls on every tile window of ``plan`` (in memory), FLOPs, voxels."""
-    from unet_pipe.data import normalize_raw
+    from unet_pipe.intensity import normalize_raw
     from unet_pipe.model import UNet
     from unet_pipe.tiling import block_tiles, iter_batches, read_mirrored
 

@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--model", type=Path, help="a trained model.pt (default: the CPU preset's net, random weights)")
     args = parser.parse_args()
-    from unet_pipe.io import ingest_tiff
+    from unet_pipe.ingest import ingest_tiff
     from unet_pipe.precision import precision_record
     from unet_pipe.predict import predict, tune_allocator
     from unet_pipe.segment import segment

@@ -48,9 +48,9 @@ import torch
 
 from unet_pipe.augment import AugmentParams, augment_sample
 from unet_pipe.config import validate_config
-from unet_pipe.data import TileSampler, center_crop, volumes_from_config
 from unet_pipe.model import UNet
 from unet_pipe.precision import autocast, cpu_bf16_native, precision_record, resolve_precision
+from unet_pipe.sampling import TileSampler, center_crop, volumes_from_config
 from unet_pipe.train import iter_rows, make_optimizer, train, training_memory_format, weighted_cross_entropy
 
 ROOT = Path(__file__).resolve().parents[1]

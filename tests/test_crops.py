@@ -7,9 +7,10 @@ import tifffile
 import zarr
 
 from unet_pipe.config import check_input_stacks, validate_config
-from unet_pipe.data import TileSampler, Volume, volumes_from_config
 from unet_pipe.errors import ConfigError, InputError
-from unet_pipe.io import image_metadata, ingest_tiff, open_image
+from unet_pipe.ingest import ingest_tiff
+from unet_pipe.io import image_metadata, open_image
+from unet_pipe.sampling import TileSampler, Volume, volumes_from_config
 from unet_pipe.tiling import read_mirrored
 from unet_pipe.train import open_stores
 

@@ -7,17 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from unet_pipe.data import (
-    IntensityRange,
-    TileSampler,
-    Volume,
-    center_crop,
-    intensity_range,
-    label_classes,
-    normalize_raw,
-    volumes_from_config,
-)
 from unet_pipe.errors import ConfigError, InputError
+from unet_pipe.intensity import IntensityRange, intensity_range, normalize_raw
+from unet_pipe.sampling import TileSampler, Volume, center_crop, label_classes, volumes_from_config
 from unet_pipe.tiling import read_mirrored, reflect_index
 
 

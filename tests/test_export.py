@@ -14,7 +14,7 @@ import yaml
 
 from unet_pipe.bioimageio_export import PACKAGE_FORMAT, nearest_min, test_tile as tile_of
 from unet_pipe.config import validate_config
-from unet_pipe.data import intensity_range
+from unet_pipe.intensity import intensity_range
 from unet_pipe.errors import InputError
 from unet_pipe.io import StagedImage
 from unet_pipe.synth import synthesize

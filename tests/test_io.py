@@ -10,12 +10,11 @@ import tifffile
 import zarr
 
 from unet_pipe.errors import InputError, OutputError
+from unet_pipe.ingest import INGEST_COMPRESSION, ingest_tiff
 from unet_pipe.io import (
-    INGEST_COMPRESSION,
     StagedImage,
     downsample2,
     image_metadata,
-    ingest_tiff,
     multiscales_metadata,
     open_image,
     open_tiff_stack,

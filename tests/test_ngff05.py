@@ -10,7 +10,8 @@ import tifffile
 import zarr
 
 from unet_pipe.errors import InputError, OutputError
-from unet_pipe.io import StagedImage, image_metadata, ingest_tiff, open_image
+from unet_pipe.ingest import ingest_tiff
+from unet_pipe.io import StagedImage, image_metadata, open_image
 from unet_pipe.safety import is_our_store
 
 VOXEL = (0.05, 0.004, 0.004)

@@ -12,14 +12,14 @@ from test_predict import make_net, reference, write_image
 from test_train import _assert_same_checkpoint, _config
 
 from unet_pipe import precision as precision_module
-from unet_pipe.data import normalize_raw
+from unet_pipe.intensity import normalize_raw
 from unet_pipe.errors import CheckpointError, ConfigError, OutputError
 from unet_pipe.io import image_metadata
 from unet_pipe.model import load_checkpoint, save_checkpoint
 from unet_pipe.model import UNet, fused_conv_relu_available
 from unet_pipe.precision import CPU_BF16_ENV, cpu_bf16_native, resolve_precision
 from unet_pipe.predict import Predictor, predict, read_probabilities
-from unet_pipe.provenance import cpu_model
+from unet_pipe.machine import cpu_model
 from unet_pipe.synth import synthesize
 from unet_pipe.train import predict_probabilities, train
 

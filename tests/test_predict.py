@@ -406,7 +406,7 @@ def test_percentile_normalisation_makes_dtype_irrelevant(tmp_path, precision) ->
     """A checkpoint with the percentile rule: the stack is normalised by its own 1st/99th
     percentiles, so equal gray values stored as uint8, uint16 or float32 give equal
     probabilities (the legacy dtype scaling gave uint16 inputs 1/257 of the uint8 ones)."""
-    from unet_pipe.data import intensity_range, normalize_raw
+    from unet_pipe.intensity import intensity_range, normalize_raw
 
     net = make_net()
     ckpt = tmp_path / "m.pt"

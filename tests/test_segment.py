@@ -96,7 +96,7 @@ def test_bundle_cli_from_decisions_json_and_refusals(tmp_path, run_cli):
 
 def reference_instances(model: Path, raw_tif: Path, work: Path, decisions: dict) -> np.ndarray:
     """The three-command route (ingest, predict, postprocess) by the library, for comparison."""
-    from unet_pipe.io import ingest_tiff
+    from unet_pipe.ingest import ingest_tiff
     from unet_pipe.postprocess import postprocess
     from unet_pipe.predict import predict
 
@@ -253,7 +253,7 @@ def test_segment_warns_about_another_voxel_size(tmp_path, model, run_cli, caplog
 
 
 def test_postprocess_takes_the_decisions_from_a_model(tmp_path, model, run_cli):
-    from unet_pipe.io import ingest_tiff
+    from unet_pipe.ingest import ingest_tiff
     from unet_pipe.predict import predict
 
     ingest_tiff(write_stack(tmp_path / "a.tif"), tmp_path / "raw.ome.zarr")
@@ -279,7 +279,7 @@ def test_exported_package_carries_the_application_and_segments_as_the_checkpoint
     import yaml
 
     from unet_pipe.bioimageio_export import export_model
-    from unet_pipe.io import ingest_tiff
+    from unet_pipe.ingest import ingest_tiff
 
     a = write_stack(tmp_path / "a.tif")
     ingest_tiff(a, tmp_path / "sample.ome.zarr")

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-import unet_pipe.data as data_module
-from unet_pipe.data import TileSampler, Volume, annotated_mask, label_classes
 from unet_pipe.errors import InputError
+import unet_pipe.sampling as data_module
+from unet_pipe.sampling import TileSampler, Volume, annotated_mask, label_classes
 from unet_pipe.tiling import read_mirrored
 from unet_pipe.train import weighted_cross_entropy
 

@@ -8,7 +8,8 @@ import pytest
 import tifffile
 
 from unet_pipe.config import validate_config
-from unet_pipe.io import ingest_tiff, open_image
+from unet_pipe.ingest import ingest_tiff
+from unet_pipe.io import open_image
 from unet_pipe.postprocess import postprocess
 from unet_pipe.predict import predict
 from unet_pipe.train import train

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from unet_pipe.config import validate_config
-from unet_pipe.data import Volume
+from unet_pipe.sampling import Volume
 from unet_pipe.errors import CheckpointError, ConfigError, OutputError
 from unet_pipe.model import UNet, load_checkpoint
 from unet_pipe.synth import synthesize

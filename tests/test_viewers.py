@@ -173,7 +173,7 @@ def test_ingested_labels_name_their_image_for_the_reader(tmp_path):
     """``ingest --labels --like RAW``: the label store opens with its raw image underneath."""
     import tifffile
 
-    from unet_pipe.io import ingest_tiff
+    from unet_pipe.ingest import ingest_tiff
 
     raw_tif, labels_tif = tmp_path / "raw.tif", tmp_path / "labels.tif"
     tifffile.imwrite(raw_tif, np.arange(2 * 8 * 8, dtype=np.uint8).reshape(2, 8, 8))

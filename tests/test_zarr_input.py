@@ -14,9 +14,10 @@ from ome_zarr.format import FormatV04, FormatV05
 from ome_zarr.writer import write_multiscale
 
 from unet_pipe.config import check_input_stacks, validate_config
-from unet_pipe.data import TileSampler, volumes_from_config
 from unet_pipe.errors import ConfigError, InputError
-from unet_pipe.io import image_metadata, ingest_tiff, open_image
+from unet_pipe.ingest import ingest_tiff
+from unet_pipe.io import image_metadata, open_image
+from unet_pipe.sampling import TileSampler, volumes_from_config
 from unet_pipe.train import open_stores
 from unet_pipe.zarr_input import open_input_stack, open_zarr_source
 

@@ -15,7 +15,7 @@ The package (format 0.5 of the bioimage.io model spec, written with
 * the preprocessing as ``ensure_dtype float32`` + a fixed ``scale_linear``
   (gain ``1 / (high - low)``, offset ``-low / (high - low)``), where
   ``low``/``high`` are the checkpoint's percentiles of the *sample* stack, by
-  the very function predict uses (:func:`unet_pipe.data.intensity_range`):
+  the very function predict uses (:func:`unet_pipe.intensity.intensity_range`):
   on that stack it is predict's normalisation exactly.  bioimage.io's
   ``scale_range`` would take the percentiles of each tile instead, which
   differs from predict's per-stack range; a stack of other contrast needs its
@@ -41,7 +41,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -50,11 +50,11 @@ import yaml
 import unet_pipe
 from unet_pipe import model as model_module
 from unet_pipe.config import load_schema
-from unet_pipe.data import IntensityRange, normalize_raw
+from unet_pipe.intensity import IntensityRange, normalize_raw
 from unet_pipe.errors import CheckpointError, ConfigError, InputError, OutputError
 from unet_pipe.io import image_metadata, open_image
+from unet_pipe.model import UNet, class_probabilities, margin, model_from_checkpoint, nearest_valid_input_size
 from unet_pipe.ngff import check_role
-from unet_pipe.model import UNet, margin, model_from_checkpoint, nearest_valid_input_size
 from unet_pipe.model_bundle import application_record
 from unet_pipe.predict import input_intensity
 from unet_pipe.provenance import file_sha256
@@ -137,7 +137,7 @@ def test_tile(shape: tuple[int, ...], depth: int, dims: int, where: Any = None) 
 
 
 def input_scaling(intensity: IntensityRange | None, dtype: np.dtype) -> tuple[float, float]:
-    """Gain and offset with ``gain * raw + offset`` = :func:`unet_pipe.data.normalize_raw`."""
+    """Gain and offset with ``gain * raw + offset`` = :func:`unet_pipe.intensity.normalize_raw`."""
     if intensity is not None:
         gain = 1.0 / (intensity.high - intensity.low)
         return gain, -intensity.low * gain
@@ -222,6 +222,96 @@ def _trace(model: UNet, example: torch.Tensor) -> torch.jit.ScriptModule:
             return torch.jit.trace(model, example, check_trace=False)
 
 
+def _tensor_descrs(work: Path, arch: dict, voxel_size: Sequence[float], test_dtype: np.dtype, gain: float,
+                   offset: float) -> tuple[Any, Any]:
+    """The input (raw, normalised by the preprocessing) and output (class probabilities) descriptions."""
+    from bioimageio.spec.model import v0_5
+
+    axes_ids = ["z", "y", "x"][3 - arch["dims"]:]
+    voxel = dict(zip(["z", "y", "x"], voxel_size))
+    step, m = 2 ** (arch["depth"] - 1), margin(arch["depth"])
+    smallest = nearest_min(arch["depth"])
+    classes = ["membrane", "cell"] if arch["n_classes"] == 2 else [f"class{i}" for i in range(arch["n_classes"])]
+
+    raw_id, out_id = v0_5.TensorId("raw"), v0_5.TensorId("probabilities")
+    inputs = v0_5.InputTensorDescr(
+        id=raw_id,
+        description="raw gray values as stored (the preprocessing normalises them)",
+        axes=[v0_5.BatchAxis(), v0_5.ChannelAxis(channel_names=[v0_5.Identifier("raw")])] + [
+            v0_5.SpaceInputAxis(id=v0_5.AxisId(a), size=v0_5.ParameterizedSize(min=smallest, step=step),
+                                unit="micrometer", scale=voxel[a])
+            for a in axes_ids
+        ],
+        test_tensor=v0_5.FileDescr(source=work / "test_input.npy"),
+        data=v0_5.IntervalOrRatioDataDescr(type=str(test_dtype)),
+        preprocessing=[
+            v0_5.EnsureDtypeDescr(kwargs=v0_5.EnsureDtypeKwargs(dtype="float32")),
+            v0_5.ScaleLinearDescr(kwargs=v0_5.ScaleLinearKwargs(gain=gain, offset=offset)),
+            # Else the spec appends a cast back to the stored dtype (uint8) before the net.
+            v0_5.EnsureDtypeDescr(kwargs=v0_5.EnsureDtypeKwargs(dtype="float32")),
+        ],
+    )
+    outputs = v0_5.OutputTensorDescr(
+        id=out_id,
+        description="softmax probability of each class; the cell probability is channel 1",
+        axes=[v0_5.BatchAxis(), v0_5.ChannelAxis(channel_names=[v0_5.Identifier(c) for c in classes])] + [
+            v0_5.SpaceOutputAxis(
+                id=v0_5.AxisId(a), unit="micrometer", scale=voxel[a],
+                size=v0_5.SizeReference(tensor_id=raw_id, axis_id=v0_5.AxisId(a), offset=-2 * m),
+            )
+            for a in axes_ids
+        ],
+        test_tensor=v0_5.FileDescr(source=work / "test_output.npy"),
+        data=v0_5.IntervalOrRatioDataDescr(type="float32", range=(0.0, 1.0)),
+        postprocessing=[v0_5.SoftmaxDescr(kwargs=v0_5.SoftmaxKwargs(axis=v0_5.AxisId("channel")))],
+    )
+    return inputs, outputs
+
+
+def _weights_descr(work: Path, arch: dict, torch_version: str) -> Any:
+    """The state-dict weights (architecture from the copied model.py) and their TorchScript child."""
+    from bioimageio.spec.model import v0_5
+
+    weights = v0_5.WeightsDescr(
+        pytorch_state_dict=v0_5.PytorchStateDictWeightsDescr(
+            source=work / "weights.pt",
+            architecture=v0_5.ArchitectureFromFileDescr(
+                source=work / "unet_model.py", callable=v0_5.Identifier("UNet"), kwargs=arch
+            ),
+            pytorch_version=v0_5.Version(torch_version),
+        ),
+        torchscript=v0_5.TorchscriptWeightsDescr(
+            source=work / "weights.torchscript.pt", pytorch_version=v0_5.Version(torch_version),
+            parent="pytorch_state_dict",
+        ),
+    )
+    return weights
+
+
+def _package_config(checkpoint: Path, data: dict, arch: dict, intensity: IntensityRange | None, gain: float,
+                    offset: float, sample: Path, start: Sequence[int], size: Sequence[int]) -> dict[str, Any]:
+    """The package's ``config.unet_pipe``: provenance, normalisation, test tile and what applying it needs."""
+    m = margin(arch["depth"])
+    return {
+        "format": PACKAGE_FORMAT,
+        "package_version": unet_pipe.__version__,
+        "checkpoint_sha256": file_sha256(checkpoint),
+        "arch": arch,
+        "input_normalization": {
+            "rule": "dtype-max" if intensity is None else "percentile",
+            "range": None if intensity is None else intensity.to_list(),
+            "gain": gain,
+            "offset": offset,
+            "sample": str(sample),
+        },
+        "test_tile": {"start": list(start), "shape": list(size)},
+        "margin": m,
+        # What applying the model needs, as the checkpoint carries it (unet_pipe.model_bundle):
+        # segment turns the package back into that checkpoint, decisions and voxel size included.
+        "application": application_record(data),
+    }
+
+
 def export_model(checkpoint: str | Path, dest: str | Path, *, sample: str | Path | None = None,
                  settings: dict | None = None, overwrite: bool = False) -> ExportSummary:
     """Write the bioimage.io package of ``checkpoint`` to ``dest`` (a .zip), atomically.
@@ -254,14 +344,8 @@ def export_model(checkpoint: str | Path, dest: str | Path, *, sample: str | Path
     spatial = raw_tile if arch["dims"] == 3 else raw_tile[0]
     with torch.no_grad():  # not inference_mode: x is also the trace's example, which needs normal tensors
         x = torch.from_numpy(normalize_raw(spatial, intensity))[None, None]
-        probabilities = torch.softmax(model(x).float(), dim=1).numpy()
+        probabilities = class_probabilities(model(x)).numpy()
     test_input = spatial[None, None]
-
-    axes_ids = ["z", "y", "x"][3 - arch["dims"]:]
-    voxel = dict(zip(["z", "y", "x"], meta.voxel_size))
-    step, m = 2 ** (arch["depth"] - 1), margin(arch["depth"])
-    smallest = nearest_min(arch["depth"])
-    classes = ["membrane", "cell"] if arch["n_classes"] == 2 else [f"class{i}" for i in range(arch["n_classes"])]
 
     work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
@@ -274,51 +358,8 @@ def export_model(checkpoint: str | Path, dest: str | Path, *, sample: str | Path
             arch, None if intensity is None else (intensity.low, intensity.high), gain, offset, sample, start, size
         ))
         torch_version = torch.__version__.split("+")[0]
-        raw_id, out_id = v0_5.TensorId("raw"), v0_5.TensorId("probabilities")
-        inputs = v0_5.InputTensorDescr(
-            id=raw_id,
-            description="raw gray values as stored (the preprocessing normalises them)",
-            axes=[v0_5.BatchAxis(), v0_5.ChannelAxis(channel_names=[v0_5.Identifier("raw")])] + [
-                v0_5.SpaceInputAxis(id=v0_5.AxisId(a), size=v0_5.ParameterizedSize(min=smallest, step=step),
-                                    unit="micrometer", scale=voxel[a])
-                for a in axes_ids
-            ],
-            test_tensor=v0_5.FileDescr(source=work / "test_input.npy"),
-            data=v0_5.IntervalOrRatioDataDescr(type=str(test_input.dtype)),
-            preprocessing=[
-                v0_5.EnsureDtypeDescr(kwargs=v0_5.EnsureDtypeKwargs(dtype="float32")),
-                v0_5.ScaleLinearDescr(kwargs=v0_5.ScaleLinearKwargs(gain=gain, offset=offset)),
-                # Else the spec appends a cast back to the stored dtype (uint8) before the net.
-                v0_5.EnsureDtypeDescr(kwargs=v0_5.EnsureDtypeKwargs(dtype="float32")),
-            ],
-        )
-        outputs = v0_5.OutputTensorDescr(
-            id=out_id,
-            description="softmax probability of each class; the cell probability is channel 1",
-            axes=[v0_5.BatchAxis(), v0_5.ChannelAxis(channel_names=[v0_5.Identifier(c) for c in classes])] + [
-                v0_5.SpaceOutputAxis(
-                    id=v0_5.AxisId(a), unit="micrometer", scale=voxel[a],
-                    size=v0_5.SizeReference(tensor_id=raw_id, axis_id=v0_5.AxisId(a), offset=-2 * m),
-                )
-                for a in axes_ids
-            ],
-            test_tensor=v0_5.FileDescr(source=work / "test_output.npy"),
-            data=v0_5.IntervalOrRatioDataDescr(type="float32", range=(0.0, 1.0)),
-            postprocessing=[v0_5.SoftmaxDescr(kwargs=v0_5.SoftmaxKwargs(axis=v0_5.AxisId("channel")))],
-        )
-        weights = v0_5.WeightsDescr(
-            pytorch_state_dict=v0_5.PytorchStateDictWeightsDescr(
-                source=work / "weights.pt",
-                architecture=v0_5.ArchitectureFromFileDescr(
-                    source=work / "unet_model.py", callable=v0_5.Identifier("UNet"), kwargs=arch
-                ),
-                pytorch_version=v0_5.Version(torch_version),
-            ),
-            torchscript=v0_5.TorchscriptWeightsDescr(
-                source=work / "weights.torchscript.pt", pytorch_version=v0_5.Version(torch_version),
-                parent="pytorch_state_dict",
-            ),
-        )
+        inputs, outputs = _tensor_descrs(work, arch, meta.voxel_size, test_input.dtype, gain, offset)
+        weights = _weights_descr(work, arch, torch_version)
         descr = v0_5.ModelDescr(
             name=settings["name"],
             description=settings["description"],
@@ -330,24 +371,9 @@ def export_model(checkpoint: str | Path, dest: str | Path, *, sample: str | Path
             inputs=[inputs],
             outputs=[outputs],
             weights=weights,
-            config=v0_5.Config(unet_pipe={
-                "format": PACKAGE_FORMAT,
-                "package_version": unet_pipe.__version__,
-                "checkpoint_sha256": file_sha256(checkpoint),
-                "arch": arch,
-                "input_normalization": {
-                    "rule": "dtype-max" if intensity is None else "percentile",
-                    "range": None if intensity is None else intensity.to_list(),
-                    "gain": gain,
-                    "offset": offset,
-                    "sample": str(sample),
-                },
-                "test_tile": {"start": list(start), "shape": list(size)},
-                "margin": m,
-                # What applying the model needs, as the checkpoint carries it (unet_pipe.model_bundle):
-                # segment turns the package back into that checkpoint, decisions and voxel size included.
-                "application": application_record(data),
-            }),
+            config=v0_5.Config(unet_pipe=_package_config(
+                checkpoint, data, arch, intensity, gain, offset, sample, start, size
+            )),
         )
         with atomic_output(dest, recognise=is_our_package) as tmp:
             save_bioimageio_package(descr, output_path=tmp)

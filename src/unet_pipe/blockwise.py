@@ -8,7 +8,7 @@ The machinery behind :func:`unet_pipe.predict.predict`, which owns the request
   optional 8-fold test-time augmentation).
 * :class:`BlockJob` and :func:`compute_block`: one output block read (with
   mirrored context), run tile batch by tile batch on a compute slot, encoded
-  (:data:`OUTPUT_DTYPES`), written into the staging store and recorded done.
+  (:data:`unet_pipe.probabilities.OUTPUT_DTYPES`), written into the staging store and recorded done.
   Each process keeps one context per job (input array, one predictor per
   device, a queue of compute slots: each GPU once, or the CPU ``slots`` times),
   so reads and writes overlap with the forward passes of other blocks.
@@ -17,13 +17,12 @@ The machinery behind :func:`unet_pipe.predict.predict`, which owns the request
   memory is bounded by the blocks in flight, whatever the stack size.
 * Resources: :func:`tile_memory_budget` (memory one worker's tiles may use,
   the input of the tile-size choice in :func:`unet_pipe.tiling.make_plan`),
-  :func:`available_cores`, :func:`tune_allocator` (glibc malloc settings for
+  :func:`tune_allocator` (glibc malloc settings for
   large activations).
 """
 from __future__ import annotations
 
 import copy
-import os
 import queue
 import threading
 import time
@@ -36,19 +35,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from unet_pipe.data import IntensityRange, normalize_raw
+from unet_pipe.intensity import IntensityRange, normalize_raw
 from unet_pipe.io import StagedImage, open_image
-from unet_pipe.model import UNet, fused_conv_relu_available, model_from_checkpoint
+from unet_pipe.machine import available_cores, available_memory
+from unet_pipe.model import UNet, class_probabilities, fused_conv_relu_available, model_from_checkpoint
 from unet_pipe.precision import autocast, resolve_precision
+from unet_pipe.probabilities import encode_probabilities
 from unet_pipe.progress import progress_bar
 from unet_pipe.tiling import Roi, TilePlan, block_tiles, iter_batches, read_mirrored, run_tiles
 
-#: Output dtypes and the factor that maps stored values back to probabilities.
-OUTPUT_DTYPES: dict[str, tuple[type, float]] = {
-    "float32": (np.float32, 1.0),
-    "float16": (np.float16, 1.0),
-    "uint8": (np.uint8, 1.0 / 255.0),
-}
 #: Fraction of the free memory (GPU: device memory, CPU: RAM within the cgroup limit) tiles may use.
 MEMORY_FRACTION = {"cuda": 0.6, "cpu": 0.25}
 #: Tile memory per CPU worker at most: keeps RSS modest on shared nodes; CPU forward passes
@@ -61,29 +56,6 @@ WAVE_PER_WORKER = 8
 # --------------------------------------------------------------------- resources
 
 
-def available_memory(device: str) -> int:
-    """Free memory in bytes on ``device`` (CPU: RAM, bounded by a cgroup limit such as SLURM's)."""
-    if device.startswith("cuda"):
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        return int(free)
-    import psutil
-
-    free = psutil.virtual_memory().available
-    for limit_file, usage_file in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
-    ):
-        try:
-            limit = Path(limit_file).read_text().strip()
-            usage = int(Path(usage_file).read_text().strip())
-        except (OSError, ValueError):
-            continue
-        if limit.isdigit():
-            free = min(free, max(0, int(limit) - usage))
-        break
-    return int(free)
-
-
 def tile_memory_budget(device: str, workers: int) -> int:
     """Bytes one worker's tiles may use (a fraction of the free memory; CPU capped)."""
     kind = "cuda" if device.startswith("cuda") else "cpu"
@@ -91,14 +63,6 @@ def tile_memory_budget(device: str, workers: int) -> int:
     if kind == "cpu":
         budget = min(budget / max(1, workers), CPU_TILE_MEMORY_CAP)
     return int(budget)
-
-
-def available_cores() -> int:
-    """Cores this process may run on (respects SLURM/cgroup CPU sets where the OS reports them)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 # ---------------------------------------------------------------------- forward
@@ -147,7 +111,7 @@ class Predictor:
     """Maps a batch of raw input windows to foreground probabilities of the valid outputs.
 
     ``windows``: ``(B, z, y, x)`` raw values (z = 1 for a 2D model), normalised with
-    ``intensity`` (:func:`unet_pipe.data.normalize_raw`); returns
+    ``intensity`` (:func:`unet_pipe.intensity.normalize_raw`); returns
     float32 ``(B, z', y', x')``.  ``tta`` averages the probabilities of the 8
     rotations/flips in (y, x) (``True``; paper: ISBI 2012) or of the 4 mirrorings
     (``"flips"``), see :func:`tta_transforms`.  ``precision``: a request
@@ -201,7 +165,7 @@ class Predictor:
 
     def _foreground(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.logits(x)
-        probs = torch.softmax(logits.float(), dim=1)
+        probs = class_probabilities(logits)
         return probs[:, 1:2] if self.n_classes == 2 else 1.0 - probs[:, 0:1]
 
     def __call__(self, windows: np.ndarray) -> np.ndarray:
@@ -224,13 +188,6 @@ class Predictor:
                 out = out / float(len(self.transforms))
         out = out[:, 0] if self.dims == 3 else out  # 2D: channel axis back to z
         return out.cpu().numpy()
-
-
-def encode_probabilities(probs: np.ndarray, dtype: str) -> np.ndarray:
-    """Probabilities in [0, 1] as the stored dtype (uint8: ``round(255 p)``)."""
-    if dtype == "uint8":
-        return np.rint(np.clip(probs, 0.0, 1.0) * 255.0).astype(np.uint8)
-    return probs.astype(OUTPUT_DTYPES[dtype][0])
 
 
 # ---------------------------------------------------------------------- workers

@@ -84,12 +84,11 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
-from unet_pipe.atomic import check_ours
+from unet_pipe.atomic import check_ours, write_json_atomic
 from unet_pipe.errors import InputError
-from unet_pipe.evaluate import truth_box, write_json_atomic
 from unet_pipe.io import image_metadata, open_image
 from unet_pipe.instances3d import SIX_CONNECTED, watershed_reference
-from unet_pipe.metrics import instances_from_binary, rand_error_per_slice, scores_3d, truth_instances_3d
+from unet_pipe.metrics import instances_from_binary, rand_error_per_slice, scores_3d, truth_box, truth_instances_3d
 from unet_pipe.postprocess import METHODS, instances_from_probabilities
 from unet_pipe.probabilities import open_probabilities, read_probabilities
 from unet_pipe.progress import progress_bar

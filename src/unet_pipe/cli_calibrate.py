@@ -6,7 +6,10 @@ import logging
 import re
 from pathlib import Path
 
+from unet_pipe.calibrate import DEFAULT_MAX_PIXELS, calibrate
+from unet_pipe.cli_common import check_option, named_values, progress_enabled
 from unet_pipe.errors import UnetPipeError
+from unet_pipe.postprocess import METHODS
 
 log = logging.getLogger("unet_pipe")
 
@@ -54,11 +57,6 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from unet_pipe.calibrate import DEFAULT_MAX_PIXELS, calibrate
-    from unet_pipe.cli import check_option, progress_enabled
-    from unet_pipe.cli_model import named_values
-    from unet_pipe.postprocess import METHODS
-
     prob = named_values(args.probabilities, "--probabilities")
     truth = named_values(args.truth, "--truth")
     slices = named_values(args.slices, "--slices", "START:STOP")

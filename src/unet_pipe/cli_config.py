@@ -11,7 +11,9 @@ import logging
 import sys
 from pathlib import Path
 
+from unet_pipe.config import config_source, precheck
 from unet_pipe.errors import UnetPipeError
+from unet_pipe.profiles import ACCOUNT_ENV, PARTITION_ENV, install_profile, profile_search_dir, repository_profiles
 
 log = logging.getLogger("unet_pipe")
 
@@ -42,8 +44,6 @@ def add_check_config(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    from unet_pipe.config import config_source, precheck
-
     # The workflow's pre-check (workflow/rules/common.smk) calls the same function.
     config, said = precheck(args.config, check_inputs=not args.no_inputs)
     for line in said:
@@ -82,8 +82,6 @@ def add_install_profile(sub: argparse._SubParsersAction) -> None:
 def _partition(args: argparse.Namespace, kind: str) -> str:
     import os
 
-    from unet_pipe.profiles import PARTITION_ENV
-
     given = getattr(args, f"partition_{kind}") or os.environ.get(PARTITION_ENV[kind])
     if given:
         return given
@@ -100,8 +98,6 @@ def _partition(args: argparse.Namespace, kind: str) -> str:
 
 def _cmd_install_profile(args: argparse.Namespace) -> int:
     import os
-
-    from unet_pipe.profiles import ACCOUNT_ENV, install_profile, profile_search_dir, repository_profiles
 
     source = repository_profiles() / args.name
     partitions = None

@@ -6,6 +6,9 @@ import json
 import logging
 from pathlib import Path
 
+from unet_pipe.cli_common import load_config
+from unet_pipe.errors import ConfigError, UnetPipeError
+
 log = logging.getLogger("unet_pipe")
 
 
@@ -36,9 +39,8 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    # torch loads with this module (~2 s): imported when the command runs, not on every `unet-pipe` call.
     from unet_pipe.bioimageio_export import DEFAULTS, export_model, export_settings, require_bioimageio
-    from unet_pipe.cli import load_config
-    from unet_pipe.errors import ConfigError, UnetPipeError
 
     require_bioimageio()  # before any work: the one line that says what to install
     if args.export_json is not None:

@@ -1,12 +1,7 @@
-"""Applying a trained model: ``segment``, ``bundle`` and ``summarize`` (thin wrappers).
+"""Applying a trained model to new stacks: ``segment`` and ``tiff`` (thin wrappers).
 
 ``segment`` runs ingest, predict, postprocess, view (and an ImageJ TIFF) on new
-stacks (:mod:`unet_pipe.segment`); ``bundle`` writes the model that carries its
-decisions and voxel size (:mod:`unet_pipe.model_bundle`); ``summarize`` writes
-the summary of one segmented stack (:mod:`unet_pipe.summary`), the workflow's
-per-dataset step before the segmentation report.  Split from
-:mod:`unet_pipe.cli`, whose parser and error handling these use (imported when
-a command runs: no import cycle); ``tiff`` writes instances as an ImageJ TIFF.
+stacks (:mod:`unet_pipe.segment`); ``tiff`` writes instances as an ImageJ TIFF.
 """
 from __future__ import annotations
 
@@ -15,45 +10,27 @@ import logging
 import sys
 from pathlib import Path
 
-from unet_pipe.errors import UnetPipeError
+from unet_pipe.cli_common import (
+    MAX_PYRAMID_LEVELS,
+    MAX_THREADS,
+    add_decision_options,
+    add_ngff_option,
+    check_option,
+    check_voxel_size,
+    decision_overrides,
+    ngff_choice,
+    parse_chunks,
+    progress_enabled,
+)
+from unet_pipe.io import DEFAULT_CHUNKS
 
 log = logging.getLogger("unet_pipe")
-
-_DECISION_OPTIONS = ("method", "threshold", "seed_threshold", "seed_prominence", "min_size")
-
-
-def _add_decision_options(p: argparse.ArgumentParser, default_text: str) -> None:
-    """The instance options of ``postprocess``, unset by default (then: ``default_text``)."""
-    p.add_argument("--decisions", type=Path, metavar="FILE",
-                   help="decisions.json of `unet-pipe calibrate`, or a model carrying decisions "
-                        f"(default: {default_text})")
-    p.add_argument("--method", choices=("threshold", "watershed"), default=None,
-                   help="instance method (replaces the decisions' one)")
-    p.add_argument("--threshold", type=float, default=None, help="cell where p > THRESHOLD")
-    p.add_argument("--seed-threshold", type=float, default=None, help="watershed: confident region p > this")
-    p.add_argument("--seed-prominence", type=float, default=None,
-                   help="watershed: pixels a distance maximum must rise above its saddle to seed a cell")
-    p.add_argument("--min-size", type=int, default=None, help="segments smaller than this (pixels) become membrane")
-
-
-def _decision_overrides(args: argparse.Namespace) -> dict:
-    from unet_pipe.cli import check_option
-
-    given = {k: getattr(args, k) for k in _DECISION_OPTIONS if getattr(args, k) is not None}
-    for key in ("threshold", "seed_threshold"):
-        check_option(f"--{key.replace('_', '-')}", given.get(key), 0, 1)
-    check_option("--seed-prominence", given.get("seed_prominence"), 0, above=True)
-    check_option("--min-size", given.get("min_size"), 0)
-    return given
 
 
 # ---------------------------------------------------------------------- segment
 
 
 def add_segment(sub: argparse._SubParsersAction) -> None:
-    from unet_pipe.cli import add_ngff_option
-    from unet_pipe.cli_data import _chunks
-
     p = sub.add_parser(
         "segment",
         help="segment new stacks with a trained model: ingest, predict, instances, view, summary in one command",
@@ -71,7 +48,7 @@ def add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", metavar="INPUT", type=Path, nargs="+", help="TIFF, folder of TIFF slices or OME-Zarr")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (one subfolder per input)")
     p.add_argument("--tiff", action="store_true", help="also write instances.tif (ImageJ, with the voxel size)")
-    _add_decision_options(p, "the decisions the model carries, else p > 0.5 with a warning")
+    add_decision_options(p, "the decisions the model carries, else p > 0.5 with a warning")
     p.add_argument("--instances", choices=("2d", "3d"), default=None,
                    help="2d: each slice on its own; 3d: 6-connected objects across slices, ids unique in the volume "
                    "(min size in voxels); default: what the decisions were calibrated for, else 2d")
@@ -91,7 +68,7 @@ def add_segment(sub: argparse._SubParsersAction) -> None:
                    help="average over the 8 rotations/flips (8x the compute)")
     p.add_argument("--dtype", choices=["float32", "float16", "uint8"], default="float32",
                    help="stored probability dtype (uint8 = round(255 p), a quarter of the space)")
-    p.add_argument("--chunks", type=_chunks, default=None, help="Z,Y,X chunks of the stores (default 1,512,512)")
+    p.add_argument("--chunks", type=parse_chunks, default=None, help="Z,Y,X chunks of the stores (default 1,512,512)")
     p.add_argument("--pyramid-levels", type=int, default=2, help="2x (y, x) downsampled levels (default 2)")
     p.add_argument("--figures", type=int, default=1, help="slices shown per input in OUT/report.md (default 1)")
     p.add_argument("--overwrite", action="store_true",
@@ -101,9 +78,7 @@ def add_segment(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
-    from unet_pipe.cli import MAX_PYRAMID_LEVELS, MAX_THREADS, check_option, ngff_choice, progress_enabled
-    from unet_pipe.cli_data import _check_voxel_size
-    from unet_pipe.io import DEFAULT_CHUNKS
+    # torch loads with this module (~2 s): imported when the command runs, not on every `unet-pipe` call.
     from unet_pipe.model_bundle import override_decisions, read_any_decisions
     from unet_pipe.segment import segment
     from unet_pipe.summary import size_line
@@ -115,8 +90,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     check_option("--tile", args.tile, 1)
     check_option("--block", args.block, 1, 1 << 30)
     check_option("--halo", args.halo, 0, 1 << 20)
-    _check_voxel_size(args.voxel_size)
-    overrides = _decision_overrides(args)
+    check_voxel_size(args.voxel_size)
+    overrides = decision_overrides(args)
     decisions = None
     if args.decisions is not None:  # a file, with the options over it; else the model's, with them over it
         decisions = override_decisions(read_any_decisions(args.decisions), overrides, args.decisions)
@@ -140,70 +115,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------- bundle
 
 
-def add_bundle(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "bundle",
-        help="write the model that travels: a checkpoint carrying its decisions and voxel size",
-        description=(
-            "Write DEST.pt: the model of SOURCE (a checkpoint or a unet-pipe bioimage.io zip) without its optimiser "
-            "state, carrying the decisions (from --decisions decisions.json, or the instance options; default: "
-            "those SOURCE carries) and the voxel size it was trained at, so that `unet-pipe segment`, `postprocess "
-            "--decisions DEST.pt` and `export` apply it as calibrated. A plain checkpoint (weights_only loading)."
-        ),
-    )
-    p.add_argument("checkpoint", metavar="SOURCE", type=Path)
-    p.add_argument("dest", metavar="DEST.pt", type=Path)
-    _add_decision_options(p, "the decisions SOURCE carries, if any")
-    p.add_argument("--voxel-size", nargs=3, type=float, metavar=("Z", "Y", "X"),
-                   help="micrometres the model was trained at (default: recorded by train)")
-    p.add_argument("--overwrite", action="store_true", help="replace DEST if it is a unet-pipe checkpoint")
-    p.set_defaults(func=_cmd_bundle)
-
-
-def _cmd_bundle(args: argparse.Namespace) -> int:
-    from unet_pipe.cli_data import _check_voxel_size
-    from unet_pipe.model_bundle import DEFAULT_DECISIONS, bundle_model, override_decisions, read_any_decisions
-
-    _check_voxel_size(args.voxel_size)
-    overrides = _decision_overrides(args)
-    decisions = None
-    if args.decisions is not None:
-        decisions = override_decisions(read_any_decisions(args.decisions), overrides, args.decisions)
-    elif overrides:  # the options alone (the workflow's postprocess section when its method is not auto)
-        decisions = {**override_decisions({**DEFAULT_DECISIONS, "source": "default"}, overrides, None),
-                     "source": "config"}
-    bundle_model(args.checkpoint, args.dest, decisions=decisions, voxel_size=args.voxel_size,
-                 overwrite=args.overwrite)
-    return 0
-
-
 # -------------------------------------------------------------------- summarize
-
-
-def add_summarize(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "summarize",
-        help="summary of a segmented stack: objects, their size distribution, voxel size",
-        description=(
-            "Write OUT (JSON): the object count, object areas (px and µm², quantiles and a log-spaced histogram), "
-            "cell fraction, voxel size, decisions and precision of the instances INST (with RAW and PROB, shown by "
-            "`unet-pipe report --summaries`). Needs no ground truth."
-        ),
-    )
-    p.add_argument("--raw", required=True, type=Path, metavar="RAW.ome.zarr")
-    p.add_argument("--probabilities", required=True, type=Path, metavar="PROB.ome.zarr")
-    p.add_argument("--instances", required=True, type=Path, metavar="INST.ome.zarr")
-    p.add_argument("--out", required=True, type=Path, metavar="summary.json")
-    p.add_argument("--dataset", help="name shown in the report (default: the folder holding INST)")
-    p.set_defaults(func=_cmd_summarize)
-
-
-def _cmd_summarize(args: argparse.Namespace) -> int:
-    from unet_pipe.summary import summarize
-
-    s = summarize(args.raw, args.probabilities, args.instances, args.out, dataset=args.dataset)
-    log.info("wrote %s: %d objects", args.out, s["objects"])
-    return 0
 
 
 # ------------------------------------------------------------------------ tiff
@@ -225,6 +137,7 @@ def add_tiff(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_tiff(args: argparse.Namespace) -> int:
+    # torch loads with this module (~2 s): imported when the command runs, not on every `unet-pipe` call.
     from unet_pipe.segment import instances_to_tiff
 
     instances_to_tiff(args.instances, args.dest, overwrite=args.overwrite)

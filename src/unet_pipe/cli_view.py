@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from unet_pipe.errors import InputError
+from unet_pipe.view import build_view
 
 
 def add_view(sub: argparse._SubParsersAction) -> None:
@@ -31,8 +32,6 @@ def add_view(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_view(args: argparse.Namespace) -> int:
-    from unet_pipe.view import build_view
-
     labels: dict[str, Path] = {}
     for item in args.labels:
         name, sep, path = item.partition("=")

@@ -23,6 +23,7 @@ import yaml
 
 from unet_pipe.errors import ConfigError, ConfigErrors, InputError, UnetPipeError
 from unet_pipe.truth import unlabelled_problem
+from unet_pipe.zarr_input import crop_offset, open_input_stack, source_frame
 
 log = logging.getLogger(__name__)
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
@@ -618,8 +619,6 @@ def schema_markdown() -> str:
 def _open_dataset(ds: dict, base: str | Path) -> tuple[Any, Any, tuple[int, int, int] | None]:
     """A file dataset's raw and labels (None without labels), opened lazily (headers only), and the raw
     voxel where the labels start (None: they cover the raw), :func:`unet_pipe.zarr_input.crop_offset`."""
-    from unet_pipe.zarr_input import crop_offset, open_input_stack, source_frame
-
     raw = open_input_stack(Path(base) / ds["raw"])
     if "labels" not in ds:
         return raw, None, None

@@ -51,6 +51,7 @@ from unet_pipe.metrics import (
     pixel_error,
     scores_3d,
     segmentation_scores,
+    truth_box,
     truth_instances_3d,
 )
 from unet_pipe.ngff import check_role
@@ -263,29 +264,12 @@ def evaluate(
     oz = offset[0]
     pred_arr = open_image(instances)
     truth_arr = open_image(truth)
-    prob_arr, scale = None, 1.0
-    if probabilities is not None:
-        probabilities = Path(probabilities)
-        prob_arr, scale = open_probabilities(probabilities)
-        if tuple(prob_arr.shape) != pred_meta.shape:
-            raise InputError(
-                probabilities, f"shape {tuple(prob_arr.shape)} differs from {pred_meta.shape} of {instances}"
-            )
-    nz = pred_meta.shape[0]
+    probabilities = None if probabilities is None else Path(probabilities)
+    prob_arr, scale = _open_probabilities_like(probabilities, pred_meta.shape, instances)
     labelled = range(oz, oz + truth_meta.shape[0])
-    zs = _slice_range(slices, nz, "evaluated", instances) or labelled
-    if zs.start < labelled.start or zs.stop > labelled.stop:
-        raise InputError(truth, f"evaluated slices [{zs.start}, {zs.stop}) outside the labelled slices "
-                         f"[{labelled.start}, {labelled.stop})")
-    train = _slice_range(train_slices, nz, "train", instances) or range(0)
-    val = _slice_range(val_slices, nz, "val", instances) or range(0)
-    chosen_on = ((decisions or {}).get("slices") or {}).get(dataset) if dataset is not None else None
-    calibrated = range(*chosen_on) if chosen_on else range(0)  # where the decisions were chosen
-
-    if truth_mode == "binary" and foreground_value is not None:
-        info = np.iinfo(truth_meta.dtype) if truth_meta.dtype.kind in "ui" else None
-        if info is not None and not info.min <= foreground_value <= info.max:
-            raise InputError(truth, f"--foreground-value {foreground_value} cannot occur in {truth_meta.dtype} labels")
+    zs, train, val, calibrated = _subsets(pred_meta.shape[0], labelled, slices, train_slices, val_slices,
+                                          decisions, dataset, instances, truth)
+    _check_foreground_value(truth, truth_meta.dtype, truth_mode, foreground_value)
     any_cells = False
     annotated = 0
     rows: list[dict[str, Any]] = []
@@ -297,19 +281,9 @@ def evaluate(
         z_iter = progress_bar(zs, unit="slice", desc=f"evaluate {instances.name}")
     for z in z_iter:
         t = np.asarray(truth_arr[z - oz])
-        known = None if unlabelled_value is None else t != unlabelled_value
+        cells, truth_inst, known = _truth_slice(t, truth, truth_mode, foreground_value, unlabelled_value)
         annotated += t.size if known is None else int(np.count_nonzero(known))
-        if truth_mode == "binary" and foreground_value is not None and t.dtype != np.bool_:
-            check_binary_values(truth, np.unique(t), foreground_value, unlabelled_value)
-        if truth_mode == "binary":
-            cells = t == foreground_value if foreground_value is not None else binarize(t)
-            if known is not None:
-                cells &= known
-            truth_inst = instances_from_binary(cells)
-            any_cells = any_cells or bool(cells.any())
-        else:
-            cells = t != 0 if known is None else (t != 0) & known
-            truth_inst = t if known is None else np.where(known, t, 0)
+        any_cells = any_cells or (truth_mode == "binary" and bool(cells.any()))
         prob = None if prob_arr is None else read_probabilities(
             prob_arr, scale, probabilities, (z, *box), f"in slice {z}")
         pred_slice = np.asarray(pred_arr[(z, *box)])
@@ -323,29 +297,49 @@ def evaluate(
     if truth_mode == "binary" and foreground_value is not None and not any_cells:
         # A wrong cell value scores every slice as all membrane: a plausible-looking wrong result.
         raise InputError(truth, f"no pixel equals --foreground-value {foreground_value} in the evaluated slices")
-    summary = {"all": summarize(rows)}
-    for subset in SUBSETS:
-        chosen = [r for r in rows if r["subset"] == subset]
-        if chosen and len(chosen) < len(rows):
-            summary[subset] = summarize(chosen)
-    for subset, s in summary.items():
-        picked = [i for i, r in enumerate(rows) if subset == "all" or r["subset"] == subset]
-        s["scores_3d"] = _scores_3d(rows, picked, pred_stack, truth_stack, truth_mode)
+    summary = _summaries(rows, pred_stack, truth_stack, truth_mode)
     del pred_stack, truth_stack
+    params = {
+        "slices": [zs.start, zs.stop], "train_slices": list(train_slices) if train_slices else None,
+        "val_slices": list(val_slices) if val_slices else None, "threshold": threshold, "truth_mode": truth_mode,
+        "foreground_value": foreground_value, "unlabelled_value": unlabelled_value, "truth_offset": list(offset),
+        "decisions": decisions,
+    }
+    result = _result(instances, truth, probabilities, raw, dataset, summary, params, rows)
+    _write_metrics(out_json, result)
+    return result
+
+
+def _check_foreground_value(truth: Path, dtype: np.dtype, truth_mode: str, foreground_value: int | None) -> None:
+    if truth_mode == "binary" and foreground_value is not None:
+        info = np.iinfo(dtype) if dtype.kind in "ui" else None
+        if info is not None and not info.min <= foreground_value <= info.max:
+            raise InputError(truth, f"--foreground-value {foreground_value} cannot occur in {dtype} labels")
+
+
+def _subsets(
+    nz: int, labelled: range, slices: Sequence[int] | None, train_slices: Sequence[int] | None,
+    val_slices: Sequence[int] | None, decisions: dict[str, Any] | None, dataset: str | None, instances: Path,
+    truth: Path,
+) -> tuple[range, range, range, range]:
+    """The evaluated slices (inside the labelled ones), and those tagged train, val and calibrate."""
+    zs = _slice_range(slices, nz, "evaluated", instances) or labelled
+    if zs.start < labelled.start or zs.stop > labelled.stop:
+        raise InputError(truth, f"evaluated slices [{zs.start}, {zs.stop}) outside the labelled slices "
+                         f"[{labelled.start}, {labelled.stop})")
+    train = _slice_range(train_slices, nz, "train", instances) or range(0)
+    val = _slice_range(val_slices, nz, "val", instances) or range(0)
+    chosen_on = ((decisions or {}).get("slices") or {}).get(dataset) if dataset is not None else None
+    calibrated = range(*chosen_on) if chosen_on else range(0)  # where the decisions were chosen
+    return zs, train, val, calibrated
+
+
+def _result(instances: Path, truth: Path, probabilities: Path | None, raw: str | Path | None, dataset: str | None,
+            summary: dict[str, Any], params: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The metrics record: dataset, summaries, definitions, inputs, parameters, per-slice rows, provenance."""
     inputs = {"instances": instances, "truth": truth}
     if probabilities is not None:
         inputs["probabilities"] = probabilities
-    params = {
-        "slices": [zs.start, zs.stop],
-        "train_slices": list(train_slices) if train_slices else None,
-        "val_slices": list(val_slices) if val_slices else None,
-        "threshold": threshold,
-        "truth_mode": truth_mode,
-        "foreground_value": foreground_value,
-        "unlabelled_value": unlabelled_value,
-        "truth_offset": list(offset),
-        "decisions": decisions,
-    }
     result = {
         "dataset": dataset or _dataset_name(instances),
         "summary": summary,
@@ -355,6 +349,56 @@ def evaluate(
         "per_slice": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
         "provenance": provenance(inputs, params),
     }
+    return result
+
+
+def _open_probabilities_like(probabilities: Path | None, shape: tuple[int, ...], instances: Path) -> tuple[Any, float]:
+    """The probabilities (None without) and their scale, checked to have the instances' shape."""
+    prob_arr, scale = None, 1.0
+    if probabilities is not None:
+        prob_arr, scale = open_probabilities(probabilities)
+        if tuple(prob_arr.shape) != shape:
+            raise InputError(
+                probabilities, f"shape {tuple(prob_arr.shape)} differs from {shape} of {instances}"
+            )
+    return prob_arr, scale
+
+
+def _truth_slice(t: np.ndarray, truth: Path, truth_mode: str, foreground_value: int | None,
+                 unlabelled_value: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """One truth slice as (cell mask, truth instances, annotated mask or None: all annotated);
+    binary truth holding a value of neither class (nor the unlabelled one) is refused, naming ``truth``."""
+    known = None if unlabelled_value is None else t != unlabelled_value
+    if truth_mode == "binary" and foreground_value is not None and t.dtype != np.bool_:
+        check_binary_values(truth, np.unique(t), foreground_value, unlabelled_value)
+    if truth_mode == "binary":
+        cells = t == foreground_value if foreground_value is not None else binarize(t)
+        if known is not None:
+            cells &= known
+        truth_inst = instances_from_binary(cells)
+    else:
+        cells = t != 0 if known is None else (t != 0) & known
+        truth_inst = t if known is None else np.where(known, t, 0)
+    return cells, truth_inst, known
+
+
+def _summaries(rows: list[dict[str, Any]], pred_stack: list[np.ndarray], truth_stack: list[np.ndarray],
+               truth_mode: str) -> dict[str, dict[str, Any]]:
+    """Summary of all rows and of each subset (when it is not all of them), with the 3D scores."""
+    summary = {"all": summarize(rows)}
+    for subset in SUBSETS:
+        chosen = [r for r in rows if r["subset"] == subset]
+        if chosen and len(chosen) < len(rows):
+            summary[subset] = summarize(chosen)
+    for subset, s in summary.items():
+        picked = [i for i, r in enumerate(rows) if subset == "all" or r["subset"] == subset]
+        s["scores_3d"] = _scores_3d(rows, picked, pred_stack, truth_stack, truth_mode)
+    return summary
+
+
+def _write_metrics(out_json: Path, result: dict[str, Any]) -> None:
+    """The metrics JSON, the per-slice CSV beside it, and the headline numbers in the log."""
+    summary = result["summary"]
     write_json_atomic(out_json, result)
     write_csv_atomic(out_json.with_suffix(".csv"), result["per_slice"], CSV_FIELDS)
     main = summary.get("val", summary["all"])
@@ -365,7 +409,6 @@ def evaluate(
         main["warping_error"], main["v_rand"], main["v_info"],
         "val slices" if "val" in summary else "all slices",
     )
-    return result
 
 
 def _scores_3d(
@@ -383,23 +426,6 @@ def _scores_3d(
     out["truth_objects"] = int(np.unique(t[t != 0]).size)
     out["predicted_objects"] = int(np.unique(p[p != 0]).size)
     return out
-
-
-def truth_box(truth_meta: Any, truth: Path, shape: tuple[int, ...], other: Path) -> tuple[slice, slice]:
-    """The (y, x) window of a stack of ``shape`` (from ``other``) that the truth labels cover.
-
-    Labels of a crop carry their offset (``truth_meta.offset``); labels without one must have
-    the stack's shape.  Raises :class:`InputError` for labels that do not fit or are not integers.
-    """
-    _, oy, ox = offset = truth_meta.offset
-    if offset == (0, 0, 0) and truth_meta.shape != shape:
-        raise InputError(truth, f"shape {truth_meta.shape} differs from {shape} of {other}")
-    if any(o + s > n for o, s, n in zip(offset, truth_meta.shape, shape)):
-        raise InputError(truth, f"labels of shape {truth_meta.shape} at offset {list(offset)} do not lie inside "
-                         f"the {shape} stack of {other}")
-    if truth_meta.dtype.kind not in "uib":
-        raise InputError(truth, f"truth labels must be integers, found dtype {truth_meta.dtype}")
-    return slice(oy, oy + truth_meta.shape[1]), slice(ox, ox + truth_meta.shape[2])
 
 
 def _dataset_name(instances: Path) -> str:

@@ -565,12 +565,7 @@ def label_volume(
     ``finalize`` (check that every block is written, then publish).  A rerun resumes from the blocks done.
     """
 
-    if method not in ("threshold", "watershed"):
-        raise ValueError(f"method must be 'threshold' or 'watershed', got {method!r}")
-    if step not in STEPS:
-        raise ValueError(f"step must be one of {STEPS}, got {step!r}")
-    if method == "watershed" and min_size > 0:
-        raise ConfigError(None, "min_size is not supported by the 3D watershed yet; use 0 or method threshold")
+    _check_method(method, step, min_size)
     probabilities, dest = Path(probabilities), Path(dest)
     prob, scale = open_probabilities(probabilities)
     meta = image_metadata(probabilities)
@@ -604,12 +599,7 @@ def label_volume(
     if method == "threshold":
         labelling = BlockLabelling("cells", meta.shape, chosen, lambda roi: read_p(roi) > threshold, staged.array,
                                    work / "cells", done, min_size)
-        final_steps = {"all": ("faces", "merge", "write"), "faces": ("faces",), "merge": ("merge",),
-                       "write": ("write",), "flood": (), "finalize": ()}[step]
-        labelling.run(workers, shard, tick, final_steps)
-        count = labelling.merge().count if step in ("all", "finalize") else None
-        missing = labelling.missing("write")
-        broken = None
+        count, missing, broken = _threshold_steps(labelling, step, shard, workers, tick)
     else:
         count, missing, broken = _watershed_steps(
             staged, meta.shape, chosen, halo3, read_p, threshold, seed_threshold, work, step, shard, workers, tick
@@ -620,13 +610,40 @@ def label_volume(
         return dest
     if missing:
         raise OutputError(dest, f"{len(missing)} blocks are not written yet; run the missing shards first")
+    _publish(staged, probabilities, params, pyramid_levels, count, chosen, broken)
+    return dest
+
+
+def _check_method(method: str, step: str, min_size: int) -> None:
+    if method not in ("threshold", "watershed"):
+        raise ValueError(f"method must be 'threshold' or 'watershed', got {method!r}")
+    if step not in STEPS:
+        raise ValueError(f"step must be one of {STEPS}, got {step!r}")
+    if method == "watershed" and min_size > 0:
+        raise ConfigError(None, "min_size is not supported by the 3D watershed yet; use 0 or method threshold")
+
+
+def _threshold_steps(labelling: BlockLabelling, step: str, shard: tuple[int, int] | None, workers: int,
+                     tick: Callable[[int], Any] | None) -> tuple[int | None, list, None]:
+    """The threshold method's ``step``: (instances, blocks not written, None: no halo rule)."""
+    final_steps = {"all": ("faces", "merge", "write"), "faces": ("faces",), "merge": ("merge",),
+                   "write": ("write",), "flood": (), "finalize": ()}[step]
+    labelling.run(workers, shard, tick, final_steps)
+    count = labelling.merge().count if step in ("all", "finalize") else None
+    missing = labelling.missing("write")
+    broken = None
+    return count, missing, broken
+
+
+def _publish(staged: StagedImage, probabilities: Path, params: dict, pyramid_levels: int, count: int,
+             chosen: tuple[int, ...], broken: int | None) -> None:
+    """Publish ``DEST`` from its finished staging store, with its instance count and provenance."""
     remove_work(staged.staging)
     extra = {"instances": int(count), "instances_mode": "3d", "block": list(chosen)}
     if broken is not None:
         extra["halo_rule_broken_blocks"] = int(broken)
     staged.commit(pyramid_levels, provenance=provenance({"probabilities": probabilities}, params), extra_attrs=extra)
-    log.info("wrote %s: %d 3D instances", dest, count)
-    return dest
+    log.info("wrote %s: %d 3D instances", staged.dest, count)
 
 
 def _staging_matches(dest: Path, fingerprint: str) -> bool:
@@ -692,20 +709,9 @@ def _watershed_steps(
         return total, missing, None
     if step not in ("all", "flood"):
         return None, [], None
-    unwritten = [b for b in range(len(seeds.blocks)) if not staged.is_done(f"seeded:{seeds.blocks[b].key()}")]
-    if unwritten:
-        raise OutputError(staged.dest, f"{len(unwritten)} blocks of seeds and cells are not written yet (first: "
-                          f"{seeds.blocks[unwritten[0]].key()}); run the write step first")
+    _require_written(staged, seeds.blocks)
     n_seeds = seeds.merge().count
-    seeded_file = work / "seeded.npy"
-    if not seeded_file.exists():
-        seeded = np.unique(np.concatenate(
-            [np.load(work / "seeded" / f"{b}.npy") for b in range(len(seeds.blocks))] + [np.zeros(1, np.int64)]
-        ))[1:]
-        tmp = work / "seeded.tmp.npy"
-        np.save(tmp, seeded)
-        os.replace(tmp, seeded_file)
-    seeded = np.load(seeded_file)
+    seeded = _seeded_cells(work, len(seeds.blocks))
 
     def unseeded_rank(ids: np.ndarray) -> np.ndarray:
         # Rank of a cell id among the cells without a seed: id minus the seeded ids up to it.
@@ -734,6 +740,27 @@ def _watershed_steps(
     missing = [b for b in range(len(seeds.blocks)) if not staged.is_done(flood_key(b))]
     total = n_seeds + int(cells.merge().count) - int(seeded.size)
     return total, missing, sum(broken)
+
+
+def _require_written(staged: Any, blocks: Sequence[Roi]) -> None:
+    """Refuse to flood before every block's seeds and cells are written (a sharded run's order)."""
+    unwritten = [b for b in range(len(blocks)) if not staged.is_done(f"seeded:{blocks[b].key()}")]
+    if unwritten:
+        raise OutputError(staged.dest, f"{len(unwritten)} blocks of seeds and cells are not written yet (first: "
+                          f"{blocks[unwritten[0]].key()}); run the write step first")
+
+
+def _seeded_cells(work: Path, n_blocks: int) -> np.ndarray:
+    """The sorted ids of the cells that hold a seed, gathered once from the blocks' records."""
+    seeded_file = work / "seeded.npy"
+    if not seeded_file.exists():
+        seeded = np.unique(np.concatenate(
+            [np.load(work / "seeded" / f"{b}.npy") for b in range(n_blocks)] + [np.zeros(1, np.int64)]
+        ))[1:]
+        tmp = work / "seeded.tmp.npy"
+        np.save(tmp, seeded)
+        os.replace(tmp, seeded_file)
+    return np.load(seeded_file)
 
 
 def _window_cuts_mask(mask: np.ndarray, win: Roi, roi: Roi, shape: Sequence[int]) -> bool:

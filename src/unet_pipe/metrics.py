@@ -24,10 +24,14 @@ from one contingency table, which is several times faster per slice.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.ndimage as ndi
 import scipy.sparse as sparse
+
+from unet_pipe.errors import InputError
 
 __all__ = [
     "RandScores",
@@ -414,3 +418,20 @@ def scores_3d(pred_instances: np.ndarray, truth_instances: np.ndarray) -> dict[s
     split, merge = variation_of_information(truth, pred, ignore_labels=(0,))
     split, merge = _snap_zero(float(split)), _snap_zero(float(merge))
     return {"are": float(are), "vi_split": split, "vi_merge": merge, "vi": split + merge}
+
+
+def truth_box(truth_meta: Any, truth: Path, shape: tuple[int, ...], other: Path) -> tuple[slice, slice]:
+    """The (y, x) window of a stack of ``shape`` (from ``other``) that the truth labels cover.
+
+    Labels of a crop carry their offset (``truth_meta.offset``); labels without one must have
+    the stack's shape.  Raises :class:`InputError` for labels that do not fit or are not integers.
+    """
+    _, oy, ox = offset = truth_meta.offset
+    if offset == (0, 0, 0) and truth_meta.shape != shape:
+        raise InputError(truth, f"shape {truth_meta.shape} differs from {shape} of {other}")
+    if any(o + s > n for o, s, n in zip(offset, truth_meta.shape, shape)):
+        raise InputError(truth, f"labels of shape {truth_meta.shape} at offset {list(offset)} do not lie inside "
+                         f"the {shape} stack of {other}")
+    if truth_meta.dtype.kind not in "uib":
+        raise InputError(truth, f"truth labels must be integers, found dtype {truth_meta.dtype}")
+    return slice(oy, oy + truth_meta.shape[1]), slice(ox, ox + truth_meta.shape[2])

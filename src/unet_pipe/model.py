@@ -210,6 +210,12 @@ def _center_crop(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return x[tuple(slices)]
 
 
+def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the class axis (1) of the network's output, in float32 whatever precision
+    computed the logits: the one place predict, validation and the exported test output get them."""
+    return torch.softmax(logits.float(), dim=1)
+
+
 class UNet(nn.Module):
     """U-Net; ``UNet()`` is the paper's network (1 input channel, 2 classes, depth 5, base 64).
 

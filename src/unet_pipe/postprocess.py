@@ -264,7 +264,32 @@ def postprocess(
         "min_size": min_size,
         "probability_scale": scale,
     }
+    staged = _staged_labels(probabilities, dest, meta, params, resume=resume, overwrite=overwrite, ngff=ngff)
+    out = staged.array
+    step = out.chunks[0]
+    # Done records stay per z-chunk slab; the slabs still to do are read and written in runs of up
+    # to SLAB_VOXELS, so zarr decodes and encodes their chunks concurrently.
+    runs = _todo_runs(staged, meta.shape[0], step, slab_depth(step, meta.shape[1] * meta.shape[2]))
+    if progress:
+        runs = progress_bar(runs, unit="run", desc=f"postprocess {Path(probabilities).name}")
+    try:
+        next_id = _label_slabs(staged, runs, prob, probabilities, params, check_range=check_range)
+        staged.commit(
+            pyramid_levels,
+            provenance=provenance({"probabilities": probabilities}, params),
+            extra_attrs={"instances": next_id - 1},
+        )
+    except BaseException:
+        # Keep the staging folder: its done records make the rerun resume.
+        log.debug("postprocess of %s interrupted; rerun to resume", probabilities)
+        raise
+    log.info("wrote %s: %d instances", dest, next_id - 1)
+    return Path(dest)
 
+
+def _staged_labels(probabilities: str | Path, dest: str | Path, meta: Any, params: dict, *, resume: bool,
+                   overwrite: bool, ngff: str) -> StagedImage:
+    """The staging store of the 2D instances, resumed only for the same input and parameters."""
     # The input's identity too: a run resumed on other probabilities must start over.
     fingerprint = repr(sorted(params.items())) + f"|{meta.shape}|{meta.dtype}|{input_fingerprint(probabilities)}"
     staged = StagedImage(
@@ -279,44 +304,36 @@ def postprocess(
         overwrite=overwrite,
         ngff=ngff,
     )
+    return staged
+
+
+def _label_slabs(staged: StagedImage, runs: Any, prob: Any, probabilities: str | Path, params: dict, *,
+                 check_range: bool) -> int:
+    """Label the runs ``(z0, z1, done)`` of ``prob`` into ``staged`` (done runs are skipped), with ids
+    unique across the stack and a done record per z-chunk slab; returns the next free id."""
     out = staged.array
     step = out.chunks[0]
-    # Done records stay per z-chunk slab; the slabs still to do are read and written in runs of up
-    # to SLAB_VOXELS, so zarr decodes and encodes their chunks concurrently.
-    runs = _todo_runs(staged, meta.shape[0], step, slab_depth(step, meta.shape[1] * meta.shape[2]))
-    if progress:
-        runs = progress_bar(runs, unit="run", desc=f"postprocess {Path(probabilities).name}")
-    try:
-        next_id = 1
-        for z0, z1, done in runs:
-            if done:
-                # Ids grow with z, so the slabs' maximum is the last id used so far.
-                next_id = max(next_id, int(np.max(out[z0:z1], initial=0)) + 1)
-                continue
-            slab = as_probability(prob[z0:z1], scale)
-            if check_range:
-                check_probabilities(slab, probabilities, f"in slices {z0}-{z1 - 1}")
-            labels = instances_from_stack(
-                slab,
-                method,
-                threshold,
-                first_id=next_id,
-                seed_threshold=seed_threshold,
-                seed_prominence=seed_prominence,
-                min_size=min_size,
-            )
-            out[z0:z1] = labels
-            for k0 in range(z0, z1, step):
-                staged.mark_done(f"z{k0}-{min(k0 + step, z1)}")
-            next_id = max(next_id, int(labels.max(initial=0)) + 1)
-        staged.commit(
-            pyramid_levels,
-            provenance=provenance({"probabilities": probabilities}, params),
-            extra_attrs={"instances": next_id - 1},
+    scale = params["probability_scale"]
+    next_id = 1
+    for z0, z1, done in runs:
+        if done:
+            # Ids grow with z, so the slabs' maximum is the last id used so far.
+            next_id = max(next_id, int(np.max(out[z0:z1], initial=0)) + 1)
+            continue
+        slab = as_probability(prob[z0:z1], scale)
+        if check_range:
+            check_probabilities(slab, probabilities, f"in slices {z0}-{z1 - 1}")
+        labels = instances_from_stack(
+            slab,
+            params["method"],
+            params["threshold"],
+            first_id=next_id,
+            seed_threshold=params["seed_threshold"],
+            seed_prominence=params["seed_prominence"],
+            min_size=params["min_size"],
         )
-    except BaseException:
-        # Keep the staging folder: its done records make the rerun resume.
-        log.debug("postprocess of %s interrupted; rerun to resume", probabilities)
-        raise
-    log.info("wrote %s: %d instances", dest, next_id - 1)
-    return Path(dest)
+        out[z0:z1] = labels
+        for k0 in range(z0, z1, step):
+            staged.mark_done(f"z{k0}-{min(k0 + step, z1)}")
+        next_id = max(next_id, int(labels.max(initial=0)) + 1)
+    return next_id

@@ -28,7 +28,7 @@ from typing import Iterable, Iterator
 import torch
 
 from unet_pipe.errors import ConfigError
-from unet_pipe.provenance import cpu_flags, cpu_model
+from unet_pipe.machine import cpu_flags, cpu_model
 
 #: What a user may ask for.
 REQUESTS = ("auto", "float32", "bfloat16")
@@ -47,7 +47,7 @@ CPU_BF16_ENV = "UNET_PIPE_CPU_BF16"
 def cpu_bf16_native(flags: Iterable[str] | None = None) -> bool:
     """True if the CPU multiplies bfloat16 natively (AMX-BF16 or AVX512-BF16).
 
-    ``flags``: CPU feature flags (default: this machine's, :func:`unet_pipe.provenance.cpu_flags`,
+    ``flags``: CPU feature flags (default: this machine's, :func:`unet_pipe.machine.cpu_flags`,
     unless :data:`CPU_BF16_ENV` is ``0`` or ``1``).  Where the OS lists no flags (not Linux),
     torch's own CPUID probe answers.
     """

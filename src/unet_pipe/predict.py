@@ -65,25 +65,24 @@ import zarr
 from unet_pipe.blockwise import (  # noqa: F401 (re-exported)
     CPU_TILE_MEMORY_CAP,
     MEMORY_FRACTION,
-    OUTPUT_DTYPES,
     WAVE_PER_WORKER,
     BlockJob,
     Predictor,
-    available_cores,
-    available_memory,
     compute_block,
-    encode_probabilities,
     run_blocks,
     tile_memory_budget,
+    TTA_MODES,
     tta_transforms,
     tune_allocator,
 )
-from unet_pipe.data import IntensityRange, intensity_range
+from unet_pipe.intensity import IntensityRange, intensity_range
 from unet_pipe.errors import CheckpointError, ConfigError, InputError, OutputError
 from unet_pipe.io import DEFAULT_NGFF, StagedImage, check_ngff, image_metadata, open_image
+from unet_pipe.machine import available_cores, resolve_device
 from unet_pipe.model import UNet, model_from_checkpoint
 from unet_pipe.ngff import check_role
 from unet_pipe.precision import check_request, precision_record, resolve_precision
+from unet_pipe.probabilities import OUTPUT_DTYPES
 from unet_pipe.provenance import input_checksum, input_fingerprint, provenance
 from unet_pipe.tiling import Roi, TilePlan, make_plan
 
@@ -113,16 +112,6 @@ class PredictResult:
             return 0.0
         return math.prod(self.plan.shape) * self.computed / len(self.plan.blocks()) / max(self.seconds, 1e-9)
 
-
-
-def _default_device(device: str | None) -> str:
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise ConfigError(None, f"device must be auto, cpu or cuda, got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(None, f"device {device!r} requested but no CUDA device is visible")
-    return device
 
 
 def input_intensity(extra: dict, checkpoint: Path, raw: Any = None) -> IntensityRange | None:
@@ -163,6 +152,48 @@ def _load_model(checkpoint: Path, expected_arch: dict | None, raw: Any = None) -
     return model, intensity
 
 
+@dataclass(frozen=True)
+class PredictRequest:
+    """What a prediction computes, checked once where it enters (CLI, config, :func:`predict`,
+    :func:`unet_pipe.segment.segment`) and passed down as it is.
+
+    ``tile``: output tile edge(s) (None = the largest that fits the free memory); ``block``:
+    (z, y, x) voxels per task, whole output chunks; ``batch``: tiles per forward pass; ``tta``:
+    False, True (the 8 rotations/flips) or ``"flips"`` (the 4 mirrorings); ``dtype``: the stored
+    dtype (:data:`OUTPUT_DTYPES`); ``precision``: a request (``auto``, ``float32``, ``bfloat16``),
+    resolved per device by :func:`unet_pipe.precision.resolve_precision`; ``ngff``: "0.4" or "0.5".
+    """
+
+    tile: int | Sequence[int] | None = None
+    block: Sequence[int] | None = None
+    batch: int | None = None
+    tta: bool | str = False
+    dtype: str = "float32"
+    precision: str = "auto"
+    ngff: str = DEFAULT_NGFF
+
+    def __post_init__(self) -> None:
+        if not (self.tta is True or self.tta is False or self.tta == "flips"):
+            raise ValueError(f"tta must be one of {TTA_MODES}, got {self.tta!r}")
+        if self.dtype not in OUTPUT_DTYPES:
+            raise ConfigError(None, f"output dtype must be one of {sorted(OUTPUT_DTYPES)}, got {self.dtype!r}")
+        check_request(self.precision)
+        check_ngff(self.ngff)
+
+    def record(self, intensity: IntensityRange | None) -> dict:
+        """The request as recorded in the staging fingerprint and the provenance."""
+        return {
+            "tile": None if self.tile is None else np.atleast_1d(self.tile).astype(int).tolist(),
+            "block": None if self.block is None else [int(b) for b in self.block],
+            "batch": self.batch,
+            "tta": self.tta,
+            "dtype": self.dtype,
+            "precision": self.precision,
+            "intensity": None if intensity is None else intensity.to_list(),
+            "ngff": self.ngff,
+        }
+
+
 @dataclass
 class _Setup:
     """A run's inputs, checked: model, input metadata, the request and its fingerprint."""
@@ -172,13 +203,13 @@ class _Setup:
     dest: Path
     model: UNet
     meta: Any
-    request: dict
+    request: PredictRequest
+    record: dict  # the request as recorded (PredictRequest.record)
     fingerprint: str
     intensity: IntensityRange | None
 
 
-def _setup(checkpoint, raw, dest, expected_arch, *, tile, block, batch, tta, dtype, precision, ngff) -> _Setup:
-    tta_transforms(tta)  # ValueError for an unknown mode, before any work
+def _setup(checkpoint, raw, dest, expected_arch, request: PredictRequest) -> _Setup:
     checkpoint, raw, dest = Path(checkpoint), Path(raw), Path(dest)
     if raw.is_file() or (raw.is_dir() and not any((raw / m).is_file() for m in (".zgroup", ".zattrs", "zarr.json"))):
         # The user's stack as it came from the microscope: say what to run instead of "not a zarr group".
@@ -189,27 +220,15 @@ def _setup(checkpoint, raw, dest, expected_arch, *, tile, block, batch, tta, dty
     model, intensity = _load_model(checkpoint, expected_arch, meta)
     if model.dims == 3 and min(meta.shape) < 2:
         raise InputError(raw, f"a 3D model needs at least 2 voxels per axis, the image has shape {meta.shape}")
-    if dtype not in OUTPUT_DTYPES:
-        raise ConfigError(None, f"output dtype must be one of {sorted(OUTPUT_DTYPES)}, got {dtype!r}")
-    check_request(precision)
-    request = {
-        "tile": None if tile is None else np.atleast_1d(tile).astype(int).tolist(),
-        "block": None if block is None else [int(b) for b in block],
-        "batch": batch,
-        "tta": tta,
-        "dtype": dtype,
-        "precision": precision,
-        "intensity": None if intensity is None else intensity.to_list(),
-        "ngff": check_ngff(ngff),
-    }
+    record = request.record(intensity)
     # What changes output values (the requested precision included: another request starts
     # over), except the device kind and what `precision: auto` resolves to there: a prepare job
     # may run on a CPU node and its shards on GPU nodes, so both are recorded with the plan by
     # the first shard and checked by every later shard and resume (a run never mixes precisions).
     fingerprint = json.dumps(
-        {"checkpoint": input_checksum(checkpoint), "raw": input_fingerprint(raw), "request": request}, sort_keys=True
+        {"checkpoint": input_checksum(checkpoint), "raw": input_fingerprint(raw), "request": record}, sort_keys=True
     )
-    return _Setup(checkpoint, raw, dest, model, meta, request, fingerprint, intensity)
+    return _Setup(checkpoint, raw, dest, model, meta, request, record, fingerprint, intensity)
 
 
 def _staging_matches(dest: Path, fingerprint: str) -> bool:
@@ -230,14 +249,14 @@ def _open_staged(setup: _Setup, *, overwrite: bool, must_exist: bool) -> StagedI
     return StagedImage(
         setup.dest,
         shape=setup.meta.shape,
-        dtype=OUTPUT_DTYPES[setup.request["dtype"]][0],
+        dtype=OUTPUT_DTYPES[setup.request.dtype][0],
         chunks=setup.meta.chunks,
         voxel_size=setup.meta.voxel_size,
         kind="image",
         resume=True,
         fingerprint=setup.fingerprint,
         overwrite=overwrite,
-        ngff=setup.request["ngff"],
+        ngff=setup.request.ngff,
     )
 
 
@@ -309,6 +328,7 @@ def predict(
     checkpoint: str | Path,
     raw: str | Path,
     dest: str | Path,
+    request: PredictRequest | None = None,
     *,
     tile: int | Sequence[int] | None = None,
     block: Sequence[int] | None = None,
@@ -331,45 +351,31 @@ def predict(
 ) -> PredictResult:
     """Predict foreground probabilities of ``raw`` into the OME-Zarr ``dest``.
 
-    ``tile``: output tile edge(s) (None = largest that fits the free memory);
-    ``block``: (z, y, x) voxels per task, whole output chunks; ``batch``: tiles
-    per forward pass; ``workers``: CPU workers sharing ``threads`` cores
-    (default all of this process's; torch threads = threads // workers) — with
-    GPUs one per GPU; ``scheduler``: a ``dask.distributed`` address (workers
-    there must see the same files).  ``shard=(i, n)`` or ``z_range=(a, b)``:
-    compute only the blocks starting in that z range of a store made with
-    ``prepare_only`` and do not publish (see :func:`finalize`).  Otherwise
-    ``dest`` is published when done.  An interrupted call, re-run with the
-    same arguments, resumes from its finished blocks and ends bit-identical.
+    ``request``: what to compute (:class:`PredictRequest`); without one it is made from
+    ``tile``, ``block``, ``batch``, ``tta``, ``dtype``, ``precision`` and ``ngff``.
+    ``workers``: CPU workers sharing ``threads`` cores (default all of this process's; torch
+    threads = threads // workers) — with GPUs one per GPU; ``scheduler``: a ``dask.distributed``
+    address (workers there must see the same files).  ``shard=(i, n)`` or ``z_range=(a, b)``:
+    compute only the blocks starting in that z range of a store made with ``prepare_only`` and do
+    not publish (see :func:`finalize`).  Otherwise ``dest`` is published when done.  An interrupted
+    call, re-run with the same arguments, resumes from its finished blocks and ends bit-identical.
     """
     started = time.perf_counter()
-    device = _default_device(device)
+    if request is None:
+        request = PredictRequest(tile, block, batch, tta, dtype, precision, ngff)
+    device = resolve_device(device)
     sharded = shard is not None or z_range is not None
-    cores = available_cores() if threads is None else int(threads)
-    if workers is None:
-        workers = torch.cuda.device_count() if device == "cuda" else 1
-    if workers < 1 or cores < 1:
-        raise ConfigError(None, f"workers and threads must be >= 1, got {workers} and {cores}")
-    if device == "cpu" and workers > cores:
-        raise ConfigError(None, f"{workers} CPU workers on {cores} cores would oversubscribe them")
-    setup = _setup(
-        checkpoint, raw, dest, expected_arch, tile=tile, block=block, batch=batch, tta=tta, dtype=dtype,
-        precision=precision, ngff=ngff,
-    )  # fmt: skip
+    workers, cores = _workers_and_cores(device, workers, threads)
+    setup = _setup(checkpoint, raw, dest, expected_arch, request)
     staged = _open_staged(setup, overwrite=overwrite, must_exist=sharded)
-    resolved = resolve_precision(precision, device)
+    resolved = resolve_precision(request.precision, device)
     if prepare_only:
         return PredictResult(setup.dest, None, 0, 0, time.perf_counter() - started, False)
-    plan = _shared_plan(
-        staged,
-        device,
-        resolved,
-        lambda: make_plan(
-            setup.model.arch, setup.meta.shape, setup.meta.chunks, tile=tile, block=block, batch=batch,
-            memory=tile_memory_budget(device, workers),
-            min_z_blocks=int(shard[1]) if shard is not None else 1,
-        ),
-    )  # fmt: skip
+    plan = _shared_plan(staged, device, resolved, lambda: make_plan(
+        setup.model.arch, setup.meta.shape, setup.meta.chunks, tile=request.tile, block=request.block,
+        batch=request.batch, memory=tile_memory_budget(device, workers),
+        min_z_blocks=int(shard[1]) if shard is not None else 1,
+    ))  # fmt: skip
     log.info(
         "plan: tile %s, input window %s (useful fraction %.2f), block %s, batch %d; %d workers x %d threads; %s",
         plan.tile, plan.window, plan.useful_fraction, plan.block, plan.batch, workers, max(1, cores // workers),
@@ -384,8 +390,8 @@ def predict(
         raw=str(setup.raw.resolve()),
         staged=staged,
         plan=plan,
-        tta=tta,
-        dtype=dtype,
+        tta=request.tta,
+        dtype=request.dtype,
         precision=resolved,
         intensity=setup.intensity,
         threads=max(1, cores // workers),
@@ -399,6 +405,18 @@ def predict(
     return PredictResult(setup.dest, plan, len(todo), len(mine), time.perf_counter() - started, committed)
 
 
+def _workers_and_cores(device: str, workers: int | None, threads: int | None) -> tuple[int, int]:
+    """Workers (default: one per GPU, else one) and the cores they share (default: this process's)."""
+    cores = available_cores() if threads is None else int(threads)
+    if workers is None:
+        workers = torch.cuda.device_count() if device == "cuda" else 1
+    if workers < 1 or cores < 1:
+        raise ConfigError(None, f"workers and threads must be >= 1, got {workers} and {cores}")
+    if device == "cpu" and workers > cores:
+        raise ConfigError(None, f"{workers} CPU workers on {cores} cores would oversubscribe them")
+    return workers, cores
+
+
 def _publish(staged: StagedImage, plan: TilePlan, resolved: str | None, setup: _Setup, pyramid_levels: int) -> Path:
     missing = [b for b in plan.blocks() if not staged.is_done(b.key())]
     if missing:
@@ -408,11 +426,11 @@ def _publish(staged: StagedImage, plan: TilePlan, resolved: str | None, setup: _
         )
     (staged.staging / PLAN_FILE).unlink(missing_ok=True)  # kept in the attributes instead
     # The precision the blocks were computed in (None: a staging store from before it was recorded).
-    params = {**setup.request, "plan": plan.to_dict(), "precision_used": resolved}
+    params = {**setup.record, "plan": plan.to_dict(), "precision_used": resolved}
     return staged.commit(
         pyramid_levels,
         provenance=provenance({"checkpoint": setup.checkpoint, "raw": setup.raw}, params),
-        extra_attrs={"probability_scale": OUTPUT_DTYPES[setup.request["dtype"]][1], "predict": plan.to_dict(),
+        extra_attrs={"probability_scale": OUTPUT_DTYPES[setup.request.dtype][1], "predict": plan.to_dict(),
                      "content": "foreground probability",
                      "compute": precision_record(resolved) if resolved else None},
     )  # fmt: skip
@@ -422,6 +440,7 @@ def finalize(
     checkpoint: str | Path,
     raw: str | Path,
     dest: str | Path,
+    request: PredictRequest | None = None,
     *,
     tile: int | Sequence[int] | None = None,
     block: Sequence[int] | None = None,
@@ -436,14 +455,13 @@ def finalize(
 ) -> Path:
     """Gather step of a sharded run: check that every block is done, then publish ``dest``.
 
-    Takes the same options as the :func:`predict` calls of the shards (they
+    Takes the same request (or options) as the :func:`predict` calls of the shards (they
     identify the staging store).  Raises :class:`OutputError` naming the
     missing blocks otherwise.
     """
-    setup = _setup(
-        checkpoint, raw, dest, expected_arch, tile=tile, block=block, batch=batch, tta=tta, dtype=dtype,
-        precision=precision, ngff=ngff,
-    )  # fmt: skip
+    if request is None:
+        request = PredictRequest(tile, block, batch, tta, dtype, precision, ngff)
+    setup = _setup(checkpoint, raw, dest, expected_arch, request)
     staged = _open_staged(setup, overwrite=overwrite, must_exist=True)
     stored = _read_plan(staged)
     if stored is None:

@@ -1,6 +1,7 @@
-"""The stored probability format, read side: what ``predict`` writes and ``postprocess``,
-``calibrate`` and ``evaluate`` read (``p = stored * scale``; uint8 stores ``round(255 p)``),
-and the check that refuses values that are not probabilities.  Any float OME-Zarr with
+"""The stored probability format, both sides: how ``predict`` encodes probabilities
+(:func:`encode_probabilities`, :data:`OUTPUT_DTYPES`) and how ``postprocess``, ``calibrate``
+and ``evaluate`` read them (``p = stored * scale``; uint8 stores ``round(255 p)``), and the
+check that refuses values that are not probabilities.  Any float OME-Zarr with
 values in [0, 1], or uint8, from another tool reads the same way.
 """
 from __future__ import annotations
@@ -88,3 +89,18 @@ def open_probabilities(path: str | Path) -> tuple[Any, float]:
     if not scale > 0:
         raise InputError(path, f"probability scale must be positive, got {scale}")
     return open_image(path), scale
+
+
+#: Output dtypes and the factor that maps stored values back to probabilities.
+OUTPUT_DTYPES: dict[str, tuple[type, float]] = {
+    "float32": (np.float32, 1.0),
+    "float16": (np.float16, 1.0),
+    "uint8": (np.uint8, 1.0 / 255.0),
+}
+
+
+def encode_probabilities(probs: np.ndarray, dtype: str) -> np.ndarray:
+    """Probabilities in [0, 1] as the stored dtype (uint8: ``round(255 p)``)."""
+    if dtype == "uint8":
+        return np.rint(np.clip(probs, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return probs.astype(OUTPUT_DTYPES[dtype][0])

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import unet_pipe
+from unet_pipe.machine import cpu_model
 from unet_pipe.safety import store_attributes
 
 _PACKAGES = ("numpy", "scipy", "scikit-image", "tifffile", "zarr", "dask", "torch", "snakemake")
@@ -34,33 +35,6 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return versions
-
-
-@lru_cache(maxsize=1)
-def _cpuinfo() -> dict[str, str]:
-    """The first processor's entries of ``/proc/cpuinfo`` (empty off Linux)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {}
-    entries: dict[str, str] = {}
-    for line in text.splitlines():
-        if not line.strip():
-            break  # every processor repeats the same model and flags
-        key, sep, value = line.partition(":")
-        if sep:
-            entries[key.strip()] = value.strip()
-    return entries
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere)."""
-    return _cpuinfo().get("model name") or platform.processor() or platform.machine() or "unknown"
-
-
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where there is none, e.g. macOS)."""
-    return frozenset(_cpuinfo().get("flags", "").split())
 
 
 @lru_cache(maxsize=1)

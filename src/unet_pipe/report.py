@@ -392,35 +392,55 @@ def _report_lines(
 
     md += _decisions_lines(all_metrics)
     for source, m in zip(metrics_files, all_metrics):
-        name = m["dataset"]
-        md += [f"## {name}", ""]
-        chosen = pick_slices(m["per_slice"], figures)
-        if chosen:
-            png = f"{_safe(name)}_slices.png"
-            try:
-                slice_figure(m, chosen, staging / png)
-                md += [f"![{name}: slices]({figdir.name}/{png})", ""]
-                md += ["Columns: raw, truth instances, predicted instances, cell/membrane "
-                       "errors (red: predicted cell on true membrane, blue: missed cell pixels; light gray: "
-                       "unlabelled, not scored). Slices over 256 pixels are shown downsampled; the scores "
-                       "use every pixel.", ""]
-            except (UnetPipeError, OSError, KeyError) as exc:
-                md += [f"*Slice figures skipped: {exc}*", ""]
-        rows = m["per_slice"]
-        md += [f"Per-slice values: `{Path(source).with_suffix('.csv')}`.", ""]
-        if len(rows) <= _MAX_TABLE_ROWS:
-            md += ["| z | subset | pixel error | Rand error | VI split | VI merge | IoU | warping error |",
-                   "|---|---|---|---|---|---|---|---|"]
-            for r in rows:
-                md.append(
-                    f"| {r['z']} | {r.get('subset', '')} | {_fmt(r.get('pixel_error'), '{:.4f}')} | "
-                    f"{_fmt(r.get('rand_error'), '{:.4f}')} | {_fmt(r.get('vi_split'), '{:.3f}')} | "
-                    f"{_fmt(r.get('vi_merge'), '{:.3f}')} | {_fmt(r.get('iou'), '{:.4f}')} | "
-                    f"{_fmt(r.get('warping_error'), '{:.6f}')} |"
-                )
-            md.append("")
+        md += _dataset_lines(source, m, figures, staging, figdir.name)
+    md += _training_lines(training_logs, staging, figdir.name)
 
-    md += ["## Training", ""]
+    if all_metrics:
+        md += ["## Definitions", ""]
+        md += [f"- **{k}**: {v}" for k, v in all_metrics[0].get("definitions", {}).items()]
+        prov = all_metrics[0].get("provenance", {})
+        md += ["", "## Provenance", ""]
+        md += [f"- git commit: `{prov.get('git_commit')}`"]
+        md += [f"- versions: {', '.join(f'{k} {v}' for k, v in prov.get('versions', {}).items())}"]
+        md += [f"- metrics: {', '.join(f'`{p}`' for p in metrics_files)}", ""]
+    return md
+
+
+def _dataset_lines(source: str | Path, m: dict[str, Any], figures: int, staging: Path, figdir: str) -> list[str]:
+    """One dataset's section: slice figure (written into ``staging``) and per-slice table."""
+    name = m["dataset"]
+    md = [f"## {name}", ""]
+    chosen = pick_slices(m["per_slice"], figures)
+    if chosen:
+        png = f"{_safe(name)}_slices.png"
+        try:
+            slice_figure(m, chosen, staging / png)
+            md += [f"![{name}: slices]({figdir}/{png})", ""]
+            md += ["Columns: raw, truth instances, predicted instances, cell/membrane "
+                   "errors (red: predicted cell on true membrane, blue: missed cell pixels; light gray: "
+                   "unlabelled, not scored). Slices over 256 pixels are shown downsampled; the scores "
+                   "use every pixel.", ""]
+        except (UnetPipeError, OSError, KeyError) as exc:
+            md += [f"*Slice figures skipped: {exc}*", ""]
+    rows = m["per_slice"]
+    md += [f"Per-slice values: `{Path(source).with_suffix('.csv')}`.", ""]
+    if len(rows) <= _MAX_TABLE_ROWS:
+        md += ["| z | subset | pixel error | Rand error | VI split | VI merge | IoU | warping error |",
+               "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            md.append(
+                f"| {r['z']} | {r.get('subset', '')} | {_fmt(r.get('pixel_error'), '{:.4f}')} | "
+                f"{_fmt(r.get('rand_error'), '{:.4f}')} | {_fmt(r.get('vi_split'), '{:.3f}')} | "
+                f"{_fmt(r.get('vi_merge'), '{:.3f}')} | {_fmt(r.get('iou'), '{:.4f}')} | "
+                f"{_fmt(r.get('warping_error'), '{:.6f}')} |"
+            )
+        md.append("")
+    return md
+
+
+def _training_lines(training_logs: Sequence[str | Path], staging: Path, figdir: str) -> list[str]:
+    """The training section: curves of each log (written into ``staging``) and their last values."""
+    md = ["## Training", ""]
     if not training_logs:
         md += ["No training log given.", ""]
     for i, path in enumerate(training_logs):
@@ -435,7 +455,7 @@ def _report_lines(
         if not plotted:
             md += [f"*Training log {path} has no numeric columns to plot.*", ""]
             continue
-        md += [f"![training curves]({figdir.name}/{png})", "", f"From `{path}`. Last values:", ""]
+        md += [f"![training curves]({figdir}/{png})", "", f"From `{path}`. Last values:", ""]
         md += ["| column | last value |", "|---|---|"]
         shown = plotted + [c for c in columns if c.lower() in _TIME_COLUMNS and np.isfinite(columns[c]).any()]
         for name in shown:
@@ -447,15 +467,6 @@ def _report_lines(
                    "at the decision known while training (p > 0.5 and connected components unless "
                    "`postprocess` fixes another): the calibrated decisions come after training, so these "
                    "are not the numbers of the metrics table.", ""]
-
-    if all_metrics:
-        md += ["## Definitions", ""]
-        md += [f"- **{k}**: {v}" for k, v in all_metrics[0].get("definitions", {}).items()]
-        prov = all_metrics[0].get("provenance", {})
-        md += ["", "## Provenance", ""]
-        md += [f"- git commit: `{prov.get('git_commit')}`"]
-        md += [f"- versions: {', '.join(f'{k} {v}' for k, v in prov.get('versions', {}).items())}"]
-        md += [f"- metrics: {', '.join(f'`{p}`' for p in metrics_files)}", ""]
     return md
 
 

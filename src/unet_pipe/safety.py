@@ -300,3 +300,4 @@ def check_writable(folder: Path, need_bytes: int = 0) -> None:
         raise OutputError(
             folder, f"needs about {need_bytes / 2**20:.0f} MiB but only {free / 2**20:.0f} MiB are free"
         )
+

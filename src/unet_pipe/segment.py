@@ -4,7 +4,7 @@ For each input (a TIFF stack, a folder of TIFF slices or an OME-Zarr image)
 :func:`segment` runs the stages of the workflow with their library functions
 into ``OUT/<stem>/``::
 
-    raw.ome.zarr            ingest (unet_pipe.io.ingest_tiff)
+    raw.ome.zarr            ingest (unet_pipe.ingest.ingest_tiff)
     probabilities.ome.zarr  predict (unet_pipe.predict.predict)
     instances.ome.zarr      postprocess with the model's decisions (unet_pipe.postprocess)
     view.ome.zarr           raw + instances as one napari/ome-zarr open (unet_pipe.view)
@@ -49,9 +49,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+# The stages are called through their modules: looked up when called, so one can stand in for a stage.
+import unet_pipe.postprocess as postprocess_stage
+import unet_pipe.predict as predict_stage
 from unet_pipe.errors import CheckpointError, InputError, OutputError
-from unet_pipe.evaluate import write_json_atomic
-from unet_pipe.io import DEFAULT_CHUNKS, DEFAULT_NGFF, image_metadata, ingest_tiff
+from unet_pipe.ingest import ingest_tiff
+from unet_pipe.io import DEFAULT_CHUNKS, DEFAULT_NGFF, image_metadata, open_image
 from unet_pipe.model import load_checkpoint
 from unet_pipe.model_bundle import (
     VOXEL_TOLERANCE,
@@ -64,8 +67,12 @@ from unet_pipe.model_bundle import (
 )
 from unet_pipe.ngff import refuse_role
 from unet_pipe.provenance import file_sha256, provenance
+from unet_pipe.atomic import write_json_atomic
 from unet_pipe.safety import ATTRS_KEY, check_dest, is_our_store
-from unet_pipe.tiff import is_our_label_tiff
+from unet_pipe.summary import SUMMARY_FORMAT, size_line, summarize, write_summary_report
+from unet_pipe.tiff import imagej_label_dtype, is_our_label_tiff, write_imagej_labels
+from unet_pipe.view import build_view
+from unet_pipe.zarr_input import open_input_stack
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +106,6 @@ def input_stem(path: str | Path) -> str:
 def check_inputs(inputs: Sequence[str | Path], voxel_size: Sequence[float] | None = None) -> list[SegmentInput]:
     """Open every input's header (:func:`unet_pipe.zarr_input.open_input_stack`); refuse two inputs of
     one stem.  ``voxel_size`` (z, y, x µm) replaces what the files say."""
-    from unet_pipe.zarr_input import open_input_stack
-
     checked: list[SegmentInput] = []
     seen: dict[str, Path] = {}
     for item in inputs:
@@ -291,14 +296,89 @@ def segment(
     ``halo`` as :func:`unet_pipe.postprocess.postprocess`), default: what the decisions were
     calibrated for, else ``2d``.
     """
-    from unet_pipe.postprocess import postprocess
-    from unet_pipe.predict import predict
-    from unet_pipe.summary import size_line, summarize, write_summary_report
-    from unet_pipe.view import build_view
-
     out_dir = Path(out_dir)
     if not inputs:
         raise InputError(None, "no input stacks given")
+    # The prediction settings, checked before any stack is read.
+    request = predict_stage.PredictRequest(tile=tile, tta=tta, dtype=dtype, precision=precision, ngff=ngff)
+    items, checkpoint, record, chosen = _check_run(model, inputs, out_dir, voxel_size, decisions, decision_overrides)
+    instances, options_3d = _instance_mode(chosen, model, instances, block, halo, threads)
+    model_sha = file_sha256(checkpoint)
+    summaries = []
+    for item in items:
+        folder = out_dir / item.stem
+        folder.mkdir(parents=True, exist_ok=True)
+        records = _StageRecords(folder)
+        stores = {k: folder / f"{k}.ome.zarr" for k in ("raw", "probabilities", "instances", "view")}
+        size = _voxel_size(item, record)
+        log.info("segmenting %s into %s", item.path, folder)
+
+        fp_ingest = _fingerprint("ingest", _stat_fingerprint(item.path), size, list(chunks), pyramid_levels, ngff)
+        _run_stage(records, "ingest", fp_ingest, stores["raw"], overwrite, lambda: ingest_tiff(
+            item.path, stores["raw"], chunks=chunks, voxel_size=size, pyramid_levels=pyramid_levels,
+            overwrite=overwrite, ngff=ngff, threads=threads, progress=progress,
+            provenance=provenance(None, {"source": str(item.path), "voxel_size": size, "command": "segment"}),
+        ))  # fmt: skip
+        fp_predict = _fingerprint("predict", fp_ingest, model_sha, precision, tile, tta, dtype, pyramid_levels, ngff)
+        _run_stage(records, "predict", fp_predict, stores["probabilities"], overwrite, lambda: predict_stage.predict(
+            checkpoint, stores["raw"], stores["probabilities"], request, workers=workers, threads=threads,
+            device=device, overwrite=overwrite, pyramid_levels=pyramid_levels, progress=progress,
+        ), resumable=True)  # fmt: skip
+        options = {k: chosen[k] for k in ("method", "threshold", "seed_threshold", "seed_prominence", "min_size")}
+        fp_post = _fingerprint("postprocess", fp_predict, options, pyramid_levels, ngff,
+                               *((instances, block, halo) if instances == "3d" else ()))
+        _run_stage(records, "postprocess", fp_post, stores["instances"], overwrite, lambda: postprocess_stage.postprocess(
+            stores["probabilities"], stores["instances"], **options, pyramid_levels=pyramid_levels,
+            overwrite=overwrite, resume=True, progress=progress, ngff=ngff, instances=instances, **options_3d,
+        ), resumable=True)  # fmt: skip
+        _run_stage(records, "view", _fingerprint("view", fp_post), stores["view"], overwrite, lambda: build_view(
+            stores["raw"], stores["view"], {"instances": stores["instances"]}, overwrite=overwrite,
+        ))  # fmt: skip
+        if tiff:
+            tif = folder / "instances.tif"
+
+            _run_stage(records, "tiff", _fingerprint("tiff", fp_post), tif, overwrite,
+                       lambda: instances_to_tiff(stores["instances"], tif))
+        summaries.append(_write_summary(item, folder, stores, records, model, model_sha, record, chosen))
+    _write_report(out_dir / "report.md", summaries, figures)
+    return summaries
+
+
+def _instance_mode(chosen: dict, model: str | Path, instances: str | None, block: Sequence[int] | None,
+                   halo: int, threads: int | None) -> tuple[str, dict[str, Any]]:
+    """``2d`` or ``3d`` (given, else what the decisions were calibrated for, else 2d) and the 3D options;
+    a mode other than the decisions' is refused in one line."""
+    calibrated_for = chosen.get("instances")
+    if instances is not None and calibrated_for is not None and instances != calibrated_for:
+        raise InputError(model, f"its decisions were calibrated for instances {calibrated_for}, "
+                         f"not --instances {instances}")
+    instances = instances or calibrated_for or "2d"
+    if instances != "3d" and block is not None:
+        raise InputError(None, "--block needs --instances 3d")
+    return instances, ({"block": block, "halo": halo, "workers": threads or 1} if instances == "3d" else {})
+
+
+def _voxel_size(item: SegmentInput, record: dict) -> tuple[float, ...] | None:
+    """The input's voxel size (z, y, x µm), else the model's (with a warning), else None."""
+    size = item.voxel_size
+    if size is None and record["voxel_size"] is not None:
+        log.warning("%s: no voxel size in the file or given; using the model's %s µm", item.path,
+                    record["voxel_size"])
+        size = tuple(record["voxel_size"])
+    return size
+
+
+def _write_report(report: Path, summaries: list[dict[str, Any]], figures: int) -> None:
+    if report.exists() and not _is_our_report(report):
+        raise OutputError(report, "exists and was not written by unet-pipe; move it away")
+    write_summary_report(report, summaries, figures=figures)
+
+
+def _check_run(
+    model: str | Path, inputs: Sequence[str | Path], out_dir: Path, voxel_size: Sequence[float] | None,
+    decisions: dict[str, Any] | None, decision_overrides: dict[str, Any] | None,
+) -> tuple[list[SegmentInput], Path, dict, dict]:
+    """Before any work: the inputs, the model's checkpoint, its application record and the decisions."""
     items = check_inputs(inputs, voxel_size)
     for item in items:  # outputs never overlap an input or the model
         check_dest(out_dir / item.stem, [*(i.path for i in items), Path(model)])
@@ -311,89 +391,38 @@ def segment(
         chosen = override_decisions(chosen, decision_overrides or {}, model)
     else:
         chosen = {**decisions, "source": decisions.get("source", "given")}
-    calibrated_for = chosen.get("instances")
-    if instances is not None and calibrated_for is not None and instances != calibrated_for:
-        raise InputError(model, f"its decisions were calibrated for instances {calibrated_for}, "
-                         f"not --instances {instances}")
-    instances = instances or calibrated_for or "2d"
-    if instances != "3d" and block is not None:
-        raise InputError(None, "--block needs --instances 3d")
-    options_3d = {"block": block, "halo": halo, "workers": threads or 1} if instances == "3d" else {}
     log.info("%s: %s", model, describe_record({**record, "decisions": chosen}))
     for item in items:
         warning = voxel_size_warning(record, item)
         if warning:
             log.warning("%s", warning)
-    model_sha = file_sha256(checkpoint)
-    summaries = []
-    for item in items:
-        folder = out_dir / item.stem
-        folder.mkdir(parents=True, exist_ok=True)
-        records = _StageRecords(folder)
-        stores = {k: folder / f"{k}.ome.zarr" for k in ("raw", "probabilities", "instances", "view")}
-        size = item.voxel_size
-        if size is None and record["voxel_size"] is not None:
-            log.warning("%s: no voxel size in the file or given; using the model's %s µm", item.path,
-                        record["voxel_size"])
-            size = tuple(record["voxel_size"])
-        log.info("segmenting %s into %s", item.path, folder)
+    return items, checkpoint, record, chosen
 
-        fp_ingest = _fingerprint("ingest", _stat_fingerprint(item.path), size, list(chunks), pyramid_levels, ngff)
-        _run_stage(records, "ingest", fp_ingest, stores["raw"], overwrite, lambda: ingest_tiff(
-            item.path, stores["raw"], chunks=chunks, voxel_size=size, pyramid_levels=pyramid_levels,
-            overwrite=overwrite, ngff=ngff, threads=threads, progress=progress,
-            provenance=provenance(None, {"source": str(item.path), "voxel_size": size, "command": "segment"}),
-        ))  # fmt: skip
-        fp_predict = _fingerprint("predict", fp_ingest, model_sha, precision, tile, tta, dtype, pyramid_levels, ngff)
-        _run_stage(records, "predict", fp_predict, stores["probabilities"], overwrite, lambda: predict(
-            checkpoint, stores["raw"], stores["probabilities"], tile=tile, workers=workers, threads=threads,
-            device=device, tta=tta, dtype=dtype, precision=precision, overwrite=overwrite,
-            pyramid_levels=pyramid_levels, progress=progress, ngff=ngff,
-        ), resumable=True)  # fmt: skip
-        options = {k: chosen[k] for k in ("method", "threshold", "seed_threshold", "seed_prominence", "min_size")}
-        fp_post = _fingerprint("postprocess", fp_predict, options, pyramid_levels, ngff,
-                               *((instances, block, halo) if instances == "3d" else ()))
-        _run_stage(records, "postprocess", fp_post, stores["instances"], overwrite, lambda: postprocess(
-            stores["probabilities"], stores["instances"], **options, pyramid_levels=pyramid_levels,
-            overwrite=overwrite, resume=True, progress=progress, ngff=ngff, instances=instances, **options_3d,
-        ), resumable=True)  # fmt: skip
-        _run_stage(records, "view", _fingerprint("view", fp_post), stores["view"], overwrite, lambda: build_view(
-            stores["raw"], stores["view"], {"instances": stores["instances"]}, overwrite=overwrite,
-        ))  # fmt: skip
-        if tiff:
-            tif = folder / "instances.tif"
 
-            _run_stage(records, "tiff", _fingerprint("tiff", fp_post), tif, overwrite,
-                       lambda: instances_to_tiff(stores["instances"], tif))
-        seconds = {stage: records.seconds(stage) for stage in STAGES[:5] if stage in records.data}
-        summary_json = folder / "summary.json"
-        if summary_json.exists() and not _is_our_summary(summary_json):
-            raise OutputError(summary_json, "exists and is not a unet-pipe summary; move it away")
-        started = time.perf_counter()
-        summary = summarize(
-            stores["raw"], stores["probabilities"], stores["instances"], None, dataset=item.stem, seconds=seconds,
-            extra={"input": str(item.path), "model": str(model), "model_sha256": model_sha,
-                   "decisions_source": chosen.get("source"), "trained_voxel_size_um": record["voxel_size"],
-                   "voxel_size_warning": voxel_size_warning(record, item)},
-        )  # fmt: skip
-        summary["seconds"]["summary"] = round(time.perf_counter() - started, 3)
-        write_json_atomic(summary_json, summary)
-        log.info("%s: %d objects (%s), voxel size %s µm; seconds %s", item.stem, summary["objects"],
-                 size_line(summary), summary["voxel_size_um"], summary["seconds"])
-        summaries.append(summary)
-    report = out_dir / "report.md"
-    if report.exists() and not _is_our_report(report):
-        raise OutputError(report, "exists and was not written by unet-pipe; move it away")
-    write_summary_report(report, summaries, figures=figures)
-    return summaries
+def _write_summary(item: SegmentInput, folder: Path, stores: dict[str, Path], records: _StageRecords,
+                   model: str | Path, model_sha: str, record: dict, chosen: dict) -> dict[str, Any]:
+    """Summarise one segmented input into ``folder/summary.json``; returns the summary."""
+    seconds = {stage: records.seconds(stage) for stage in STAGES[:5] if stage in records.data}
+    summary_json = folder / "summary.json"
+    if summary_json.exists() and not _is_our_summary(summary_json):
+        raise OutputError(summary_json, "exists and is not a unet-pipe summary; move it away")
+    started = time.perf_counter()
+    summary = summarize(
+        stores["raw"], stores["probabilities"], stores["instances"], None, dataset=item.stem, seconds=seconds,
+        extra={"input": str(item.path), "model": str(model), "model_sha256": model_sha,
+               "decisions_source": chosen.get("source"), "trained_voxel_size_um": record["voxel_size"],
+               "voxel_size_warning": voxel_size_warning(record, item)},
+    )  # fmt: skip
+    summary["seconds"]["summary"] = round(time.perf_counter() - started, 3)
+    write_json_atomic(summary_json, summary)
+    log.info("%s: %d objects (%s), voxel size %s µm; seconds %s", item.stem, summary["objects"],
+             size_line(summary), summary["voxel_size_um"], summary["seconds"])
+    return summary
 
 
 def instances_to_tiff(instances: str | Path, dest: str | Path, overwrite: bool = True) -> Path:
     """Write an instance store as an ImageJ TIFF with its voxel size (:func:`unet_pipe.tiff.write_imagej_labels`);
     an existing ``dest`` is replaced only with ``overwrite`` and only when it is one of ours."""
-    from unet_pipe.io import open_image
-    from unet_pipe.tiff import imagej_label_dtype, write_imagej_labels
-
     dest = Path(dest)
     if dest.exists() or dest.is_symlink():
         if not is_our_label_tiff(dest):
@@ -410,8 +439,6 @@ def instances_to_tiff(instances: str | Path, dest: str | Path, overwrite: bool =
 
 
 def _is_our_summary(path: Path) -> bool:
-    from unet_pipe.summary import SUMMARY_FORMAT
-
     try:
         return json.loads(path.read_text(encoding="utf-8")).get("format") == SUMMARY_FORMAT
     except (OSError, ValueError, AttributeError):

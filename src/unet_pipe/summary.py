@@ -22,9 +22,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from unet_pipe.atomic import check_ours, write_markdown_with_figures
+from unet_pipe.atomic import check_ours, write_json_atomic, write_markdown_with_figures
 from unet_pipe.errors import InputError, UnetPipeError
-from unet_pipe.evaluate import write_json_atomic
 from unet_pipe.io import ATTRS_KEY, image_metadata, open_image, slab_depth
 from unet_pipe.probabilities import open_probabilities, read_probabilities
 from unet_pipe.report import _MAX_PANEL_PIXELS, _normalize, _safe, label_overlay

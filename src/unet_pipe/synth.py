@@ -22,7 +22,6 @@ ISBI convention (0 = membrane, 255 = cell) and ``instances.tif`` (cell ids,
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence

@@ -21,6 +21,7 @@ import zarr
 from natsort import natsorted
 
 from unet_pipe.errors import InputError
+from unet_pipe.atomic import atomic_output
 
 log = logging.getLogger(__name__)
 
@@ -350,8 +351,6 @@ def write_imagej_labels(labels: Any, dest: str | Path, voxel_size: Sequence[floa
     Ids are stored as :func:`imagej_label_dtype` gives; ``dest`` is written atomically and carries
     :data:`LABEL_TIFF_MARK` as its ImageJ ``Info``.
     """
-    from unet_pipe.atomic import atomic_output
-
     dtype = imagej_label_dtype(int(max_id))
     vz, vy, vx = (float(v) for v in voxel_size)
     pages = (np.asarray(labels[z]).astype(dtype) for z in range(labels.shape[0]))

@@ -13,7 +13,7 @@ Conventions
 * Mirroring is numpy's ``'reflect'`` mode: the border voxel is the mirror axis
   and is not repeated (``[a b c] -> b | a b c | b``); windows that hang over by
   more than the volume size keep reflecting (period ``2 * (size - 1)``).  The
-  training tile sampler (:mod:`unet_pipe.data`) pads the same way, so border
+  training tile sampler (:mod:`unet_pipe.sampling`) pads the same way, so border
   pixels see the same kind of context in training and inference.
 * Exactness.  A U-Net with ``L`` 2x2 poolings is shift-equivariant only for
   shifts that are multiples of ``step = 2**L``.  Every tile origin here is a
@@ -178,6 +178,7 @@ def unet_axis_geometry(depth: int) -> AxisGeometry:
 
     Derived from the model's own size algebra, never restated here.
     """
+    # torch loads with the model (~2 s); geometry users (3D labelling, block planning) need no torch.
     from unet_pipe import model as unet
 
     step = 2 ** (depth - 1)
@@ -205,7 +206,7 @@ def volume_geometry(axis: AxisGeometry, dims: int) -> tuple[AxisGeometry, AxisGe
 
 
 @dataclass(frozen=True)
-class Tile:
+class InferenceTile:
     """One network evaluation.
 
     ``origin``: global position of the first output voxel of the network
@@ -234,7 +235,7 @@ def check_tile_shape(tile: Sequence[int], geometry: Sequence[AxisGeometry]) -> t
     return tile
 
 
-def tile_grid(region: Roi, tile: Sequence[int], geometry: Sequence[AxisGeometry]) -> list[Tile]:
+def tile_grid(region: Roi, tile: Sequence[int], geometry: Sequence[AxisGeometry]) -> list[InferenceTile]:
     """Tiles that cover ``region`` (the write region of one block), in C order.
 
     Tile origins are ``floor(region.start / step) * step + k * tile``, so the
@@ -255,7 +256,7 @@ def tile_grid(region: Roi, tile: Sequence[int], geometry: Sequence[AxisGeometry]
         if write.size == 0:
             continue
         read = Roi(tuple(x - g.margin for x, g in zip(o, geometry)), read_shape)
-        tiles.append(Tile(origin=o, read=read, write=write))
+        tiles.append(InferenceTile(origin=o, read=read, write=write))
     return tiles
 
 
@@ -314,7 +315,7 @@ def iter_batches(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[i : i + size]
 
 
-def block_tiles(region: Roi, tile: Sequence[int], geometry: Sequence[AxisGeometry]) -> tuple[list[Tile], Roi]:
+def block_tiles(region: Roi, tile: Sequence[int], geometry: Sequence[AxisGeometry]) -> tuple[list[InferenceTile], Roi]:
     """The tiles of one block and the union of their read windows (read once per block)."""
     tiles = tile_grid(region, tile, geometry)
     if not tiles:
@@ -326,7 +327,7 @@ def run_tiles(
     data: np.ndarray,
     window: Roi,
     region: Roi,
-    tiles: Sequence[Tile],
+    tiles: Sequence[InferenceTile],
     forward: Callable[[np.ndarray], np.ndarray],
     batch: int = 1,
 ) -> np.ndarray:
@@ -486,6 +487,45 @@ def _block_and_tile(extent: int, chunk: int, max_tile: int, axis: AxisGeometry, 
     return best[1], best[2]
 
 
+def _max_tile(requested: tuple[int, ...] | None, geometry: Sequence[AxisGeometry], whole: tuple[int, ...],
+              voxels: float, dims: int) -> tuple[int, ...]:
+    """The largest output tile: the requested one (checked), else the largest whose network
+    activations, ``voxels`` input voxels' worth, fit; at most ``whole`` (the volume on the grid)."""
+    axes = _spatial_axes(dims)
+    if requested is not None:
+        try:
+            check_tile_shape(requested, geometry)
+        except ValueError as exc:
+            raise ConfigError(None, f"tile {list(requested)}: {exc}") from None
+        max_tile = tuple(min(t, w) for t, w in zip(requested, whole))
+    else:
+        # Largest cube/square window within the budget, minus the context, on the pooling grid ...
+        g = geometry[axes[-1]]
+        edge = int(voxels ** (1.0 / dims)) - 2 * g.margin - g.step
+        edge = max(g.step, (edge // g.step) * g.step)
+        # ... but no larger than needed to come within 2 % of its useful-output fraction: beyond
+        # that, bigger tiles only cost cache misses and page faults (measured: a 3328^2 tile of a
+        # depth-2 net ran at half the speed of a 1024^2 one, with 40 % of the time in the kernel).
+        edge = _enough_tile(edge, g, dims)
+        max_tile = tuple(min(edge, w) if a in axes else 1 for a, w in enumerate(whole))
+    return max_tile
+
+
+def _given_block(block: Sequence[int], chunks: tuple[int, ...], shape: tuple[int, ...]) -> list[int]:
+    """A block given by the user, checked (whole chunks or whole axes) and cut to the volume."""
+    block_shape = [int(b) for b in block]
+    if len(block_shape) != 3 or min(block_shape) < 1:
+        raise ConfigError(None, f"block must be three positive integers Z Y X, got {block}")
+    for b, c, n, name in zip(block_shape, chunks, shape, "zyx"):
+        if b % c and b < n:
+            raise ConfigError(
+                None, f"block {list(block_shape)}: the {name} edge {b} must be a multiple of the chunk edge {c}"
+                " (blocks must not share chunks) or cover the whole axis"
+            )
+    block_shape = [min(b, n) for b, n in zip(block_shape, shape)]
+    return block_shape
+
+
 def make_plan(
     arch: dict,
     shape: Sequence[int],
@@ -518,22 +558,7 @@ def make_plan(
     whole = tuple(-(-n // g.step) * g.step for n, g in zip(shape, geometry))
 
     requested = _normalize_request(tile, dims, "tile")
-    if requested is not None:
-        try:
-            check_tile_shape(requested, geometry)
-        except ValueError as exc:
-            raise ConfigError(None, f"tile {list(requested)}: {exc}") from None
-        max_tile = tuple(min(t, w) for t, w in zip(requested, whole))
-    else:
-        # Largest cube/square window within the budget, minus the context, on the pooling grid ...
-        g = geometry[axes[-1]]
-        edge = int((memory / per_voxel) ** (1.0 / dims)) - 2 * g.margin - g.step
-        edge = max(g.step, (edge // g.step) * g.step)
-        # ... but no larger than needed to come within 2 % of its useful-output fraction: beyond
-        # that, bigger tiles only cost cache misses and page faults (measured: a 3328^2 tile of a
-        # depth-2 net ran at half the speed of a 1024^2 one, with 40 % of the time in the kernel).
-        edge = _enough_tile(edge, g, dims)
-        max_tile = tuple(min(edge, w) if a in axes else 1 for a, w in enumerate(whole))
+    max_tile = _max_tile(requested, geometry, whole, memory / per_voxel, dims)
 
     if block is None:
         picks = [
@@ -543,16 +568,7 @@ def make_plan(
         block_shape = [b for b, _ in picks]
         final_tile = tuple(t for _, t in picks)
     else:
-        block_shape = [int(b) for b in block]
-        if len(block_shape) != 3 or min(block_shape) < 1:
-            raise ConfigError(None, f"block must be three positive integers Z Y X, got {block}")
-        for b, c, n, name in zip(block_shape, chunks, shape, "zyx"):
-            if b % c and b < n:
-                raise ConfigError(
-                    None, f"block {list(block_shape)}: the {name} edge {b} must be a multiple of the chunk edge {c}"
-                    " (blocks must not share chunks) or cover the whole axis"
-                )
-        block_shape = [min(b, n) for b, n in zip(block_shape, shape)]
+        block_shape = _given_block(block, chunks, shape)
         final_tile = tuple(
             (fit_tile(b, t, g.step) if requested is None else t) if a in axes else 1
             for a, (b, t, g) in enumerate(zip(block_shape, max_tile, geometry))

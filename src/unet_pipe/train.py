@@ -40,19 +40,18 @@ import torch
 import torch.nn.functional as F
 
 from unet_pipe.augment import AugmentParams, augment_sample
-from unet_pipe.blockwise import available_cores
-from unet_pipe.data import (
-    PERCENTILES,
-    TileSampler,
-    center_crop,
-    volumes_from_config,
-)
 from unet_pipe.errors import CheckpointError, ConfigError, InputError, OutputError, UnetPipeError
+from unet_pipe.intensity import PERCENTILES
+from unet_pipe.io import ATTRS_KEY, image_metadata, open_image
+from unet_pipe.ngff import check_role
+from unet_pipe.machine import available_cores, cpu_model, resolve_device
 from unet_pipe.model import UNet, init_weights_from, load_checkpoint, save_checkpoint
 from unet_pipe.precision import autocast, precision_record, resolve_precision
-from unet_pipe.progress import progress_bar
-from unet_pipe.provenance import cpu_model, file_sha256
 from unet_pipe.atomic import check_ours, forget, open_append, write_csv_atomic
+from unet_pipe.progress import progress_bar
+from unet_pipe.provenance import file_sha256, input_checksum
+from unet_pipe.safety import check_writable
+from unet_pipe.sampling import TileSampler, center_crop, volumes_from_config
 # Validation lives in unet_pipe.validation; its public names stay importable from here.
 from unet_pipe.validation import (  # noqa: F401 (re-exported)
     ValidationData,
@@ -131,24 +130,11 @@ def make_optimizer(model: torch.nn.Module, train_cfg: Mapping[str, Any]) -> torc
     raise ConfigError(None, f"key 'train.optimizer': unknown optimizer {train_cfg['optimizer']!r}")
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` = the GPU when present, else the CPU; ``cuda`` without a GPU is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UnetPipeError(None, f"--device {device}: no CUDA device is available (use --device cpu)")
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        raise UnetPipeError(None, f"--device must be auto, cpu or cuda[:N], got {device!r}")
-    return torch.device(device)
-
-
 # --------------------------------------------------------------------------- bookkeeping
 
 
 def _check_outputs(out: Path, partial: Path, log_path: Path | None) -> None:
     """Before any step: outputs writable, and files we would replace are checkpoints of ours."""
-    from unet_pipe.safety import check_writable
-
     for path in (out, partial):
         if path.is_dir() or path.is_symlink():
             raise OutputError(path, "is a folder or a link, not a checkpoint file; refusing to replace it")
@@ -249,9 +235,6 @@ def check_weights_match(labels: Path, weights: Path) -> None:
     ``unet-pipe weights`` records its labels' checksum in the provenance; a
     weight map of another labelling trains silently on wrong borders.
     """
-    from unet_pipe.io import ATTRS_KEY, image_metadata, open_image
-    from unet_pipe.provenance import input_checksum
-
     open_image(labels)  # a damaged labels store is named as such, not as "other labels"
     recorded = image_metadata(weights).attrs.get(ATTRS_KEY, {}).get("provenance", {}).get("inputs", {}).get("labels")
     if not isinstance(recorded, dict) or "sha256" not in recorded:
@@ -267,9 +250,6 @@ TRAIN_ROLES = {"raw": ("raw",), "labels": ("labels", "instances"), "weights": ("
 
 def open_stores(stores: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Open OME-Zarr paths lazily (``unet_pipe.io.open_image``); arrays pass through."""
-    from unet_pipe.io import image_metadata, open_image
-    from unet_pipe.ngff import check_role
-
     opened: dict[str, dict[str, Any]] = {}
     for name, parts in stores.items():
         for key, value in parts.items():
@@ -328,7 +308,7 @@ def train(
         raise ConfigError(init, "train.init_from is this run's own checkpoint; copy it to another name first")
     total = int(train_cfg["steps"])
     stop = total if until_step is None else min(int(until_step), total)
-    dev = resolve_device(device)
+    dev = torch.device(resolve_device(device))
 
     # Determinism settings (restored afterwards: this is a library function).
     previous_deterministic = torch.are_deterministic_algorithms_enabled()
@@ -350,30 +330,36 @@ def train(
         torch.set_num_threads(previous_threads)
 
 
-def _train(
-    config: dict,
-    stores: Mapping[str, Mapping[str, Any]],
-    out: Path,
-    partial: Path,
-    log_path: Path | None,
-    resume: bool,
-    dev: torch.device,
-    total: int,
-    stop: int,
-    progress: bool,
-    tensorboard_dir: str | Path | None,
-) -> dict:
+def _run_summary(written: Path, step: int, total: int, history: list[dict], last_val: tuple[float, float],
+                 precision: str) -> dict:
+    """What a training run returns: the checkpoint written, the step, the last loss and validation."""
+    return {
+        "checkpoint": str(written),
+        "step": step,
+        "finished": step >= total,
+        "loss": history[-1]["loss"] if history else float("nan"),
+        "val_pixel_error": last_val[0],
+        "val_rand_error": last_val[1],
+        "seconds": history[-1]["seconds"] if history else 0.0,
+        "precision": precision,
+        "cpu_model": cpu_model(),
+    }
+
+
+def _training_inputs(config: dict, stores: Mapping[str, Mapping[str, Any]]) -> tuple[
+    TileSampler, AugmentParams, list, dict[str, str], dict[str, list[float]], dict[str, Any]
+]:
+    """The tile sampler, the augmentation, the validation data, and what the checkpoint records of
+    the inputs: their dtypes, voxel sizes and the normalisation rule with each stack's range."""
     train_cfg, model_cfg, weights_cfg = config["train"], config["model"], config["weights"]
-    seed = int(config["seed"])
     volumes = volumes_from_config(config, open_stores(stores))
     input_dtypes = {v.name: str(np.dtype(v.raw.dtype)) for v in volumes}
-    from unet_pipe.io import image_metadata
 
     # The voxel size (z, y, x µm) of each training stack: segment warns when a new stack's differs.
     voxel_sizes = {name: list(image_metadata(parts["raw"]).voxel_size) for name, parts in sorted(stores.items())
                    if isinstance(parts.get("raw"), (str, Path))}
     normalization = {
-        "rule": "percentile",  # unet_pipe.data.intensity_range; predict applies it to its own stack
+        "rule": "percentile",  # unet_pipe.intensity.intensity_range; predict applies it to its own stack
         "percentiles": list(PERCENTILES),
         "volumes": {v.name: v.intensity.to_list() for v in volumes if v.intensity is not None},
     }
@@ -390,6 +376,76 @@ def _train(
     val_data = load_validation(
         volumes, weights_cfg["label_mode"], weights_cfg["foreground_value"], weights_cfg.get("unlabelled_value")
     )
+    return sampler, augment, val_data, input_dtypes, voxel_sizes, normalization
+
+
+def _restore(source: Path, config: dict, model: UNet, normalization: dict, precision: str, dev: torch.device,
+             tile_rng: np.random.Generator, aug_gen: torch.Generator, scaler: Any, total: int) -> tuple[
+    dict, int, list[dict], float, dict | None
+]:
+    """Continue from the checkpoint ``source``: refuse one of another architecture, config,
+    normalisation or precision; load the weights and the random states.  Returns the optimiser's
+    state, the step, the history, the seconds trained and the checkpoint it was initialised from."""
+    use_cuda, use_scaler = dev.type == "cuda", precision == "float16"  # as _train decides them
+    ckpt = load_checkpoint(source)
+    if ckpt["arch"] != model.arch:
+        raise CheckpointError(source, f"architecture {ckpt['arch']} differs from the config's {model.arch}")
+    recorded = ckpt.get("config") or {}
+    if "train" not in recorded or _resume_key(recorded) != _resume_key(config):
+        key = _first_difference(_resume_key(recorded), _resume_key(config)) if "train" in recorded else "train"
+        raise CheckpointError(
+            source, f"was trained with a different config (key '{key}' differs); delete it or pass --overwrite to start over"
+        )
+    extra = ckpt.get("extra") or {}
+    # The same config may normalise differently across releases (dtype maximum before the
+    # percentile rule) or stacks (the percentiles of changed data): continuing would mix the two.
+    recorded_norm = extra.get("input_normalization")
+    if recorded_norm != normalization:
+        was = (f"{recorded_norm.get('rule')} {recorded_norm.get('volumes')}" if isinstance(recorded_norm, dict)
+               else "dtype maximum (an older release)")
+        raise CheckpointError(
+            source, f"was trained on inputs normalised by {was}, this run by the percentile rule "
+            f"{normalization['volumes']}; pass --overwrite to start over"
+        )
+    if extra.get("precision", precision) != precision:
+        raise CheckpointError(
+            source, f"was trained in {extra['precision']} but this run resolves the precision to {precision}; "
+            f"resume with --precision {extra['precision']} (or on a machine like the first) or pass --overwrite"
+        )
+    model.load_state_dict(ckpt["model_state"])
+    optimizer_state = ckpt["optimizer_state"]
+    step = int(ckpt["step"])
+    torch.set_rng_state(ckpt["torch_rng_state"])
+    tile_rng.bit_generator.state = extra["tile_rng"]
+    aug_gen.set_state(extra["aug_rng"])
+    if use_cuda and extra.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(extra["cuda_rng"])
+    if use_scaler and extra.get("scaler"):
+        scaler.load_state_dict(extra["scaler"])
+    history = [dict(r) for r in extra.get("history", []) if int(r["step"]) <= step]
+    elapsed = float(extra.get("seconds", 0.0))
+    init_record = extra.get("init_from")
+    _check_init_unchanged(source, init_record)
+    log.info("resuming %s at step %d of %d", source, step, total)
+    return optimizer_state, step, history, elapsed, init_record
+
+
+def _train(
+    config: dict,
+    stores: Mapping[str, Mapping[str, Any]],
+    out: Path,
+    partial: Path,
+    log_path: Path | None,
+    resume: bool,
+    dev: torch.device,
+    total: int,
+    stop: int,
+    progress: bool,
+    tensorboard_dir: str | Path | None,
+) -> dict:
+    train_cfg, model_cfg, weights_cfg = config["train"], config["model"], config["weights"]
+    seed = int(config["seed"])
+    sampler, augment, val_data, input_dtypes, voxel_sizes, normalization = _training_inputs(config, stores)
 
     torch.manual_seed(seed)
     model = UNet(
@@ -417,46 +473,9 @@ def _train(
     optimizer_state = None
     init_record: dict | None = None  # the checkpoint whose weights started this run (fine-tuning)
     if source is not None:
-        ckpt = load_checkpoint(source)
-        if ckpt["arch"] != model.arch:
-            raise CheckpointError(source, f"architecture {ckpt['arch']} differs from the config's {model.arch}")
-        recorded = ckpt.get("config") or {}
-        if "train" not in recorded or _resume_key(recorded) != _resume_key(config):
-            key = _first_difference(_resume_key(recorded), _resume_key(config)) if "train" in recorded else "train"
-            raise CheckpointError(
-                source, f"was trained with a different config (key '{key}' differs); delete it or pass --overwrite to start over"
-            )
-        extra = ckpt.get("extra") or {}
-        # The same config may normalise differently across releases (dtype maximum before the
-        # percentile rule) or stacks (the percentiles of changed data): continuing would mix the two.
-        recorded_norm = extra.get("input_normalization")
-        if recorded_norm != normalization:
-            was = (f"{recorded_norm.get('rule')} {recorded_norm.get('volumes')}" if isinstance(recorded_norm, dict)
-                   else "dtype maximum (an older release)")
-            raise CheckpointError(
-                source, f"was trained on inputs normalised by {was}, this run by the percentile rule "
-                f"{normalization['volumes']}; pass --overwrite to start over"
-            )
-        if extra.get("precision", precision) != precision:
-            raise CheckpointError(
-                source, f"was trained in {extra['precision']} but this run resolves the precision to {precision}; "
-                f"resume with --precision {extra['precision']} (or on a machine like the first) or pass --overwrite"
-            )
-        model.load_state_dict(ckpt["model_state"])
-        optimizer_state = ckpt["optimizer_state"]
-        step = int(ckpt["step"])
-        torch.set_rng_state(ckpt["torch_rng_state"])
-        tile_rng.bit_generator.state = extra["tile_rng"]
-        aug_gen.set_state(extra["aug_rng"])
-        if use_cuda and extra.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(extra["cuda_rng"])
-        if use_scaler and extra.get("scaler"):
-            scaler.load_state_dict(extra["scaler"])
-        history = [dict(r) for r in extra.get("history", []) if int(r["step"]) <= step]
-        elapsed = float(extra.get("seconds", 0.0))
-        init_record = extra.get("init_from")
-        _check_init_unchanged(source, init_record)
-        log.info("resuming %s at step %d of %d", source, step, total)
+        optimizer_state, step, history, elapsed, init_record = _restore(
+            source, config, model, normalization, precision, dev, tile_rng, aug_gen, scaler, total
+        )
     elif train_cfg.get("init_from") is not None:
         # Fine-tuning: weights only; the optimiser, schedule and step start afresh.
         init_record = init_weights_from(model, train_cfg["init_from"])
@@ -566,17 +585,7 @@ def _train(
     else:
         save(partial)
         written = partial
-    return {
-        "checkpoint": str(written),
-        "step": step,
-        "finished": step >= total,
-        "loss": history[-1]["loss"] if history else float("nan"),
-        "val_pixel_error": last_val[0],
-        "val_rand_error": last_val[1],
-        "seconds": history[-1]["seconds"] if history else 0.0,
-        "precision": precision,
-        "cpu_model": cpu_model(),
-    }
+    return _run_summary(written, step, total, history, last_val, precision)
 
 
 def iter_rows(log_csv: str | Path) -> Iterator[dict]:

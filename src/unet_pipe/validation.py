@@ -14,10 +14,12 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from unet_pipe.data import Volume, annotated_mask, label_classes, normalize_raw
+from unet_pipe.intensity import normalize_raw
 from unet_pipe.metrics import instances_from_binary, rand_error_per_slice
-from unet_pipe.model import UNet
+from unet_pipe.model import UNet, class_probabilities
+from unet_pipe.postprocess import instances_from_probabilities
 from unet_pipe.precision import autocast
+from unet_pipe.sampling import Volume, annotated_mask, label_classes
 from unet_pipe.tiling import Roi, fit_tile, predict_tiled, unet_axis_geometry, volume_geometry
 
 _VALIDATION_TILE = 512  # largest output tile edge (px) used to predict validation slices
@@ -51,7 +53,7 @@ def predict_probabilities(
         x = (x if model.dims == 2 else x[:, None]).to(device)
         with torch.no_grad(), autocast(device, precision):
             logits = model(x)
-        prob = 1.0 - torch.softmax(logits.float(), dim=1)[:, 0]
+        prob = 1.0 - class_probabilities(logits)[:, 0]
         return (prob[:, None] if model.dims == 2 else prob).cpu().numpy()
 
     region = Roi((0, 0, 0), tuple(raw.shape))
@@ -109,8 +111,6 @@ def validate(
     and connected components); the pixel error thresholds the cell probability
     the same way.
     """
-    from unet_pipe.postprocess import instances_from_probabilities
-
     method = postprocess_cfg.get("method", "auto")
     if method == "auto":
         # The decisions are calibrated after training (unet_pipe.calibrate); monitoring uses the

@@ -61,8 +61,11 @@ from unet_pipe.border_term import (  # noqa: F401 (re-exported)
     cutoff_distance,
 )
 from unet_pipe.errors import ConfigError, InputError
+from unet_pipe.io import StagedImage, image_metadata, open_image
 from unet_pipe.ngff import DEFAULT_NGFF, check_role
 from unet_pipe.progress import progress_bar
+from unet_pipe.provenance import input_fingerprint, provenance
+from unet_pipe.report import weights_figure
 from unet_pipe.truth import check_binary_values, require_annotated, unlabelled_problem
 
 log = logging.getLogger(__name__)
@@ -283,8 +286,6 @@ def weight_map(
 
 
 def _fingerprint(labels_path: Path, params: WeightParams) -> str:
-    from unet_pipe.provenance import input_fingerprint
-
     text = json.dumps({"labels": input_fingerprint(labels_path), "params": asdict(params)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -343,33 +344,11 @@ def compute_weight_store(
     (``unet_pipe.weights``) and, with ``extra_params``, in the provenance record.
     ``ngff``: "0.4" (zarr format 2) or "0.5" (zarr format 3).
     """
-    import dask
-    import dask.array as da
-
-    from unet_pipe.io import StagedImage, image_metadata, open_image
-    from unet_pipe.provenance import provenance
-
     labels_path, dest = Path(labels_path), Path(dest)
     meta = image_metadata(labels_path)
     check_role(meta, ("labels", "instances"), "weights")
     labels = open_image(labels_path)
-    sampling = pixel_sampling(meta.voxel_size, params.mode)
-    halo = border_halo(params.sigma, sampling, params.tolerance)
-    halo = (0, *halo) if params.mode == "2d" else halo
-    # A halo beyond the image edge adds nothing (and dask refuses it): clip to the extent.
-    depth = {axis: min(h, n) for axis, (h, n) in enumerate(zip(halo, meta.shape))}
-    counts, cw = volume_class_weights(labels, params, labels_path)
-    summary = {
-        **asdict(params),
-        "class_counts": counts.tolist(),
-        "class_weights": cw.tolist(),
-        "cutoff_px": cutoff_distance(params.sigma, params.tolerance),
-        "halo_px": list(depth.values()),
-        "sampling_px": list(sampling),
-    }
-    log.info(
-        "%s: class weights (background, cell) %s, border halo %s px", labels_path, summary["class_weights"], halo
-    )
+    sampling, depth, cw, summary = _weight_setup(labels, meta, params, labels_path)
     staged = StagedImage(
         dest,
         shape=meta.shape,
@@ -394,27 +373,7 @@ def compute_weight_store(
             if staged.is_done(key):
                 continue
             slab = np.asarray(labels[z0 : z0 + step])
-            inst = instances_from_labels(slab, params, labels_path)
-            block_chunks = (inst.shape[0], *out.chunks[1:])
-            blocks = da.from_array(inst, chunks=block_chunks)
-            # The annotated mask travels with the ids (same blocks, same halo) as a second argument.
-            mask = None if params.unlabelled_value is None else da.from_array(annotated(slab, params), chunks=block_chunks)
-            weights = da.map_overlap(
-                _block_weights,
-                blocks,
-                *(() if mask is None else (mask,)),
-                depth=depth,
-                boundary="none",
-                dtype=np.float32,
-                meta=np.empty((0, 0, 0), np.float32),
-                class_weight=cw,
-                params=params,
-                sampling=sampling,
-            )
-            # map_overlap may merge chunks narrower than the halo: re-align to the store's chunks.
-            weights = weights.rechunk((inst.shape[0], *out.chunks[1:]))
-            with dask.config.set(scheduler="threads", num_workers=max(int(threads), 1)):
-                da.store(weights, out, regions=(slice(z0, z0 + inst.shape[0]),), lock=False)
+            _store_slab_weights(slab, z0, out, params, cw, depth, sampling, threads, labels_path)
             staged.mark_done(key)
         levels = meta.levels if pyramid_levels is None else pyramid_levels
         record = provenance({"labels": labels_path}, {**summary, **(extra_params or {})})
@@ -429,6 +388,60 @@ def compute_weight_store(
             log.debug("weights for %s stopped; %s kept, rerun to resume", labels_path, staged.staging)
         raise
     return summary
+
+
+def _weight_setup(labels: Any, meta: Any, params: WeightParams, labels_path: Path) -> tuple[
+    tuple[float, ...], dict[int, int], np.ndarray, dict[str, Any]
+]:
+    """Pixel sampling, the halo per axis (clipped to the extent), the class weights of the whole
+    label volume, and the summary recorded with the weights."""
+    sampling = pixel_sampling(meta.voxel_size, params.mode)
+    halo = border_halo(params.sigma, sampling, params.tolerance)
+    halo = (0, *halo) if params.mode == "2d" else halo
+    # A halo beyond the image edge adds nothing (and dask refuses it): clip to the extent.
+    depth = {axis: min(h, n) for axis, (h, n) in enumerate(zip(halo, meta.shape))}
+    counts, cw = volume_class_weights(labels, params, labels_path)
+    summary = {
+        **asdict(params),
+        "class_counts": counts.tolist(),
+        "class_weights": cw.tolist(),
+        "cutoff_px": cutoff_distance(params.sigma, params.tolerance),
+        "halo_px": list(depth.values()),
+        "sampling_px": list(sampling),
+    }
+    log.info(
+        "%s: class weights (background, cell) %s, border halo %s px", labels_path, summary["class_weights"], halo
+    )
+    return sampling, depth, cw, summary
+
+
+def _store_slab_weights(slab: np.ndarray, z0: int, out: Any, params: WeightParams, cw: np.ndarray,
+                        depth: dict[int, int], sampling: tuple[float, ...], threads: int, labels_path: Path) -> None:
+    """Weights of one slab of labels (starting at slice ``z0``), block by block with a halo, into ``out``."""
+    import dask  # dask loads only when weights are computed
+    import dask.array as da
+
+    inst = instances_from_labels(slab, params, labels_path)
+    block_chunks = (inst.shape[0], *out.chunks[1:])
+    blocks = da.from_array(inst, chunks=block_chunks)
+    # The annotated mask travels with the ids (same blocks, same halo) as a second argument.
+    mask = None if params.unlabelled_value is None else da.from_array(annotated(slab, params), chunks=block_chunks)
+    weights = da.map_overlap(
+        _block_weights,
+        blocks,
+        *(() if mask is None else (mask,)),
+        depth=depth,
+        boundary="none",
+        dtype=np.float32,
+        meta=np.empty((0, 0, 0), np.float32),
+        class_weight=cw,
+        params=params,
+        sampling=sampling,
+    )
+    # map_overlap may merge chunks narrower than the halo: re-align to the store's chunks.
+    weights = weights.rechunk((inst.shape[0], *out.chunks[1:]))
+    with dask.config.set(scheduler="threads", num_workers=max(int(threads), 1)):
+        da.store(weights, out, regions=(slice(z0, z0 + inst.shape[0]),), lock=False)
 
 
 # --------------------------------------------------------------------- preview
@@ -449,8 +462,6 @@ def write_preview(
     with the class weights of the whole label volume (3d mode: of the whole
     volume, so keep it small).
     """
-    from unet_pipe.io import image_metadata, open_image
-
     labels = open_image(labels_path)
     nz = labels.shape[0]
     z = nz // 2 if z is None else z
@@ -487,7 +498,6 @@ def write_preview(
             raise InputError(raw_path, f"shape {raw.shape} does not hold the {labels.shape} labels of {labels_path} "
                              f"at offset {[oz, oy, ox]}")
         raw_slice = np.asarray(raw[box])
-    from unet_pipe.report import weights_figure
 
     inst = _sequential_ids(instances_from_labels(label_slice, WeightParams(**{**asdict(params), "mode": "2d"})))
     title = f"{Path(labels_path).name}, z = {z}"

@@ -40,6 +40,7 @@ import zarr
 from unet_pipe.errors import InputError
 from unet_pipe.integrity import CHUNKS_KEY, CheckedArray, check_chunks
 from unet_pipe.ngff import entry_in_store, ngff_keys, own_attributes, store_role
+from unet_pipe.tiff import open_tiff_stack
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +142,6 @@ def is_zarr(path: str | Path) -> bool:
 
 def open_input_stack(path: str | Path) -> Any:
     """Open an input image lazily: a zarr store as :class:`ZarrSource`, else a TIFF stack."""
-    from unet_pipe.tiff import open_tiff_stack
-
     path = Path(path)
     if is_zarr(path):
         return open_zarr_source(path)

@@ -1,138 +1,26 @@
-"""The ``train`` and ``predict`` subcommands: argument resolution around
-:func:`unet_pipe.train.train` and :func:`unet_pipe.predict.predict`.
-
-Split from :mod:`unet_pipe.cli` to keep each module one concept; the parser
-and the error handling live there (imported when a command runs: no import cycle).
-"""
+"""``unet-pipe predict``: cell probabilities block by block (:mod:`unet_pipe.predict`)."""
 from __future__ import annotations
 
 import argparse
 import logging
 from pathlib import Path
 
+from unet_pipe.cli_common import (
+    MAX_PYRAMID_LEVELS,
+    MAX_THREADS,
+    add_ngff_option,
+    check_option,
+    load_config,
+    ngff_choice,
+    progress_enabled,
+)
 from unet_pipe.determinism import help_text
 from unet_pipe.errors import UnetPipeError
 
 log = logging.getLogger("unet_pipe")
 
 
-# ------------------------------------------------------------------ train
-
-
-def add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train",
-        help="train the U-Net on raw/labels/weights OME-Zarr stores",
-        description=(
-            "Train the U-Net described by CONFIG (model and train sections) on random tiles of the "
-            "datasets in train.datasets. Stores are given per dataset as NAME=PATH; datasets without "
-            "--raw/--labels/--weights are read from RESULTS/NAME/{raw,labels,weights}.ome.zarr. Writes "
-            "periodic checkpoints to OUT.partial and the final one to OUT (atomically); --resume "
-            "continues an interrupted or finished run exactly (bit-identical on the CPU)."
-        ),
-        epilog=help_text("train"),
-    )
-    p.add_argument("config", metavar="CONFIG.yaml", nargs="?")
-    p.add_argument(
-        "--config-json", metavar="JSON", help="the configuration as a JSON string instead of CONFIG.yaml (Snakemake)"
-    )
-    for key in ("raw", "labels", "weights"):
-        p.add_argument(
-            f"--{key}", action="append", default=[], metavar="NAME=PATH",
-            help=f"{key} OME-Zarr of dataset NAME (repeatable)",
-        )
-    p.add_argument("--results", type=Path, help="folder of the ingested stores (default: the config's results)")
-    p.add_argument("--out", type=Path, required=True, metavar="CKPT", help="checkpoint to write")
-    p.add_argument("--log", type=Path, metavar="CSV", help="per-step metrics (step, loss, lr, validation errors)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT.partial or OUT when present")
-    p.add_argument("--overwrite", action="store_true", help="start over even if OUT exists")
-    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda[:N]")
-    p.add_argument("--until-step", type=int, metavar="N", help="stop after step N (checkpoint to OUT.partial)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: all cores of this process)")
-    p.add_argument("--tensorboard", type=Path, metavar="DIR", help="also log to TensorBoard (needs tensorboard)")
-    p.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default=None,
-                   help="auto: bfloat16 on CPUs with AMX/AVX512-BF16, float32 on other CPUs, float16 AMP on CUDA "
-                        "(default: the config's train.precision)")
-    p.set_defaults(func=_cmd_train)
-
-
-def named_values(values: list[str], option: str, what: str = "PATH") -> dict[str, str]:
-    """``NAME=VALUE`` options (repeatable) as a dict; a malformed or repeated NAME is one line."""
-    out: dict[str, str] = {}
-    for value in values:
-        name, sep, rest = value.partition("=")
-        if not sep or not name or not rest:
-            raise UnetPipeError(None, f"{option} expects NAME={what}, got {value!r}")
-        if name in out:
-            raise UnetPipeError(None, f"{option} names dataset {name!r} twice")
-        out[name] = rest
-    return out
-
-
-def _named_paths(values: list[str], option: str) -> dict[str, Path]:
-    return {name: Path(path) for name, path in named_values(values, option).items()}
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    import json
-
-    from unet_pipe.cli import MAX_THREADS, check_option, load_config, progress_enabled
-    from unet_pipe.config import validate_config
-    from unet_pipe.errors import ConfigError
-    from unet_pipe.train import train
-
-    if (args.config is None) == (args.config_json is None):
-        raise UnetPipeError(None, "give either CONFIG.yaml or --config-json, not both or neither")
-    if args.config_json is not None:
-        try:
-            config = validate_config(json.loads(args.config_json), "--config-json")
-        except json.JSONDecodeError as exc:
-            raise ConfigError("--config-json", f"not valid JSON ({exc.msg} at position {exc.pos})") from None
-    else:
-        config = load_config(args.config)
-    check_option("--threads", args.threads, 1, MAX_THREADS)
-    check_option("--until-step", args.until_step, 1)
-    if args.precision is not None:  # recorded in the checkpoint's config like the rest
-        config["train"] = {**config["train"], "precision": args.precision}
-    given = {key: _named_paths(getattr(args, key), f"--{key}") for key in ("raw", "labels", "weights")}
-    results = args.results if args.results is not None else Path(config["results"])
-    stores: dict[str, dict[str, Path]] = {}
-    for name in config["train"]["datasets"]:
-        explicit = any(name in given[key] for key in given)
-        stores[name] = {}
-        for key in ("raw", "labels", "weights"):
-            if name in given[key]:
-                stores[name][key] = given[key][name]
-            elif not explicit:
-                stores[name][key] = results / name / f"{key}.ome.zarr"
-    summary = train(
-        config,
-        stores,
-        args.out,
-        args.log,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        device=args.device,
-        until_step=args.until_step,
-        threads=args.threads,
-        progress=progress_enabled(args),
-        tensorboard_dir=args.tensorboard,
-    )
-    log.info(
-        "step %d%s: loss %.4f, validation pixel error %.4f, Rand error %.4f (%.0f s, %s on %s); wrote %s",
-        summary["step"], "" if summary["finished"] else " (stopped early)", summary["loss"],
-        summary["val_pixel_error"], summary["val_rand_error"], summary["seconds"], summary["precision"],
-        summary["cpu_model"], summary["checkpoint"],
-    )
-    return 0
-
-
-# ---------------------------------------------------------------------- predict
-
-
 def add_predict(sub: argparse._SubParsersAction) -> None:
-    from unet_pipe.cli import add_ngff_option
-
     p = sub.add_parser(
         "predict",
         help="overlap-tile inference: probabilities OME-Zarr from a checkpoint and a raw stack",
@@ -189,15 +77,8 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
 def _cmd_predict(args: argparse.Namespace) -> int:
     import json
 
-    from unet_pipe.cli import (
-        MAX_PYRAMID_LEVELS,
-        MAX_THREADS,
-        check_option,
-        load_config,
-        ngff_choice,
-        progress_enabled,
-    )
-    from unet_pipe.predict import finalize, predict, tune_allocator
+    # torch loads with this module (~2 s): imported when the command runs, not on every `unet-pipe` call.
+    from unet_pipe.predict import PredictRequest, finalize, predict, tune_allocator
 
     check_option("--threads", args.threads, 1, MAX_THREADS)
     check_option("--workers", args.workers, 1, MAX_THREADS)
@@ -217,27 +98,30 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             expected = {**(expected or {}), **json.loads(args.expect_arch)}
         except (json.JSONDecodeError, TypeError):
             raise UnetPipeError(None, f"--expect-arch must be a JSON object, got {args.expect_arch!r}") from None
-    tile = args.tile if args.tile is not None else section.get("tile")
-    options = dict(
-        tile=tile,
+    # The flags over the config's predict section, checked here once and passed down as they are.
+    request = PredictRequest(
+        tile=args.tile if args.tile is not None else section.get("tile"),
         block=args.block,
         batch=args.batch,
         tta=args.tta if args.tta is not None else section.get("tta", False),
         dtype=args.dtype or section.get("dtype", "float32"),
         precision=args.precision or section.get("precision", "auto"),
+        ngff=ngff_choice(args, config),
+    )
+    options = dict(
         pyramid_levels=args.pyramid_levels if args.pyramid_levels is not None
         else (config["ingest"]["pyramid_levels"] if config else 2),
         expected_arch=expected,
-        ngff=ngff_choice(args, config),
     )
     if args.finalize:
-        finalize(args.checkpoint, args.raw, args.dest, overwrite=args.overwrite, **options)
+        finalize(args.checkpoint, args.raw, args.dest, request, overwrite=args.overwrite, **options)
         log.info("wrote %s", args.dest)
         return 0
     result = predict(
         args.checkpoint,
         args.raw,
         args.dest,
+        request,
         workers=args.workers,
         threads=args.threads,
         device=args.device,

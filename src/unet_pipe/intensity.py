@@ -1,0 +1,82 @@
+"""Raw gray values as network input: the normalisation rule, measured per stack.
+
+A stack's 1st and 99th percentiles (:func:`intensity_range`) map to 0 and 1
+(:func:`normalize_raw`), in training (:mod:`unet_pipe.sampling`) and at inference
+(:mod:`unet_pipe.predict`, exported models) alike, so equal gray values give equal
+inputs whatever the dtype.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from unet_pipe.errors import InputError
+
+
+#: The normalisation rule: these percentiles of a stack's gray values map to 0 and 1.
+#: Percentiles rather than min/max so that a few saturated or dead pixels do not set the scale
+#: (the convention of cellpose, stardist/csbdeep's percentile normalisation; nnU-Net's z-score
+#: is the same idea with mean and std).
+PERCENTILES = (1.0, 99.0)
+#: Voxels read to measure them: at most this many slices, evenly spaced, each read at a
+#: stride that keeps about ``_SAMPLE_PER_SLICE`` pixels.  Deterministic, and independent of
+#: chunking, block size and worker count.
+_SAMPLE_SLICES = 32
+_SAMPLE_PER_SLICE = 1 << 20
+
+
+@dataclass(frozen=True)
+class IntensityRange:
+    """Gray values ``low`` and ``high`` that map to 0 and 1 (the stack's 1st/99th percentiles)."""
+
+    low: float
+    high: float
+
+    def to_list(self) -> list[float]:
+        return [self.low, self.high]
+
+
+def intensity_range(raw: Any, percentiles: tuple[float, float] = PERCENTILES, where: Any = None) -> IntensityRange:
+    """The normalisation range of a ``(z, y, x)`` stack (numpy or zarr), measured on a fixed
+    subsample: up to 32 evenly spaced slices, each at a stride of about 1 M pixels.
+
+    Raises :class:`InputError` (naming ``where``) when the stack has no contrast or holds
+    non-finite values in the sample.
+    """
+    shape = tuple(raw.shape)
+    if len(shape) != 3 or 0 in shape:
+        raise InputError(where, f"expected a non-empty (z, y, x) stack, got shape {shape}")
+    nz = shape[0]
+    zs = np.unique(np.linspace(0, nz - 1, min(nz, _SAMPLE_SLICES)).round().astype(int))
+    stride = max(1, int(np.ceil(np.sqrt(shape[1] * shape[2] / _SAMPLE_PER_SLICE))))
+    sample = np.concatenate([np.asarray(raw[int(z), ::stride, ::stride], dtype=np.float64).ravel() for z in zs])
+    if not np.all(np.isfinite(sample)):
+        raise InputError(where, "raw data holds NaN or infinite values")
+    low, high = (float(v) for v in np.percentile(sample, percentiles))
+    if not high > low:
+        # Nearly constant stacks (e.g. a sparse foreground): fall back to the full range.
+        low, high = float(sample.min()), float(sample.max())
+    if not high > low:
+        raise InputError(where, f"raw data has no contrast (every sampled value is {low:g})")
+    return IntensityRange(low, high)
+
+
+def normalize_raw(raw: np.ndarray, intensity: IntensityRange | None = None) -> np.ndarray:
+    """Raw gray values as float32 network input.
+
+    With ``intensity``: ``(raw - low) / (high - low)`` (not clipped: values beyond the
+    percentiles keep their contrast).  Without (checkpoints made before the percentile
+    rule): integer dtypes divided by their maximum (uint8: /255), floats unchanged.
+    Element-wise, so a tile normalises exactly as the same pixels of the whole stack.
+    """
+    a = np.asarray(raw)
+    if intensity is not None:
+        scale = np.float32(1.0 / (intensity.high - intensity.low))
+        return ((a.astype(np.float32) - np.float32(intensity.low)) * scale).astype(np.float32, copy=False)
+    if a.dtype == np.bool_:
+        return a.astype(np.float32)
+    if np.issubdtype(a.dtype, np.integer):
+        return (a.astype(np.float32) / np.float32(np.iinfo(a.dtype).max)).astype(np.float32)
+    return a.astype(np.float32, copy=False)
