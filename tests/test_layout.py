@@ -23,7 +23,7 @@ HEAVY_LIBRARIES = ("torch", "matplotlib")
 EXCEPTIONS = {
     # model.py is copied verbatim into exported bioimage.io packages as their architecture source,
     # loaded there without unet-pipe installed: its top level may import only torch and numpy.
-    ("model", "__init__"), ("model", "errors"), ("model", "provenance"),
+    ("model", "__init__"), ("model", "errors"), ("model", "provenance"), ("model", "atomic"),
 }
 
 

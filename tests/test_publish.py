@@ -441,7 +441,7 @@ def test_error_on_a_store_names_the_store_not_its_array(small, tmp_path):
 
     import zarr
 
-    from unet_pipe.data import volumes_from_config
+    from unet_pipe.sampling import volumes_from_config
     from unet_pipe.io import open_image
 
     flat = tmp_path / "flat.ome.zarr"

@@ -23,6 +23,7 @@ from unet_pipe.cli_common import (
     progress_enabled,
 )
 from unet_pipe.io import DEFAULT_CHUNKS
+from unet_pipe.summary import size_line
 
 log = logging.getLogger("unet_pipe")
 
@@ -81,7 +82,6 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     # torch loads with this module (~2 s): imported when the command runs, not on every `unet-pipe` call.
     from unet_pipe.model_bundle import override_decisions, read_any_decisions
     from unet_pipe.segment import segment
-    from unet_pipe.summary import size_line
 
     check_option("--threads", args.threads, 1, MAX_THREADS)
     check_option("--workers", args.workers, 1, MAX_THREADS)

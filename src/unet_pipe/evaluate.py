@@ -251,15 +251,7 @@ def evaluate(
     check_ours(out_json, out_json.with_suffix(".csv"))  # before the work, not after it
     if truth_mode not in ("binary", "instances"):
         raise ValueError(f"truth_mode must be 'binary' or 'instances', got {truth_mode!r}")
-    check_unlabelled_value(truth, truth_mode, foreground_value, unlabelled_value)
-    pred_meta = image_metadata(instances)
-    truth_meta = image_metadata(truth)
-    check_role(pred_meta, ("instances", "labels"), "evaluate's --prediction")
-    check_role(truth_meta, ("labels", "instances"), "evaluate's --truth")
-    box = truth_box(truth_meta, truth, tuple(pred_meta.shape), instances)
-    if pred_meta.dtype.kind not in "uib":  # e.g. a probability or weight map given as instances
-        raise InputError(instances, f"instances must be integer labels (0 = membrane), found dtype {pred_meta.dtype}; "
-                         "probabilities go to --probabilities")
+    pred_meta, truth_meta, box = _checked_stores(instances, truth, truth_mode, foreground_value, unlabelled_value)
     offset = truth_meta.offset
     oz = offset[0]
     pred_arr = open_image(instances)
@@ -276,10 +268,7 @@ def evaluate(
     # The evaluated range's slices, kept for the 3D scores (objects taken whole across z).
     pred_stack: list[np.ndarray] = []
     truth_stack: list[np.ndarray] = []
-    z_iter: Iterable[int] = zs
-    if progress:
-        z_iter = progress_bar(zs, unit="slice", desc=f"evaluate {instances.name}")
-    for z in z_iter:
+    for z in progress_bar(zs, unit="slice", desc=f"evaluate {instances.name}", enabled=progress):
         t = np.asarray(truth_arr[z - oz])
         cells, truth_inst, known = _truth_slice(t, truth, truth_mode, foreground_value, unlabelled_value)
         annotated += t.size if known is None else int(np.count_nonzero(known))
@@ -308,6 +297,22 @@ def evaluate(
     result = _result(instances, truth, probabilities, raw, dataset, summary, params, rows)
     _write_metrics(out_json, result)
     return result
+
+
+def _checked_stores(instances: Path, truth: Path, truth_mode: str, foreground_value: int | None,
+                    unlabelled_value: int | None) -> tuple[Any, Any, tuple[slice, slice]]:
+    """(prediction metadata, truth metadata, the truth's box in the prediction), after the checks every
+    stage taking these kinds makes: class values, store roles, integer instances."""
+    check_unlabelled_value(truth, truth_mode, foreground_value, unlabelled_value)
+    pred_meta = image_metadata(instances)
+    truth_meta = image_metadata(truth)
+    check_role(pred_meta, ("instances", "labels"), "evaluate's --prediction")
+    check_role(truth_meta, ("labels", "instances"), "evaluate's --truth")
+    box = truth_box(truth_meta, truth, tuple(pred_meta.shape), instances)
+    if pred_meta.dtype.kind not in "uib":  # e.g. a probability or weight map given as instances
+        raise InputError(instances, f"instances must be integer labels (0 = membrane), found dtype {pred_meta.dtype}; "
+                         "probabilities go to --probabilities")
+    return pred_meta, truth_meta, box
 
 
 def _check_foreground_value(truth: Path, dtype: np.dtype, truth_mode: str, foreground_value: int | None) -> None:

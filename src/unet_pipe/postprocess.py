@@ -43,7 +43,7 @@ import scipy.ndimage as ndi
 from skimage.morphology import h_maxima
 from skimage.segmentation import watershed
 
-from unet_pipe.errors import ConfigError
+from unet_pipe.errors import ConfigError, UnetPipeError
 from unet_pipe.instances3d import label_volume
 from unet_pipe.io import DEFAULT_NGFF, StagedImage, image_metadata, slab_depth
 from unet_pipe.probabilities import as_probability, check_probabilities, needs_range_check, open_probabilities
@@ -308,19 +308,28 @@ def _staged_labels(probabilities: str | Path, dest: str | Path, meta: Any, param
 
 
 def _label_slabs(staged: StagedImage, runs: Any, prob: Any, probabilities: str | Path, params: dict, *,
-                 check_range: bool) -> int:
+                 check_range: bool, next_id: int = 1) -> int:
     """Label the runs ``(z0, z1, done)`` of ``prob`` into ``staged`` (done runs are skipped), with ids
     unique across the stack and a done record per z-chunk slab; returns the next free id."""
     out = staged.array
     step = out.chunks[0]
     scale = params["probability_scale"]
-    next_id = 1
     for z0, z1, done in runs:
         if done:
             # Ids grow with z, so the slabs' maximum is the last id used so far.
             next_id = max(next_id, int(np.max(out[z0:z1], initial=0)) + 1)
             continue
-        slab = as_probability(prob[z0:z1], scale)
+        try:
+            slab = as_probability(prob[z0:z1], scale)
+        except UnetPipeError:
+            if z1 - z0 <= step:
+                raise
+            # A damaged chunk in the run: one z-chunk at a time, so the slabs before it are kept
+            # (their done records make the rerun resume there) and the error names the chunk.
+            single = [(k0, min(k0 + step, z1), False) for k0 in range(z0, z1, step)]
+            next_id = _label_slabs(staged, single, prob, probabilities, params, check_range=check_range,
+                                   next_id=next_id)
+            continue
         if check_range:
             check_probabilities(slab, probabilities, f"in slices {z0}-{z1 - 1}")
         labels = instances_from_stack(

@@ -331,17 +331,21 @@ def segment(
             stores["probabilities"], stores["instances"], **options, pyramid_levels=pyramid_levels,
             overwrite=overwrite, resume=True, progress=progress, ngff=ngff, instances=instances, **options_3d,
         ), resumable=True)  # fmt: skip
-        _run_stage(records, "view", _fingerprint("view", fp_post), stores["view"], overwrite, lambda: build_view(
-            stores["raw"], stores["view"], {"instances": stores["instances"]}, overwrite=overwrite,
-        ))  # fmt: skip
-        if tiff:
-            tif = folder / "instances.tif"
-
-            _run_stage(records, "tiff", _fingerprint("tiff", fp_post), tif, overwrite,
-                       lambda: instances_to_tiff(stores["instances"], tif))
+        _view_and_tiff(records, stores, folder / "instances.tif" if tiff else None, fp_post, overwrite)
         summaries.append(_write_summary(item, folder, stores, records, model, model_sha, record, chosen))
     _write_report(out_dir / "report.md", summaries, figures)
     return summaries
+
+
+def _view_and_tiff(records: _StageRecords, stores: dict[str, Path], tif: Path | None, fp_post: str,
+                   overwrite: bool) -> None:
+    """The view store and (``tif`` given) the ImageJ TIFF of the instances, as resumable stages."""
+    _run_stage(records, "view", _fingerprint("view", fp_post), stores["view"], overwrite, lambda: build_view(
+        stores["raw"], stores["view"], {"instances": stores["instances"]}, overwrite=overwrite,
+    ))  # fmt: skip
+    if tif is not None:
+        _run_stage(records, "tiff", _fingerprint("tiff", fp_post), tif, overwrite,
+                   lambda: instances_to_tiff(stores["instances"], tif))
 
 
 def _instance_mode(chosen: dict, model: str | Path, instances: str | None, block: Sequence[int] | None,

@@ -106,17 +106,7 @@ def synthesize_3d(
     waves = _Waves3D(rng, p.wobble, 2.5 * p.cell_diameter)
     tree = cKDTree(seeds)
 
-    cells = np.empty((nz, ny, nx), dtype=np.int32)
-    yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float64)
-    for z0 in range(0, nz, _SLAB):
-        z1 = min(z0 + _SLAB, nz)
-        zz = np.repeat(np.arange(z0, z1, dtype=np.float64) * anisotropy, ny * nx)
-        pts = np.column_stack([zz, np.tile(yy.ravel(), z1 - z0), np.tile(xx.ravel(), z1 - z0)])
-        pts += waves(pts)
-        # Weighted Voronoi: among the 4 nearest seeds, the one with the least distance - weight.
-        dist, idx = tree.query(pts, k=4, workers=1)
-        best = np.argmin(dist - weights[idx], axis=1)
-        cells[z0:z1] = idx[np.arange(len(idx)), best].reshape(z1 - z0, ny, nx)
+    cells = _tessellate(tree, weights, waves, (nz, ny, nx), anisotropy)
     # Membranes: voxels with another cell within the half width (both sides of each face).
     footprint = ndimage.generate_binary_structure(3, 1)
     iterations = max(1, p.membrane_width // 2)
@@ -129,18 +119,7 @@ def synthesize_3d(
     ids, inverse = np.unique(cells, return_inverse=True)
     inverse = inverse.reshape(cells.shape)
     instances = np.where(membrane, 0, inverse + 1).astype(np.uint32)
-    # Gaps: faint spots in the membrane (the truth keeps them membrane: a leak for p > t components).
-    gray_membrane = np.ones(cells.shape, np.float32)
-    membrane_points = np.argwhere(membrane)
-    gap_rng = np.random.default_rng([seed, 1])  # its own stream: the gaps change nothing else
-    n_gaps = gap_rng.poisson(p.gaps_per_cell * len(ids)) if len(membrane_points) else 0
-    for centre in membrane_points[gap_rng.integers(0, len(membrane_points), n_gaps)] if n_gaps else []:
-        lo = np.maximum(centre - int(np.ceil(p.gap_radius)), 0)
-        hi = np.minimum(centre + int(np.ceil(p.gap_radius)) + 1, cells.shape)
-        sl = tuple(slice(a, b) for a, b in zip(lo, hi))
-        grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij"), axis=-1)
-        r = np.linalg.norm((grid - centre) * [anisotropy, 1, 1], axis=-1) / p.gap_radius
-        gray_membrane[sl] = np.minimum(gray_membrane[sl], np.clip(r, 0.15, 1.0).astype(np.float32))
+    gray_membrane = _membrane_gaps(membrane, seed, len(ids), anisotropy, p)
     # Gray values: per-cell cytoplasm, texture, dark blobs inside cells, dark membranes, blur, noise.
     cell_gray = rng.normal(168, 10, len(ids) + 1).astype(np.float32)
     image = cell_gray[inverse + 1]
@@ -170,6 +149,40 @@ def synthesize_3d(
     if pieces.max() < 2**16:
         pieces = pieces.astype(np.uint16)
     return SynthStack(raw=raw, labels=labels, instances=pieces)
+
+
+def _tessellate(tree: cKDTree, weights: np.ndarray, waves: _Waves3D, shape: tuple[int, int, int],
+                anisotropy: float) -> np.ndarray:
+    """Seed index of every voxel: the weighted Voronoi cell of its displaced position, slab by slab."""
+    nz, ny, nx = shape
+    cells = np.empty((nz, ny, nx), dtype=np.int32)
+    yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float64)
+    for z0 in range(0, nz, _SLAB):
+        z1 = min(z0 + _SLAB, nz)
+        zz = np.repeat(np.arange(z0, z1, dtype=np.float64) * anisotropy, ny * nx)
+        pts = np.column_stack([zz, np.tile(yy.ravel(), z1 - z0), np.tile(xx.ravel(), z1 - z0)])
+        pts += waves(pts)
+        # Weighted Voronoi: among the 4 nearest seeds, the one with the least distance - weight.
+        dist, idx = tree.query(pts, k=4, workers=1)
+        best = np.argmin(dist - weights[idx], axis=1)
+        cells[z0:z1] = idx[np.arange(len(idx)), best].reshape(z1 - z0, ny, nx)
+    return cells
+
+
+def _membrane_gaps(membrane: np.ndarray, seed: int, n_cells: int, anisotropy: float, p: Synth3DParams) -> np.ndarray:
+    """Per-voxel membrane darkness factor (1: full; down to 0.15 at a gap's centre), from its own random stream."""
+    gray_membrane = np.ones(membrane.shape, np.float32)
+    membrane_points = np.argwhere(membrane)
+    gap_rng = np.random.default_rng([seed, 1])  # its own stream: the gaps change nothing else
+    n_gaps = gap_rng.poisson(p.gaps_per_cell * n_cells) if len(membrane_points) else 0
+    for centre in membrane_points[gap_rng.integers(0, len(membrane_points), n_gaps)] if n_gaps else []:
+        lo = np.maximum(centre - int(np.ceil(p.gap_radius)), 0)
+        hi = np.minimum(centre + int(np.ceil(p.gap_radius)) + 1, membrane.shape)
+        sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+        grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij"), axis=-1)
+        r = np.linalg.norm((grid - centre) * [anisotropy, 1, 1], axis=-1) / p.gap_radius
+        gray_membrane[sl] = np.minimum(gray_membrane[sl], np.clip(r, 0.15, 1.0).astype(np.float32))
+    return gray_membrane
 
 
 def _split_by_id(ids: np.ndarray, components: np.ndarray) -> np.ndarray:
