@@ -390,3 +390,31 @@ def test_instances_3d_with_method_auto_calibrates_in_3d(tmp_path):
     assert len(calibrate) == 1 and "--instances 3d" in calibrate[0], commands
     post = [c for c in commands if c.startswith("postprocess ")]
     assert post and all("--decisions" in c and "--instances 3d" in c for c in post), post
+
+
+@pytest.mark.slow
+def test_isotropic_preset_runs_in_3d_end_to_end(tmp_path):
+    """config/isotropic-cpu.yaml with only its data shrunk (a synthetic 3D cube of 84 x 96 x 96) and its
+    steps cut to 10, for time: every stage runs, the decisions are chosen in 3D, the instances are 3D
+    objects (ids spanning slices) and evaluate reports 3D scores on the held-out range."""
+    (tmp_path / "small.yaml").write_text(yaml.safe_dump({
+        "results": "results",
+        "datasets": {"cube": {"synthetic": {"shape": [84, 96, 96], "seed": 1, "mode": "3d"},
+                              "voxel_size": [0.01, 0.01, 0.01]}},
+        "train": {"steps": 10, "val_every": 10, "checkpoint_every": 10},
+    }))
+    proc = run_snakemake(tmp_path, "--cores", "2", "--configfile", str(REPO / "config" / "isotropic-cpu.yaml"),
+                         str(tmp_path / "small.yaml"))  # fmt: skip
+    assert "dataset 'cube' split automatically: train [0, 56], calibrate [56, 70], val [70, 84]" in proc.stderr
+    results = tmp_path / "results"
+    decisions = json.loads((results / "model" / "decisions.json").read_text())
+    assert decisions["instances"] == "3d" and decisions["decisions"]["instances"] == "3d"
+    assert decisions["windows"] == {"cube": [[[56, 70], [0, 96], [0, 96]]]}
+    inst = np.asarray(open_image(results / "cube" / "instances.ome.zarr")[:])
+    assert inst.shape == (84, 96, 96)
+    own = json.loads((results / "cube" / "instances.ome.zarr" / ".zattrs").read_text())["unet_pipe"]
+    assert own["instances_mode"] == "3d"
+    metrics = json.loads((results / "cube" / "metrics.json").read_text())
+    val3d = metrics["summary"]["val"]["scores_3d"]
+    assert val3d["z"] == [70, 84] and 0 <= val3d["are"] <= 1 and val3d["truth_objects"] > 0
+    assert (results / "report" / "report.md").exists()

@@ -23,9 +23,15 @@ def add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shape", nargs=3, type=int, metavar=("Z", "Y", "X"), default=[12, 256, 256])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--voxel-size", nargs=3, type=float, metavar=("Z", "Y", "X"), default=[0.05, 0.004, 0.004],
-        help="voxel size in micrometres written to the TIFF metadata (default: ISBI-like 0.05 0.004 0.004)",
+        "--voxel-size", nargs=3, type=float, metavar=("Z", "Y", "X"), default=None,
+        help="voxel size in micrometres written to the TIFF metadata (default: ISBI-like 0.05 0.004 0.004; "
+        "--mode 3d: 0.01 isotropic, z times --anisotropy)",
     )
+    p.add_argument("--mode", choices=("2d", "3d"), default="2d",
+                   help="2d: serial sections, cells drawn slice by slice (ISBI-like); 3d: touching 3D cells with "
+                   "dense 3D truth and membranes with small gaps (FIB-SEM-like; unet_pipe.synth3d)")
+    p.add_argument("--anisotropy", type=float, default=1.0,
+                   help="--mode 3d: z voxel edge over the y/x edge (default 1: isotropic)")
     p.set_defaults(func=_cmd_synth)
 
 
@@ -38,8 +44,13 @@ SYNTH_BYTES_PER_VOXEL = 80
 
 def _cmd_synth(args: argparse.Namespace) -> int:
     check_option("--seed", args.seed, 0)
-    if min(args.shape) < 1 or min(args.shape[1:]) < 8:
-        raise UnetPipeError(None, f"--shape must be at least 1 8 8, got {' '.join(map(str, args.shape))}")
+    check_option("--anisotropy", args.anisotropy, 0, 100, above=True)
+    low = (4, 4, 4) if args.mode == "3d" else (1, 8, 8)
+    if any(s < m for s, m in zip(args.shape, low)):
+        raise UnetPipeError(None, f"--shape must be at least {' '.join(map(str, low))}, got "
+                            f"{' '.join(map(str, args.shape))}")
+    if args.voxel_size is None:
+        args.voxel_size = [0.01 * args.anisotropy, 0.01, 0.01] if args.mode == "3d" else [0.05, 0.004, 0.004]
     if math.prod(args.shape) > SYNTH_MAX_VOXELS:
         raise UnetPipeError(None, f"--shape {' '.join(map(str, args.shape))} is over {SYNTH_MAX_VOXELS:.0e} voxels "
                             "(synthetic stacks are made in memory)")
@@ -50,6 +61,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     if need > free:  # else the kernel kills the process part-way, with no message
         raise UnetPipeError(None, f"--shape {' '.join(map(str, args.shape))} needs about {need / 2**30:.1f} GiB of "
                             f"memory, {free / 2**30:.1f} GiB are available")
-    paths = write_synthetic(args.out_dir, args.shape, args.seed, args.voxel_size)
+    paths = write_synthetic(args.out_dir, args.shape, args.seed, args.voxel_size, mode=args.mode,
+                            anisotropy=args.anisotropy)
     log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
     return 0
