@@ -94,3 +94,13 @@ def test_float32_training_threads_change_round_off_only(tmp_path, stores):
     one, two = (load_checkpoint(tmp_path / f"{n}.pt")["model_state"] for n in ("one", "two"))
     assert load_checkpoint(tmp_path / "two.pt")["step"] == 6
     assert max(float((one[k] - two[k]).abs().max()) for k in one) <= 1e-5
+
+
+def test_the_docs_print_the_same_table():
+    """docs/data-safety.md shows the determinism table as unet_pipe.determinism states it."""
+    from pathlib import Path
+
+    from unet_pipe.determinism import markdown_table
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "data-safety.md").read_text()
+    assert markdown_table().strip() in text
