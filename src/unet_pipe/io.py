@@ -63,6 +63,12 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CHUNKS: tuple[int, int, int] = (1, 512, 512)
 DEFAULT_COMPRESSION: dict[str, Any] = {"cname": "zstd", "clevel": 3}
+# The fastest zstd level with one Blosc block per 512 x 512 chunk, for stores written on the way to
+# a result (raw at ingest, instance labels). Measured on 30 ISBI slices: raw EM 35% less ingest CPU
+# at the same ratio (1.08x at every level); uint32 instance ids encoded in 0.036 s instead of
+# 0.101 s at a ratio of 18 instead of 20. The block size is stored in each chunk's Blosc header;
+# every Blosc reader handles it.
+FAST_COMPRESSION: dict[str, Any] = {"cname": "zstd", "clevel": 1, "blocksize": 262144}
 _DONE_DIR = DONE_DIR
 _STAGING_SUFFIX = ".partial"
 

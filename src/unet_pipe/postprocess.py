@@ -45,7 +45,7 @@ from skimage.segmentation import watershed
 
 from unet_pipe.errors import ConfigError, UnetPipeError
 from unet_pipe.instances3d import label_volume
-from unet_pipe.io import DEFAULT_NGFF, StagedImage, image_metadata, slab_depth
+from unet_pipe.io import DEFAULT_NGFF, FAST_COMPRESSION, StagedImage, image_metadata, slab_depth
 from unet_pipe.probabilities import as_probability, check_probabilities, needs_range_check, open_probabilities
 from unet_pipe.progress import progress_bar
 from unet_pipe.provenance import input_fingerprint, provenance
@@ -299,6 +299,7 @@ def _staged_labels(probabilities: str | Path, dest: str | Path, meta: Any, param
         chunks=meta.chunks,
         voxel_size=meta.voxel_size,
         kind="labels",
+        compression=FAST_COMPRESSION,  # ids of few objects per chunk compress well at any level
         resume=resume,
         fingerprint=fingerprint,
         overwrite=overwrite,
