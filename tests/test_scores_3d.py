@@ -96,3 +96,26 @@ def test_evaluate_reports_3d_scores_per_range_and_the_report_shows_them(tmp_path
     assert r2["summary"]["all"]["rand_error"] == r3["summary"]["all"]["rand_error"] == 0.0  # per-slice unchanged
     report = write_report(tmp_path / "report.md", [tmp_path / "m2.json"], figures=0).read_text()
     assert "### 3D objects" in report and "| stack | val | 4-5 | 2 | 4 | 0.3555 | 1.000 | 0.000 |" in report
+
+
+def test_report_shows_3d_objects_from_the_side(tmp_path):
+    """With 3D instances the report adds the xz/yz sections of the objects (one colour per 3D object);
+    2D instances get none."""
+    from PIL import Image
+
+    truth = np.zeros((6, 12, 12), np.uint8)
+    truth[:, 2:7, 2:7] = 255  # cut by both central sections (y = 6, x = 6)
+    truth[:, 4:10, 8:11] = 255  # cut by the xz section only
+    prob = np.where(truth > 0, 0.9, 0.1).astype(np.float32)
+    t = _store(tmp_path / "t.ome.zarr", truth, (2, 12, 12))
+    p = _store(tmp_path / "p.ome.zarr", prob, (2, 12, 12))
+    r = _store(tmp_path / "r.ome.zarr", (prob * 200).astype(np.uint8), (2, 12, 12))
+    for mode in ("2d", "3d"):
+        postprocess(p, tmp_path / f"i{mode}.ome.zarr", instances=mode, pyramid_levels=0)
+        evaluate(tmp_path / f"i{mode}.ome.zarr", t, tmp_path / f"m{mode}.json", raw=r, dataset=f"stack{mode}")
+    report = write_report(tmp_path / "report.md", [tmp_path / "m2d.json", tmp_path / "m3d.json"], figures=1)
+    text = report.read_text()
+    assert "![stack3d: 3D objects](report_figures/stack3d_3d.png)" in text and "stack2d_3d.png" not in text
+    assert "(2 objects cut by the sections)" in text
+    image = Image.open(tmp_path / "report_figures" / "stack3d_3d.png")
+    assert image.size[0] > 100 and image.size[1] > 100

@@ -558,15 +558,28 @@ def _snakemake_log(workdir: Path) -> str:
 
 
 def _outputs(results: Path) -> dict[str, Path]:
-    """Data outputs by path relative to ``results``: OME-Zarr images and TIFFs (not logs/benchmarks)."""
+    """Data outputs by path relative to ``results``: OME-Zarr images and TIFFs (not logs/benchmarks).
+
+    A ``view.ome.zarr`` links to the stores it shows (compared themselves) and no stage reads it
+    (unet-pipe refuses metadata paths leading out of a store): its link targets are listed instead."""
     found = {}
     for pattern in ("**/*.ome.zarr", "**/*.tif", "**/*.tiff"):
         for path in results.glob(pattern):
-            found[str(path.relative_to(results))] = path
+            if path.name == "view.ome.zarr":
+                found[str(path.relative_to(results))] = _view_links(path)
+            else:
+                found[str(path.relative_to(results))] = path
     return found
 
 
-def _read_array(path: Path) -> np.ndarray:
+def _view_links(view: Path) -> list[str]:
+    """The relative targets of a view's links (what it shows), in order."""
+    return sorted(os.readlink(p) for p in view.rglob("*") if p.is_symlink())
+
+
+def _read_array(path: Path | list[str]) -> np.ndarray:
+    if isinstance(path, list):  # a view: its link targets
+        return np.array(path)
     if path.name.endswith(".ome.zarr"):
         from unet_pipe.io import open_image
 

@@ -29,7 +29,7 @@ import numpy as np
 from unet_pipe.atomic import atomic_output, check_ours, write_markdown_with_figures
 from unet_pipe.errors import UnetPipeError
 from unet_pipe.evaluate import read_metrics
-from unet_pipe.io import open_image
+from unet_pipe.io import ATTRS_KEY, image_metadata, open_image
 from unet_pipe.metrics import instances_from_binary
 
 log = logging.getLogger(__name__)
@@ -169,6 +169,47 @@ def slice_figure(metrics: dict[str, Any], slices: Sequence[tuple[int, str]], des
             ax.set_axis_off()
     fig.tight_layout()
     _save_png(fig, dest)
+
+
+def is_3d_instances(path: str | Path) -> bool:
+    """Whether an instance store holds objects labelled across slices (``postprocess --instances 3d``);
+    False when it cannot be read (the slice figure then says why it was skipped)."""
+    try:
+        return (image_metadata(path).attrs.get(ATTRS_KEY) or {}).get("instances_mode") == "3d"
+    except (UnetPipeError, OSError):
+        return False
+
+
+def orthogonal_figure(metrics: dict[str, Any], dest: Path) -> int:
+    """PNG of 3D instances seen from the side: the xz and yz sections through the centre of the
+    evaluated z range (raw, and the objects over it: one colour per 3D object, so an object keeps its
+    colour across slices), drawn at the voxel size's aspect. Returns the number of objects shown."""
+    inputs = metrics["inputs"]
+    meta = image_metadata(inputs["instances"])
+    pred = open_image(inputs["instances"])
+    raw = open_image(inputs["raw"]) if inputs.get("raw") else None
+    z0, z1 = (int(v) for v in metrics["params"]["slices"])
+    vz, vy, vx = meta.voxel_size
+    ny, nx = pred.shape[1:]
+    sections = (("xz", (slice(z0, z1), ny // 2, slice(None)), vz / vx),
+                ("yz", (slice(z0, z1), slice(None), nx // 2), vz / vy))
+    fig = _new_figure(2 * 3.6, 2 * 2.4)
+    shown: set[int] = set()
+    for row, (name, where, aspect) in enumerate(sections):
+        labels = np.asarray(pred[where])
+        step = max(1, math.ceil(labels.shape[1] / (2 * _MAX_PANEL_PIXELS)))
+        labels = labels[:, ::step]
+        gray = _normalize(np.asarray(raw[where])[:, ::step]) if raw is not None else np.zeros(labels.shape)
+        shown |= set(np.unique(labels[labels > 0]).tolist())
+        for col, (image, title) in enumerate(((gray, f"{name} section, raw (z {z0}-{z1 - 1})"),
+                                               (label_overlay(gray, labels), f"{name} section, 3D objects"))):
+            ax = fig.add_subplot(2, 2, row * 2 + col + 1)
+            ax.imshow(image, cmap="gray", interpolation="nearest", aspect=aspect * step if step > 1 else aspect)
+            ax.set_title(title, fontsize=8)
+            ax.set_axis_off()
+    fig.tight_layout()
+    _save_png(fig, dest)
+    return len(shown)
 
 
 def _display_raw(gray: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -422,6 +463,15 @@ def _dataset_lines(source: str | Path, m: dict[str, Any], figures: int, staging:
                    "use every pixel.", ""]
         except (UnetPipeError, OSError, KeyError) as exc:
             md += [f"*Slice figures skipped: {exc}*", ""]
+    if figures and is_3d_instances(m["inputs"]["instances"]):
+        png = f"{_safe(name)}_3d.png"
+        try:
+            n = orthogonal_figure(m, staging / png)
+            md += [f"![{name}: 3D objects]({figdir}/{png})", "",
+                   f"3D objects seen from the side ({n} objects cut by the sections): each colour is one object "
+                   "labelled across slices, at the voxel size's aspect.", ""]
+        except (UnetPipeError, OSError, KeyError) as exc:
+            md += [f"*3D figure skipped: {exc}*", ""]
     rows = m["per_slice"]
     md += [f"Per-slice values: `{Path(source).with_suffix('.csv')}`.", ""]
     if len(rows) <= _MAX_TABLE_ROWS:
