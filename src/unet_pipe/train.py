@@ -430,60 +430,27 @@ def _restore(source: Path, config: dict, model: UNet, normalization: dict, preci
     return optimizer_state, step, history, elapsed, init_record
 
 
-def _train(
-    config: dict,
-    stores: Mapping[str, Mapping[str, Any]],
-    out: Path,
-    partial: Path,
-    log_path: Path | None,
-    resume: bool,
-    dev: torch.device,
-    total: int,
-    stop: int,
-    progress: bool,
-    tensorboard_dir: str | Path | None,
-) -> dict:
-    train_cfg, model_cfg, weights_cfg = config["train"], config["model"], config["weights"]
-    seed = int(config["seed"])
+def _train(config: dict, stores: Mapping[str, Mapping[str, Any]], out: Path, partial: Path, log_path: Path | None,
+           resume: bool, dev: torch.device, total: int, stop: int, progress: bool,
+           tensorboard_dir: str | Path | None) -> dict:
+    """The training run of :func:`train`: inputs, start (resumed, fine-tuned or fresh), the loop with its
+    periodic checkpoints to ``partial``, and the final checkpoint ``out`` (or ``partial`` when stopped early)."""
+    train_cfg, weights_cfg, seed = config["train"], config["weights"], int(config["seed"])
     sampler, augment, val_data, input_dtypes, voxel_sizes, normalization = _training_inputs(config, stores)
-
-    torch.manual_seed(seed)
-    model = UNet(
-        in_channels=1,
-        n_classes=model_cfg["n_classes"],
-        depth=model_cfg["depth"],
-        base_channels=model_cfg["base_channels"],
-        dims=model_cfg["dims"],
-        dropout=model_cfg["dropout"],
-    )
+    model = _new_model(config["model"], seed)
     tile_rng, aug_gen = _derived_seeds(seed)
     precision = resolve_precision(train_cfg.get("precision", "auto"), dev, training=True)
-    use_cuda = dev.type == "cuda"
     # float16's narrow range needs loss scaling; bfloat16 has float32's range and needs none.
     use_scaler = precision == "float16"
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    history: list[dict] = []
-    step, elapsed = 0, 0.0
-
-    source = None
-    if resume:
-        source = partial if partial.exists() else (out if out.exists() else None)
-        if source is None:
-            log.info("nothing to resume at %s; starting from step 0", out)
-    optimizer_state = None
-    init_record: dict | None = None  # the checkpoint whose weights started this run (fine-tuning)
-    if source is not None:
-        optimizer_state, step, history, elapsed, init_record = _restore(
-            source, config, model, normalization, precision, dev, tile_rng, aug_gen, scaler, total
-        )
-    elif train_cfg.get("init_from") is not None:
-        # Fine-tuning: weights only; the optimiser, schedule and step start afresh.
-        init_record = init_weights_from(model, train_cfg["init_from"])
-        log.info("initialised from %s (sha256 %s)", init_record["path"], init_record["sha256"][:12])
-
+    source = (partial if partial.exists() else out if out.exists() else None) if resume else None
+    if resume and source is None:
+        log.info("nothing to resume at %s; starting from step 0", out)
+    optimizer_state, step, history, elapsed, init_record = _starting_state(
+        source, config, model, normalization, precision, dev, tile_rng, aug_gen, scaler, total
+    )
     memory_format = training_memory_format(dev, precision, model.dims)
-    model.to(dev, memory_format=memory_format)
-    model.train()
+    model.to(dev, memory_format=memory_format).train()
     optimizer = make_optimizer(model, train_cfg)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
@@ -492,63 +459,34 @@ def _train(
         extra = {
             "tile_rng": tile_rng.bit_generator.state,
             "aug_rng": aug_gen.get_state(),
-            "cuda_rng": torch.cuda.get_rng_state() if use_cuda else None,
+            "cuda_rng": torch.cuda.get_rng_state() if dev.type == "cuda" else None,
             "scaler": scaler.state_dict() if use_scaler else None,
             **precision_record(precision),  # the precision used, the CPU model and its bf16 flags
-            "history": history,
-            "seconds": elapsed + (time.perf_counter() - started),
-            "tile": sampler.tile,
-            "output": sampler.output,
-            "input_normalization": normalization,
-            "input_dtypes": input_dtypes,
-            "voxel_sizes": voxel_sizes,
-            "label_mode": weights_cfg["label_mode"],
+            "history": history, "seconds": elapsed + (time.perf_counter() - started),
+            "tile": sampler.tile, "output": sampler.output, "input_normalization": normalization,
+            "input_dtypes": input_dtypes, "voxel_sizes": voxel_sizes, "label_mode": weights_cfg["label_mode"],
             "init_from": init_record,  # {"path", "sha256"} of train.init_from, kept across resumes
-        }
+        }  # fmt: skip
         save_checkpoint(path, model, optimizer, step=step, config=config, extra=extra)
 
-    if log_path is not None:
-        write_csv_atomic(log_path, [_format_row(r) for r in history], CSV_COLUMNS)
-    board = _Tensorboard(tensorboard_dir)
+    steps_log = _StepLog(log_path, history, tensorboard_dir, total, step, progress)
     started = time.perf_counter()
     last_val = (float("nan"), float("nan"))
     skipped = 0
-    csv_file = open_append(log_path) if log_path is not None else None
-    writer = csv.DictWriter(csv_file, fieldnames=CSV_COLUMNS) if csv_file is not None else None
-    bar = progress_bar(total=total, initial=step, enabled=progress, desc="train", unit="step", dynamic_ncols=True)
     compute_threads = torch.get_num_threads()  # set by train()
     try:
         while step < stop:
             lr = learning_rate(step, total, train_cfg["lr"], train_cfg["lr_schedule"])
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            if dev.type == "cpu":
-                # One tile's sampling and augmentation are small element-wise ops: on 2 threads
-                # of a loaded machine (load 7 on 2 cores) every OpenMP region waited for a
-                # descheduled thread: 0.24 s per 188^2 tile against 0.013 s on one thread
-                # (measured), next to 0.6-1.7 s for a depth-4/base-16 step.
-                torch.set_num_threads(1)
-            image, classes, weights = sampler.batch(train_cfg["batch_size"], tile_rng)
-            image, classes, weights = image.to(dev), classes.to(dev), weights.to(dev)
-            image, classes, weights = augment_sample(
-                image, classes, weights, augment, aug_gen, spatial_dims=model.dims
+            image, classes, weights = _training_batch(
+                sampler, augment, tile_rng, aug_gen, model, dev, train_cfg["batch_size"], compute_threads
             )
-            classes = center_crop(classes, model.margin, model.dims)
-            weights = center_crop(weights, model.margin, model.dims)
-            if dev.type == "cpu":
-                torch.set_num_threads(compute_threads)
             optimizer.zero_grad(set_to_none=True)
             with autocast(dev, precision):
                 logits = model(image.contiguous(memory_format=memory_format))
             loss = weighted_cross_entropy(logits, classes, weights)
-            if not torch.isfinite(loss):
-                skipped += 1
-                if not use_scaler or skipped > _AMP_MAX_SKIPPED:
-                    raise ConfigError(
-                        None, f"training diverged at step {step + 1} (loss {loss.item()}); lower 'train.lr'"
-                    )
-            else:
-                skipped = 0
+            skipped = _count_non_finite(loss, skipped, use_scaler, step)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
@@ -557,35 +495,104 @@ def _train(
             if val_data and (step % train_cfg["val_every"] == 0 or step == total):
                 last_val = validate(model, val_data, dev, config.get("postprocess", {}), precision)
                 row["val_pixel_error"], row["val_rand_error"] = last_val
-                log.info(
-                    "step %d: loss %.4f, validation pixel error %.4f, Rand error %.4f",
-                    step, row["loss"], *last_val,
-                )
+                log.info("step %d: loss %.4f, validation pixel error %.4f, Rand error %.4f", step, row["loss"],
+                         *last_val)
             row["seconds"] = round(elapsed + time.perf_counter() - started, 3)
-            history.append(row)
-            if writer is not None:
-                writer.writerow(_format_row(row))
-                csv_file.flush()
-            board.add(row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)  # before update: its line shows this step
-            bar.update(1)
+            steps_log.add(row)
             if step % train_cfg["checkpoint_every"] == 0 and step < total:
                 save(partial)
     finally:
-        bar.close()
-        board.close()
-        if csv_file is not None:
-            csv_file.close()
+        steps_log.close()
 
-    if step >= total:
-        save(out)
+    written = out if step >= total else partial
+    save(written)
+    if written == out:
         partial.unlink(missing_ok=True)
         forget(partial)
-        written = out
-    else:
-        save(partial)
-        written = partial
     return _run_summary(written, step, total, history, last_val, precision)
+
+
+class _StepLog:
+    """Where each step's row goes: the history, the training CSV (rewritten with a resumed run's
+    history, then appended to row by row), TensorBoard and the progress line."""
+
+    def __init__(self, log_path: Path | None, history: list[dict], tensorboard_dir: str | Path | None,
+                 total: int, step: int, progress: bool) -> None:
+        if log_path is not None:
+            write_csv_atomic(log_path, [_format_row(r) for r in history], CSV_COLUMNS)
+        self.history = history
+        self.board = _Tensorboard(tensorboard_dir)
+        self.csv_file = open_append(log_path) if log_path is not None else None
+        self.writer = csv.DictWriter(self.csv_file, fieldnames=CSV_COLUMNS) if self.csv_file is not None else None
+        self.bar = progress_bar(total=total, initial=step, enabled=progress, desc="train", unit="step",
+                                dynamic_ncols=True)
+
+    def add(self, row: dict) -> None:
+        self.history.append(row)
+        if self.writer is not None:
+            self.writer.writerow(_format_row(row))
+            self.csv_file.flush()
+        self.board.add(row)
+        self.bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)  # before update: its line shows this step
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.board.close()
+        if self.csv_file is not None:
+            self.csv_file.close()
+
+
+def _new_model(model_cfg: Mapping[str, Any], seed: int) -> UNet:
+    """The network of the model section, initialised from ``seed`` (He init)."""
+    torch.manual_seed(seed)
+    return UNet(in_channels=1, n_classes=model_cfg["n_classes"], depth=model_cfg["depth"],
+                base_channels=model_cfg["base_channels"], dims=model_cfg["dims"], dropout=model_cfg["dropout"])
+
+
+def _starting_state(
+    source: Path | None, config: dict, model: UNet, normalization: dict, precision: str, dev: torch.device,
+    tile_rng: np.random.Generator, aug_gen: Any, scaler: Any, total: int,
+) -> tuple[dict | None, int, list[dict], float, dict | None]:
+    """(optimiser state, step, history, seconds, init record) to start from: a checkpoint being resumed
+    (``source``), else ``train.init_from``'s weights (fine-tuning: the optimiser, schedule and step start
+    afresh), else nothing."""
+    if source is not None:
+        return _restore(source, config, model, normalization, precision, dev, tile_rng, aug_gen, scaler, total)
+    init_record = None  # the checkpoint whose weights started this run (fine-tuning)
+    if config["train"].get("init_from") is not None:
+        init_record = init_weights_from(model, config["train"]["init_from"])
+        log.info("initialised from %s (sha256 %s)", init_record["path"], init_record["sha256"][:12])
+    return None, 0, [], 0.0, init_record
+
+
+def _training_batch(sampler: TileSampler, augment: AugmentParams, tile_rng: np.random.Generator, aug_gen: Any,
+                    model: UNet, dev: torch.device, batch_size: int, compute_threads: int) -> tuple:
+    """One augmented batch (image, classes and weights cropped to the output window) on ``dev``."""
+    if dev.type == "cpu":
+        # One tile's sampling and augmentation are small element-wise ops: on 2 threads
+        # of a loaded machine (load 7 on 2 cores) every OpenMP region waited for a
+        # descheduled thread: 0.24 s per 188^2 tile against 0.013 s on one thread
+        # (measured), next to 0.6-1.7 s for a depth-4/base-16 step.
+        torch.set_num_threads(1)
+    image, classes, weights = sampler.batch(batch_size, tile_rng)
+    image, classes, weights = image.to(dev), classes.to(dev), weights.to(dev)
+    image, classes, weights = augment_sample(image, classes, weights, augment, aug_gen, spatial_dims=model.dims)
+    classes = center_crop(classes, model.margin, model.dims)
+    weights = center_crop(weights, model.margin, model.dims)
+    if dev.type == "cpu":
+        torch.set_num_threads(compute_threads)
+    return image, classes, weights
+
+
+def _count_non_finite(loss: torch.Tensor, skipped: int, use_scaler: bool, step: int) -> int:
+    """Consecutive non-finite losses so far; a non-finite loss without a loss scaler (or too many with
+    one, which skips those steps) is a diverged run."""
+    if torch.isfinite(loss):
+        return 0
+    if not use_scaler or skipped + 1 > _AMP_MAX_SKIPPED:
+        raise ConfigError(None, f"training diverged at step {step + 1} (loss {loss.item()}); lower 'train.lr'")
+    return skipped + 1
 
 
 def iter_rows(log_csv: str | Path) -> Iterator[dict]:
