@@ -39,7 +39,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from unet_pipe.errors import OutputError
+from unet_pipe.errors import InputError, OutputError
 
 OWN_DIR = ".unet-pipe"  # per output folder: one ownership record per file or folder we wrote
 HASH_LIMIT = 64 * 2**20  # bytes; larger files are recognised by size and mtime_ns alone (hashing costs seconds)
@@ -298,6 +298,18 @@ def write_markdown_with_figures(out_md: Path, figdir: Path, make_lines: Callable
     publish(staging, figdir)
     write_text_atomic(out_md, "\n".join(md))
     return out_md
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """The JSON in ``path`` (one of our records: metrics, summaries); a missing or unreadable file is
+    one :class:`InputError` line: ``<what> not found`` or ``not a readable <what> (<reason>)``."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(path, f"{what} not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(path, f"not a readable {what} ({type(exc).__name__})") from None
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:

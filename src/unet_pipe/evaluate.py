@@ -32,7 +32,6 @@ inputs, provenance) and, next to it, ``metrics.csv`` with one row per slice.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -41,7 +40,7 @@ from typing import Any, Iterable, Literal, Sequence
 import numpy as np
 
 # write_json_atomic is also imported from here by calibrate, segment and summary
-from unet_pipe.atomic import check_ours, write_csv_atomic, write_json_atomic
+from unet_pipe.atomic import check_ours, read_json, write_csv_atomic, write_json_atomic
 from unet_pipe.errors import InputError
 from unet_pipe.io import image_metadata, open_image
 from unet_pipe.isbi_protocol import ISBI_THRESHOLDS, ThinnedScores, best_over_thresholds, thinned_scores
@@ -442,12 +441,7 @@ def _dataset_name(instances: Path) -> str:
 def read_metrics(path: str | Path) -> dict[str, Any]:
     """Load a metrics.json written by :func:`evaluate` (InputError if it is not one)."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(path, "not found") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(path, f"not readable JSON ({exc})") from None
+    data = read_json(path, "metrics file")
     if not isinstance(data, dict) or "summary" not in data or "per_slice" not in data:
         raise InputError(path, "not a metrics file written by `unet-pipe evaluate`")
     return data

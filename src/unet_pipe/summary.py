@@ -14,7 +14,6 @@ histogram.  Unlike :mod:`unet_pipe.report`, nothing here needs ground truth.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from unet_pipe.atomic import check_ours, write_json_atomic, write_markdown_with_figures
+from unet_pipe.atomic import check_ours, read_json, write_json_atomic, write_markdown_with_figures
 from unet_pipe.errors import InputError, UnetPipeError
 from unet_pipe.io import ATTRS_KEY, image_metadata, open_image, slab_depth
 from unet_pipe.probabilities import open_probabilities, read_probabilities
@@ -136,12 +135,7 @@ def summarize(
 
 def read_summary(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(path, "summary file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(path, f"not a summary file ({type(exc).__name__})") from None
+    data = read_json(path, "summary file")
     if not isinstance(data, dict) or data.get("format") != SUMMARY_FORMAT:
         raise InputError(path, "not a unet-pipe segmentation summary (no format entry)")
     if "measure" not in (data.get("sizes") or {}):
