@@ -349,3 +349,17 @@ def test_segment_instances_3d_links_slices_and_measures_volumes(tmp_path, model,
     np.testing.assert_array_equal(outs["whole"], outs["blocks"])
     code, _, err = run_cli("segment", model, stack, "--out", tmp_path / "bad", "--block", 1, 32, 32)
     assert code == 2 and err.count("\n") == 1 and "--instances 3d" in err
+
+
+def test_a_users_report_or_summary_in_the_out_folder_is_refused_before_any_work(tmp_path, model, run_cli):
+    """segment's report.md and summary.json go through the one writer: a user's file of that name is
+    refused in one line, unchanged, and nothing is segmented."""
+    stack = write_stack(tmp_path / "in" / "a.tif")
+    for name in ("report.md", "a/summary.json"):
+        out = tmp_path / f"out-{name.replace('/', '-')}"
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("my notes\n")
+        code, _, err = run_cli("segment", model, stack, "--out", out, "--precision", "float32")
+        assert code == 2 and err.count("\n") == 1 and "not written by unet-pipe" in err, err
+        assert (out / name).read_text() == "my notes\n"
+        assert not (out / "a" / "probabilities.ome.zarr").exists()

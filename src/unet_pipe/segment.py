@@ -67,9 +67,9 @@ from unet_pipe.model_bundle import (
 )
 from unet_pipe.ngff import refuse_role
 from unet_pipe.provenance import file_sha256, provenance
-from unet_pipe.atomic import write_json_atomic
+from unet_pipe.atomic import check_ours, write_json_atomic
 from unet_pipe.safety import ATTRS_KEY, check_dest, is_our_store
-from unet_pipe.summary import SUMMARY_FORMAT, size_line, summarize, write_summary_report
+from unet_pipe.summary import size_line, summarize, write_summary_report
 from unet_pipe.tiff import imagej_label_dtype, is_our_label_tiff, write_imagej_labels
 from unet_pipe.view import build_view
 from unet_pipe.zarr_input import open_input_stack
@@ -302,6 +302,7 @@ def segment(
     # The prediction settings, checked before any stack is read.
     request = predict_stage.PredictRequest(tile=tile, tta=tta, dtype=dtype, precision=precision, ngff=ngff)
     items, checkpoint, record, chosen = _check_run(model, inputs, out_dir, voxel_size, decisions, decision_overrides)
+    check_ours(out_dir / "report.md", out_dir / "report_figures", *(out_dir / i.stem / "summary.json" for i in items))
     instances, options_3d = _instance_mode(chosen, model, instances, block, halo, threads)
     model_sha = file_sha256(checkpoint)
     summaries = []
@@ -333,7 +334,7 @@ def segment(
         ), resumable=True)  # fmt: skip
         _view_and_tiff(records, stores, folder / "instances.tif" if tiff else None, fp_post, overwrite)
         summaries.append(_write_summary(item, folder, stores, records, model, model_sha, record, chosen))
-    _write_report(out_dir / "report.md", summaries, figures)
+    write_summary_report(out_dir / "report.md", summaries, figures=figures)
     return summaries
 
 
@@ -372,12 +373,6 @@ def _voxel_size(item: SegmentInput, record: dict) -> tuple[float, ...] | None:
     return size
 
 
-def _write_report(report: Path, summaries: list[dict[str, Any]], figures: int) -> None:
-    if report.exists() and not _is_our_report(report):
-        raise OutputError(report, "exists and was not written by unet-pipe; move it away")
-    write_summary_report(report, summaries, figures=figures)
-
-
 def _check_run(
     model: str | Path, inputs: Sequence[str | Path], out_dir: Path, voxel_size: Sequence[float] | None,
     decisions: dict[str, Any] | None, decision_overrides: dict[str, Any] | None,
@@ -408,8 +403,6 @@ def _write_summary(item: SegmentInput, folder: Path, stores: dict[str, Path], re
     """Summarise one segmented input into ``folder/summary.json``; returns the summary."""
     seconds = {stage: records.seconds(stage) for stage in STAGES[:5] if stage in records.data}
     summary_json = folder / "summary.json"
-    if summary_json.exists() and not _is_our_summary(summary_json):
-        raise OutputError(summary_json, "exists and is not a unet-pipe summary; move it away")
     started = time.perf_counter()
     summary = summarize(
         stores["raw"], stores["probabilities"], stores["instances"], None, dataset=item.stem, seconds=seconds,
@@ -442,16 +435,4 @@ def instances_to_tiff(instances: str | Path, dest: str | Path, overwrite: bool =
     return write_imagej_labels(open_image(instances), dest, meta.voxel_size, count)
 
 
-def _is_our_summary(path: Path) -> bool:
-    try:
-        return json.loads(path.read_text(encoding="utf-8")).get("format") == SUMMARY_FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _is_our_report(path: Path) -> bool:
-    try:
-        return path.read_text(encoding="utf-8").startswith("# unet-pipe segmentation")
-    except (OSError, UnicodeDecodeError):
-        return False
 
