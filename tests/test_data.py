@@ -84,6 +84,25 @@ def test_intensity_range_sample_is_fixed() -> None:
     assert (r.low, r.high) == pytest.approx(tuple(np.percentile(np.repeat(zs, 4), (1, 99))))
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int8, np.int16])
+def test_integer_stacks_get_numpys_percentiles_bit_for_bit(dtype) -> None:
+    # 8/16-bit stacks are measured from a histogram instead of a sort: the same floats as
+    # np.percentile on the float64 sample, at the rule's percentiles and at any others.
+    rng = np.random.default_rng(int(np.dtype(dtype).itemsize))
+    info = np.iinfo(dtype)
+    for trial in range(200):
+        low = int(rng.integers(info.min, info.max))
+        stack = rng.integers(low, int(rng.integers(low, info.max)) + 1, size=(int(rng.integers(1, 5)), 7, 9))
+        stack = stack.astype(dtype)
+        q = (1.0, 99.0) if trial % 2 else tuple(sorted(rng.uniform(0, 100, 2)))
+        sample = stack.astype(np.float64).ravel()
+        expected = [float(v) for v in np.percentile(sample, q)]
+        if expected[1] > expected[0]:
+            r = intensity_range(stack, q)
+            assert [r.low, r.high] == expected
+            assert intensity_range(stack.astype(np.float32), q) == r  # the float path agrees
+
+
 def test_center_crop() -> None:
     a = np.arange(36).reshape(1, 6, 6)
     np.testing.assert_array_equal(center_crop(a, 2, 2), [[[14, 15], [20, 21]]])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import zarr
 import pytest
 import scipy.ndimage as ndi
 
@@ -170,7 +171,8 @@ def test_postprocess_writes_uint32_labels_like_the_input(tmp_path):
     np.testing.assert_array_equal(open_image(again)[:], out)
 
 
-def test_postprocess_resumes_with_identical_ids(tmp_path, monkeypatch):
+@pytest.mark.parametrize("first_levels", [2, 0], ids=["same-levels", "killed-run-without-levels"])
+def test_postprocess_resumes_with_identical_ids(tmp_path, monkeypatch, first_levels):
     monkeypatch.setattr(pp, "slab_depth", lambda chunk, *_: chunk)  # one z-chunk per read: a kill per slab
     stack = synthesize((4, 64, 64), seed=1)
     prob = (stack.labels / 255.0).astype(np.float32)
@@ -188,12 +190,19 @@ def test_postprocess_resumes_with_identical_ids(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pp, "instances_from_stack", failing)
     with pytest.raises(KeyboardInterrupt):
-        postprocess(src, tmp_path / "inst.ome.zarr", method="watershed")
+        postprocess(src, tmp_path / "inst.ome.zarr", method="watershed", pyramid_levels=first_levels)
     assert (tmp_path / "inst.ome.zarr.partial").is_dir()
     calls.clear()
     monkeypatch.setattr(pp, "instances_from_stack", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     postprocess(src, tmp_path / "inst.ome.zarr", method="watershed")
     assert len(calls) == 2  # slabs 0 and 1 were skipped
+    # Every pyramid level too: the levels are written with each slab, so the resumed run keeps the
+    # killed run's levels, or (killed run without levels) rebuilds them from level 0 at commit.
+    ref_group, got_group = zarr.open_group(tmp_path / "ref.ome.zarr", mode="r"), zarr.open_group(
+        tmp_path / "inst.ome.zarr", mode="r")
+    assert sorted(got_group.array_keys()) == sorted(ref_group.array_keys()) == ["0", "1", "2"]
+    for level in ref_group.array_keys():
+        np.testing.assert_array_equal(got_group[level][:], ref_group[level][:])
     np.testing.assert_array_equal(open_image(tmp_path / "inst.ome.zarr")[:], reference)
 
 

@@ -51,16 +51,51 @@ def intensity_range(raw: Any, percentiles: tuple[float, float] = PERCENTILES, wh
     nz = shape[0]
     zs = np.unique(np.linspace(0, nz - 1, min(nz, _SAMPLE_SLICES)).round().astype(int))
     stride = max(1, int(np.ceil(np.sqrt(shape[1] * shape[2] / _SAMPLE_PER_SLICE))))
-    sample = np.concatenate([np.asarray(raw[int(z), ::stride, ::stride], dtype=np.float64).ravel() for z in zs])
-    if not np.all(np.isfinite(sample)):
-        raise InputError(where, "raw data holds NaN or infinite values")
-    low, high = (float(v) for v in np.percentile(sample, percentiles))
+    slices = [np.asarray(raw[int(z), ::stride, ::stride]) for z in zs]
+    if all(a.dtype.kind in "ui" and a.dtype.itemsize <= 2 for a in slices):
+        low, high, lowest, highest = _integer_percentiles(slices, percentiles)
+    else:
+        sample = np.concatenate([a.astype(np.float64).ravel() for a in slices])
+        if not np.all(np.isfinite(sample)):
+            raise InputError(where, "raw data holds NaN or infinite values")
+        low, high = (float(v) for v in np.percentile(sample, percentiles))
+        lowest, highest = float(sample.min()), float(sample.max())
     if not high > low:
         # Nearly constant stacks (e.g. a sparse foreground): fall back to the full range.
-        low, high = float(sample.min()), float(sample.max())
+        low, high = lowest, highest
     if not high > low:
         raise InputError(where, f"raw data has no contrast (every sampled value is {low:g})")
     return IntensityRange(low, high)
+
+
+def _integer_percentiles(slices: list[np.ndarray], percentiles: tuple[float, float]) -> tuple[float, ...]:
+    """``np.percentile`` (linear method) of the values of 8/16-bit integer ``slices``, bit for bit, and
+    their minimum and maximum, from a histogram instead of a sort.
+
+    Measured on the 30 ISBI test slices (uint8): 5 ms against 0.15 s for a float64 copy and
+    ``np.percentile``, which was a tenth of predicting them in bfloat16.  The order statistics
+    come from the cumulative counts; the interpolation between them is numpy's own
+    (``_lerp``: ``a + (b - a) t``, or ``b - (b - a) (1 - t)`` for ``t >= 0.5``).
+    """
+    offset = min(int(np.iinfo(a.dtype).min) for a in slices)  # signed types count from their minimum
+    counts = sum(np.bincount((a.ravel().astype(np.int64) - offset) if offset else a.ravel(),
+                             minlength=1 << 16 if a.dtype.itemsize == 2 else 1 << 8) for a in slices)
+    cumulative = np.cumsum(counts)
+    n = int(cumulative[-1])
+    present = np.flatnonzero(counts)
+    lowest, highest = float(present[0] + offset), float(present[-1] + offset)
+
+    def order_statistic(k: np.ndarray) -> np.ndarray:  # the k-th smallest value (0-based)
+        return (np.searchsorted(cumulative, k, side="right") + offset).astype(np.float64)
+
+    virtual = (n - 1) * np.true_divide(np.asarray(percentiles, dtype=np.float64), 100)
+    previous = np.floor(virtual)
+    gamma = virtual - previous
+    below = order_statistic(np.clip(previous, 0, n - 1).astype(np.int64))
+    above = order_statistic(np.clip(previous + 1, 0, n - 1).astype(np.int64))
+    diff = above - below
+    values = np.where(gamma >= 0.5, above - diff * (1 - gamma), below + diff * gamma)
+    return float(values[0]), float(values[1]), lowest, highest
 
 
 def normalize_raw(raw: np.ndarray, intensity: IntensityRange | None = None) -> np.ndarray:

@@ -158,8 +158,10 @@ class StagedImage:
         if resume and self._staging_matches():
             self.group = zarr.open_group(str(self.staging), mode="r+", zarr_format=self.zarr_format)
             self.array = self.group["0"]
+            self._resumed = True
             log.info("resuming %s: %d blocks already done", self.dest, len(self.done_keys()))
             return
+        self._resumed = False
         remove_staging(self.staging)  # refuses a DEST.partial that is not ours
         # Marked before zarr writes anything in it: a kill at any moment leaves a folder we recognise.
         self.staging.mkdir()
@@ -233,9 +235,7 @@ class StagedImage:
             y0 //= 2
             levels = self.__dict__.setdefault("_level_arrays", {})
             if level not in levels:  # zarr metadata calls are slow (event-loop round trips): do them once
-                levels[level] = _create_level(
-                    self.group, level, (self.shape[0], ny, nx), self.chunks, self.dtype, self.compression
-                )
+                levels[level] = self._streamed_level(level, (self.shape[0], ny, nx))
             rows = current.shape[1] // 2
             current = downsample2(current[:, : 2 * rows, : 2 * nx], self.kind)
             writes.append(
@@ -247,6 +247,20 @@ class StagedImage:
             for future in pending:
                 future.result()
         return pending
+
+    def _streamed_level(self, level: int, shape: tuple[int, int, int]) -> zarr.Array:
+        """Pyramid level ``level`` for :meth:`write_slab`: a resumed staging store's own (its done
+        slabs are in it), else a new one; a resumed store without it (its slabs were written
+        without their levels) gets the pyramid rebuilt from level 0 at commit."""
+        if self._resumed:
+            try:
+                found = self.group[str(level)]
+                if tuple(found.shape) == shape:
+                    return found
+            except KeyError:
+                pass
+            self._level_gaps = True
+        return _create_level(self.group, level, shape, self.chunks, self.dtype, self.compression)
 
     @property
     def _writer(self) -> "_ChunkWriter":
@@ -268,8 +282,8 @@ class StagedImage:
         NGFF ``image-label.source.image`` path relative to ``dest``, so that readers
         (ome-zarr-py, napari) open that image under the labels.
         """
-        if getattr(self, "_streamed_levels", None) == pyramid_levels:
-            levels = _existing_levels(self.group)
+        if getattr(self, "_streamed_levels", None) == pyramid_levels and not getattr(self, "_level_gaps", False):
+            levels = min(_existing_levels(self.group), pyramid_levels)
         else:
             levels = write_pyramid(self.group, pyramid_levels, kind=self.kind, compression=self.compression)
         image_label = None
