@@ -1,6 +1,7 @@
 """Overlap-tile inference: equals the whole-slice forward pass, resumable, safe, sharded."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -15,10 +16,10 @@ import torch
 import zarr
 
 from unet_pipe.errors import CheckpointError, ConfigError, InputError, OutputError
-from unet_pipe.io import _DONE_DIR, StagedImage, image_metadata, open_image
+from unet_pipe.io import _DONE_DIR, ATTRS_KEY, StagedImage, image_metadata, open_image
 from unet_pipe.model import UNet, save_checkpoint, valid_output_size
 from unet_pipe.precision import cpu_bf16_native
-from unet_pipe.predict import finalize, predict, read_probabilities
+from unet_pipe.predict import finalize, predict, read_probabilities, streams_pyramid
 from unet_pipe.synth import synthesize
 
 # Every test here names the precision it tests.  The exactness tests (tiling, TTA,
@@ -319,6 +320,55 @@ def test_resume_recomputes_only_unfinished_blocks(stack, tmp_path, precision) ->
     uninterrupted = tmp_path / "u.ome.zarr"
     predict(stack["ckpt"], stack["raw_path"], uninterrupted, **args)
     assert open_image(dest)[:].tobytes() == open_image(uninterrupted)[:].tobytes()
+
+
+def test_blocks_write_their_pyramid_levels_and_resume_bit_identical(tmp_path, monkeypatch, precision) -> None:
+    """Full-width blocks write their region of every pyramid level with level 0 (no re-read at publish);
+    a run killed mid-way resumes with the levels of its finished blocks, and every level equals the
+    pyramid built from level 0 at publish (the sharded path)."""
+    import unet_pipe.blockwise as blockwise
+    import unet_pipe.io as io_module
+
+    raw = synthesize((3, 136, 60), seed=4).raw  # 136 rows: bands 0-64, 64-128 and a short last one
+    src = write_image(tmp_path / "raw.ome.zarr", raw, (1, 16, 16))
+    ckpt = save_checkpoint(tmp_path / "n.pt", make_net(seed=3))
+    args = dict(tile=32, block=[1, 64, 60], precision=precision)
+    rebuilds = []
+    real_pyramid = io_module.write_pyramid
+    monkeypatch.setattr(io_module, "write_pyramid", lambda *a, **k: (rebuilds.append(1), real_pyramid(*a, **k))[1])
+    streamed = predict(ckpt, src, tmp_path / "streamed.ome.zarr", workers=1, **args)
+    assert not rebuilds  # the levels came with the blocks
+    assert streams_pyramid(streamed.plan, 2) and not streams_pyramid(dataclasses.replace(streamed.plan, block=(1, 32, 60)), 2)
+    rebuilt = tmp_path / "rebuilt.ome.zarr"
+    predict(ckpt, src, rebuilt, prepare_only=True, **args)
+    predict(ckpt, src, rebuilt, shard=(0, 1), **args)
+    finalize(ckpt, src, rebuilt, **args)
+    assert len(rebuilds) == 1  # shards leave the pyramid to the publish
+
+    real, calls = blockwise.run_tiles, []
+
+    def killed_at_the_fifth_block(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("killed")
+        return real(*a, **k)
+
+    killed = tmp_path / "killed.ome.zarr"
+    monkeypatch.setattr(blockwise, "run_tiles", killed_at_the_fifth_block)
+    with pytest.raises(RuntimeError, match="killed"):
+        predict(ckpt, src, killed, workers=1, **args)
+    staging = zarr.open_group(tmp_path / "killed.ome.zarr.partial", mode="r")
+    assert staging.attrs[ATTRS_KEY]["staging"]["streamed_levels"] == 2
+    monkeypatch.setattr(blockwise, "run_tiles", real)
+    resumed = predict(ckpt, src, killed, workers=1, **args)
+    assert (resumed.computed, resumed.total) == (5, 9) and len(rebuilds) == 1
+    reference = zarr.open_group(tmp_path / "streamed.ome.zarr", mode="r")
+    assert sorted(reference.array_keys()) == ["0", "1", "2"]
+    for dest in (rebuilt, killed):
+        group = zarr.open_group(dest, mode="r")
+        assert sorted(group.array_keys()) == ["0", "1", "2"]
+        for level in "012":
+            assert group[level][:].tobytes() == reference[level][:].tobytes(), (dest.name, level)
 
 
 def _cli(*args) -> list[str]:

@@ -209,6 +209,7 @@ class BlockJob:
     intensity: IntensityRange | None  # the raw stack's normalisation (None: legacy dtype scaling)
     threads: int  # torch intra-op threads per compute slot (CPU)
     slots: int  # concurrent forward passes per process (CPU workers; GPUs count themselves)
+    levels: int = 0  # pyramid levels each block writes with its level-0 region (StagedImage.stream_levels)
 
 
 @dataclass
@@ -299,7 +300,13 @@ def compute_block(job: BlockJob, block: tuple[tuple[int, ...], tuple[int, ...]])
         probs = run_tiles(data, window, region, tiles, ctx.predictors[device], plan.batch)
     finally:
         ctx.devices.put(device)
-    job.staged.array[region.slices()] = encode_probabilities(probs, job.dtype)
+    encoded = encode_probabilities(probs, job.dtype)
+    if job.levels:
+        # The block's region of every pyramid level at once: no re-read of level 0 at publish
+        # (measured on 30 ISBI slices: the publish took 0.2 s of a 1.2 s predict).
+        job.staged.write_slab(region.start[0], encoded, job.levels, y0=region.start[1])
+    else:
+        job.staged.array[region.slices()] = encoded
     job.staged.mark_done(region.key())
     return region.size
 

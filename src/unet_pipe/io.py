@@ -248,6 +248,34 @@ class StagedImage:
                 future.result()
         return pending
 
+    def stream_levels(self, pyramid_levels: int) -> bool:
+        """Prepare :meth:`write_slab` calls from several threads of this process: the pyramid levels
+        are opened (or, in a new staging store, created) here, once, and the choice is recorded in
+        the staging store's attributes.  True when every block of the store, written before or
+        after, gets its levels from :meth:`write_slab`, so :meth:`commit` need not rebuild them: a
+        new store, or a resumed one that recorded the same choice.  False (a store resumed from a
+        run that wrote level 0 alone): the caller writes level 0 only; commit rebuilds the levels.
+        """
+        own = dict(self.group.attrs.get(ATTRS_KEY, {}))
+        staging = dict(own.get("staging") or {})
+        if self._resumed and staging.get("streamed_levels") != pyramid_levels:
+            return False
+        if not self._resumed:
+            own["staging"] = {**staging, "streamed_levels": pyramid_levels}
+            self.group.attrs[ATTRS_KEY] = own
+        ny, nx = self.shape[1], self.shape[2]
+        levels = self.__dict__.setdefault("_level_arrays", {})
+        for level in range(1, pyramid_levels + 1):
+            ny, nx = ny // 2, nx // 2
+            if ny < 1 or nx < 1:
+                break
+            levels[level] = self._streamed_level(level, (self.shape[0], ny, nx))
+        if getattr(self, "_level_gaps", False):
+            return False
+        self._writer  # noqa: B018  (the chunk writer, made here rather than by racing threads)
+        self._streamed_levels = pyramid_levels
+        return True
+
     def _streamed_level(self, level: int, shape: tuple[int, int, int]) -> zarr.Array:
         """Pyramid level ``level`` for :meth:`write_slab`: a resumed staging store's own (its done
         slabs are in it), else a new one; a resumed store without it (its slabs were written

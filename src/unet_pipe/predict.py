@@ -386,26 +386,36 @@ def predict(
     )  # fmt: skip
     mine = plan.blocks(_shard_region(plan, shard, z_range))
     todo = [b for b in mine if not staged.is_done(b.key())]
-    job = BlockJob(
-        token=uuid.uuid4().hex,
-        device=device,
-        checkpoint=str(setup.checkpoint.resolve()),
-        raw=str(setup.raw.resolve()),
-        staged=staged,
-        plan=plan,
-        tta=request.tta,
-        dtype=request.dtype,
-        precision=resolved,
-        intensity=setup.intensity,
-        threads=max(1, cores // workers),
-        slots=workers,
-    )
+    # One process writing every block (not shards, not a cluster): blocks write their pyramid regions.
+    streamed = not sharded and scheduler is None and streams_pyramid(plan, pyramid_levels)
+    job = _block_job(setup, staged, plan, device, resolved, workers, cores,
+                     pyramid_levels if streamed and staged.stream_levels(pyramid_levels) else 0)
     run_blocks(job, todo, total=len(mine), model=setup.model, workers=workers, scheduler=scheduler, progress=progress)
     committed = False
     if not sharded:
         _publish(staged, plan, resolved, setup, pyramid_levels)
         committed = True
     return PredictResult(setup.dest, plan, len(todo), len(mine), time.perf_counter() - started, committed)
+
+
+def _block_job(setup: _Setup, staged: StagedImage, plan: TilePlan, device: str, resolved: str, workers: int,
+               cores: int, levels: int) -> BlockJob:
+    """What the block workers need: the inputs, the staging store, the plan and the settings."""
+    return BlockJob(
+        token=uuid.uuid4().hex,
+        device=device,
+        checkpoint=str(setup.checkpoint.resolve()),
+        raw=str(setup.raw.resolve()),
+        staged=staged,
+        plan=plan,
+        tta=setup.request.tta,
+        dtype=setup.request.dtype,
+        precision=resolved,
+        intensity=setup.intensity,
+        threads=max(1, cores // workers),
+        slots=workers,
+        levels=levels,
+    )
 
 
 def _workers_and_cores(device: str, workers: int | None, threads: int | None) -> tuple[int, int]:
@@ -418,6 +428,16 @@ def _workers_and_cores(device: str, workers: int | None, threads: int | None) ->
     if device == "cpu" and workers > cores:
         raise ConfigError(None, f"{workers} CPU workers on {cores} cores would oversubscribe them")
     return workers, cores
+
+
+def streams_pyramid(plan: TilePlan, pyramid_levels: int) -> bool:
+    """Whether every block of ``plan`` can write its own region of ``pyramid_levels`` levels
+    (:meth:`StagedImage.write_slab`): blocks of whole z-chunks and the full width, whose rows start on
+    whole chunk rows of every level (or one block covers all rows)."""
+    (bz, by, bx), (cz, cy, _), (nz, ny, nx) = plan.block, plan.chunks, plan.shape
+    if pyramid_levels < 1 or bx < nx or (bz % cz and bz < nz):
+        return False
+    return by >= ny or by % (cy << pyramid_levels) == 0
 
 
 def _publish(staged: StagedImage, plan: TilePlan, resolved: str | None, setup: _Setup, pyramid_levels: int) -> Path:
