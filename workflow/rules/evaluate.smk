@@ -1,5 +1,28 @@
 # Metrics against ground truth per labelled dataset, and the Markdown report.
-# Functions evaluate_args and evaluated_datasets: common.smk; include after train.smk.
+# Functions evaluate_args, evaluate_job_args: below; evaluated_datasets, decisions_input and
+# unlabelled_flag: common.smk. Include after train.smk (report reads rules.train).
+
+
+def evaluate_args(wildcards):
+    """Flags of ``unet-pipe evaluate``: threshold, truth convention and the train/val slice tags."""
+    import shlex
+
+    if AUTO_DECISIONS:
+        args = [f"--decisions {shlex.quote(DECISIONS)}"]
+    else:
+        args = [f"--threshold {config['postprocess']['threshold']}"]
+    weights = config["weights"]
+    if weights["label_mode"] == "binary":
+        args.append(f"--truth-mode binary --foreground-value {weights['foreground_value']}")
+    else:
+        args.append("--truth-mode instances")
+    if weights.get("unlabelled_value") is not None:
+        args.append(unlabelled_flag().strip())
+    ranges = config["train"]["datasets"].get(wildcards.dataset, {})
+    for subset in ("train", "val"):
+        if subset in ranges:
+            args.append(f"--{subset} {ranges[subset][0]} {ranges[subset][1]}")
+    return " ".join(args)
 
 
 def evaluate_job_args(wildcards):

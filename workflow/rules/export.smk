@@ -1,7 +1,14 @@
 # bioimage.io model package of the trained model (unet_pipe.bioimageio_export): state dict +
 # TorchScript, preprocessing, valid-size constraints, test tensors from a tile of the export
 # sample's raw store. A target of rule all only with export.enabled: true; otherwise ask for it
-# (`snakemake export` or the file). Needs unet-pipe[bioimageio]. Functions: common.smk.
+# (`snakemake export` or the file). Needs unet-pipe[bioimageio]. Param function: below;
+# EXPORT_PACKAGE and EXPORT_SAMPLE (checked before any job): common.smk.
+
+
+def export_config_json(wildcards):
+    import json
+
+    return json.dumps(config["export"], sort_keys=True)
 
 
 rule export:

@@ -9,7 +9,34 @@
 #   postprocess_flood     one job per shard: the watershed's halo flood (a no-op for threshold)
 #   postprocess_finalize  checks that every block is done and publishes the store
 # Every step records its blocks done: an interrupted job resumes where it stopped.
-# Param functions postprocess_args, postprocess_shard: common.smk.
+# Param functions postprocess_args, postprocess_shard: below; decisions_input (shared with
+# evaluate.smk) and instance_options (shared with bundle.smk): common.smk.
+
+
+def postprocess_args(wildcards):
+    """Flags of ``unet-pipe postprocess`` from the postprocess section (params: a change reruns it).
+
+    With method auto the method and its parameters come from the decisions file (an input).
+    """
+    import shlex
+
+    section = config["postprocess"]
+    levels = f"--pyramid-levels {config['ingest']['pyramid_levels']} --ngff {config['ngff_version']}"
+    if INSTANCES_3D:
+        # Identical for every step of the sharded 3D run; Snakemake owns the output (rerun replaces it).
+        levels += f" --instances 3d --halo {section['halo']} --overwrite"
+        if section["block"] is not None:
+            levels += " --block " + " ".join(str(int(b)) for b in section["block"])
+    if AUTO_DECISIONS:
+        return f"--decisions {shlex.quote(POSTPROCESS_DECISIONS)} {levels}"
+    return f"{instance_options()} {levels}"
+
+
+def postprocess_shard(wildcards):
+    """``I N`` (0-based) of a 3D postprocess scatter item ``{i}-of-{n}`` (1-based)."""
+    index, _, count = wildcards.scatteritem.partition("-of-")
+    return f"{int(index) - 1} {count}"
+
 
 if not INSTANCES_3D:
 

@@ -5,7 +5,35 @@
 #   predict_gather   checks that every block is done and publishes the store
 # Shards of an interrupted run resume from their finished blocks. The checkpoint is the trained
 # one, or with segment.model the bundled model.pt (PREDICT_CHECKPOINT, common.smk).
-# Input/param functions: common.smk.
+# Input/param functions: below (args_file: common.smk).
+
+
+def predict_args(wildcards):
+    """Options that identify a prediction; identical for prepare, shards and gather."""
+    import json
+    import shlex
+
+    section = config["predict"]
+    args = [
+        f"--dtype {section['dtype']}",
+        f"--precision {section['precision']}",
+        {True: "--tta", "flips": "--tta-flips"}.get(section["tta"], "--no-tta"),
+        f"--pyramid-levels {config['ingest']['pyramid_levels']}",
+        f"--ngff {config['ngff_version']}",
+        # Snakemake owns the output: a rerun replaces the old store (only once the new one is complete).
+        "--overwrite",
+    ]
+    if not APPLY:  # A checkpoint of another architecture is refused, not silently used.
+        args.append(f"--expect-arch {shlex.quote(json.dumps(config['model'], sort_keys=True))}")
+    if section["tile"] is not None:
+        args.append(f"--tile {section['tile']}")
+    return " ".join(args)
+
+
+def predict_shard(wildcards):
+    """``I N`` (0-based) of Snakemake's scatter item ``{i}-of-{n}`` (1-based)."""
+    index, _, count = wildcards.scatteritem.partition("-of-")
+    return f"{int(index) - 1} {count}"
 
 
 scattergather:

@@ -1,5 +1,39 @@
 # Training of the U-Net on the ingested stores of every dataset in train.datasets.
-# Input/param functions: common.smk.
+# Input/param functions: below (args_file: common.smk).
+
+
+def init_from_input(wildcards):
+    """``train.init_from`` as an input of train (an empty list when training from scratch)."""
+    path = config["train"]["init_from"]
+    return [] if path is None else [path]
+
+
+def train_args(wildcards):
+    """``--config-json`` and the stores of every training dataset, as arguments (for :func:`args_file`).
+
+    Store paths are built here, not taken from ``input``: Snakemake records only input-independent params.
+    """
+    args = ["--config-json", train_config_json(wildcards)]
+    for key in ("raw", "labels", "weights"):
+        for name in TRAIN_DATASETS:
+            args += [f"--{key}", f"{name}={R}/{name}/{key}.ome.zarr"]
+    return args
+
+
+def train_config_json(wildcards):
+    """What training reads from the config, as one JSON string (a change reruns training).
+
+    Only the training datasets are included, so adding a dataset to predict
+    does not retrain the model, and the postprocess section is left out (its
+    defaults score the validation Rand error), so tuning postprocessing reruns
+    postprocess and evaluate only.
+    """
+    import json
+
+    keys = ("seed", "model", "train", "weights")
+    section = {key: config[key] for key in keys}
+    section["datasets"] = {name: config["datasets"][name] for name in TRAIN_DATASETS}
+    return json.dumps(section, sort_keys=True)
 
 
 rule train:
