@@ -126,7 +126,14 @@ def test_fused_bf16_forward_is_bit_identical_to_the_plain_one(dims) -> None:
         assert torch.equal(net.forward_inference(x), net(x))  # float32: the plain forward
     with torch.no_grad():
         grad_free = bf16.forward_inference(xb)
-    assert torch.equal(grad_free, plain)
+        assert torch.equal(grad_free, plain)
+        # The weights are packed once per input shape (a smaller last batch gets its own) and
+        # packed again when they change in place (their version counter).
+        assert torch.equal(bf16.forward_inference(xb[:1]), bf16(xb[:1]))
+        for p in bf16.parameters():
+            p.mul_(-0.5)
+        assert torch.equal(bf16.forward_inference(xb), bf16(xb))
+        assert not torch.equal(bf16.forward_inference(xb), plain)
 
 
 def test_predictor_bf16_casts_a_copy_and_matches_autocast(raw) -> None:
