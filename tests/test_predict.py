@@ -1,4 +1,5 @@
-"""Overlap-tile inference: equals the whole-slice forward pass, resumable, safe, sharded."""
+"""Overlap-tile inference: equals the whole-slice forward pass, resumable, safe, sharded; its settings
+(PredictRequest) checked once."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,10 +17,11 @@ import torch
 import zarr
 
 from unet_pipe.errors import CheckpointError, ConfigError, InputError, OutputError
+from unet_pipe.intensity import IntensityRange
 from unet_pipe.io import _DONE_DIR, ATTRS_KEY, StagedImage, image_metadata, open_image
 from unet_pipe.model import UNet, save_checkpoint, valid_output_size
 from unet_pipe.precision import cpu_bf16_native
-from unet_pipe.predict import finalize, predict, read_probabilities, streams_pyramid
+from unet_pipe.predict import PredictRequest, finalize, predict, read_probabilities, streams_pyramid
 from unet_pipe.synth import synthesize
 
 # Every test here names the precision it tests.  The exactness tests (tiling, TTA,
@@ -476,3 +478,39 @@ def test_percentile_normalisation_makes_dtype_irrelevant(tmp_path, precision) ->
     # by 1/255 itself, so hand it raw values pre-mapped to 255 * normalised.
     expected = reference(net, 255.0 * normalize_raw(values, intensity_range(values)), precision=precision)
     assert_matches_reference(outs[0], expected, precision)
+
+
+# ------------------------------------------------------------------ the request
+# PredictRequest: predict's settings, checked once at the entry and recorded as before
+# (no forward pass here, so no precision).
+
+
+def test_record_is_the_fingerprinted_request() -> None:
+    request = PredictRequest(tile=[100, 92], block=(1, 64.0, 64), batch=3, tta="flips", dtype="uint8",
+                             precision="float32", ngff="0.5")
+    assert request.record(IntensityRange(1.5, 2.0)) == {
+        "tile": [100, 92], "block": [1, 64, 64], "batch": 3, "tta": "flips", "dtype": "uint8",
+        "precision": "float32", "intensity": [1.5, 2.0], "ngff": "0.5",
+    }
+    assert PredictRequest(tile=100).record(None) == {
+        "tile": [100], "block": None, "batch": None, "tta": False, "dtype": "float32", "precision": "auto",
+        "intensity": None, "ngff": "0.4",
+    }
+
+
+@pytest.mark.parametrize(("option", "error", "message"), [
+    ({"tta": "rotations"}, ValueError, "tta must be one of"),
+    ({"tta": 1}, ValueError, "tta must be one of"),  # 1 == True, but not a mode
+    ({"dtype": "int8"}, ConfigError, "output dtype must be one of"),
+    ({"precision": "half"}, ConfigError, "precision must be one of auto, float32, bfloat16, got 'half'"),
+    ({"ngff": "0.3"}, ValueError, "NGFF version must be one of"),
+])
+def test_a_bad_setting_is_refused_when_the_request_is_made(option, error, message) -> None:
+    with pytest.raises(error, match=message):
+        PredictRequest(**option)
+
+
+def test_predict_checks_its_settings_before_reading_anything(tmp_path) -> None:
+    # Neither the checkpoint nor the input exists: the setting is what is refused.
+    with pytest.raises(ConfigError, match="output dtype"):
+        predict(tmp_path / "none.pt", tmp_path / "none.ome.zarr", tmp_path / "out.ome.zarr", dtype="int8")
