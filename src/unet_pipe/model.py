@@ -231,6 +231,23 @@ def _packed_weight(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return packed
 
 
+def _max_pool_2x(x: torch.Tensor) -> torch.Tensor:
+    """2x max-pooling of every spatial axis as the maximum of its 4 (2D) or 8 (3D) strided views:
+    the same values as ``max_pool2d/3d`` bit for bit, without the index map torch's CPU kernel
+    writes and throws away (8 bytes per output voxel).  Measured on an AMX Xeon, bfloat16 channels-last
+    batches of four paper-network maps: 27 -> 17 ms at 128 x 280^2, 9.9 -> 3.6 ms at 256 x 136^2,
+    equal at 64 x 568^2."""
+    views = [x]
+    for axis in range(2, x.ndim):
+        size = x.shape[axis] // 2 * 2
+        views = [v.narrow(axis, 0, size) for v in views]
+        views = [part for v in views for part in (v[(slice(None),) * axis + (slice(0, None, 2),)],
+                                                  v[(slice(None),) * axis + (slice(1, None, 2),)])]
+    while len(views) > 1:
+        views = [torch.maximum(a, b) for a, b in zip(views[::2], views[1::2])]
+    return views[0]
+
+
 def _center_crop(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """Crop the trailing spatial axes of ``x`` to ``shape`` around the centre."""
     slices = [slice(None), slice(None)]
@@ -349,7 +366,7 @@ class UNet(nn.Module):
             x = block.fused(x) if fused else block(x)
             if level < self.depth - 1:
                 skips.append(x)
-                x = self.pool(x)
+                x = _max_pool_2x(x) if fused else self.pool(x)
         x = self.dropout(x)
         for upconv, block, skip in zip(self.upconvs, self.up, reversed(skips)):
             x = upconv(x)
