@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -158,6 +159,51 @@ def conv_limit(threads: int, rounds: int, precision: str = "float32") -> tuple[f
     return best, which
 
 
+def network_conv_rate(arch: dict, window: list[int], batch: int, precision: str, threads: int) -> float:
+    """FLOP rate of the network's own 3x3 convolutions, each timed alone (best of 3 calls) on inputs of the
+    shapes one forward pass of the plan's window gives them, as predict's forward path runs them: in
+    bfloat16 oneDNN's convolution + ReLU with the weights packed once; in float32 the convolution and its
+    ReLU.  A ceiling for the whole network with these kernels: the up-convolutions, pooling, copies and
+    the 1-channel first layer only add time."""
+    from unet_pipe.model import _CONV_POINTWISE, UNet, _packed_weight, fused_conv_relu_available
+
+    torch.set_num_threads(threads)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[precision]
+    model = UNet(**arch).eval()
+    fmt = torch.channels_last if model.dims == 2 else torch.channels_last_3d
+    shapes = []
+    convs = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)) and m.kernel_size[0] == 3]
+    handles = [c.register_forward_hook(lambda m, i, o: shapes.append((m, tuple(i[0].shape)))) for c in convs]
+    x = torch.zeros(batch, 1, *window[-model.dims:])
+    with torch.inference_mode():
+        model(x)
+    for h in handles:
+        h.remove()
+    model = model.to(dtype=dtype, memory_format=fmt)
+    flops = seconds = 0.0
+    with torch.inference_mode():
+        for conv, shape in shapes:
+            x = torch.rand(shape, dtype=dtype).contiguous(memory_format=fmt)
+            ones = [1] * model.dims
+            if fused_conv_relu_available(x):
+                def call():
+                    return _CONV_POINTWISE(x, _packed_weight(conv, x), conv.bias, [0] * model.dims, ones, ones, 1,
+                                           "relu", [], "")
+            else:
+                def call():
+                    return torch.relu_(conv(x))
+            call()
+            best = math.inf
+            for _ in range(3):
+                start = time.perf_counter()
+                call()
+                best = min(best, time.perf_counter() - start)
+            out_positions = shape[0] * math.prod(s - 2 for s in shape[2:])
+            flops += 2 * conv.in_channels * conv.out_channels * 3 ** model.dims * out_positions
+            seconds += best
+    return flops / seconds
+
+
 def bare_forward(predictor, raw: np.ndarray, plan) -> tuple[float, int, int]:
     """Seconds of the bare model calls on every tile window of ``plan`` (in memory), FLOPs, voxels."""
     from unet_pipe.intensity import normalize_raw
@@ -238,6 +284,7 @@ def efficiency_run(out: Path, slices: int, threads: int, rounds: int, precision:
         "shape": list(raw.shape),
         "plan": plan.to_dict(),
         "window": list(plan.window),
+        "arch": UNet().arch,  # the paper's network, as checkpointed above
         "useful_fraction": plan.useful_fraction,
         "efficiency": float(np.median(efficiency)),
         "flop_ratio": float(np.median(flop_ratio)),
@@ -332,6 +379,9 @@ def main() -> None:
         rss.append(run_rss_child(shape, args.out, args.threads))
         log(f"  peak RSS {rss[-1]['peak_rss'] / 2**20:.0f} MiB, {rss[-1]['seconds']:.0f} s")
 
+    log("the network's own 3x3 convolutions, each alone ...")
+    net_rate = network_conv_rate(eff["arch"], eff["window"], eff["plan"]["batch"], eff["precision"], args.threads)
+    best_limit = max(v["gflop_per_s"] for v in limits.values() if v["native"]) * 1e9
     e2e_rate = eff["voxels"] / eff["e2e_s"]
     bare_rate = eff["voxels"] / eff["bare_s"]
     small = rss[-1]
@@ -352,6 +402,9 @@ def main() -> None:
         "flop_rate_vs_conv_limit": round(eff["flop_ratio"], 3),
         "flop_rate_vs_best_conv_limit": round(eff["best_ratio"], 3),
         "model_gflop_per_s": round(eff["flops"] / eff["e2e_s"] / 1e9, 1),
+        # The ceiling of these kernels at the network's own shapes (network_conv_rate), against the limit.
+        "network_convs_gflop_per_s": round(net_rate / 1e9, 1),
+        "network_convs_vs_best_conv_limit": round(net_rate / best_limit, 3),
         "conv_limits": limits,
         "precision": eff["precision"],
         "forward_path": eff["forward_path"],
