@@ -249,7 +249,7 @@ class StagedImage:
         return pending
 
     def stream_levels(self, pyramid_levels: int) -> bool:
-        """Prepare :meth:`write_slab` calls from several threads of this process: the pyramid levels
+        """Prepare :meth:`write_slab` calls (from any threads of this process): the pyramid levels
         are opened (or, in a new staging store, created) here, once, and the choice is recorded in
         the staging store's attributes.  True when every block of the store, written before or
         after, gets its levels from :meth:`write_slab`, so :meth:`commit` need not rebuild them: a
