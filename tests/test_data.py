@@ -9,7 +9,7 @@ import torch
 
 import unet_pipe.sampling as data_module
 from unet_pipe.errors import ConfigError, InputError
-from unet_pipe.intensity import IntensityRange, intensity_range, normalize_raw
+from unet_pipe.intensity import IntensityRange, IntensitySample, intensity_range, normalize_raw
 from unet_pipe.sampling import (
     TileSampler,
     Volume,
@@ -272,3 +272,22 @@ def test_sampler_refuses_volumes_without_annotations_and_gives_up_after_max_draw
     sampler = TileSampler([Volume("p", vol.raw, labels, None, train=(0, 1))], tile=44, depth=2, unlabelled_value=U)
     with pytest.raises(InputError, match="in 3 draws"):
         sampler.sample(np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16", "float32"])
+@pytest.mark.parametrize("shape", [(5, 40, 30), (70, 20, 20), (2, 1100, 1000)], ids=["few", "many-slices", "strided"])
+def test_intensity_sample_gives_the_range_of_the_stack(dtype, shape):
+    """The sample ingest takes while slices stream past gives predict the same range as reading the store."""
+    rng = np.random.default_rng(0)
+    stack = rng.normal(100, 30, shape).clip(-50 if dtype == "int16" else 0, 250).astype(dtype)
+    sample = IntensitySample()
+    sample.start(shape, dtype)
+    for z in range(shape[0]):
+        assert not sample.covers(shape, dtype) or z == 0 and shape[0] == 1
+        sample.add(z, stack[z])
+    assert sample.covers(shape, dtype)
+    assert sample.range() == intensity_range(stack)
+    assert sample.range((2.0, 98.0)) == intensity_range(stack, (2.0, 98.0))
+    assert not sample.covers(shape, "uint32") and not sample.covers((shape[0] + 1, *shape[1:]), dtype)
+    with pytest.raises(ValueError, match="incomplete"):
+        IntensitySample().range()

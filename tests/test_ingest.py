@@ -17,6 +17,7 @@ from ome_zarr.writer import write_multiscale
 from unet_pipe.config import check_input_stacks, validate_config
 from unet_pipe.errors import ConfigError, InputError, OutputError
 from unet_pipe.ingest import INGEST_COMPRESSION, ingest_tiff
+from unet_pipe.intensity import IntensitySample, intensity_range
 from unet_pipe.io import (
     StagedImage,
     downsample2,
@@ -824,3 +825,18 @@ def test_workflow_ingests_ome_zarr_inputs_and_weighs_the_crop(tmp_path) -> None:
     np.testing.assert_array_equal(open_image(results / "em" / "labels.ome.zarr")[:], crop)
     assert image_metadata(results / "em" / "weights.ome.zarr").offset == OFFSET
     assert image_metadata(results / "em" / "raw.ome.zarr").voxel_size == pytest.approx((0.05, 0.004, 0.004))
+
+
+def test_ingest_takes_the_intensity_sample_of_what_it_writes(tmp_path):
+    """Whole slices stream past the sample (segment hands it to predict); slices read in bands do not,
+    so the sample stays incomplete and predict reads the store."""
+    data = np.random.default_rng(1).integers(0, 4000, (9, 48, 64)).astype(np.uint16)
+    imwrite(tmp_path / "s.tif", data)
+    sample = IntensitySample()
+    store = ingest_tiff(tmp_path / "s.tif", tmp_path / "s.ome.zarr", chunks=(4, 16, 32), intensity_sample=sample)
+    assert sample.covers(data.shape, data.dtype)
+    assert sample.range() == intensity_range(open_image(store)) == intensity_range(data)
+    banded = IntensitySample()
+    ingest_tiff(tmp_path / "s.tif", tmp_path / "b.ome.zarr", chunks=(1, 16, 32), max_buffer_bytes=1, pyramid_levels=1,
+                intensity_sample=banded)
+    assert not banded.covers(data.shape, data.dtype)

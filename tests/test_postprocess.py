@@ -1,6 +1,8 @@
 """Postprocessing: exact instances on tiny slices, OME-Zarr output, determinism, resume."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import zarr
 import pytest
@@ -180,7 +182,7 @@ def test_postprocess_resumes_with_identical_ids(tmp_path, monkeypatch, first_lev
     reference = open_image(postprocess(src, tmp_path / "ref.ome.zarr", method="watershed"))[:]
 
     calls = []
-    real = pp.instances_from_stack
+    real = pp._label_stack
 
     def failing(slab, *args, **kwargs):
         calls.append(1)
@@ -188,14 +190,16 @@ def test_postprocess_resumes_with_identical_ids(tmp_path, monkeypatch, first_lev
             raise KeyboardInterrupt  # killed while writing the third slab
         return real(slab, *args, **kwargs)
 
-    monkeypatch.setattr(pp, "instances_from_stack", failing)
+    monkeypatch.setattr(pp, "_label_stack", failing)
     with pytest.raises(KeyboardInterrupt):
         postprocess(src, tmp_path / "inst.ome.zarr", method="watershed", pyramid_levels=first_levels)
     assert (tmp_path / "inst.ome.zarr.partial").is_dir()
     calls.clear()
-    monkeypatch.setattr(pp, "instances_from_stack", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
-    postprocess(src, tmp_path / "inst.ome.zarr", method="watershed")
+    monkeypatch.setattr(pp, "_label_stack", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    counted = []
+    postprocess(src, tmp_path / "inst.ome.zarr", method="watershed", object_sizes=counted.append)
     assert len(calls) == 2  # slabs 0 and 1 were skipped
+    assert counted == []  # sizes are only handed on when every slice was labelled in this call
     # Every pyramid level too: the levels are written with each slab, so the resumed run keeps the
     # killed run's levels, or (killed run without levels) rebuilds them from level 0 at commit.
     ref_group, got_group = zarr.open_group(tmp_path / "ref.ome.zarr", mode="r"), zarr.open_group(
@@ -283,3 +287,27 @@ def test_slabs_are_read_in_runs_with_done_records_per_chunk(tmp_path, monkeypatc
     single = open_image(postprocess(src, tmp_path / "single.ome.zarr", method="watershed"))[:]
     np.testing.assert_array_equal(batched, single)
     assert batched.max() > 5
+
+
+@pytest.mark.parametrize("method,min_size", [("threshold", 0), ("threshold", 30), ("watershed", 0), ("watershed", 30)])
+def test_sizes_counted_while_labelling_equal_the_store_read_back(tmp_path, method, min_size):
+    """``object_sizes`` gets the pixels of every id as the summary counts them from the written store,
+    so segment's summary need not read the instances back; the summary is the same either way."""
+    from unet_pipe.summary import object_sizes, summarize
+
+    stack = synthesize((5, 96, 96), seed=3)
+    prob = (ndi.gaussian_filter(stack.labels / 255.0, 1.5)).astype(np.float32)
+    prob[2] = 0.0  # an empty slice between the others
+    src = _write_probabilities(tmp_path / "prob.ome.zarr", prob, chunks=(2, 48, 48))
+    counted = []
+    dest = postprocess(src, tmp_path / "inst.ome.zarr", method=method, min_size=min_size,
+                       object_sizes=counted.append)
+    assert len(counted) == 1
+    stored = object_sizes(open_image(dest))
+    assert stored.size > 10
+    np.testing.assert_array_equal(counted[0][counted[0] > 0], stored)
+    assert counted[0].size == int(open_image(dest)[:].max())  # one entry per id, in id order
+    raw = _write_probabilities(tmp_path / "raw.ome.zarr", prob, chunks=(2, 48, 48))
+    read_back = summarize(raw, src, dest)
+    given = summarize(raw, src, dest, sizes=counted[0])
+    assert json.dumps(given, sort_keys=True) == json.dumps(read_back, sort_keys=True)

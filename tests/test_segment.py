@@ -119,6 +119,12 @@ def test_segment_equals_the_three_commands_and_writes_every_output(tmp_path, mod
         expected = reference_instances(model, stack, tmp_path / f"ref-{item}", DECISIONS)
         inst = np.asarray(open_image(folder / "instances.ome.zarr")[:])
         np.testing.assert_array_equal(inst, expected)
+        # Predict measured the normalisation on the sample ingest took: the same range, the same values.
+        got, ref = image_metadata(folder / "probabilities.ome.zarr"), image_metadata(tmp_path / f"ref-{item}" / "prob.ome.zarr")
+        assert got.attrs["unet_pipe"]["provenance"]["params"]["intensity"] == \
+            ref.attrs["unet_pipe"]["provenance"]["params"]["intensity"]
+        np.testing.assert_array_equal(open_image(folder / "probabilities.ome.zarr")[:],
+                                      open_image(tmp_path / f"ref-{item}" / "prob.ome.zarr")[:])
         assert image_metadata(folder / "raw.ome.zarr").voxel_size == pytest.approx(VOXEL)
         assert image_metadata(folder / "instances.ome.zarr").voxel_size == pytest.approx(VOXEL)
         assert (folder / "view.ome.zarr" / "labels" / "instances").is_dir()

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from unet_pipe.errors import InputError
+from unet_pipe.intensity import IntensitySample
 from unet_pipe.io import DEFAULT_CHUNKS, DEFAULT_NGFF, FAST_COMPRESSION, StagedImage, image_metadata
 from unet_pipe.progress import progress_bar
 from unet_pipe.zarr_input import ZarrSource, crop_offset, open_input_stack, source_record, store_frame
@@ -46,6 +47,7 @@ def ingest_tiff(
     threads: int | None = None,
     offset: Sequence[int] | None = None,
     ngff: str = DEFAULT_NGFF,
+    intensity_sample: IntensitySample | None = None,
 ) -> Path:
     """Stream a TIFF stack, or level 0 of an OME-Zarr image (:mod:`unet_pipe.zarr_input`), into an OME-Zarr image.
 
@@ -65,6 +67,9 @@ def ingest_tiff(
     ``ngff``: "0.4" (zarr format 2) or "0.5" (zarr format 3).
     An OME-Zarr label image with a ``translation`` gives its own offset in
     ``like`` (:func:`unet_pipe.zarr_input.crop_offset`; ``offset`` must agree).
+    ``intensity_sample``: filled, as the slices stream past, with the gray values that
+    :func:`unet_pipe.intensity.intensity_range` would read from the new store (not when
+    slices are read in bands: it then stays incomplete).
     """
     source, offset, voxel_size = _check_source(src, kind, like, offset, voxel_size, threads)
     dest = Path(dest)
@@ -80,8 +85,10 @@ def ingest_tiff(
         threads=threads,
         ngff=ngff,
     )
+    if intensity_sample is not None:
+        intensity_sample.start(source.shape, source.dtype)
     try:
-        digest = _stream(source, staged, pyramid_levels, max_buffer_bytes, progress)
+        digest = _stream(source, staged, pyramid_levels, max_buffer_bytes, progress, intensity_sample)
         staged.commit(
             pyramid_levels,
             provenance=provenance,
@@ -144,8 +151,10 @@ def _check_source(
     return source, offset, voxel_size
 
 
-def _stream(source: Any, staged: StagedImage, pyramid_levels: int, max_buffer_bytes: int, progress: bool) -> str:
-    """Read ``source`` slab by slab (or band by band) into ``staged``; the sha256 of its bytes, in order."""
+def _stream(source: Any, staged: StagedImage, pyramid_levels: int, max_buffer_bytes: int, progress: bool,
+            sample: IntensitySample | None = None) -> str:
+    """Read ``source`` slab by slab (or band by band) into ``staged``; the sha256 of its bytes, in order.
+    Whole slices also go to ``sample``."""
     digest = hashlib.sha256()
     # Double buffering: while the pool encodes and hashes one slab, the main
     # thread reads and downsamples the next (measured 1.6x faster than writing
@@ -185,6 +194,8 @@ def _stream(source: Any, staged: StagedImage, pyramid_levels: int, max_buffer_by
                 slab = buffers[turn]
                 if not np.shares_memory(data, slab[z - z0]):  # pages that could not be decoded in place
                     slab[z - z0] = data
+                if sample is not None:
+                    sample.add(z, slab[z - z0])
                 if z - z0 + 1 == step or z == nz - 1:
                     write(z0, 0, slab[: z - z0 + 1])
                     z0 = z + 1

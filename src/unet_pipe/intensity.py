@@ -38,9 +38,19 @@ class IntensityRange:
         return [self.low, self.high]
 
 
+def sample_layout(shape: tuple[int, ...]) -> tuple[list[int], int]:
+    """The slices (up to 32, evenly spaced) and the in-plane stride (about 1 M pixels kept per slice)
+    of the sample that measures the normalisation range of a ``(z, y, x)`` stack of ``shape``."""
+    nz = shape[0]
+    zs = np.unique(np.linspace(0, nz - 1, min(nz, _SAMPLE_SLICES)).round().astype(int))
+    stride = max(1, int(np.ceil(np.sqrt(shape[1] * shape[2] / _SAMPLE_PER_SLICE))))
+    return [int(z) for z in zs], stride
+
+
 def intensity_range(raw: Any, percentiles: tuple[float, float] = PERCENTILES, where: Any = None) -> IntensityRange:
     """The normalisation range of a ``(z, y, x)`` stack (numpy or zarr), measured on a fixed
-    subsample: up to 32 evenly spaced slices, each at a stride of about 1 M pixels.
+    subsample (:func:`sample_layout`): up to 32 evenly spaced slices, each at a stride of about
+    1 M pixels.
 
     Raises :class:`InputError` (naming ``where``) when the stack has no contrast or holds
     non-finite values in the sample.
@@ -48,10 +58,51 @@ def intensity_range(raw: Any, percentiles: tuple[float, float] = PERCENTILES, wh
     shape = tuple(raw.shape)
     if len(shape) != 3 or 0 in shape:
         raise InputError(where, f"expected a non-empty (z, y, x) stack, got shape {shape}")
-    nz = shape[0]
-    zs = np.unique(np.linspace(0, nz - 1, min(nz, _SAMPLE_SLICES)).round().astype(int))
-    stride = max(1, int(np.ceil(np.sqrt(shape[1] * shape[2] / _SAMPLE_PER_SLICE))))
-    slices = [np.asarray(raw[int(z), ::stride, ::stride]) for z in zs]
+    zs, stride = sample_layout(shape)
+    return _range_of([np.asarray(raw[z, ::stride, ::stride]) for z in zs], percentiles, where)
+
+
+class IntensitySample:
+    """The sample :func:`intensity_range` reads, taken by a caller that holds every slice anyway.
+
+    Ingest fills one as it streams a stack (:func:`unet_pipe.ingest.ingest_tiff`), so that
+    predict can measure the range of the store just written without reading it back
+    (``unet_pipe.segment``).  :meth:`range` equals :func:`intensity_range` of the stack bit for
+    bit: the same slices at the same stride go through the same code.
+    """
+
+    def __init__(self) -> None:
+        self.shape: tuple[int, ...] | None = None
+        self.dtype: np.dtype | None = None
+        self._slices: dict[int, np.ndarray] = {}
+        self._zs: list[int] = []
+        self._stride = 1
+
+    def start(self, shape: tuple[int, ...], dtype: Any) -> None:
+        """Begin a sample of a stack of ``shape`` and ``dtype`` (forgets an earlier one)."""
+        self.shape, self.dtype = tuple(int(n) for n in shape), np.dtype(dtype)
+        self._zs, self._stride = sample_layout(self.shape)
+        self._slices = {}
+
+    def add(self, z: int, plane: np.ndarray) -> None:
+        """Slice ``z`` of the stack, whole (kept only when the sample reads it)."""
+        if self.shape is not None and z in self._zs and z not in self._slices:
+            self._slices[z] = np.array(plane[:: self._stride, :: self._stride])
+
+    def covers(self, shape: tuple[int, ...], dtype: Any) -> bool:
+        """Whether the sample is complete for a stack of ``shape`` and ``dtype``."""
+        return (self.shape == tuple(int(n) for n in shape) and self.dtype == np.dtype(dtype)
+                and len(self._slices) == len(self._zs))
+
+    def range(self, percentiles: tuple[float, float] = PERCENTILES, where: Any = None) -> IntensityRange:
+        """:func:`intensity_range` of the sampled stack."""
+        if self.shape is None or len(self._slices) != len(self._zs):
+            raise ValueError("the intensity sample is incomplete")
+        return _range_of([self._slices[z] for z in self._zs], percentiles, where)
+
+
+def _range_of(slices: list[np.ndarray], percentiles: tuple[float, float], where: Any) -> IntensityRange:
+    """The normalisation range measured on the sampled ``slices``."""
     if all(a.dtype.kind in "ui" and a.dtype.itemsize <= 2 for a in slices):
         low, high, lowest, highest = _integer_percentiles(slices, percentiles)
     else:

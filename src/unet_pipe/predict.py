@@ -75,7 +75,7 @@ from unet_pipe.blockwise import (  # noqa: F401 (re-exported)
     tta_transforms,
     tune_allocator,
 )
-from unet_pipe.intensity import IntensityRange, intensity_range
+from unet_pipe.intensity import IntensityRange, IntensitySample, intensity_range
 from unet_pipe.errors import CheckpointError, ConfigError, InputError, OutputError
 from unet_pipe.io import DEFAULT_NGFF, FAST_COMPRESSION, StagedImage, check_ngff, image_metadata, open_image
 from unet_pipe.machine import available_cores, resolve_device
@@ -114,15 +114,22 @@ class PredictResult:
 
 
 
-def input_intensity(extra: dict, checkpoint: Path, raw: Any = None) -> IntensityRange | None:
+def input_intensity(extra: dict, checkpoint: Path, raw: Any = None,
+                    sample: IntensitySample | None = None) -> IntensityRange | None:
     """The normalisation of ``raw`` (an :class:`ImageMeta`) by the rule recorded in a checkpoint's
-    ``extra`` (None: legacy dtype scaling, which refuses raw of another dtype than the training's)."""
+    ``extra`` (None: legacy dtype scaling, which refuses raw of another dtype than the training's).
+    ``sample``: the gray values of ``raw`` taken while it was written, read instead of the store
+    when it covers ``raw``'s shape and dtype (the same values either way)."""
     rule = extra.get("input_normalization")
     intensity = None
     if isinstance(rule, dict) and rule.get("rule") == "percentile":
         if raw is not None:
             # The stack is normalised by its own percentiles, as every training stack was by its own.
-            intensity = intensity_range(open_image(raw.path), tuple(rule["percentiles"]), where=raw.path)
+            percentiles = tuple(rule["percentiles"])
+            if sample is not None and sample.covers(raw.shape, raw.dtype):
+                intensity = sample.range(percentiles, where=raw.path)
+            else:
+                intensity = intensity_range(open_image(raw.path), percentiles, where=raw.path)
     elif rule not in (None, "dtype-max"):
         raise CheckpointError(checkpoint, f"unknown input normalisation {str(rule)[:80]!r}")
     else:
@@ -137,11 +144,12 @@ def input_intensity(extra: dict, checkpoint: Path, raw: Any = None) -> Intensity
     return intensity
 
 
-def _load_model(checkpoint: Path, expected_arch: dict | None, raw: Any = None) -> tuple[UNet, IntensityRange | None]:
+def _load_model(checkpoint: Path, expected_arch: dict | None, raw: Any = None,
+                sample: IntensitySample | None = None) -> tuple[UNet, IntensityRange | None]:
     """The checkpoint's model, checked against the configured architecture, and the
     normalisation of ``raw`` by the checkpoint's rule (None: legacy dtype scaling)."""
     model, data = model_from_checkpoint(checkpoint, map_location="cpu")
-    intensity = input_intensity(data.get("extra") or {}, checkpoint, raw)
+    intensity = input_intensity(data.get("extra") or {}, checkpoint, raw, sample)
     if expected_arch is not None:
         differ = {k: (model.arch.get(k), v) for k, v in expected_arch.items() if model.arch.get(k) != v}
         if differ:
@@ -209,7 +217,8 @@ class _Setup:
     intensity: IntensityRange | None
 
 
-def _setup(checkpoint, raw, dest, expected_arch, request: PredictRequest) -> _Setup:
+def _setup(checkpoint, raw, dest, expected_arch, request: PredictRequest,
+           sample: IntensitySample | None = None) -> _Setup:
     checkpoint, raw, dest = Path(checkpoint), Path(raw), Path(dest)
     if raw.is_file() or (raw.is_dir() and not any((raw / m).is_file() for m in (".zgroup", ".zattrs", "zarr.json"))):
         # The user's stack as it came from the microscope: say what to run instead of "not a zarr group".
@@ -217,7 +226,7 @@ def _setup(checkpoint, raw, dest, expected_arch, request: PredictRequest) -> _Se
                          "one command with `unet-pipe segment MODEL STACK --out DIR`, or `unet-pipe ingest` it first")
     meta = image_metadata(raw)  # InputError unless a 3D (z, y, x) OME-Zarr image
     check_role(meta, ("raw",), "predict's RAW")
-    model, intensity = _load_model(checkpoint, expected_arch, meta)
+    model, intensity = _load_model(checkpoint, expected_arch, meta, sample)
     if model.dims == 3 and min(meta.shape) < 2:
         raise InputError(raw, f"a 3D model needs at least 2 voxels per axis, the image has shape {meta.shape}")
     record = request.record(intensity)
@@ -351,6 +360,7 @@ def predict(
     expected_arch: dict | None = None,
     progress: bool = False,
     ngff: str = DEFAULT_NGFF,
+    intensity_sample: IntensitySample | None = None,
 ) -> PredictResult:
     """Predict foreground probabilities of ``raw`` into the OME-Zarr ``dest``.
 
@@ -362,6 +372,8 @@ def predict(
     compute only the blocks starting in that z range of a store made with ``prepare_only`` and do
     not publish (see :func:`finalize`).  Otherwise ``dest`` is published when done.  An interrupted
     call, re-run with the same arguments, resumes from its finished blocks and ends bit-identical.
+    ``intensity_sample``: ``raw``'s gray-value sample as its ingest took it
+    (:class:`unet_pipe.intensity.IntensitySample`), so the normalisation range is not read again.
     """
     started = time.perf_counter()
     if request is None:
@@ -369,7 +381,7 @@ def predict(
     device = resolve_device(device)
     sharded = shard is not None or z_range is not None
     workers, cores = _workers_and_cores(device, workers, threads)
-    setup = _setup(checkpoint, raw, dest, expected_arch, request)
+    setup = _setup(checkpoint, raw, dest, expected_arch, request, intensity_sample)
     staged = _open_staged(setup, overwrite=overwrite, must_exist=sharded)
     resolved = resolve_precision(request.precision, device)
     if prepare_only:

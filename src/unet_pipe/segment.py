@@ -49,11 +49,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 # The stages are called through their modules: looked up when called, so one can stand in for a stage.
 import unet_pipe.postprocess as postprocess_stage
 import unet_pipe.predict as predict_stage
 from unet_pipe.errors import CheckpointError, InputError, OutputError
 from unet_pipe.ingest import ingest_tiff
+from unet_pipe.intensity import IntensitySample
 from unet_pipe.io import DEFAULT_CHUNKS, DEFAULT_NGFF, image_metadata, open_image
 from unet_pipe.model import load_checkpoint
 from unet_pipe.model_bundle import (
@@ -307,35 +310,44 @@ def segment(
     model_sha = file_sha256(checkpoint)
     summaries = []
     for item in items:
-        folder = out_dir / item.stem
-        folder.mkdir(parents=True, exist_ok=True)
-        records = _StageRecords(folder)
-        stores = {k: folder / f"{k}.ome.zarr" for k in ("raw", "probabilities", "instances", "view")}
+        folder, records, stores = _item_folder(out_dir, item)
         size = _voxel_size(item, record)
-        log.info("segmenting %s into %s", item.path, folder)
-
         fp_ingest = _fingerprint("ingest", _stat_fingerprint(item.path), size, list(chunks), pyramid_levels, ngff)
-        _run_stage(records, "ingest", fp_ingest, stores["raw"], overwrite, lambda: ingest_tiff(
+        sample = IntensitySample()  # predict's normalisation sample, taken as the slices stream into raw
+        ingested = _run_stage(records, "ingest", fp_ingest, stores["raw"], overwrite, lambda: ingest_tiff(
             item.path, stores["raw"], chunks=chunks, voxel_size=size, pyramid_levels=pyramid_levels,
-            overwrite=overwrite, ngff=ngff, threads=threads, progress=progress,
+            overwrite=overwrite, ngff=ngff, threads=threads, progress=progress, intensity_sample=sample,
             provenance=provenance(None, {"source": str(item.path), "voxel_size": size, "command": "segment"}),
         ))  # fmt: skip
         fp_predict = _fingerprint("predict", fp_ingest, model_sha, precision, tile, tta, dtype, pyramid_levels, ngff)
         _run_stage(records, "predict", fp_predict, stores["probabilities"], overwrite, lambda: predict_stage.predict(
             checkpoint, stores["raw"], stores["probabilities"], request, workers=workers, threads=threads,
             device=device, overwrite=overwrite, pyramid_levels=pyramid_levels, progress=progress,
+            intensity_sample=sample if ingested else None,
         ), resumable=True)  # fmt: skip
         options = {k: chosen[k] for k in ("method", "threshold", "seed_threshold", "seed_prominence", "min_size")}
         fp_post = _fingerprint("postprocess", fp_predict, options, pyramid_levels, ngff,
                                *((instances, block, halo) if instances == "3d" else ()))
+        counted: list[np.ndarray] = []  # the object sizes, when postprocess labelled every slice now
         _run_stage(records, "postprocess", fp_post, stores["instances"], overwrite, lambda: postprocess_stage.postprocess(
             stores["probabilities"], stores["instances"], **options, pyramid_levels=pyramid_levels,
             overwrite=overwrite, resume=True, progress=progress, ngff=ngff, instances=instances, **options_3d,
+            object_sizes=counted.append,
         ), resumable=True)  # fmt: skip
         _view_and_tiff(records, stores, folder / "instances.tif" if tiff else None, fp_post, overwrite)
-        summaries.append(_write_summary(item, folder, stores, records, model, model_sha, record, chosen))
+        summaries.append(_write_summary(item, folder, stores, records, model, model_sha, record, chosen,
+                                        counted[0] if counted else None))
     write_summary_report(out_dir / "report.md", summaries, figures=figures)
     return summaries
+
+
+def _item_folder(out_dir: Path, item: SegmentInput) -> tuple[Path, _StageRecords, dict[str, Path]]:
+    """``OUT/<stem>/`` (made), its stage records and the paths of its stores."""
+    folder = out_dir / item.stem
+    folder.mkdir(parents=True, exist_ok=True)
+    log.info("segmenting %s into %s", item.path, folder)
+    stores = {k: folder / f"{k}.ome.zarr" for k in ("raw", "probabilities", "instances", "view")}
+    return folder, _StageRecords(folder), stores
 
 
 def _view_and_tiff(records: _StageRecords, stores: dict[str, Path], tif: Path | None, fp_post: str,
@@ -399,8 +411,10 @@ def _check_run(
 
 
 def _write_summary(item: SegmentInput, folder: Path, stores: dict[str, Path], records: _StageRecords,
-                   model: str | Path, model_sha: str, record: dict, chosen: dict) -> dict[str, Any]:
-    """Summarise one segmented input into ``folder/summary.json``; returns the summary."""
+                   model: str | Path, model_sha: str, record: dict, chosen: dict,
+                   sizes: np.ndarray | None = None) -> dict[str, Any]:
+    """Summarise one segmented input into ``folder/summary.json`` (``sizes``: the object sizes postprocess
+    counted, else the instances are read back); returns the summary."""
     seconds = {stage: records.seconds(stage) for stage in STAGES[:5] if stage in records.data}
     summary_json = folder / "summary.json"
     started = time.perf_counter()
@@ -409,6 +423,7 @@ def _write_summary(item: SegmentInput, folder: Path, stores: dict[str, Path], re
         extra={"input": str(item.path), "model": str(model), "model_sha256": model_sha,
                "decisions_source": chosen.get("source"), "trained_voxel_size_um": record["voxel_size"],
                "voxel_size_warning": voxel_size_warning(record, item)},
+        sizes=sizes,
     )  # fmt: skip
     summary["seconds"]["summary"] = round(time.perf_counter() - started, 3)
     write_json_atomic(summary_json, summary)

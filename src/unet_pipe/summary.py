@@ -102,9 +102,12 @@ def summarize(
     dataset: str | None = None,
     seconds: dict[str, float | None] | None = None,
     extra: dict[str, Any] | None = None,
+    sizes: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """The summary of one segmented stack (see the module docstring); written to ``out_json``
-    (atomically) when given.  ``seconds``: time per stage; ``extra``: more entries (model, input)."""
+    (atomically) when given.  ``seconds``: time per stage; ``extra``: more entries (model, input);
+    ``sizes``: the pixels of ids 1, 2, ... of ``instances`` as the labelling counted them
+    (``postprocess(object_sizes=...)``), instead of reading the store back."""
     inst_meta = image_metadata(instances)
     raw_meta = image_metadata(raw)
     prob_meta = image_metadata(probabilities)
@@ -112,7 +115,11 @@ def summarize(
         raise InputError(instances, f"shape {inst_meta.shape} differs from raw {raw_meta.shape} or probabilities "
                          f"{prob_meta.shape}")
     vz, vy, vx = inst_meta.voxel_size
-    sizes = object_sizes(open_image(instances))
+    if sizes is None:
+        sizes = object_sizes(open_image(instances))
+    else:
+        sizes = np.asarray(sizes, dtype=np.int64)
+        sizes = sizes[sizes > 0]
     own = inst_meta.attrs.get(ATTRS_KEY, {})
     params = (own.get("provenance") or {}).get("params", {})
     three_d = own.get("instances_mode") == "3d" or params.get("instances") == "3d"
