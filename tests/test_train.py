@@ -155,6 +155,7 @@ def test_two_runs_are_bit_identical_and_csv_is_complete(tmp_path, stores) -> Non
     config = _config()
     r1 = _train(config, stores, tmp_path / "a.pt", tmp_path / "a.csv", device="cpu")
     r2 = _train(config, stores, tmp_path / "b.pt", tmp_path / "b.csv", device="cpu")
+    assert torch.utils.deterministic.fill_uninitialized_memory  # train() restores torch's settings
     assert r1["finished"] and r1["step"] == 6 and r1["checkpoint"] == str(tmp_path / "a.pt")
     assert r2["finished"] and r2["step"] == 6
     assert not partial_path(tmp_path / "a.pt").exists()
@@ -175,6 +176,37 @@ def test_two_runs_are_bit_identical_and_csv_is_complete(tmp_path, stores) -> Non
     _train(other, stores, tmp_path / "c.pt", device="cpu")
     c = load_checkpoint(tmp_path / "c.pt")["model_state"]
     assert not torch.equal(c["head.weight"], ckpt["model_state"]["head.weight"])
+
+
+def test_batches_come_from_a_thread_of_their_own_with_one_torch_thread(stores) -> None:
+    """The loop's batches are made on a thread that computes with one torch thread (the loop's own
+    keeps its count, and so do threads started later), and are the batches one thread made before."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from unet_pipe.train import _BatchMaker, _derived_seeds, _new_model, _training_batch, _training_inputs
+
+    config = _config(augment={"elastic_sigma": 4.0, "shift": 2.0, "interpolation": "bicubic"})
+    sampler, augment = _training_inputs(config, stores)[:2]
+    model, cpu = _new_model(config["model"], 0), torch.device("cpu")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    maker = _BatchMaker(cpu, 2)
+    try:
+        assert maker.pool.submit(torch.get_num_threads).result() == 1
+        assert torch.get_num_threads() == 2
+        with ThreadPoolExecutor(1) as later:
+            assert later.submit(torch.get_num_threads).result() == 2
+        (rng_a, gen_a), (rng_b, gen_b) = _derived_seeds(0), _derived_seeds(0)
+        for _ in range(3):
+            got = maker(sampler, augment, rng_a, gen_a, model, cpu, 2)
+            torch.set_num_threads(1)  # as the loop made them before: in its own thread, set to one
+            want = _training_batch(sampler, augment, rng_b, gen_b, model, cpu, 2)
+            torch.set_num_threads(2)
+            for g, w in zip(got, want):
+                assert torch.equal(g, w)
+    finally:
+        maker.close()
+        torch.set_num_threads(previous)
 
 
 def test_resume_is_bit_identical(tmp_path, stores) -> None:

@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -314,6 +315,13 @@ def train(
     previous_deterministic = torch.are_deterministic_algorithms_enabled()
     previous_cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     previous_threads = torch.get_num_threads()
+    previous_fill = torch.utils.deterministic.fill_uninitialized_memory
+    # Deterministic algorithms, but without their default of filling every new tensor's memory with
+    # NaN first: that is for kernels that read memory they did not write, and every op here writes
+    # its whole output (reruns and resumes are bit-identical: tests/test_train.py,
+    # tests/test_determinism.py).  The fill cost 5 ms of a 29 ms bfloat16 step, 252^2 tiles on 2
+    # cores of an AMX Xeon (measured).
+    torch.utils.deterministic.fill_uninitialized_memory = False
     if dev.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
@@ -326,6 +334,7 @@ def train(
         return _train(config, stores, out, partial, log_path, resume, dev, total, stop, progress, tensorboard_dir)
     finally:
         torch.use_deterministic_algorithms(previous_deterministic)
+        torch.utils.deterministic.fill_uninitialized_memory = previous_fill
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous_cudnn
         torch.set_num_threads(previous_threads)
 
@@ -473,14 +482,14 @@ def _train(config: dict, stores: Mapping[str, Mapping[str, Any]], out: Path, par
     started = time.perf_counter()
     last_val = (float("nan"), float("nan"))
     skipped = 0
-    compute_threads = torch.get_num_threads()  # set by train()
+    make_batch = _BatchMaker(dev, torch.get_num_threads())  # the count set by train()
     try:
         while step < stop:
             lr = learning_rate(step, total, train_cfg["lr"], train_cfg["lr_schedule"])
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            image, classes, weights = _training_batch(
-                sampler, augment, tile_rng, aug_gen, model, dev, train_cfg["batch_size"], compute_threads
+            image, classes, weights = make_batch(
+                sampler, augment, tile_rng, aug_gen, model, dev, train_cfg["batch_size"]
             )
             optimizer.zero_grad(set_to_none=True)
             with autocast(dev, precision):
@@ -502,6 +511,7 @@ def _train(config: dict, stores: Mapping[str, Mapping[str, Any]], out: Path, par
             if step % train_cfg["checkpoint_every"] == 0 and step < total:
                 save(partial)
     finally:
+        make_batch.close()
         steps_log.close()
 
     written = out if step >= total else partial
@@ -567,22 +577,59 @@ def _starting_state(
 
 
 def _training_batch(sampler: TileSampler, augment: AugmentParams, tile_rng: np.random.Generator, aug_gen: Any,
-                    model: UNet, dev: torch.device, batch_size: int, compute_threads: int) -> tuple:
+                    model: UNet, dev: torch.device, batch_size: int) -> tuple:
     """One augmented batch (image, classes and weights cropped to the output window) on ``dev``."""
-    if dev.type == "cpu":
-        # One tile's sampling and augmentation are small element-wise ops: on 2 threads
-        # of a loaded machine (load 7 on 2 cores) every OpenMP region waited for a
-        # descheduled thread: 0.24 s per 188^2 tile against 0.013 s on one thread
-        # (measured), next to 0.6-1.7 s for a depth-4/base-16 step.
-        torch.set_num_threads(1)
     image, classes, weights = sampler.batch(batch_size, tile_rng)
     image, classes, weights = image.to(dev), classes.to(dev), weights.to(dev)
     image, classes, weights = augment_sample(image, classes, weights, augment, aug_gen, spatial_dims=model.dims)
     classes = center_crop(classes, model.margin, model.dims)
     weights = center_crop(weights, model.margin, model.dims)
-    if dev.type == "cpu":
-        torch.set_num_threads(compute_threads)
     return image, classes, weights
+
+
+def _one_torch_thread() -> None:
+    """This thread computes with one torch (OpenMP) thread from now on."""
+    torch.set_num_threads(1)
+    # torch gives each thread, at its first call, the process-wide count (the last set_num_threads
+    # of any thread); this call is that first call, so the thread keeps 1 when the loop sets its own
+    # count again.  Without it the batch thread took 2 and its OpenMP team spun beside the training
+    # step: 44 ms per bfloat16 step instead of 25 (measured).
+    if torch.get_num_threads() != 1:
+        raise RuntimeError("could not give the batch thread one torch thread")
+
+
+class _BatchMaker:
+    """Makes each training batch (:func:`_training_batch`) while the loop waits for it: on the CPU on a
+    thread of its own that computes with one torch thread, elsewhere in the calling thread.
+
+    One thread, because one tile's sampling and augmentation are small element-wise ops: on 2
+    threads of a loaded machine (load 7 on 2 cores) every OpenMP region waited for a descheduled
+    thread: 0.24 s per 188^2 tile against 0.013 s on one thread (measured), next to 0.6-1.7 s for a
+    depth-4/base-16 step.  A thread of its own, because OpenMP keeps the count per calling thread,
+    while ``torch.set_num_threads`` also clears oneDNN's computation cache: switching the loop's
+    own thread to 1 and back before every step cost 1.5-2 ms of a 25 ms bfloat16 step (measured,
+    252^2 tiles on 2 cores of an AMX Xeon).  The batch is the same either way (one thread, the same
+    generators in the same order; tested).
+    """
+
+    def __init__(self, dev: torch.device, compute_threads: int) -> None:
+        self.pool = None
+        if dev.type == "cpu":
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unet-pipe-batches",
+                                           initializer=_one_torch_thread)
+            self.pool.submit(int).result()  # the thread is up, with its one torch thread
+            # set_num_threads also sets the count that threads take at their first torch call: the
+            # run's own again, after the batch thread took its 1.
+            torch.set_num_threads(compute_threads)
+
+    def __call__(self, *args: Any) -> tuple:
+        if self.pool is None:
+            return _training_batch(*args)
+        return self.pool.submit(_training_batch, *args).result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
 
 
 def _count_non_finite(loss: torch.Tensor, skipped: int, use_scaler: bool, step: int) -> int:
