@@ -22,6 +22,9 @@ then marked ``native: false``):
   ``auto`` chooses on this CPU (``precision_auto``).
 * ``bf16_speedup``: bfloat16 loop steps/s over float32 loop steps/s (target
   with AMX: >= 1.8); null when bfloat16 was not measured.
+* ``batch_threads_set_by``: how the loop gives each batch's sampling and
+  augmentation one thread: in the OpenMP runtime (threadpoolctl) or, where
+  torch computes with another runtime, ``torch.set_num_threads``.
 
 Data: the first ISBI 2012 training slices (synthetic ones when absent) with
 class-balancing weights (3 on membrane, 1 on cells: the weight values do not
@@ -51,7 +54,14 @@ from unet_pipe.config import validate_config
 from unet_pipe.model import UNet
 from unet_pipe.precision import autocast, cpu_bf16_native, precision_record, resolve_precision
 from unet_pipe.sampling import TileSampler, center_crop, volumes_from_config
-from unet_pipe.train import iter_rows, make_optimizer, train, training_memory_format, weighted_cross_entropy
+from unet_pipe.train import (
+    _BatchMaker,
+    iter_rows,
+    make_optimizer,
+    train,
+    training_memory_format,
+    weighted_cross_entropy,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 ISBI = ROOT.parent / "shared" / "data" / "isbi2012"
@@ -228,6 +238,9 @@ def main() -> None:
         "threads": args.threads,
         "model": {"depth": args.depth, "base_channels": args.base, "tile": args.tile},
         "with_one_busy_process": shared,
+        # How the loop makes each batch on one thread (unet_pipe.train._BatchMaker).
+        "batch_threads_set_by": "threadpoolctl (OpenMP runtime)" if _BatchMaker(torch.device("cpu"), args.threads).openmp
+        else "torch.set_num_threads",
         "data": source,
         "quick": args.quick,
     }

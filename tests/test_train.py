@@ -178,34 +178,38 @@ def test_two_runs_are_bit_identical_and_csv_is_complete(tmp_path, stores) -> Non
     assert not torch.equal(c["head.weight"], ckpt["model_state"]["head.weight"])
 
 
-def test_batches_come_from_a_thread_of_their_own_with_one_torch_thread(stores) -> None:
-    """The loop's batches are made on a thread that computes with one torch thread (the loop's own
-    keeps its count, and so do threads started later), and are the batches one thread made before."""
-    from concurrent.futures import ThreadPoolExecutor
+def test_batches_are_made_with_one_thread_and_the_loop_keeps_its_count(stores, monkeypatch) -> None:
+    """The loop's batches are made with one OpenMP thread, set in torch's OpenMP runtime (not by
+    torch.set_num_threads, which clears oneDNN's kernels); the loop's count is back afterwards, and
+    the batches are those one thread made before (also by the torch.set_num_threads fallback)."""
+    import sys
 
-    from unet_pipe.train import _BatchMaker, _derived_seeds, _new_model, _training_batch, _training_inputs
+    import unet_pipe.train as tr
 
     config = _config(augment={"elastic_sigma": 4.0, "shift": 2.0, "interpolation": "bicubic"})
-    sampler, augment = _training_inputs(config, stores)[:2]
-    model, cpu = _new_model(config["model"], 0), torch.device("cpu")
+    sampler, augment = tr._training_inputs(config, stores)[:2]
+    model, cpu = tr._new_model(config["model"], 0), torch.device("cpu")
+    real, seen = tr._training_batch, []
+    monkeypatch.setattr(tr, "_training_batch", lambda *a: (seen.append(torch.get_num_threads()), real(*a))[1])
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
-    maker = _BatchMaker(cpu, 2)
     try:
-        assert maker.pool.submit(torch.get_num_threads).result() == 1
-        assert torch.get_num_threads() == 2
-        with ThreadPoolExecutor(1) as later:
-            assert later.submit(torch.get_num_threads).result() == 2
-        (rng_a, gen_a), (rng_b, gen_b) = _derived_seeds(0), _derived_seeds(0)
-        for _ in range(3):
+        maker = tr._BatchMaker(cpu, 2)
+        if sys.platform == "linux" and torch.backends.openmp.is_available():
+            assert maker.openmp  # the CPU wheel's libgomp, found by threadpoolctl
+        (rng_a, gen_a), (rng_b, gen_b) = tr._derived_seeds(0), tr._derived_seeds(0)
+        for fallback in (False, False, True):
+            if fallback:
+                maker.openmp = []
             got = maker(sampler, augment, rng_a, gen_a, model, cpu, 2)
-            torch.set_num_threads(1)  # as the loop made them before: in its own thread, set to one
-            want = _training_batch(sampler, augment, rng_b, gen_b, model, cpu, 2)
+            assert torch.get_num_threads() == 2
+            torch.set_num_threads(1)  # as the loop made them before
+            want = real(sampler, augment, rng_b, gen_b, model, cpu, 2)
             torch.set_num_threads(2)
             for g, w in zip(got, want):
                 assert torch.equal(g, w)
+        assert seen == [1, 1, 1]
     finally:
-        maker.close()
         torch.set_num_threads(previous)
 
 

@@ -32,7 +32,6 @@ import logging
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -511,7 +510,6 @@ def _train(config: dict, stores: Mapping[str, Mapping[str, Any]], out: Path, par
             if step % train_cfg["checkpoint_every"] == 0 and step < total:
                 save(partial)
     finally:
-        make_batch.close()
         steps_log.close()
 
     written = out if step >= total else partial
@@ -587,49 +585,55 @@ def _training_batch(sampler: TileSampler, augment: AugmentParams, tile_rng: np.r
     return image, classes, weights
 
 
-def _one_torch_thread() -> None:
-    """This thread computes with one torch (OpenMP) thread from now on."""
-    torch.set_num_threads(1)
-    # torch gives each thread, at its first call, the process-wide count (the last set_num_threads
-    # of any thread); this call is that first call, so the thread keeps 1 when the loop sets its own
-    # count again.  Without it the batch thread took 2 and its OpenMP team spun beside the training
-    # step: 44 ms per bfloat16 step instead of 25 (measured).
-    if torch.get_num_threads() != 1:
-        raise RuntimeError("could not give the batch thread one torch thread")
-
-
 class _BatchMaker:
-    """Makes each training batch (:func:`_training_batch`) while the loop waits for it: on the CPU on a
-    thread of its own that computes with one torch thread, elsewhere in the calling thread.
+    """Makes each training batch (:func:`_training_batch`); on the CPU with one OpenMP thread, and
+    the loop's count of threads again afterwards.
 
     One thread, because one tile's sampling and augmentation are small element-wise ops: on 2
     threads of a loaded machine (load 7 on 2 cores) every OpenMP region waited for a descheduled
     thread: 0.24 s per 188^2 tile against 0.013 s on one thread (measured), next to 0.6-1.7 s for a
-    depth-4/base-16 step.  A thread of its own, because OpenMP keeps the count per calling thread,
-    while ``torch.set_num_threads`` also clears oneDNN's computation cache: switching the loop's
-    own thread to 1 and back before every step cost 1.5-2 ms of a 25 ms bfloat16 step (measured,
-    252^2 tiles on 2 cores of an AMX Xeon).  The batch is the same either way (one thread, the same
-    generators in the same order; tested).
+    depth-4/base-16 step.
+
+    The count is set in the OpenMP runtime itself (threadpoolctl), where that runtime is the one
+    torch computes with (checked: ``torch.get_num_threads()`` follows it); else with
+    ``torch.set_num_threads``.  That one also clears oneDNN's cache of built kernels, so the next
+    step rebuilt them: 1.5-2 ms of a 25 ms bfloat16 step, 252^2 tiles on 2 cores of an AMX Xeon
+    (measured).  Making the batch on a thread of its own instead was slower still (its wake-ups
+    and cold caches: loop/bare 0.815 against 0.865).  The batch is the same in every case (one
+    thread, the same generators in the same order; tested).
     """
 
     def __init__(self, dev: torch.device, compute_threads: int) -> None:
-        self.pool = None
-        if dev.type == "cpu":
-            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unet-pipe-batches",
-                                           initializer=_one_torch_thread)
-            self.pool.submit(int).result()  # the thread is up, with its one torch thread
-            # set_num_threads also sets the count that threads take at their first torch call: the
-            # run's own again, after the batch thread took its 1.
-            torch.set_num_threads(compute_threads)
+        self.cpu, self.threads = dev.type == "cpu", compute_threads
+        self.openmp: list[Any] = []
+        if self.cpu:
+            from threadpoolctl import ThreadpoolController
+
+            self.openmp = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "openmp"]
+            self._set(1)
+            follows = torch.get_num_threads() == 1
+            self._set(compute_threads)
+            if not (follows and torch.get_num_threads() == compute_threads):
+                self.openmp = []  # torch computes with another runtime: torch.set_num_threads then
+
+    def _set(self, threads: int) -> None:
+        for lib in self.openmp:
+            lib.set_num_threads(threads)
 
     def __call__(self, *args: Any) -> tuple:
-        if self.pool is None:
+        if not self.cpu:
             return _training_batch(*args)
-        return self.pool.submit(_training_batch, *args).result()
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True)
+        if self.openmp:
+            self._set(1)
+        else:
+            torch.set_num_threads(1)
+        try:
+            return _training_batch(*args)
+        finally:
+            if self.openmp:
+                self._set(self.threads)
+            else:
+                torch.set_num_threads(self.threads)
 
 
 def _count_non_finite(loss: torch.Tensor, skipped: int, use_scaler: bool, step: int) -> int:
