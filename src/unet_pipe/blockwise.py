@@ -295,8 +295,10 @@ def compute_block(job: BlockJob, block: tuple[tuple[int, ...], tuple[int, ...]])
     data = read_mirrored(ctx.raw, window.start, window.shape)
     device = ctx.devices.get()
     try:
-        if device == "cpu":
-            torch.set_num_threads(ctx.threads)  # per thread: OpenMP keeps the count per calling thread
+        if device == "cpu" and torch.get_num_threads() != ctx.threads:
+            # Per thread: OpenMP keeps the count per calling thread.  Only when it differs:
+            # set_num_threads also clears oneDNN's cache of built kernels.
+            torch.set_num_threads(ctx.threads)
         probs = run_tiles(data, window, region, tiles, ctx.predictors[device], plan.batch)
     finally:
         ctx.devices.put(device)

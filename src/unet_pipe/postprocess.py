@@ -191,25 +191,27 @@ def _label_stack(
     prob = np.asarray(prob)
     if prob.ndim != 3:
         raise ValueError(f"expected a (z, y, x) stack, got shape {prob.shape}")
-    out = np.zeros(prob.shape, dtype=np.uint32)
-    next_id = int(first_id)
+    out = np.empty(prob.shape, dtype=np.uint32)
 
-    def label(z: int) -> tuple[np.ndarray, np.ndarray]:
-        labels = instances_from_probabilities(prob[z], method, threshold, **kwargs)
-        return labels, np.bincount(labels.ravel())[1:]
+    def label(z: int) -> np.ndarray:
+        out[z] = instances_from_probabilities(prob[z], method, threshold, **kwargs)
+        return np.bincount(out[z].ravel())[1:]
+
+    def shift(z: int, by: int) -> None:  # the slice's ids 1..n become by+1..by+n
+        if by:
+            np.add(out[z], np.uint32(by), out=out[z], where=out[z] > 0)
 
     # Slices are labelled on threads (scipy's labelling and numpy release the GIL: 30 ISBI slices
-    # took 0.035 s on 2 cores against 0.055 s in one thread, measured); ids are then given in z order.
-    workers = min(len(os.sched_getaffinity(0)), prob.shape[0])
-    sizes = []
-    with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
-        for z, (labels, counts) in enumerate(pool.map(label, range(prob.shape[0]))):
-            n = counts.size  # the slice's largest id
-            if next_id - 1 + n > _MAX_ID:
-                raise OverflowError("more than 2**32 - 1 instances in the stack")
-            out[z] = np.where(labels > 0, labels + np.uint32(next_id - 1), 0)
-            sizes.append(counts)
-            next_id += n
+    # took 0.035 s on 2 cores against 0.055 s in one thread, measured), then their ids are shifted
+    # to follow those of the slices before, on threads too (in the calling thread this took 40 ms
+    # of a 160 ms postprocess of 30 ISBI slices, measured).
+    workers = max(1, min(len(os.sched_getaffinity(0)), prob.shape[0]))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        sizes = list(pool.map(label, range(prob.shape[0])))
+        firsts = np.cumsum([int(first_id) - 1] + [c.size for c in sizes])  # c.size: the slice's largest id
+        if int(firsts[-1]) > _MAX_ID:
+            raise OverflowError("more than 2**32 - 1 instances in the stack")
+        list(pool.map(shift, range(prob.shape[0]), (int(f) for f in firsts[:-1])))
     return out, (np.concatenate(sizes) if sizes else np.zeros(0, np.int64))
 
 
