@@ -610,28 +610,33 @@ class _BatchMaker:
             from threadpoolctl import ThreadpoolController
 
             self.openmp = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "openmp"]
-            self._set(1)
+            self.counts = [lib.num_threads for lib in self.openmp]  # each runtime gets its own back
+            self._set_one()
             follows = torch.get_num_threads() == 1
-            self._set(compute_threads)
+            self._restore()
             if not (follows and torch.get_num_threads() == compute_threads):
                 self.openmp = []  # torch computes with another runtime: torch.set_num_threads then
 
-    def _set(self, threads: int) -> None:
+    def _set_one(self) -> None:
         for lib in self.openmp:
-            lib.set_num_threads(threads)
+            lib.set_num_threads(1)
+
+    def _restore(self) -> None:
+        for lib, count in zip(self.openmp, self.counts):
+            lib.set_num_threads(count)
 
     def __call__(self, *args: Any) -> tuple:
         if not self.cpu:
             return _training_batch(*args)
         if self.openmp:
-            self._set(1)
+            self._set_one()
         else:
             torch.set_num_threads(1)
         try:
             return _training_batch(*args)
         finally:
             if self.openmp:
-                self._set(self.threads)
+                self._restore()
             else:
                 torch.set_num_threads(self.threads)
 
