@@ -209,6 +209,9 @@ def test_batches_are_made_with_one_thread_and_the_loop_keeps_its_count(stores, m
             for g, w in zip(got, want):
                 assert torch.equal(g, w)
         assert seen == [1, 1, 1]
+        # Without threadpoolctl (an environment made before it was a dependency): the same, slower way.
+        monkeypatch.setitem(sys.modules, "threadpoolctl", None)
+        assert tr._BatchMaker(cpu, 2).openmp == []
     finally:
         torch.set_num_threads(previous)
 

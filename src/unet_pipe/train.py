@@ -605,10 +605,14 @@ class _BatchMaker:
 
     def __init__(self, dev: torch.device, compute_threads: int) -> None:
         self.cpu, self.threads = dev.type == "cpu", compute_threads
-        self.openmp: list[Any] = []
+        self.openmp: list[Any] = []  # the OpenMP runtimes (threadpoolctl) and their own thread counts
+        self.counts: list[int] = []
         if self.cpu:
-            from threadpoolctl import ThreadpoolController
-
+            try:
+                from threadpoolctl import ThreadpoolController
+            except ImportError:  # an environment made before it was a dependency: the slower way
+                log.debug("threadpoolctl is not installed; batches are made after torch.set_num_threads(1)")
+                return
             self.openmp = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "openmp"]
             self.counts = [lib.num_threads for lib in self.openmp]  # each runtime gets its own back
             self._set_one()
