@@ -357,18 +357,14 @@ def test_folder_mismatches_and_empty(tmp_path):
     empty.mkdir()
     with pytest.raises(InputError, match="empty: folder holds no .tif/.tiff slices"):
         open_tiff_stack(empty)
-    shapes = tmp_path / "shapes"
-    shapes.mkdir()
-    imwrite(shapes / "a1.tif", np.zeros((4, 4), np.uint8))
-    imwrite(shapes / "a2.tif", np.zeros((4, 5), np.uint8))
-    with pytest.raises(InputError, match=r"a2\.tif: slice shape \(4, 5\) differs"):
-        open_tiff_stack(shapes)
-    dtypes = tmp_path / "dtypes"
-    dtypes.mkdir()
-    imwrite(dtypes / "a1.tif", np.zeros((4, 4), np.uint8))
-    imwrite(dtypes / "a2.tif", np.zeros((4, 4), np.uint16))
-    with pytest.raises(InputError, match=r"a2\.tif: slice dtype uint16 differs"):
-        open_tiff_stack(dtypes)
+    for name, second, problem in (("shapes", np.zeros((4, 5), np.uint8), r"slice shape \(4, 5\) differs"),
+                                  ("dtypes", np.zeros((4, 4), np.uint16), r"slice dtype uint16 differs")):
+        folder = tmp_path / name
+        folder.mkdir()
+        imwrite(folder / "a1.tif", np.zeros((4, 4), np.uint8))
+        imwrite(folder / "a2.tif", second)
+        with pytest.raises(InputError, match=rf"a2\.tif: {problem}"):
+            open_tiff_stack(folder)
 
 
 def test_rgb_tiff_is_rejected(tmp_path):

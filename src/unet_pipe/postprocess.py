@@ -397,7 +397,7 @@ def _label_slabs(staged: StagedImage, runs: Any, prob: Any, probabilities: str |
                 sizes.append(counts)
             settle()
             pending.append((staged.write_slab(z0, labels, levels, wait=False), z0, z1))
-            next_id = max(next_id, int(labels.max(initial=0)) + 1)
+            next_id += counts.size  # one count per id given in the run
     finally:
         settle()
     return next_id
